@@ -1,0 +1,256 @@
+// Package llama implements the Llama family (Llama 2/3, Mistral-style without sliding window, and
+// other configs with the same layout) against the compute backend: GQA attention over the paged KV
+// cache, RMSNorm, rotary embeddings (default, linear, llama3), SwiGLU, tied or untied lm_head, and
+// LoRA on any of the seven projections through SGMV.
+package llama
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/loraplex/loraplex/pkg/safetensors"
+	"github.com/loraplex/loraplex/shard/internal/compute"
+	"github.com/loraplex/loraplex/shard/internal/model"
+)
+
+type layer struct {
+	inNorm, postNorm compute.Tensor
+	proj             [compute.NumModules]compute.Tensor
+}
+
+// Model is a loaded Llama-family model.
+type Model struct {
+	be      compute.Backend
+	cfg     *Config
+	info    model.Info
+	invFreq []float32
+	embed   compute.Tensor
+	norm    compute.Tensor
+	lmHead  compute.Tensor
+	layers  []layer
+	owned   []compute.Tensor
+}
+
+var _ model.Model = (*Model)(nil)
+
+// Load reads a Hugging Face Llama folder (config.json already read into config) onto the backend.
+func Load(dir string, config []byte, be compute.Backend) (model.Model, error) {
+	cfg, err := ParseConfig(config)
+	if err != nil {
+		return nil, err
+	}
+	ck, err := safetensors.OpenCheckpoint(dir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", model.ErrWeights, err)
+	}
+	defer ck.Close()
+	return New(cfg, ck, be)
+}
+
+// Weights is where New reads tensors from (a safetensors checkpoint in production).
+type Weights interface {
+	Float32(name string) ([]float32, error)
+	Info(name string) (safetensors.TensorInfo, bool)
+}
+
+// New builds the model from a parsed config and its weights.
+func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
+	inv, err := cfg.invFreq()
+	if err != nil {
+		return nil, err
+	}
+	bos, err := tokenIDs(cfg.BOSTokenID)
+	if err != nil {
+		return nil, err
+	}
+	eos, err := tokenIDs(cfg.EOSTokenID)
+	if err != nil {
+		return nil, err
+	}
+	info := model.Info{
+		Arch: "llama", VocabSize: cfg.VocabSize, Hidden: cfg.HiddenSize, Intermediate: cfg.IntermediateSize,
+		Layers: cfg.NumHiddenLayers, Heads: cfg.NumAttentionHeads, KVHeads: cfg.NumKeyValueHeads,
+		HeadDim: cfg.HeadDim, MaxContext: cfg.MaxPositionEmbeddings, BOS: -1, EOS: eos,
+	}
+	if len(bos) > 0 {
+		info.BOS = bos[0]
+	}
+	m = &Model{be: be, cfg: cfg, info: info, invFreq: inv, layers: make([]layer, cfg.NumHiddenLayers)}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	load := func(name string, shape ...int) (compute.Tensor, error) {
+		ti, ok := w.Info(name)
+		if !ok {
+			return nil, fmt.Errorf("%w: tensor %s missing", model.ErrWeights, name)
+		}
+		if !equalShape(ti.Shape, shape) {
+			return nil, fmt.Errorf("%w: tensor %s has shape %v, config implies %v", model.ErrWeights, name, ti.Shape, shape)
+		}
+		data, err := w.Float32(name)
+		if err != nil {
+			return nil, fmt.Errorf("%w: tensor %s: %v", model.ErrWeights, name, err)
+		}
+		t, err := be.FromHost(data, shape...)
+		if err != nil {
+			return nil, err
+		}
+		m.owned = append(m.owned, t)
+		return t, nil
+	}
+	h, v := cfg.HiddenSize, cfg.VocabSize
+	if m.embed, err = load("model.embed_tokens.weight", v, h); err != nil {
+		return nil, err
+	}
+	if m.norm, err = load("model.norm.weight", h); err != nil {
+		return nil, err
+	}
+	if _, untied := w.Info("lm_head.weight"); untied || !cfg.TieWordEmbeddings {
+		if m.lmHead, err = load("lm_head.weight", v, h); err != nil {
+			return nil, err
+		}
+	} else {
+		m.lmHead = m.embed
+	}
+	for l := range m.layers {
+		p := fmt.Sprintf("model.layers.%d.", l)
+		ly := &m.layers[l]
+		if ly.inNorm, err = load(p+"input_layernorm.weight", h); err != nil {
+			return nil, err
+		}
+		if ly.postNorm, err = load(p+"post_attention_layernorm.weight", h); err != nil {
+			return nil, err
+		}
+		for mod := range compute.NumModules {
+			in, out := info.ModuleDims(mod)
+			prefix := p + "self_attn."
+			if mod >= compute.ModGate {
+				prefix = p + "mlp."
+			}
+			if ly.proj[mod], err = load(prefix+mod.String()+".weight", out, in); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return m, nil
+}
+
+func equalShape(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// Info implements model.Model.
+func (m *Model) Info() model.Info { return m.info }
+
+// Close implements model.Model.
+func (m *Model) Close() {
+	for _, t := range m.owned {
+		m.be.Free(t)
+	}
+	m.owned = nil
+}
+
+// scratch holds a step's activations.
+type scratch struct {
+	x, h, q, k, v, attn, o, gate, up, down compute.Tensor
+}
+
+func (m *Model) alloc(t int) (*scratch, func(), error) {
+	i := m.info
+	q, kv := i.Heads*i.HeadDim, i.KVHeads*i.HeadDim
+	s := &scratch{}
+	var all []compute.Tensor
+	free := func() {
+		for _, x := range all {
+			m.be.Free(x)
+		}
+	}
+	for _, f := range []struct {
+		p *compute.Tensor
+		w int
+	}{{&s.x, i.Hidden}, {&s.h, i.Hidden}, {&s.q, q}, {&s.k, kv}, {&s.v, kv}, {&s.attn, q}, {&s.o, i.Hidden},
+		{&s.gate, i.Intermediate}, {&s.up, i.Intermediate}, {&s.down, i.Hidden}} {
+		x, err := m.be.Alloc(t, f.w)
+		if err != nil {
+			free()
+			return nil, nil, err
+		}
+		*f.p = x
+		all = append(all, x)
+	}
+	return s, free, nil
+}
+
+// Forward implements model.Model.
+func (m *Model) Forward(b compute.Batch, cache compute.KVCache) (compute.Tensor, error) {
+	meta := b.Meta()
+	t := len(meta.Tokens)
+	if t == 0 {
+		return nil, fmt.Errorf("%w: empty batch", compute.ErrShape)
+	}
+	s, free, err := m.alloc(t)
+	if err != nil {
+		return nil, err
+	}
+	defer free()
+	be, i := m.be, m.info
+	eps := float32(m.cfg.RMSNormEps)
+	scale := float32(1 / math.Sqrt(float64(i.HeadDim)))
+	// proj computes out = x W^T plus each segment's LoRA update for the projection.
+	proj := func(out, x compute.Tensor, l int, mod compute.Module) error {
+		if err := be.MatMul(out, x, m.layers[l].proj[mod]); err != nil {
+			return err
+		}
+		return be.SGMV(out, x, l, mod, b)
+	}
+	if err := be.Embed(s.x, m.embed, b); err != nil {
+		return nil, err
+	}
+	for l := range m.layers {
+		ly := &m.layers[l]
+		steps := []func() error{
+			func() error { return be.RMSNorm(s.h, s.x, ly.inNorm, eps) },
+			func() error { return proj(s.q, s.h, l, compute.ModQ) },
+			func() error { return proj(s.k, s.h, l, compute.ModK) },
+			func() error { return proj(s.v, s.h, l, compute.ModV) },
+			func() error { return be.RoPE(s.q, i.Heads, i.HeadDim, m.invFreq, b) },
+			func() error { return be.RoPE(s.k, i.KVHeads, i.HeadDim, m.invFreq, b) },
+			func() error { return be.Attention(s.attn, s.q, s.k, s.v, cache, l, scale, b) },
+			func() error { return proj(s.o, s.attn, l, compute.ModO) },
+			func() error { return be.Add(s.x, s.x, s.o) },
+			func() error { return be.RMSNorm(s.h, s.x, ly.postNorm, eps) },
+			func() error { return proj(s.gate, s.h, l, compute.ModGate) },
+			func() error { return proj(s.up, s.h, l, compute.ModUp) },
+			func() error { return be.SiLUMul(s.gate, s.gate, s.up) },
+			func() error { return proj(s.down, s.gate, l, compute.ModDown) },
+			func() error { return be.Add(s.x, s.x, s.down) },
+		}
+		for _, st := range steps {
+			if err := st(); err != nil {
+				return nil, fmt.Errorf("layer %d: %w", l, err)
+			}
+		}
+	}
+	if err := be.RMSNorm(s.x, s.x, m.norm, eps); err != nil {
+		return nil, err
+	}
+	logits, err := be.Alloc(len(meta.LogitRows), i.VocabSize)
+	if err != nil {
+		return nil, err
+	}
+	if err := be.MatMulRows(logits, s.x, m.lmHead, b); err != nil {
+		be.Free(logits)
+		return nil, err
+	}
+	return logits, nil
+}

@@ -1,0 +1,134 @@
+// Package model defines what the engine needs from a model architecture and keeps the registry of
+// architectures by their Hugging Face model_type. Each architecture lives in its own package below
+// (model/llama) written once against the compute backend; the shard's main wires the registry.
+package model
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
+)
+
+// Errors of model loading.
+var (
+	ErrUnsupported = errors.New("model: unsupported")
+	ErrConfig      = errors.New("model: invalid config")
+	ErrWeights     = errors.New("model: invalid weights")
+)
+
+// Info is what the engine, the server and the adapter loader need to know about a model.
+type Info struct {
+	Arch         string
+	VocabSize    int
+	Hidden       int
+	Intermediate int
+	Layers       int
+	Heads        int
+	KVHeads      int
+	HeadDim      int
+	// MaxContext is the longest sequence (prompt + generated) the model accepts.
+	MaxContext int
+	BOS        int   // -1 when the model has none
+	EOS        []int // end-of-sequence token ids
+}
+
+// ModuleDims returns the input and output width of a projection, for validating adapters.
+func (i Info) ModuleDims(m compute.Module) (in, out int) {
+	q, kv := i.Heads*i.HeadDim, i.KVHeads*i.HeadDim
+	switch m {
+	case compute.ModQ:
+		return i.Hidden, q
+	case compute.ModK, compute.ModV:
+		return i.Hidden, kv
+	case compute.ModO:
+		return q, i.Hidden
+	case compute.ModGate, compute.ModUp:
+		return i.Hidden, i.Intermediate
+	case compute.ModDown:
+		return i.Intermediate, i.Hidden
+	}
+	return 0, 0
+}
+
+// KVShape sizes a KV cache of numBlocks blocks for this model.
+func (i Info) KVShape(numBlocks, blockSize int) compute.KVShape {
+	return compute.KVShape{Layers: i.Layers, NumBlocks: numBlocks, BlockSize: blockSize, KVHeads: i.KVHeads, HeadDim: i.HeadDim}
+}
+
+// Model runs forward steps on a backend.
+type Model interface {
+	Info() Info
+	// Forward runs one step over the batch, reading and writing the KV cache, and returns the logits
+	// of the batch's LogitRows as a [len(LogitRows), vocab] tensor the caller frees.
+	Forward(b compute.Batch, cache compute.KVCache) (compute.Tensor, error)
+	// Close frees the weights.
+	Close()
+}
+
+// Loader builds a model from a Hugging Face model folder whose config.json has been read.
+type Loader func(dir string, config []byte, be compute.Backend) (Model, error)
+
+var (
+	mu       sync.RWMutex
+	registry = map[string]Loader{}
+)
+
+// Register makes an architecture available under a Hugging Face model_type. Duplicate names panic.
+func Register(modelType string, l Loader) {
+	mu.Lock()
+	defer mu.Unlock()
+	if _, dup := registry[modelType]; dup {
+		panic("model: architecture registered twice: " + modelType)
+	}
+	registry[modelType] = l
+}
+
+// Registered lists the registered model types.
+func Registered() []string {
+	mu.RLock()
+	defer mu.RUnlock()
+	out := make([]string, 0, len(registry))
+	for k := range registry {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// maxConfigBytes bounds config.json.
+const maxConfigBytes = 1 << 20
+
+// Load reads dir/config.json and builds the model with the architecture its model_type names.
+func Load(dir string, be compute.Backend) (Model, error) {
+	path := filepath.Join(dir, "config.json")
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	if st.Size() > maxConfigBytes {
+		return nil, fmt.Errorf("%w: %s is %d bytes, limit %d", ErrConfig, path, st.Size(), maxConfigBytes)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	var head struct {
+		ModelType string `json:"model_type"`
+	}
+	if err := json.Unmarshal(data, &head); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrConfig, path, err)
+	}
+	mu.RLock()
+	l, ok := registry[head.ModelType]
+	mu.RUnlock()
+	if !ok {
+		return nil, fmt.Errorf("%w: model_type %q (supported: %v)", ErrUnsupported, head.ModelType, Registered())
+	}
+	return l(dir, data, be)
+}
