@@ -45,7 +45,7 @@ func newSequence(ctx context.Context, r *Request, maxNew int, ad compute.Adapter
 		ctx: ctx, r: r, maxNew: maxNew, adapter: ad, release: release, e: e,
 		tokens:  slices.Clone(r.Prompt),
 		sampler: sampling.New(r.Sampling, r.Prompt),
-		stream:  e.tok.NewStream(!r.IncludeSpecial),
+		stream:  tokenizer.NewStream(e.tok, !r.IncludeSpecial),
 		stops:   map[int]bool{}, eos: map[int]bool{},
 		arrived: arrived, notify: make(chan struct{}, 1),
 	}

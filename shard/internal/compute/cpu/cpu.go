@@ -147,7 +147,7 @@ func (b *Backend) UploadAdapter(w *compute.AdapterWeights) (compute.Adapter, err
 			if lw == nil {
 				continue
 			}
-			if len(lw.A) != lw.Rank*lw.In || len(lw.B) != lw.Out*lw.Rank {
+			if lw.Rank < 0 || lw.In < 0 || lw.Out < 0 || len(lw.A) != lw.Rank*lw.In || len(lw.B) != lw.Out*lw.Rank {
 				return nil, fmt.Errorf("%w: adapter %s layer %d %s: A has %d values for %dx%d, B %d for %dx%d",
 					compute.ErrShape, w.Name, l, compute.Module(m), len(lw.A), lw.Rank, lw.In, len(lw.B), lw.Out, lw.Rank)
 			}
@@ -315,7 +315,7 @@ func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, 
 	n, w := rows(xt)
 	pos := bt.Meta().Positions
 	half := headDim / 2
-	if n != len(pos) || w != heads*headDim || len(invFreq) != half {
+	if n != len(pos) || w != heads*headDim || headDim%2 != 0 || len(invFreq) != half {
 		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions, %d frequencies", compute.ErrShape, xt.shape, heads, headDim, len(pos), len(invFreq))
 	}
 	cos := make([]float32, half)
@@ -361,18 +361,27 @@ func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, 
 	}
 	group := heads / s.KVHeads
 	kc, vc := c.k[layer], c.v[layer]
-	slot := func(seq []int32, p int) (int, error) {
-		blk := p / s.BlockSize
-		if blk >= len(seq) || int(seq[blk]) < 0 || int(seq[blk]) >= s.NumBlocks {
-			return 0, fmt.Errorf("%w: position %d has no valid block in table of %d", compute.ErrShape, p, len(seq))
+	// Check every block a token reads (not only the one it writes) before touching the cache, so a
+	// malformed step neither panics in a worker nor leaves half its keys written.
+	for t := range n {
+		si, p := int(m.SeqIndex[t]), int(m.Positions[t])
+		if si < 0 || si >= len(m.Seqs) || p < 0 {
+			return fmt.Errorf("%w: token %d of sequence %d at position %d (%d sequences)", compute.ErrShape, t, si, p, len(m.Seqs))
 		}
-		return (int(seq[blk])*s.BlockSize + p%s.BlockSize) * kvw, nil
+		table := m.Seqs[si].BlockTable
+		last := p / s.BlockSize
+		if last >= len(table) {
+			return fmt.Errorf("%w: position %d has no block in table of %d", compute.ErrShape, p, len(table))
+		}
+		for _, blk := range table[:last+1] {
+			if blk < 0 || int(blk) >= s.NumBlocks {
+				return fmt.Errorf("%w: position %d reads block %d of %d", compute.ErrShape, p, blk, s.NumBlocks)
+			}
+		}
 	}
 	for t := range n {
-		off, err := slot(m.Seqs[m.SeqIndex[t]].BlockTable, int(m.Positions[t]))
-		if err != nil {
-			return err
-		}
+		table, p := m.Seqs[m.SeqIndex[t]].BlockTable, int(m.Positions[t])
+		off := (int(table[p/s.BlockSize])*s.BlockSize + p%s.BlockSize) * kvw
 		copy(kc[off:off+kvw], kt.data[t*kvw:(t+1)*kvw])
 		copy(vc[off:off+kvw], vt.data[t*kvw:(t+1)*kvw])
 	}
@@ -428,11 +437,21 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, bt comp
 	if n != yn {
 		return fmt.Errorf("%w: sgmv x %v y %v", compute.ErrShape, xt.shape, yt.shape)
 	}
+	if layer < 0 || m >= compute.NumModules {
+		return fmt.Errorf("%w: sgmv at layer %d %s", compute.ErrShape, layer, m)
+	}
 	for _, sg := range bt.Meta().Segments {
-		if sg.Adapter == nil || sg.End == sg.Start {
+		if sg.Start < 0 || sg.End > n {
+			return fmt.Errorf("%w: segment [%d,%d) outside %d tokens", compute.ErrShape, sg.Start, sg.End, n)
+		}
+		if sg.Adapter == nil || sg.End <= sg.Start {
 			continue
 		}
-		a := sg.Adapter.(*adapter)
+		a, ok := sg.Adapter.(*adapter)
+		if !ok || a.layers == nil {
+			// Skipping would silently serve the base model to the adapter's requests.
+			return fmt.Errorf("%w: segment [%d,%d) has a freed or foreign adapter", compute.ErrBackend, sg.Start, sg.End)
+		}
 		if layer >= len(a.layers) {
 			continue
 		}

@@ -1,0 +1,139 @@
+// Package grpcserver builds the gRPC servers of both binaries in one place: explicit message-size,
+// stream and keepalive limits, an interceptor chain (panic recovery, logging), the standard health
+// service and switchable reflection. Imported by the router and shard binaries.
+package grpcserver
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+)
+
+// Options are the server's limits.
+type Options struct {
+	MaxRecvMsgBytes      int
+	MaxSendMsgBytes      int
+	MaxConcurrentStreams uint
+	// KeepaliveMinTime is the shortest client ping interval tolerated (clients must match it).
+	KeepaliveMinTime time.Duration
+	KeepaliveTime    time.Duration
+	KeepaliveTimeout time.Duration
+	Reflection       bool
+}
+
+// DefaultOptions are the limits both binaries start with.
+func DefaultOptions() Options {
+	return Options{
+		MaxRecvMsgBytes: 4 << 20, MaxSendMsgBytes: 16 << 20, MaxConcurrentStreams: 1024,
+		KeepaliveMinTime: 10 * time.Second, KeepaliveTime: 30 * time.Second, KeepaliveTimeout: 10 * time.Second,
+		Reflection: true,
+	}
+}
+
+// AddFlags registers the options under the given prefix ("grpc-").
+func (o *Options) AddFlags(fs *flag.FlagSet) {
+	fs.IntVar(&o.MaxRecvMsgBytes, "grpc-max-recv-bytes", o.MaxRecvMsgBytes, "largest request message accepted")
+	fs.IntVar(&o.MaxSendMsgBytes, "grpc-max-send-bytes", o.MaxSendMsgBytes, "largest response message sent")
+	fs.UintVar(&o.MaxConcurrentStreams, "grpc-max-streams", o.MaxConcurrentStreams, "concurrent streams per connection")
+	fs.DurationVar(&o.KeepaliveMinTime, "grpc-keepalive-min-time", o.KeepaliveMinTime, "shortest client keepalive ping interval allowed")
+	fs.BoolVar(&o.Reflection, "grpc-reflection", o.Reflection, "serve gRPC reflection")
+}
+
+// Validate checks the options.
+func (o Options) Validate() error {
+	if o.MaxRecvMsgBytes <= 0 || o.MaxSendMsgBytes <= 0 || o.MaxConcurrentStreams == 0 || o.KeepaliveMinTime <= 0 {
+		return fmt.Errorf("grpcserver: limits must be positive: %+v", o)
+	}
+	return nil
+}
+
+// New builds a server with the interceptor chain, health (initially NOT_SERVING for every service
+// until the caller marks it serving) and reflection when enabled.
+func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, *health.Server) {
+	opts := append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(o.MaxRecvMsgBytes),
+		grpc.MaxSendMsgSize(o.MaxSendMsgBytes),
+		grpc.MaxConcurrentStreams(uint32(o.MaxConcurrentStreams)),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: o.KeepaliveMinTime, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: o.KeepaliveTime, Timeout: o.KeepaliveTimeout}),
+		grpc.ChainUnaryInterceptor(recoverUnary(log), logUnary(log)),
+		grpc.ChainStreamInterceptor(recoverStream(log), logStream(log)),
+	}, extra...)
+	s := grpc.NewServer(opts...)
+	h := health.NewServer()
+	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	healthpb.RegisterHealthServer(s, h)
+	if o.Reflection {
+		reflection.Register(s)
+	}
+	return s, h
+}
+
+func panicErr(log *zap.Logger, method string, p any) error {
+	log.Error("panic in handler", zap.String("method", method), zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
+	return status.Errorf(codes.Internal, "internal error in %s", method)
+}
+
+func recoverUnary(log *zap.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				err = panicErr(log, info.FullMethod, p)
+			}
+		}()
+		return h(ctx, req)
+	}
+}
+
+func recoverStream(log *zap.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				err = panicErr(log, info.FullMethod, p)
+			}
+		}()
+		return h(srv, ss)
+	}
+}
+
+func logDone(log *zap.Logger, method string, start time.Time, err error) {
+	code := status.Code(err)
+	fields := []zap.Field{zap.String("method", method), zap.String("code", code.String()), zap.Duration("elapsed", time.Since(start))}
+	switch code {
+	case codes.OK:
+		log.Debug("rpc", fields...)
+	case codes.Internal, codes.Unknown, codes.DataLoss:
+		log.Error("rpc", append(fields, zap.Error(err))...)
+	default:
+		log.Info("rpc", append(fields, zap.Error(err))...)
+	}
+}
+
+func logUnary(log *zap.Logger) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		start := time.Now()
+		resp, err := h(ctx, req)
+		logDone(log, info.FullMethod, start, err)
+		return resp, err
+	}
+}
+
+func logStream(log *zap.Logger) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+		start := time.Now()
+		err := h(srv, ss)
+		logDone(log, info.FullMethod, start, err)
+		return err
+	}
+}

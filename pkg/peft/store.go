@@ -1,0 +1,84 @@
+package peft
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+)
+
+// MaxIDLength is the longest adapter id ValidateID accepts, in bytes.
+const MaxIDLength = 128
+
+// ValidateID checks an adapter id: 1 to MaxIDLength bytes of
+// [A-Za-z0-9._-], not starting with a dot. Such an id is always a single
+// plain folder name, never ".", ".." or a path.
+func ValidateID(id string) error {
+	switch {
+	case id == "":
+		return fmt.Errorf("%w: adapter_id must not be empty", ErrInvalidID)
+	case len(id) > MaxIDLength:
+		return fmt.Errorf("%w: adapter_id must be at most %d bytes, got %d", ErrInvalidID, MaxIDLength, len(id))
+	case id[0] == '.':
+		return fmt.Errorf("%w: adapter_id %q must not start with '.'", ErrInvalidID, id)
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("%w: adapter_id %q has %q at byte %d; only letters, digits, '.', '_' and '-' are allowed",
+				ErrInvalidID, id, c, i)
+		}
+	}
+	return nil
+}
+
+// Store finds adapters by id in a root folder: the adapter with id X lives
+// in <root>/X/. Ids are validated and every path is resolved through an
+// os.Root, so neither ids nor symlinks can reach outside the root. A Store
+// is safe for concurrent use.
+type Store struct {
+	root *os.Root
+}
+
+// OpenStore opens the adapter root folder.
+func OpenStore(root string) (*Store, error) {
+	r, err := os.OpenRoot(root)
+	if err != nil {
+		return nil, fmt.Errorf("peft: open adapter store: %w", err)
+	}
+	return &Store{root: r}, nil
+}
+
+// Close releases the root folder.
+func (s *Store) Close() error { return s.root.Close() }
+
+// Load validates id and loads the adapter in <root>/<id>/.
+func (s *Store) Load(id string, opts Options) (*Adapter, error) {
+	if err := ValidateID(id); err != nil {
+		return nil, err
+	}
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	fi, err := s.root.Stat(id)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: adapter_id %q", ErrNotFound, id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: adapter_id %q: %w", ErrInvalidAdapter, id, err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("%w: adapter_id %q is not a folder", ErrNotFound, id)
+	}
+	sub, err := s.root.OpenRoot(id)
+	if err != nil {
+		return nil, fmt.Errorf("%w: adapter_id %q: %w", ErrInvalidAdapter, id, err)
+	}
+	defer sub.Close()
+	a, err := load(sub, opts)
+	if err != nil {
+		return nil, fmt.Errorf("adapter %q: %w", id, err)
+	}
+	a.Name = id
+	return a, nil
+}

@@ -1,0 +1,48 @@
+package adapters
+
+import (
+	"fmt"
+
+	"github.com/loraplex/loraplex/pkg/peft"
+	"github.com/loraplex/loraplex/shard/internal/compute"
+	"github.com/loraplex/loraplex/shard/internal/model"
+)
+
+// PEFTOptions are the peft load options that validate adapters against a model's shapes.
+func PEFTOptions(info model.Info, maxRank int, maxBytes int64) peft.Options {
+	shape := peft.ModelShape{NumLayers: info.Layers, Dims: map[peft.Module][2]int{}}
+	for m := range compute.NumModules {
+		in, out := info.ModuleDims(m)
+		shape.Dims[peft.Module(m.String())] = [2]int{in, out}
+	}
+	return peft.Options{Model: shape, MaxRank: maxRank, MaxBytes: maxBytes}
+}
+
+// FromPEFT arranges a loaded PEFT adapter as the backend's per-layer, per-projection weights.
+func FromPEFT(a *peft.Adapter, layers int) (*compute.AdapterWeights, error) {
+	if len(a.Layers) > layers {
+		return nil, fmt.Errorf("%w: adapter %s has %d layers, model %d", peft.ErrInvalidAdapter, a.Name, len(a.Layers), layers)
+	}
+	w := &compute.AdapterWeights{Name: a.Name, Layers: make([][compute.NumModules]*compute.LoRAWeights, layers)}
+	for l, mods := range a.Layers {
+		for name, lr := range mods {
+			m, ok := compute.ParseModule(string(name))
+			if !ok {
+				return nil, fmt.Errorf("%w: adapter %s layer %d: module %s", peft.ErrInvalidAdapter, a.Name, l, name)
+			}
+			w.Layers[l][m] = &compute.LoRAWeights{Rank: lr.Rank, In: lr.In, Out: lr.Out, Scale: lr.Scaling, A: lr.A, B: lr.B}
+		}
+	}
+	return w, nil
+}
+
+// StoreLoader reads adapters from a PEFT store, validated against the model's shapes and limits.
+func StoreLoader(store *peft.Store, opts peft.Options, layers int) Loader {
+	return func(id string) (*compute.AdapterWeights, error) {
+		a, err := store.Load(id, opts)
+		if err != nil {
+			return nil, err
+		}
+		return FromPEFT(a, layers)
+	}
+}

@@ -1,0 +1,231 @@
+// Package server is the shard's gRPC edge: it validates loraplex.v1 requests, tokenizes prompts,
+// submits them to the engine, turns engine events into responses and is the one place where errors
+// become gRPC status codes. Imported by the shard binary.
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/loraplex/loraplex/pkg/genreq"
+	"github.com/loraplex/loraplex/pkg/peft"
+	"github.com/loraplex/loraplex/pkg/tokenizer"
+	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/shard/internal/engine"
+	"github.com/loraplex/loraplex/shard/internal/sampling"
+)
+
+// Generation serves loraplex.v1.GenerationService on a shard.
+type Generation struct {
+	loraplexv1.UnimplementedGenerationServiceServer
+	eng     *engine.Engine
+	tok     *tokenizer.Tokenizer
+	limits  genreq.Limits
+	shardID string
+	log     *zap.Logger
+}
+
+// NewGeneration returns the service.
+func NewGeneration(eng *engine.Engine, tok *tokenizer.Tokenizer, limits genreq.Limits, shardID string, log *zap.Logger) *Generation {
+	return &Generation{eng: eng, tok: tok, limits: limits, shardID: shardID, log: log}
+}
+
+// request validates a generation request and converts it for the engine.
+func (g *Generation) request(r genreq.Request) (*engine.Request, error) {
+	if err := genreq.Validate(r, g.limits); err != nil {
+		return nil, err
+	}
+	info := g.eng.Info()
+	var prompt []int
+	if ids := r.GetTokenIds(); ids != nil {
+		prompt = make([]int, len(ids.GetIds()))
+		for i, id := range ids.GetIds() {
+			if int(id) >= info.VocabSize {
+				return nil, fmt.Errorf("%w: token_ids[%d] = %d, must be below the vocabulary size %d", genreq.ErrInvalid, i, id, info.VocabSize)
+			}
+			prompt[i] = int(id)
+		}
+	} else {
+		var err error
+		if prompt, err = g.tok.Encode(r.GetText(), true); err != nil {
+			return nil, fmt.Errorf("%w: text: %v", genreq.ErrInvalid, err)
+		}
+		if len(prompt) == 0 {
+			return nil, fmt.Errorf("%w: text encodes to no tokens", genreq.ErrInvalid)
+		}
+	}
+	st := r.GetStopping()
+	if n, room := len(prompt), info.MaxContext-int(st.GetMaxNewTokens()); n > room || n >= info.MaxContext {
+		return nil, fmt.Errorf("%w: prompt of %d tokens plus stopping.max_new_tokens %d exceeds the model context of %d tokens",
+			genreq.ErrInvalid, n, st.GetMaxNewTokens(), info.MaxContext)
+	}
+	stopIDs := make([]int, len(st.GetStopTokenIds()))
+	for i, id := range st.GetStopTokenIds() {
+		if int(id) >= info.VocabSize {
+			return nil, fmt.Errorf("%w: stopping.stop_token_ids[%d] = %d, must be below the vocabulary size %d", genreq.ErrInvalid, i, id, info.VocabSize)
+		}
+		stopIDs[i] = int(id)
+	}
+	s := r.GetSampling()
+	p := sampling.Params{
+		Temperature: s.GetTemperature(), TopP: s.GetTopP(), TopK: int(s.GetTopK()),
+		RepetitionPenalty: s.GetRepetitionPenalty(), TopLogprobs: int(r.GetOutput().GetTopLogprobs()),
+	}
+	if s != nil && s.Seed != nil {
+		p.Seed = s.GetSeed()
+	} else {
+		p.Seed = randomSeed()
+	}
+	if err := p.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", genreq.ErrInvalid, err)
+	}
+	id := r.GetRequestId()
+	if id == "" {
+		id = newRequestID()
+	}
+	return &engine.Request{
+		ID: id, AdapterID: r.GetAdapterId(), Prompt: prompt, Sampling: p,
+		MaxNewTokens: int(st.GetMaxNewTokens()), StopTokenIDs: stopIDs, StopSequences: st.GetStopSequences(),
+		IgnoreEOS: st.GetIgnoreEos(), IncludeSpecial: r.GetOutput().GetIncludeSpecialTokens(),
+	}, nil
+}
+
+func randomSeed() uint64 {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	var s uint64
+	for _, c := range b {
+		s = s<<8 | uint64(c)
+	}
+	return s
+}
+
+func newRequestID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (g *Generation) tokens(in []engine.Token) []*loraplexv1.Token {
+	out := make([]*loraplexv1.Token, len(in))
+	for i, t := range in {
+		pt := &loraplexv1.Token{Id: uint32(t.ID), Text: t.Text, Logprob: t.Logprob, Special: t.Special}
+		for _, a := range t.Top {
+			text, _ := g.tok.Decode([]int{a.ID}, false)
+			pt.TopLogprobs = append(pt.TopLogprobs, &loraplexv1.TopLogprob{Id: uint32(a.ID), Text: text, Logprob: a.Logprob})
+		}
+		out[i] = pt
+	}
+	return out
+}
+
+var finishReasons = map[engine.FinishReason]loraplexv1.FinishReason{
+	engine.FinishLength:        loraplexv1.FinishReason_FINISH_REASON_LENGTH,
+	engine.FinishEOS:           loraplexv1.FinishReason_FINISH_REASON_EOS_TOKEN,
+	engine.FinishStopToken:     loraplexv1.FinishReason_FINISH_REASON_STOP_TOKEN,
+	engine.FinishStopSequence:  loraplexv1.FinishReason_FINISH_REASON_STOP_SEQUENCE,
+	engine.FinishContextLength: loraplexv1.FinishReason_FINISH_REASON_CONTEXT_LENGTH,
+}
+
+func timings(t engine.Timings) *loraplexv1.Timings {
+	return &loraplexv1.Timings{Queue: durationpb.New(t.Queue), TimeToFirstToken: durationpb.New(t.TTFT), Total: durationpb.New(t.Total)}
+}
+
+// Generate implements loraplex.v1.GenerationService.
+func (g *Generation) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*loraplexv1.GenerateResponse, error) {
+	req, err := g.request(r)
+	if err != nil {
+		return nil, g.status(r, err)
+	}
+	resp := &loraplexv1.GenerateResponse{RequestId: req.ID, AdapterId: req.AdapterID, ShardId: g.shardID}
+	var text []byte
+	err = g.eng.Submit(ctx, req, func(ev engine.Event) error {
+		for _, t := range ev.Tokens {
+			text = append(text, t.Text...)
+		}
+		resp.Tokens = append(resp.Tokens, g.tokens(ev.Tokens)...)
+		if ev.Done {
+			resp.FinishReason = finishReasons[ev.Finish]
+			resp.StopSequence = ev.StopSequence
+			resp.Usage = &loraplexv1.Usage{PromptTokens: uint32(ev.PromptTokens), GeneratedTokens: uint32(ev.GeneratedTokens)}
+			resp.Timings = timings(ev.Timings)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, g.status(r, err)
+	}
+	resp.Text = string(text)
+	return resp, nil
+}
+
+// GenerateStream implements loraplex.v1.GenerationService.
+func (g *Generation) GenerateStream(r *loraplexv1.GenerateStreamRequest, stream loraplexv1.GenerationService_GenerateStreamServer) error {
+	req, err := g.request(r)
+	if err != nil {
+		return g.status(r, err)
+	}
+	err = g.eng.Submit(stream.Context(), req, func(ev engine.Event) error {
+		m := &loraplexv1.GenerateStreamResponse{RequestId: req.ID, Tokens: g.tokens(ev.Tokens), AdapterId: req.AdapterID, ShardId: g.shardID}
+		if ev.Done {
+			m.FinishReason = finishReasons[ev.Finish]
+			m.StopSequence = ev.StopSequence
+			m.Usage = &loraplexv1.Usage{PromptTokens: uint32(ev.PromptTokens), GeneratedTokens: uint32(ev.GeneratedTokens)}
+			m.Timings = timings(ev.Timings)
+		}
+		return stream.Send(m)
+	})
+	if err != nil {
+		return g.status(r, err)
+	}
+	return nil
+}
+
+// status is the one place where shard errors become gRPC status codes.
+func (g *Generation) status(r genreq.Request, err error) error {
+	code := Code(err)
+	if code == codes.Unknown {
+		if st, ok := status.FromError(err); ok {
+			return st.Err() // already a status, e.g. from a failed Send
+		}
+		code = codes.Internal
+		g.log.Error("request failed", zap.String("request_id", r.GetRequestId()), zap.String("adapter_id", r.GetAdapterId()), zap.Error(err))
+	}
+	msg := err.Error()
+	if code == codes.ResourceExhausted {
+		msg += "; retry after a short delay or on another shard"
+	}
+	return status.Error(code, msg)
+}
+
+// Code maps shard errors to gRPC codes.
+func Code(err error) codes.Code {
+	switch {
+	case err == nil:
+		return codes.OK
+	case errors.Is(err, context.Canceled):
+		return codes.Canceled
+	case errors.Is(err, context.DeadlineExceeded):
+		return codes.DeadlineExceeded
+	case errors.Is(err, genreq.ErrInvalid), errors.Is(err, engine.ErrInvalid), errors.Is(err, engine.ErrTooLong),
+		errors.Is(err, peft.ErrInvalidID):
+		return codes.InvalidArgument
+	case errors.Is(err, peft.ErrNotFound):
+		return codes.NotFound
+	case errors.Is(err, engine.ErrQueueFull):
+		return codes.ResourceExhausted
+	case errors.Is(err, engine.ErrClosed):
+		return codes.Unavailable
+	case errors.Is(err, peft.ErrInvalidAdapter):
+		return codes.FailedPrecondition
+	}
+	return codes.Unknown
+}
