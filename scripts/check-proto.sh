@@ -8,10 +8,14 @@ buf lint
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 buf generate -o "$tmp"
-if ! diff -r -x '*.proto' "$tmp/proto" proto >/dev/null 2>&1 || \
-   [ "$(cd "$tmp/proto" && find . -name '*.go' | sort)" != "$(cd proto && find . -name '*.go' | sort)" ]; then
+generated() { (cd "$1" && find . -name '*.pb.go' | sort); }
+stale=0
+[ "$(generated "$tmp/proto")" = "$(generated proto)" ] || stale=1
+for f in $(generated "$tmp/proto"); do
+  cmp -s "$tmp/proto/$f" "proto/$f" || { echo "differs: proto/$f" >&2; stale=1; }
+done
+if [ $stale = 1 ]; then
   echo "generated code is stale: run 'make proto' and commit the result" >&2
-  diff -r -x '*.proto' "$tmp/proto" proto >&2 || true
   exit 1
 fi
 against=${BUF_AGAINST:-}

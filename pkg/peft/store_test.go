@@ -102,8 +102,8 @@ func TestStore(t *testing.T) {
 		{"a/b", ErrInvalidID, "adapter_id"},
 		{"..", ErrInvalidID, "adapter_id"},
 		{"", ErrInvalidID, "adapter_id"},
-		{"escape", ErrInvalidAdapter, "escape"},
-		{"leaky", ErrInvalidAdapter, "leaky"},
+		{"escape", ErrInvalidAdapter, "escapes"},
+		{"leaky", ErrInvalidAdapter, "escapes"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.id, func(t *testing.T) {

@@ -176,13 +176,21 @@ func parseModel(raw json.RawMessage) (*bpe, error) {
 	if !ok {
 		return nil, fmt.Errorf("%w: no model", ErrMalformed)
 	}
+	if typ == "" {
+		// Old files leave out the type; of the models only BPE has merges.
+		var probe struct {
+			Merges json.RawMessage `json:"merges"`
+		}
+		if err := decodeComponent(raw, "model", &probe); err == nil && probe.Merges != nil {
+			typ = "BPE"
+		}
+	}
+	if typ != "BPE" {
+		return nil, fmt.Errorf("%w: model type %q (only BPE is implemented)", ErrUnsupported, typ)
+	}
 	var j bpeJSON
 	if err := decodeComponent(raw, "model", &j); err != nil {
 		return nil, err
-	}
-	// Old files leave out the type; only BPE has merges.
-	if typ != "BPE" && !(typ == "" && j.Merges != nil) {
-		return nil, fmt.Errorf("%w: model type %q (only BPE is implemented)", ErrUnsupported, typ)
 	}
 	if j.Dropout != nil && *j.Dropout > 0 {
 		return nil, fmt.Errorf("%w: BPE dropout %v", ErrUnsupported, *j.Dropout)

@@ -444,3 +444,22 @@ func kernel1x4(a, x0, w0, w1, w2, w3 []float32) {
 	}
 	a[0], a[1], a[2], a[3] = s0, s1, s2, s3
 }
+
+func BenchmarkKB(b *testing.B) {
+	for _, s := range []struct{ t, n, k int }{{8, 4096, 4096}, {64, 1024, 1024}, {128, 4096, 4096}} {
+		for _, kb := range []int{0, 256, 512, 1024, 2048} {
+			b.Run(fmt.Sprintf("kb=%d/T=%d/N=%d/K=%d", kb, s.t, s.n, s.k), func(b *testing.B) {
+				kbOverride = kb
+				defer func() { kbOverride = 0 }()
+				be := New(Options{})
+				r := newRand(1)
+				x, w := randSlice(r, s.t*s.k), randSlice(r, s.n*s.k)
+				out := make([]float32, s.t*s.n)
+				for b.Loop() {
+					be.matmul(out, x, w, s.t, s.n, s.k)
+				}
+				reportGFLOPS(b, 2*float64(s.t)*float64(s.n)*float64(s.k))
+			})
+		}
+	}
+}

@@ -1,0 +1,88 @@
+package tokenizer
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+)
+
+// The fixtures under testdata/ were made with the Hugging Face tokenizers
+// library by scripts/make_fixtures.py: three trained tokenizers and, for a set
+// of texts, the ids and decoded strings that library produced.
+var fixtureDirs = []string{"bytelevel", "gpt2", "spm"}
+
+type referenceCase struct {
+	Text               string `json:"text"`
+	IDs                []int  `json:"ids"`
+	IDsWithSpecial     []int  `json:"ids_with_special"`
+	Decoded            string `json:"decoded"`
+	DecodedSkipSpecial string `json:"decoded_skip_special"`
+}
+
+func loadFixture(t testing.TB, dir string) (*Tokenizer, []referenceCase) {
+	t.Helper()
+	tk, err := Load(filepath.Join("testdata", dir, "tokenizer.json"))
+	if err != nil {
+		t.Fatalf("fixture %s: %v", dir, err)
+	}
+	data, err := os.ReadFile(filepath.Join("testdata", dir, "cases.json"))
+	if err != nil {
+		t.Fatalf("fixture %s: %v", dir, err)
+	}
+	var cases []referenceCase
+	if err := json.Unmarshal(data, &cases); err != nil {
+		t.Fatalf("fixture %s: %v", dir, err)
+	}
+	if len(cases) == 0 {
+		t.Fatalf("fixture %s has no cases", dir)
+	}
+	return tk, cases
+}
+
+func TestReferenceCases(t *testing.T) {
+	for _, dir := range fixtureDirs {
+		t.Run(dir, func(t *testing.T) {
+			tk, cases := loadFixture(t, dir)
+			for _, c := range cases {
+				got := mustEncode(t, tk, c.Text, false)
+				if !slices.Equal(got, c.IDs) {
+					t.Errorf("Encode(%q)\n got %v %q\nwant %v %q", c.Text, got, tokensOf(tk, got), c.IDs, tokensOf(tk, c.IDs))
+				}
+				got = mustEncode(t, tk, c.Text, true)
+				if !slices.Equal(got, c.IDsWithSpecial) {
+					t.Errorf("Encode(%q, special)\n got %v\nwant %v", c.Text, got, c.IDsWithSpecial)
+				}
+				if s := mustDecode(t, tk, c.IDs, false); s != c.Decoded {
+					t.Errorf("Decode(ids of %q) = %q, want %q", c.Text, s, c.Decoded)
+				}
+				if s := mustDecode(t, tk, c.IDsWithSpecial, true); s != c.DecodedSkipSpecial {
+					t.Errorf("Decode(ids of %q, skip) = %q, want %q", c.Text, s, c.DecodedSkipSpecial)
+				}
+				if s := streamAll(t, tk, c.IDs, false); s != c.Decoded {
+					t.Errorf("stream of %q = %q, want %q", c.Text, s, c.Decoded)
+				}
+				if s := streamAll(t, tk, c.IDsWithSpecial, true); s != c.DecodedSkipSpecial {
+					t.Errorf("stream of %q (skip) = %q, want %q", c.Text, s, c.DecodedSkipSpecial)
+				}
+			}
+		})
+	}
+}
+
+// TestShippedModelTokenizer checks that the tiny model ships the byte-level
+// fixture's tokenizer, so the fixture's reference ids hold for it too.
+func TestShippedModelTokenizer(t *testing.T) {
+	shipped, err := os.ReadFile(filepath.Join("..", "tinyllama", "model", "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fixture, err := os.ReadFile(filepath.Join("testdata", "bytelevel", "tokenizer.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(shipped, fixture) {
+		t.Fatal("pkg/tinyllama/model/tokenizer.json differs from testdata/bytelevel/tokenizer.json")
+	}
+}
