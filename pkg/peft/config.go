@@ -78,7 +78,7 @@ type AlphaRule struct {
 // backreferences) is refused.
 func ParseConfig(data []byte) (*Config, error) {
 	c := &Config{}
-	var have = map[string]bool{}
+	have := map[string]bool{}
 	err := eachMember(data, func(key string, raw json.RawMessage) error {
 		have[key] = true
 		return c.setField(key, raw)

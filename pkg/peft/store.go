@@ -25,8 +25,12 @@ func ValidateID(id string) error {
 	for i := 0; i < len(id); i++ {
 		c := id[i]
 		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return fmt.Errorf("%w: adapter_id %q has %q at byte %d; only letters, digits, '.', '_' and '-' are allowed",
-				ErrInvalidID, id, c, i)
+			what := fmt.Sprintf("%q", rune(c))
+			if c >= 0x80 {
+				what = fmt.Sprintf("byte 0x%02x", c)
+			}
+			return fmt.Errorf("%w: adapter_id %q has %s at byte %d; only ASCII letters, digits, '.', '_' and '-' are allowed",
+				ErrInvalidID, id, what, i)
 		}
 	}
 	return nil

@@ -30,7 +30,7 @@ func TestValidateID(t *testing.T) {
 		{"/abs", false, `'/'`},
 		{"a b", false, `' '`},
 		{"a\x00", false, `'\x00'`},
-		{"é", false, "at byte 0"},
+		{"é", false, "byte 0xc3 at byte 0"},
 		{"a:b", false, `':'`},
 	}
 	for _, tt := range tests {

@@ -23,6 +23,101 @@ type bpe struct {
 	suffix       string // end_of_word_suffix
 
 	cache *wordCache
+
+	// Byte-level pieces are encoded from their bytes (see piece.raw) when
+	// every byte's character is a token and no affixes are configured.
+	rawOK    bool
+	rawIDs   [256]int32       // id of each byte's byte-level character
+	rawVocab map[string]int32 // vocabulary keyed by the bytes tokens stand for; for ignore_merges
+	rawCache *wordCache
+}
+
+// prepareByteLevel readies the byte path for a tokenizer with a ByteLevel
+// pre-tokenizer.
+func (m *bpe) prepareByteLevel() {
+	if m.prefix != "" || m.suffix != "" {
+		return
+	}
+	for b := range 256 {
+		id, ok := m.vocab[string(byteToRune[b])]
+		if !ok {
+			return
+		}
+		m.rawIDs[b] = id
+	}
+	if m.ignoreMerges {
+		m.rawVocab = make(map[string]int32, len(m.vocab))
+		var buf []byte
+		for tok, id := range m.vocab {
+			buf = buf[:0]
+			ok := true
+			for _, r := range tok {
+				if int(r) >= len(runeToByte) || runeToByte[r] < 0 {
+					ok = false
+					break
+				}
+				buf = append(buf, byte(runeToByte[r]))
+			}
+			if ok {
+				m.rawVocab[string(buf)] = id
+			}
+		}
+	}
+	m.rawCache = newWordCache()
+	m.rawOK = true
+}
+
+// encodePiece appends the ids of one pre-token.
+func (m *bpe) encodePiece(dst []int, p piece) ([]int, error) {
+	if !p.raw {
+		return m.encode(dst, p.text)
+	}
+	if !m.rawOK {
+		return m.encode(dst, p.mapped().text)
+	}
+	word := p.text
+	if word == "" {
+		return dst, nil
+	}
+	if m.ignoreMerges {
+		if id, ok := m.rawVocab[word]; ok {
+			return append(dst, int(id)), nil
+		}
+	}
+	if ids, ok := m.rawCache.get(word); ok {
+		return appendIDs(dst, ids), nil
+	}
+	syms := make([]symbol, len(word))
+	for i := range syms {
+		syms[i] = symbol{id: m.rawIDs[word[i]], prev: int32(i) - 1, next: int32(i) + 1, size: 1}
+	}
+	syms[len(syms)-1].next = -1
+	return m.finish(dst, word, m.mergeAll(syms), m.rawCache), nil
+}
+
+func appendIDs(dst []int, ids []int32) []int {
+	for _, id := range ids {
+		dst = append(dst, int(id))
+	}
+	return dst
+}
+
+// finish appends the ids of merged symbols and caches them for the word.
+func (m *bpe) finish(dst []int, word string, syms []symbol, cache *wordCache) []int {
+	start := len(dst)
+	for _, s := range syms {
+		if s.size > 0 {
+			dst = append(dst, int(s.id))
+		}
+	}
+	if len(word) <= maxCachedWord {
+		ids := make([]int32, len(dst)-start)
+		for i, id := range dst[start:] {
+			ids[i] = int32(id)
+		}
+		cache.put(word, ids)
+	}
+	return dst
 }
 
 // merge is what a pair of adjacent tokens becomes, and how early it applies.
@@ -54,30 +149,13 @@ func (m *bpe) encode(dst []int, word string) ([]int, error) {
 		}
 	}
 	if ids, ok := m.cache.get(word); ok {
-		for _, id := range ids {
-			dst = append(dst, int(id))
-		}
-		return dst, nil
+		return appendIDs(dst, ids), nil
 	}
 	syms, err := m.symbols(word)
 	if err != nil {
 		return dst, err
 	}
-	syms = m.mergeAll(syms)
-	start := len(dst)
-	for _, s := range syms {
-		if s.size > 0 {
-			dst = append(dst, int(s.id))
-		}
-	}
-	if len(word) <= maxCachedWord {
-		ids := make([]int32, len(dst)-start)
-		for i, id := range dst[start:] {
-			ids[i] = int32(id)
-		}
-		m.cache.put(word, ids)
-	}
-	return dst, nil
+	return m.finish(dst, word, m.mergeAll(syms), m.cache), nil
 }
 
 // symbols splits a pre-token into its characters' tokens, falling back to byte

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -50,6 +51,9 @@ func Parse(data []byte) (*Tokenizer, error) {
 	}
 	if t.preTokenizer, err = parsePreTokenizer(f.PreTokenizer); err != nil {
 		return nil, err
+	}
+	if hasByteLevel(t.preTokenizer) {
+		t.model.prepareByteLevel()
 	}
 	if t.decoder, err = parseDecoder(f.Decoder); err != nil {
 		return nil, err
@@ -99,10 +103,10 @@ func (t *Tokenizer) buildVocab(list []addedTokenJSON) error {
 	}
 	t.tokens = make([]string, size)
 	t.known = make([]bool, size)
-	t.special = make([]bool, size)
 	for s, id := range t.model.vocab {
 		t.tokens[id], t.known[id] = s, true
 	}
+	t.spellings = slices.Clone(t.tokens)
 	specials := make(map[string]bool)
 	// Hugging Face matches special tokens before the others at equal length.
 	for _, pass := range []bool{true, false} {
@@ -110,7 +114,7 @@ func (t *Tokenizer) buildVocab(list []addedTokenJSON) error {
 			if a.special != pass {
 				continue
 			}
-			t.tokens[a.id], t.known[a.id] = a.content, true
+			t.tokens[a.id], t.known[a.id], t.spellings[a.id] = a.content, true, a.content
 			if a.special {
 				specials[a.content] = true
 			}
@@ -118,18 +122,21 @@ func (t *Tokenizer) buildVocab(list []addedTokenJSON) error {
 				t.rawAdded.add(a.content, a)
 				continue
 			}
-			pat := a.content
 			if t.normalizer != nil {
-				var err error
-				if pat, err = t.normalizer.normalize(pat); err != nil {
+				norm, err := t.normalizer.normalize(a.content)
+				if err != nil {
 					return err
 				}
+				t.spellings[a.id] = norm
 			}
-			t.normAdded.add(pat, a)
+			t.normAdded.add(t.spellings[a.id], a)
 		}
 	}
-	for id, s := range t.tokens {
-		t.special[id] = t.known[id] && specials[s]
+	t.special = make([]bool, size)
+	t.skip = make([]bool, size)
+	for id := range t.tokens {
+		t.special[id] = t.known[id] && specials[t.tokens[id]]
+		t.skip[id] = t.known[id] && specials[t.spellings[id]]
 	}
 	return nil
 }
@@ -300,7 +307,7 @@ func (p patternJSON) build() (pattern, error) {
 	case p.String != nil:
 		return literalPattern(*p.String), nil
 	case p.Regex != nil:
-		re, err := compileRegex(*p.Regex)
+		re, err := buildRegex(*p.Regex)
 		if err != nil {
 			return nil, fmt.Errorf("%w: regex %q: %v", ErrUnsupported, *p.Regex, err)
 		}
@@ -492,11 +499,7 @@ func parsePreTokenizer(raw json.RawMessage) (preTokenizer, error) {
 		}
 		bl := byteLevel{addPrefixSpace: j.AddPrefixSpace}
 		if j.UseRegex == nil || *j.UseRegex {
-			re, err := gpt2Regex()
-			if err != nil {
-				return nil, err
-			}
-			bl.re = re
+			bl.re = gpt2Scanner{}
 		}
 		return bl, nil
 	case "Metaspace":
@@ -716,4 +719,14 @@ func parseTemplate(raw json.RawMessage) (postProcessor, error) {
 		}
 	}
 	return tp, nil
+}
+
+func hasByteLevel(pt preTokenizer) bool {
+	switch p := pt.(type) {
+	case byteLevel:
+		return true
+	case preTokenizerSeq:
+		return slices.ContainsFunc(p, hasByteLevel)
+	}
+	return false
 }

@@ -15,6 +15,18 @@ type piece struct {
 	// first reports that the piece starts at offset 0 of the original input;
 	// Metaspace's "first" prepend scheme depends on it.
 	first bool
+	// raw marks a piece whose byte-level mapping is still due: text holds the
+	// bytes, not their byte-level characters. The BPE model encodes such
+	// pieces straight from the bytes, which saves building the mapped string.
+	raw bool
+}
+
+// mapped returns p with its byte-level mapping applied.
+func (p piece) mapped() piece {
+	if !p.raw {
+		return p
+	}
+	return piece{text: string(appendByteLevel(make([]byte, 0, 2*len(p.text)), p.text)), first: p.first}
 }
 
 // preTokenizer splits pieces into smaller pieces; the model encodes each
@@ -46,9 +58,17 @@ func (lit literalPattern) findAll(s string, dst [][2]int) ([][2]int, error) {
 	}
 }
 
-// regexPattern matches a Onig-style regular expression with regexp2, which has
+// regexPattern matches an Oniguruma-style regular expression with regexp2, which has
 // the lookahead, inline flags and Unicode classes that tokenizer regexes use.
 type regexPattern struct{ re *regexp2.Regexp }
+
+// buildRegex returns a matcher for a tokenizer.json regex.
+func buildRegex(expr string) (pattern, error) {
+	if p, ok := knownPattern(expr); ok {
+		return p, nil
+	}
+	return compileRegex(expr)
+}
 
 func compileRegex(expr string) (regexPattern, error) {
 	// Backtracking is bounded by the input, so the stack limit is lifted: a long
@@ -60,14 +80,21 @@ func compileRegex(expr string) (regexPattern, error) {
 	return regexPattern{re: re}, nil
 }
 
+// runePool recycles the rune copies regexp2 matches on; huge ones are dropped.
 var runePool = sync.Pool{New: func() any { return new([]rune) }}
+
+const maxPooledRunes = 1 << 16
 
 func (p regexPattern) findAll(s string, dst [][2]int) ([][2]int, error) {
 	if s == "" {
 		return dst, nil
 	}
 	buf := runePool.Get().(*[]rune)
-	defer runePool.Put(buf)
+	defer func() {
+		if cap(*buf) <= maxPooledRunes {
+			runePool.Put(buf)
+		}
+	}()
 	// Invalid bytes become one U+FFFD each, exactly as the byte walk below
 	// counts them, so rune and byte offsets stay in step.
 	runes := (*buf)[:0]
@@ -209,7 +236,7 @@ func (seq preTokenizerSeq) split(dst []piece, p piece) ([]piece, error) {
 		var next []piece
 		for _, c := range cur {
 			var err error
-			if next, err = pt.split(next, c); err != nil {
+			if next, err = pt.split(next, c.mapped()); err != nil {
 				return dst, err
 			}
 		}
@@ -236,16 +263,16 @@ func (sp splitter) split(dst []piece, p piece) ([]piece, error) {
 // gpt2Pattern is the split regex built into the ByteLevel pre-tokenizer.
 const gpt2Pattern = `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
 
-var gpt2Regex = sync.OnceValues(func() (regexPattern, error) { return compileRegex(gpt2Pattern) })
-
 // byteLevel is the ByteLevel pre-tokenizer: an optional leading space, the
-// optional GPT-2 split, then every byte mapped to its byte-level character.
+// optional GPT-2 split, then every byte mapped to its byte-level character
+// (lazily: see piece.raw).
 type byteLevel struct {
 	addPrefixSpace bool
 	re             pattern // nil unless use_regex
 }
 
 func (bl byteLevel) split(dst []piece, p piece) ([]piece, error) {
+	p = p.mapped()
 	if bl.addPrefixSpace && !strings.HasPrefix(p.text, " ") {
 		p.text = " " + p.text
 	}
@@ -259,10 +286,8 @@ func (bl byteLevel) split(dst []piece, p piece) ([]piece, error) {
 	} else if p.text != "" {
 		dst = append(dst, p)
 	}
-	var buf []byte
 	for i := start; i < len(dst); i++ {
-		buf = appendByteLevel(buf[:0], dst[i].text)
-		dst[i].text = string(buf)
+		dst[i].raw = true
 	}
 	return dst, nil
 }

@@ -1,7 +1,9 @@
 package tokenizer
 
 import (
+	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 
 	"golang.org/x/text/unicode/norm"
@@ -10,7 +12,7 @@ import (
 func pieceTexts(ps []piece) []string {
 	out := make([]string, len(ps))
 	for i, p := range ps {
-		out[i] = p.text
+		out[i] = p.mapped().text
 	}
 	return out
 }
@@ -42,48 +44,98 @@ func TestSplitBehaviors(t *testing.T) {
 	}
 }
 
-const llama3Pattern = `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
-
 func TestRegexSplits(t *testing.T) {
-	gpt2, err := gpt2Regex()
-	if err != nil {
-		t.Fatal(err)
-	}
-	llama3, err := compileRegex(llama3Pattern)
-	if err != nil {
-		t.Fatal(err)
-	}
 	tests := []struct {
 		name string
-		pat  pattern
+		expr string
 		in   string
 		want []string
 	}{
-		{"gpt2 words", gpt2, "Hello world's end", []string{"Hello", " world", "'s", " end"}},
-		{"gpt2 spaces before word", gpt2, "a   b", []string{"a", "  ", " b"}},
-		{"gpt2 trailing spaces", gpt2, "a  ", []string{"a", "  "}},
-		{"gpt2 digits and symbols", gpt2, "x=12345!!", []string{"x", "=", "12345", "!!"}},
-		{"gpt2 case sensitive contraction", gpt2, "I'M", []string{"I", "'", "M"}},
-		{"gpt2 unicode", gpt2, "naïve 東京", []string{"naïve", " 東京"}},
-		{"llama3 contraction any case", llama3, "I'M", []string{"I", "'M"}},
-		{"llama3 digit triples", llama3, "1234567", []string{"123", "456", "7"}},
-		{"llama3 punctuation glues letters", llama3, "(hello)", []string{"(hello", ")"}},
-		{"llama3 newlines", llama3, "a\n\n  b", []string{"a", "\n\n", " ", " b"}},
-		{"llama3 crlf", llama3, "x.\r\ny", []string{"x", ".\r\n", "y"}},
-		{"invalid utf8 kept bytewise", gpt2, "a\xffb", []string{"a", "\xff", "b"}},
+		{"gpt2 words", gpt2Pattern, "Hello world's end", []string{"Hello", " world", "'s", " end"}},
+		{"gpt2 spaces before word", gpt2Pattern, "a   b", []string{"a", "  ", " b"}},
+		{"gpt2 trailing spaces", gpt2Pattern, "a  ", []string{"a", "  "}},
+		{"gpt2 digits and symbols", gpt2Pattern, "x=12345!!", []string{"x", "=", "12345", "!!"}},
+		{"gpt2 case sensitive contraction", gpt2Pattern, "I'M", []string{"I", "'", "M"}},
+		{"gpt2 unicode", gpt2Pattern, "naïve 東京", []string{"naïve", " 東京"}},
+		{"gpt2 space before newline", gpt2Pattern, "a \nb", []string{"a", " ", "\n", "b"}},
+		{"llama3 contraction any case", llama3Pattern, "I'M", []string{"I", "'M"}},
+		{"llama3 digit triples", llama3Pattern, "1234567", []string{"123", "456", "7"}},
+		{"llama3 punctuation glues letters", llama3Pattern, "(hello)", []string{"(hello", ")"}},
+		{"llama3 newlines", llama3Pattern, "a\n\n  b", []string{"a", "\n\n", " ", " b"}},
+		{"llama3 crlf", llama3Pattern, "x.\r\ny", []string{"x", ".\r\n", "y"}},
+		{"llama3 spaces then newline", llama3Pattern, "x  \n \t y", []string{"x", "  \n", " \t", " y"}},
+		{"qwen2 single digits", qwen2Pattern, "x123", []string{"x", "1", "2", "3"}},
+		{"invalid utf8 kept bytewise", gpt2Pattern, "a\xffb", []string{"a", "\xff", "b"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			sp := splitter{pat: tc.pat, behavior: isolated}
-			got, err := sp.split(nil, piece{text: tc.in})
-			if err != nil {
-				t.Fatal(err)
+			fast, ok := knownPattern(tc.expr)
+			if !ok {
+				t.Fatal("no scanner for the pattern")
 			}
-			if g := pieceTexts(got); !slices.Equal(g, tc.want) {
-				t.Errorf("split(%q) = %q, want %q", tc.in, g, tc.want)
+			for _, pat := range []pattern{must(compileRegex(tc.expr)), fast} {
+				got, err := splitter{pat: pat, behavior: isolated}.split(nil, piece{text: tc.in})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if g := pieceTexts(got); !slices.Equal(g, tc.want) {
+					t.Errorf("%T: split(%q) = %q, want %q", pat, tc.in, g, tc.want)
+				}
 			}
 		})
 	}
+}
+
+// scannerAlphabet stresses the classes the known patterns care about.
+var scannerAlphabet = []string{
+	"a", "Z", "é", "東", "ſ", "s", "S", "t", "T", "r", "R", "e", "E", "v", "m", "M", "l", "L", "d", "D",
+	"0", "7", "²", "½", "٣", "Ⅻ",
+	" ", " ", " ", "\t", "\n", "\r", "\r\n", "\u00a0", "\u2028", "\u3000", "\u0085", "\v", "\f",
+	"'", "'", "!", ".", "-", "\u0301", "\u200b", "🙂", "\ufffd", "\xff", "\xe6\x97",
+}
+
+func randomScannerText(rng *rand.Rand) string {
+	var b strings.Builder
+	for range rng.IntN(24) {
+		b.WriteString(scannerAlphabet[rng.IntN(len(scannerAlphabet))])
+	}
+	return b.String()
+}
+
+// TestScannersMatchRegexp2 checks the hand-written scanners against the
+// regexp2 engine, which runs the patterns as written.
+func TestScannersMatchRegexp2(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	for _, expr := range []string{gpt2Pattern, llama3Pattern, qwen2Pattern} {
+		fast, _ := knownPattern(expr)
+		slow := must(compileRegex(expr))
+		for range 20000 {
+			s := randomScannerText(rng)
+			want, err := slow.findAll(s, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := fast.findAll(s, nil); !slices.Equal(got, want) {
+				t.Fatalf("pattern %.20q on %q: scanner %v, regexp2 %v", expr, s, got, want)
+			}
+		}
+	}
+}
+
+func FuzzScanners(f *testing.F) {
+	f.Add("Hello  world's\r\n\n 123456 ſ'S \xff")
+	f.Fuzz(func(t *testing.T, s string) {
+		for _, expr := range []string{gpt2Pattern, llama3Pattern, qwen2Pattern} {
+			fast, _ := knownPattern(expr)
+			want, err := must(compileRegex(expr)).findAll(s, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := fast.findAll(s, nil); !slices.Equal(got, want) {
+				t.Fatalf("pattern %.20q on %q: scanner %v, regexp2 %v", expr, s, got, want)
+			}
+		}
+	})
 }
 
 func TestPreTokenizers(t *testing.T) {
@@ -93,7 +145,7 @@ func TestPreTokenizers(t *testing.T) {
 		in   piece
 		want []string
 	}{
-		{"byte level prefix space", byteLevel{addPrefixSpace: true, re: must(gpt2Regex())}, piece{text: "Hi you"}, []string{"ĠHi", "Ġyou"}},
+		{"byte level prefix space", byteLevel{addPrefixSpace: true, re: gpt2Scanner{}}, piece{text: "Hi you"}, []string{"ĠHi", "Ġyou"}},
 		{"byte level keeps existing space", byteLevel{addPrefixSpace: true}, piece{text: " Hi\n"}, []string{"ĠHiĊ"}},
 		{"metaspace always", metaspace{replacement: '▁', scheme: prependAlways, splitOn: true}, piece{text: "Hey  friend"}, []string{"▁Hey", "▁", "▁friend"}},
 		{"metaspace first, not first piece", metaspace{replacement: '▁', scheme: prependFirst, splitOn: false}, piece{text: "how are"}, []string{"how▁are"}},

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -84,5 +85,49 @@ func TestShippedModelTokenizer(t *testing.T) {
 	}
 	if !slices.Equal(shipped, fixture) {
 		t.Fatal("pkg/tinyllama/model/tokenizer.json differs from testdata/bytelevel/tokenizer.json")
+	}
+}
+
+// TestFixturesUseScanners makes sure the byte-level fixtures exercise the
+// hand-written scanners rather than the regexp2 fallback.
+func TestFixturesUseScanners(t *testing.T) {
+	for _, fx := range loadFixtures(t) {
+		var found bool
+		var walk func(pt preTokenizer)
+		walk = func(pt preTokenizer) {
+			switch p := pt.(type) {
+			case preTokenizerSeq:
+				for _, q := range p {
+					walk(q)
+				}
+			case splitter:
+				_, found = p.pat.(llama3Scanner)
+			case byteLevel:
+				if p.re != nil {
+					_, found = p.re.(gpt2Scanner)
+				}
+			}
+		}
+		walk(fx.tk.preTokenizer)
+		if found != fx.byteLevel {
+			t.Errorf("%s: scanner in use = %v, want %v", fx.name, found, fx.byteLevel)
+		}
+	}
+}
+
+// TestLongWordsOnFixtures encodes long single pre-tokens: the Llama 2 layout
+// has no pre-tokenizer, so a whole text is one word for the BPE.
+func TestLongWordsOnFixtures(t *testing.T) {
+	for _, fx := range loadFixtures(t) {
+		for _, text := range []string{strings.Repeat("a", 1<<17), strings.Repeat("ab ", 1<<15), strings.Repeat("龘", 1<<14)} {
+			ids := mustEncode(t, fx.tk, text, false)
+			got := mustDecode(t, fx.tk, ids, false)
+			if fx.byteLevel && got != text {
+				t.Errorf("%s: round trip of %d bytes lost text", fx.name, len(text))
+			}
+			if !fx.byteLevel && strings.TrimSpace(got) != strings.TrimSpace(text) {
+				t.Errorf("%s: round trip of %d bytes = %d bytes", fx.name, len(text), len(got))
+			}
+		}
 	}
 }

@@ -32,15 +32,15 @@ func NewStream(t *Tokenizer, skipSpecial bool) *Stream {
 // possibly none. An unknown id is an error wrapping ErrUnknownID and leaves
 // the stream as it was.
 func (s *Stream) Add(id int) (string, error) {
-	tok, ok := s.t.Token(id)
-	if !ok {
+	t := s.t
+	if id < 0 || id >= len(t.tokens) || !t.known[id] {
 		return "", fmt.Errorf("%w: %d", ErrUnknownID, id)
 	}
-	if s.skipSpecial && s.t.special[id] {
+	if s.skipSpecial && t.skip[id] {
 		return "", nil
 	}
-	s.window = append(s.window, tok)
-	text, st := s.t.decodeTokens(s.window, s.cont)
+	s.window = append(s.window, t.spellings[id])
+	text, st := t.decodeTokens(s.window, s.cont)
 	if st.unstable {
 		return "", nil
 	}

@@ -29,6 +29,11 @@ type Tokenizer struct {
 	tokens  []string // by id: the model vocabulary overlaid with added tokens
 	known   []bool   // by id: whether tokens[id] names a token
 	special []bool   // by id: whether the token is a special added token
+	// spellings are what the decoder sees: tokens, except that an added token
+	// with normalized=true is spelled in its normalized form (so a Llama 2
+	// style "<tool>" decodes as " <tool>"), as in Hugging Face.
+	spellings []string
+	skip      []bool // by id: left out when decoding with skipSpecial
 }
 
 // Load reads and parses a tokenizer.json file.
@@ -86,7 +91,7 @@ func (t *Tokenizer) Encode(text string, addSpecial bool) ([]int, error) {
 				return nil, err
 			}
 			for _, pc := range pieces {
-				if ids, err = t.model.encode(ids, pc.text); err != nil {
+				if ids, err = t.model.encodePiece(ids, pc); err != nil {
 					return nil, err
 				}
 			}
@@ -103,14 +108,13 @@ func (t *Tokenizer) Encode(text string, addSpecial bool) ([]int, error) {
 func (t *Tokenizer) Decode(ids []int, skipSpecial bool) (string, error) {
 	toks := make([]string, 0, len(ids))
 	for _, id := range ids {
-		tok, ok := t.Token(id)
-		if !ok {
+		if id < 0 || id >= len(t.tokens) || !t.known[id] {
 			return "", fmt.Errorf("%w: %d", ErrUnknownID, id)
 		}
-		if skipSpecial && t.special[id] {
+		if skipSpecial && t.skip[id] {
 			continue
 		}
-		toks = append(toks, tok)
+		toks = append(toks, t.spellings[id])
 	}
 	s, _ := t.decodeTokens(toks, false)
 	return s, nil

@@ -170,6 +170,8 @@ func TestSPMDecode(t *testing.T) {
 		{"byte run", ids("▁", "<0xC3>", "<0xA9>"), false, "é"},
 		{"invalid byte run", ids("▁", "x", "<0xC3>", "<0x41>"), false, "x��"},
 		{"incomplete byte run", ids("<0xE6>", "<0x97>"), false, "��"},
+		// A normalized added token decodes in its normalized spelling.
+		{"normalized added token", ids("▁", "x", "<|tool|>", "▁", "y"), false, "x <|tool|> y"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
