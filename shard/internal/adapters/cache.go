@@ -50,6 +50,7 @@ func (c *Cache) Acquire(ctx context.Context, id string) (compute.Adapter, func()
 	if !ok {
 		e = &entry{id: id, ready: make(chan struct{})}
 		c.entries[id] = e
+		c.evictLocked() // make room before the new adapter takes memory
 		go c.fill(e)
 	}
 	e.refs++
@@ -88,6 +89,11 @@ func (c *Cache) fill(e *entry) {
 		e.err = err
 	}
 	close(e.ready)
+	if err == nil && e.refs == 0 {
+		// Every waiter gave up during the load (unpin left the decision here): cache it unpinned.
+		e.elem = c.lru.PushFront(e)
+		c.evictLocked()
+	}
 	c.mu.Unlock()
 }
 

@@ -209,6 +209,9 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 		}
 	}
 	maxNew := r.MaxNewTokens
+	if maxNew < 0 {
+		return fmt.Errorf("%w: max_new_tokens %d is negative", ErrInvalid, maxNew)
+	}
 	room := e.info.MaxContext - len(r.Prompt)
 	if room <= 0 || maxNew > room {
 		return fmt.Errorf("%w: prompt of %d tokens plus max_new_tokens %d exceeds the context of %d", ErrTooLong, len(r.Prompt), maxNew, e.info.MaxContext)
@@ -220,7 +223,7 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 		return fmt.Errorf("%w: prompt of %d tokens plus %d new needs %d KV blocks, the cache has %d", ErrTooLong, len(r.Prompt), maxNew, need, e.blocks.Total())
 	}
 	if err := r.Sampling.Validate(); err != nil {
-		return fmt.Errorf("%w: %v", ErrInvalid, err)
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 
 	var ad compute.Adapter
@@ -316,7 +319,6 @@ func (e *Engine) admit() {
 			break
 		}
 		s.blocks = table
-		s.admitted = time.Now()
 		e.running = append(e.running, s)
 	}
 	clear(e.queue[len(kept):])

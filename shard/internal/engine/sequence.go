@@ -31,7 +31,7 @@ type sequence struct {
 	stops    map[int]bool
 	eos      map[int]bool
 
-	arrived, admitted, firstStep, firstToken time.Time
+	arrived, firstStep, firstToken time.Time
 
 	mu     sync.Mutex
 	events []Event
@@ -82,10 +82,10 @@ func (s *sequence) advance(logits []float32) bool {
 		finish = FinishEOS
 	} else if s.stops[c.ID] {
 		finish = FinishStopToken
+	} else if len(s.tokens) >= s.e.info.MaxContext && s.r.MaxNewTokens == 0 {
+		finish = FinishContextLength // the default max_new_tokens was cut to what the context holds
 	} else if generated >= s.maxNew {
 		finish = FinishLength
-	} else if len(s.tokens) >= s.e.info.MaxContext {
-		finish = FinishContextLength
 	}
 	if finish == FinishNone {
 		keep := stopHoldback(s.pending, s.r.StopSequences)
@@ -100,7 +100,9 @@ func (s *sequence) advance(logits []float32) bool {
 	s.push(Event{
 		Tokens: []Token{tok}, Done: true, Finish: finish, StopSequence: stopSeq,
 		PromptTokens: len(s.r.Prompt), GeneratedTokens: generated,
-		Timings: Timings{Queue: s.admitted.Sub(s.arrived), TTFT: s.firstToken.Sub(s.arrived), Total: now.Sub(s.arrived)},
+		// Queue ends at the first step that computes the sequence's tokens, not at admission: an
+		// admitted sequence can wait for token budget while others decode.
+		Timings: Timings{Queue: s.firstStep.Sub(s.arrived), TTFT: s.firstToken.Sub(s.arrived), Total: now.Sub(s.arrived)},
 	})
 	return true
 }

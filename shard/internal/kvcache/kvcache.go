@@ -17,13 +17,14 @@ type Allocator struct {
 	blockSize int
 	total     int
 
-	mu   sync.Mutex
-	free []int32
+	mu    sync.Mutex
+	free  []int32
+	inUse []bool // by block: handed out and not yet released
 }
 
 // NewAllocator manages numBlocks blocks of blockSize positions.
 func NewAllocator(numBlocks, blockSize int) *Allocator {
-	a := &Allocator{blockSize: blockSize, total: numBlocks, free: make([]int32, numBlocks)}
+	a := &Allocator{blockSize: blockSize, total: numBlocks, free: make([]int32, numBlocks), inUse: make([]bool, numBlocks)}
 	for i := range a.free {
 		a.free[i] = int32(numBlocks - 1 - i) // pop from the end: block 0 first
 	}
@@ -50,23 +51,34 @@ func (a *Allocator) Free() int {
 func (a *Allocator) Alloc(table []int32, n int) ([]int32, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if n < 0 {
+		return table, fmt.Errorf("kvcache: cannot allocate %d blocks", n)
+	}
 	if n > len(a.free) {
 		return table, fmt.Errorf("%w: need %d, %d of %d free", ErrNoSpace, n, len(a.free), a.total)
 	}
 	k := len(a.free) - n
 	for i := len(a.free) - 1; i >= k; i-- {
 		table = append(table, a.free[i])
+		a.inUse[a.free[i]] = true
 	}
 	a.free = a.free[:k]
 	return table, nil
 }
 
-// Release returns a sequence's blocks.
+// Release returns a sequence's blocks. Releasing a block that is not allocated (twice, or never
+// handed out) panics: the free list would otherwise hand one block to two sequences.
 func (a *Allocator) Release(table []int32) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.free = append(a.free, table...)
-	if len(a.free) > a.total {
-		panic(fmt.Sprintf("kvcache: %d blocks free of %d: a block was released twice", len(a.free), a.total))
+	for i, b := range table {
+		if b < 0 || int(b) >= a.total || !a.inUse[b] {
+			for _, r := range table[:i] { // leave the allocator as it was
+				a.inUse[r] = true
+			}
+			panic(fmt.Sprintf("kvcache: block %d released but not allocated (released twice?)", b))
+		}
+		a.inUse[b] = false
 	}
+	a.free = append(a.free, table...)
 }

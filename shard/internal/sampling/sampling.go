@@ -115,8 +115,14 @@ func (s *Sampler) Sample(logits []float32) Choice {
 		}
 	}
 	if !p.Greedy() && p.Temperature != 1 {
+		// Shift by the maximum before dividing: a tiny temperature then sends the others to -Inf
+		// instead of the maximum to +Inf (and the normalizer to NaN).
+		mx := float32(math.Inf(-1))
+		for _, v := range logits {
+			mx = max(mx, v)
+		}
 		for i := range logits {
-			logits[i] /= p.Temperature
+			logits[i] = (logits[i] - mx) / p.Temperature
 		}
 	}
 	// log-softmax normalizer over the (penalized, tempered) distribution.

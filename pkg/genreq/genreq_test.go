@@ -1,0 +1,183 @@
+package genreq
+
+import (
+	"errors"
+	"math"
+	"strings"
+	"testing"
+
+	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+)
+
+// valid returns a request that passes DefaultLimits; each case breaks one field of it.
+func valid() *loraplexv1.GenerateRequest {
+	return &loraplexv1.GenerateRequest{
+		RequestId: "req-1",
+		AdapterId: "qv-r8",
+		Prompt:    &loraplexv1.GenerateRequest_Text{Text: "hello"},
+		Sampling:  &loraplexv1.SamplingParams{Temperature: 0.7, TopP: 0.9, TopK: 40, RepetitionPenalty: 1.1},
+		Stopping:  &loraplexv1.StoppingCriteria{MaxNewTokens: 16, StopSequences: []string{"\n\n"}, StopTokenIds: []uint32{2}},
+		Output:    &loraplexv1.OutputOptions{TopLogprobs: 2},
+	}
+}
+
+func TestValidateAcceptsValidRequests(t *testing.T) {
+	l := DefaultLimits()
+	tokens := valid()
+	tokens.Prompt = &loraplexv1.GenerateRequest_TokenIds{TokenIds: &loraplexv1.TokenIds{Ids: make([]uint32, l.MaxPromptTokens)}}
+	stream := &loraplexv1.GenerateStreamRequest{Prompt: &loraplexv1.GenerateStreamRequest_Text{Text: "x"}}
+	atLimits := valid()
+	atLimits.RequestId = strings.Repeat("r", l.MaxRequestIDBytes)
+	atLimits.AdapterId = strings.Repeat("a", l.MaxAdapterIDBytes)
+	atLimits.Prompt = &loraplexv1.GenerateRequest_Text{Text: strings.Repeat("p", l.MaxPromptBytes)}
+	atLimits.Sampling = &loraplexv1.SamplingParams{Temperature: l.MaxTemperature, TopP: 1, TopK: uint32(l.MaxTopK), RepetitionPenalty: l.MaxRepetitionPenalty}
+	atLimits.Stopping = &loraplexv1.StoppingCriteria{
+		MaxNewTokens:  uint32(l.MaxNewTokens),
+		StopSequences: repeat(strings.Repeat("s", l.MaxStopSequenceLen), l.MaxStopSequences),
+		StopTokenIds:  make([]uint32, l.MaxStopTokenIDs),
+	}
+	atLimits.Output = &loraplexv1.OutputOptions{TopLogprobs: uint32(l.MaxTopLogprobs)}
+	for name, r := range map[string]Request{
+		"text":              valid(),
+		"token ids":         tokens,
+		"stream, nil parts": stream,
+		"every limit":       atLimits,
+	} {
+		if err := Validate(r, l); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func repeat(s string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = s
+	}
+	return out
+}
+
+func TestValidateLimits(t *testing.T) {
+	l := DefaultLimits()
+	nan, inf := float32(math.NaN()), float32(math.Inf(1))
+	cases := []struct {
+		name  string
+		edit  func(r *loraplexv1.GenerateRequest)
+		field string
+		limit string // must appear in the message
+	}{
+		{"request id too long", func(r *loraplexv1.GenerateRequest) { r.RequestId = strings.Repeat("r", 129) }, "request_id", "128"},
+		{"request id not utf8", func(r *loraplexv1.GenerateRequest) { r.RequestId = "a\xffb" }, "request_id", "UTF-8"},
+		{"adapter id too long", func(r *loraplexv1.GenerateRequest) { r.AdapterId = strings.Repeat("a", 129) }, "adapter_id", "128"},
+		{"adapter id path", func(r *loraplexv1.GenerateRequest) { r.AdapterId = "../etc" }, "adapter_id", "'.'"},
+		{"empty token ids", func(r *loraplexv1.GenerateRequest) {
+			r.Prompt = &loraplexv1.GenerateRequest_TokenIds{TokenIds: &loraplexv1.TokenIds{}}
+		}, "token_ids", "empty"},
+		{"too many token ids", func(r *loraplexv1.GenerateRequest) {
+			r.Prompt = &loraplexv1.GenerateRequest_TokenIds{TokenIds: &loraplexv1.TokenIds{Ids: make([]uint32, 32769)}}
+		}, "token_ids", "32768"},
+		{"no prompt", func(r *loraplexv1.GenerateRequest) { r.Prompt = nil }, "text", "empty"},
+		{"empty text", func(r *loraplexv1.GenerateRequest) { r.Prompt = &loraplexv1.GenerateRequest_Text{} }, "text", "empty"},
+		{"text too long", func(r *loraplexv1.GenerateRequest) {
+			r.Prompt = &loraplexv1.GenerateRequest_Text{Text: strings.Repeat("x", 256<<10+1)}
+		}, "text", "262144"},
+		{"temperature high", func(r *loraplexv1.GenerateRequest) { r.Sampling.Temperature = 100.5 }, "sampling.temperature", "100"},
+		{"temperature negative", func(r *loraplexv1.GenerateRequest) { r.Sampling.Temperature = -0.1 }, "sampling.temperature", "100"},
+		{"temperature NaN", func(r *loraplexv1.GenerateRequest) { r.Sampling.Temperature = nan }, "sampling.temperature", "100"},
+		{"temperature +Inf", func(r *loraplexv1.GenerateRequest) { r.Sampling.Temperature = inf }, "sampling.temperature", "100"},
+		{"temperature -Inf", func(r *loraplexv1.GenerateRequest) { r.Sampling.Temperature = -inf }, "sampling.temperature", "100"},
+		{"top_p high", func(r *loraplexv1.GenerateRequest) { r.Sampling.TopP = 1.01 }, "sampling.top_p", "[0, 1]"},
+		{"top_p negative", func(r *loraplexv1.GenerateRequest) { r.Sampling.TopP = -0.5 }, "sampling.top_p", "[0, 1]"},
+		{"top_p NaN", func(r *loraplexv1.GenerateRequest) { r.Sampling.TopP = nan }, "sampling.top_p", "[0, 1]"},
+		{"top_p Inf", func(r *loraplexv1.GenerateRequest) { r.Sampling.TopP = inf }, "sampling.top_p", "[0, 1]"},
+		{"top_k", func(r *loraplexv1.GenerateRequest) { r.Sampling.TopK = 1001 }, "sampling.top_k", "1000"},
+		{"top_k huge", func(r *loraplexv1.GenerateRequest) { r.Sampling.TopK = math.MaxUint32 }, "sampling.top_k", "1000"},
+		{"repetition penalty high", func(r *loraplexv1.GenerateRequest) { r.Sampling.RepetitionPenalty = 10.5 }, "sampling.repetition_penalty", "10"},
+		{"repetition penalty negative", func(r *loraplexv1.GenerateRequest) { r.Sampling.RepetitionPenalty = -1 }, "sampling.repetition_penalty", "10"},
+		{"repetition penalty NaN", func(r *loraplexv1.GenerateRequest) { r.Sampling.RepetitionPenalty = nan }, "sampling.repetition_penalty", "10"},
+		{"repetition penalty Inf", func(r *loraplexv1.GenerateRequest) { r.Sampling.RepetitionPenalty = inf }, "sampling.repetition_penalty", "10"},
+		{"max_new_tokens", func(r *loraplexv1.GenerateRequest) { r.Stopping.MaxNewTokens = 4097 }, "stopping.max_new_tokens", "4096"},
+		{"too many stop sequences", func(r *loraplexv1.GenerateRequest) { r.Stopping.StopSequences = repeat("x", 9) }, "stopping.stop_sequences", "8"},
+		{"empty stop sequence", func(r *loraplexv1.GenerateRequest) { r.Stopping.StopSequences = []string{"a", ""} }, "stopping.stop_sequences[1]", "64"},
+		{"long stop sequence", func(r *loraplexv1.GenerateRequest) { r.Stopping.StopSequences = []string{strings.Repeat("s", 65)} }, "stopping.stop_sequences[0]", "64"},
+		{"too many stop token ids", func(r *loraplexv1.GenerateRequest) { r.Stopping.StopTokenIds = make([]uint32, 33) }, "stopping.stop_token_ids", "32"},
+		{"top_logprobs", func(r *loraplexv1.GenerateRequest) { r.Output.TopLogprobs = 6 }, "output.top_logprobs", "5"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := valid()
+			c.edit(r)
+			err := Validate(r, l)
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("%v does not wrap ErrInvalid", err)
+			}
+			if msg := err.Error(); !strings.Contains(msg, c.field) || !strings.Contains(msg, c.limit) {
+				t.Errorf("%q does not name the field %q and the limit %q", msg, c.field, c.limit)
+			}
+		})
+	}
+}
+
+// TestValidateUsesGivenLimits checks that limits come from the argument, not the defaults.
+func TestValidateUsesGivenLimits(t *testing.T) {
+	l := DefaultLimits()
+	l.MaxNewTokens = 8
+	r := valid()
+	r.Stopping.MaxNewTokens = 9
+	if err := Validate(r, l); err == nil || !strings.Contains(err.Error(), "limit 8") {
+		t.Errorf("max_new_tokens 9 with limit 8: %v", err)
+	}
+	r.Stopping.MaxNewTokens = 8
+	if err := Validate(r, l); err != nil {
+		t.Errorf("max_new_tokens at the limit: %v", err)
+	}
+}
+
+func TestValidAdapterID(t *testing.T) {
+	cases := []struct {
+		id string
+		ok bool
+	}{
+		{"", true}, // the base model
+		{"qv-r8", true},
+		{"all-r16-rslora", true},
+		{"A.b_c-9", true},
+		{"x..y", true},
+		{"v1.", true},
+		{strings.Repeat("a", 128), true},
+		{strings.Repeat("a", 129), false},
+		{"../x", false},
+		{"..", false},
+		{".", false},
+		{".x", false},
+		{"a/b", false},
+		{"/abs", false},
+		{"a\\b", false},
+		{"a b", false},
+		{"a\x00b", false},
+		{"a:b", false},
+		{"grüße", false},
+		{"日本", false},
+		{"🚀", false},
+		{"a\nb", false},
+	}
+	for _, c := range cases {
+		err := ValidAdapterID(c.id, 128)
+		if c.ok && err != nil {
+			t.Errorf("%q rejected: %v", c.id, err)
+		}
+		if !c.ok {
+			if err == nil {
+				t.Errorf("%q accepted", c.id)
+			} else if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "adapter_id") {
+				t.Errorf("%q: %v does not wrap ErrInvalid or name adapter_id", c.id, err)
+			}
+		}
+	}
+	if err := ValidAdapterID("abcd", 3); err == nil || !strings.Contains(err.Error(), "limit 3") {
+		t.Errorf("4 bytes with limit 3: %v", err)
+	}
+}
