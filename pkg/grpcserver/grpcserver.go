@@ -30,6 +30,9 @@ type Options struct {
 	KeepaliveTime    time.Duration
 	KeepaliveTimeout time.Duration
 	Reflection       bool
+	// AdminToken, when set, is the bearer token AdminMethods require.
+	AdminToken   string
+	AdminMethods []string
 }
 
 // DefaultOptions are the limits both binaries start with.
@@ -48,6 +51,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.UintVar(&o.MaxConcurrentStreams, "grpc-max-streams", o.MaxConcurrentStreams, "concurrent streams per connection")
 	fs.DurationVar(&o.KeepaliveMinTime, "grpc-keepalive-min-time", o.KeepaliveMinTime, "shortest client keepalive ping interval allowed")
 	fs.BoolVar(&o.Reflection, "grpc-reflection", o.Reflection, "serve gRPC reflection")
+	fs.StringVar(&o.AdminToken, "admin-token", o.AdminToken, "bearer token required by admin RPCs (empty: admin RPCs are open)")
 }
 
 // Validate checks the options.
@@ -67,9 +71,15 @@ func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, 
 		grpc.MaxConcurrentStreams(uint32(o.MaxConcurrentStreams)),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: o.KeepaliveMinTime, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: o.KeepaliveTime, Timeout: o.KeepaliveTimeout}),
-		grpc.ChainUnaryInterceptor(recoverUnary(log), logUnary(log)),
-		grpc.ChainStreamInterceptor(recoverStream(log), logStream(log)),
 	}, extra...)
+	auth := newAdminAuth(o.AdminToken, o.AdminMethods)
+	unary := []grpc.UnaryServerInterceptor{recoverUnary(log), logUnary(log)}
+	stream := []grpc.StreamServerInterceptor{recoverStream(log), logStream(log)}
+	if auth != nil {
+		unary = append(unary, auth.unary())
+		stream = append(stream, auth.stream())
+	}
+	opts = append(opts, grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	s := grpc.NewServer(opts...)
 	h := health.NewServer()
 	h.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)

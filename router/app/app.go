@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/loraplex/loraplex/pkg/cliflag"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/grpcserver"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
@@ -38,29 +39,10 @@ func DefaultConfig() Config {
 	return Config{Listen: "127.0.0.1:50051", MaxAttempts: 2, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
 }
 
-type listFlag struct{ v *[]string }
-
-func (l listFlag) String() string {
-	if l.v == nil {
-		return ""
-	}
-	return strings.Join(*l.v, ",")
-}
-
-func (l listFlag) Set(s string) error {
-	*l.v = nil
-	for _, p := range strings.Split(s, ",") {
-		if p = strings.TrimSpace(p); p != "" {
-			*l.v = append(*l.v, p)
-		}
-	}
-	return nil
-}
-
 // AddFlags registers the configuration's flags.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "gRPC listen address")
-	fs.Var(listFlag{&c.Shards}, "shards", "static shard list, comma-separated id=host:port or host:port")
+	fs.Var(cliflag.List{V: &c.Shards}, "shards", "static shard list, comma-separated id=host:port or host:port")
 	fs.IntVar(&c.MaxAttempts, "max-attempts", c.MaxAttempts, "shards tried per request (retries only before the first token)")
 	c.GRPC.AddFlags(fs)
 }

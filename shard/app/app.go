@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/loraplex/loraplex/pkg/cliflag"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/grpcserver"
 	"github.com/loraplex/loraplex/pkg/peft"
@@ -40,8 +41,10 @@ type Config struct {
 	Backend         string
 	MaxAdapterRank  int
 	MaxAdapterBytes int64
-	MaxResident     int
-	MemoryBudget    int64
+	Cache           adapters.Options
+	// Pinned adapters are loaded at start and never evicted.
+	Pinned       []string
+	MemoryBudget int64
 	Engine          engine.Options
 	GRPC            grpcserver.Options
 	Limits          genreq.Limits
@@ -50,7 +53,7 @@ type Config struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, MaxResident: 64,
+		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(),
 		Engine: engine.DefaultOptions(), GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
 	}
 }
@@ -64,7 +67,10 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Backend, "backend", c.Backend, "compute backend: cpu")
 	fs.IntVar(&c.MaxAdapterRank, "max-adapter-rank", c.MaxAdapterRank, "largest LoRA rank accepted")
 	fs.Int64Var(&c.MaxAdapterBytes, "max-adapter-bytes", c.MaxAdapterBytes, "largest adapter accepted, in bytes of float32 weights")
-	fs.IntVar(&c.MaxResident, "max-resident-adapters", c.MaxResident, "adapters kept loaded (least recently used unpinned ones are evicted)")
+	fs.Int64Var(&c.Cache.DeviceBytes, "adapter-device-bytes", c.Cache.DeviceBytes, "device tier budget for adapter weights")
+	fs.Int64Var(&c.Cache.HostBytes, "adapter-host-bytes", c.Cache.HostBytes, "host tier budget for parsed adapter weights (0: keep none)")
+	fs.StringVar(&c.Cache.Policy, "adapter-eviction", c.Cache.Policy, "adapter eviction policy: lru or slru (scan-resistant)")
+	fs.Var(cliflag.List{V: &c.Pinned}, "pin-adapters", "comma-separated adapter ids loaded at start and never evicted")
 	fs.Int64Var(&c.MemoryBudget, "memory-budget", c.MemoryBudget, "bytes the backend may hold (0: unbounded)")
 	fs.IntVar(&c.Engine.MaxSeqs, "max-seqs", c.Engine.MaxSeqs, "sequences in the running batch")
 	fs.IntVar(&c.Engine.MaxBatchTokens, "max-batch-tokens", c.Engine.MaxBatchTokens, "tokens per forward step")
@@ -83,8 +89,11 @@ func (c *Config) Validate() error {
 	if c.Backend != "cpu" {
 		return fmt.Errorf("shard: -backend %q: only cpu is available in this build", c.Backend)
 	}
-	if c.MaxAdapterRank <= 0 || c.MaxAdapterBytes <= 0 || c.MaxResident <= 0 {
+	if c.MaxAdapterRank <= 0 || c.MaxAdapterBytes <= 0 {
 		return errors.New("shard: adapter limits must be positive")
+	}
+	if err := c.Cache.Validate(); err != nil {
+		return err
 	}
 	if err := c.Engine.Validate(); err != nil {
 		return err
@@ -139,7 +148,7 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 	log.Info("model loaded", zap.String("dir", cfg.ModelDir), zap.Int("layers", info.Layers), zap.Int("hidden", info.Hidden),
 		zap.Int("vocab", info.VocabSize), zap.Duration("elapsed", time.Since(start)))
 
-	var load adapters.Loader = func(id string) (*compute.AdapterWeights, error) {
+	var load adapters.Loader = func(_ context.Context, id string) (*adapters.Loaded, error) {
 		return nil, fmt.Errorf("%w: adapter %q (this shard has no adapter store)", peft.ErrNotFound, id)
 	}
 	if cfg.AdapterDir != "" {
@@ -149,7 +158,14 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 		}
 		load = adapters.StoreLoader(store, adapters.PEFTOptions(info, cfg.MaxAdapterRank, cfg.MaxAdapterBytes), info.Layers)
 	}
-	s.cache = adapters.New(s.be, load, cfg.MaxResident)
+	if s.cache, err = adapters.New(s.be, load, cfg.Cache); err != nil {
+		return nil, err
+	}
+	for _, id := range cfg.Pinned {
+		if err := s.cache.Pin(context.Background(), id); err != nil {
+			return nil, fmt.Errorf("shard: pin adapter %s: %w", id, err)
+		}
+	}
 	if s.eng, err = engine.New(cfg.Engine, s.be, s.model, tok, s.cache, log); err != nil {
 		return nil, err
 	}
@@ -160,10 +176,14 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 	if id == "" {
 		id = s.lis.Addr().String()
 	}
-	s.srv, s.health = grpcserver.New(cfg.GRPC, log)
+	gopts := cfg.GRPC
+	gopts.AdminMethods = server.AdminMethods
+	s.srv, s.health = grpcserver.New(gopts, log)
 	loraplexv1.RegisterGenerationServiceServer(s.srv, server.NewGeneration(s.eng, tok, cfg.Limits, id, log))
+	loraplexv1.RegisterAdaptersServiceServer(s.srv, server.NewAdapters(s.cache, cfg.Limits, id))
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(loraplexv1.GenerationService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	s.health.SetServingStatus(loraplexv1.AdaptersService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	go func() { s.done <- s.srv.Serve(s.lis) }()
 	log.Info("shard serving", zap.String("shard_id", id), zap.String("addr", s.lis.Addr().String()))
 	return s, nil

@@ -1,155 +1,587 @@
-// Package adapters keeps LoRA adapters resident in backend memory for the engine: Acquire pins an
-// adapter for a sequence (loading it on first use, one load shared by concurrent callers), the
-// release function unpins it, and unpinned adapters are evicted least-recently-used first when the
-// cache is over its limit. A failed load fails only the requests waiting for that adapter.
-// Imported by the shard engine's wiring.
+// Package adapters is a shard's LoRA adapter cache. Adapters live in two tiers, each with a byte
+// budget: the device tier (backend memory the kernels read) and the host tier (parsed weights ready
+// to copy), above the store (the adapter root folder). Acquire pins an adapter on the device for a
+// sequence, loading it if needed in the background: concurrent acquires share one load, a load never
+// blocks the engine's step loop, eviction (a pluggable Policy: LRU or scan-resistant segmented LRU)
+// only touches unpinned adapters and the budgets are never exceeded. A failed load fails only the
+// requests waiting for that adapter and is remembered briefly. Residency changes are reported as
+// events for the distributed layer. Imported by the shard's engine wiring and servers.
 package adapters
 
 import (
-	"container/list"
 	"context"
+	"errors"
 	"fmt"
+	"sort"
 	"sync"
+	"time"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
 )
 
+// Errors of the cache.
+var (
+	ErrInUse    = errors.New("adapters: adapter in use")
+	ErrNoSpace  = errors.New("adapters: no space in tier")
+	ErrTooLarge = errors.New("adapters: adapter larger than the tier budget")
+	ErrUnknown  = errors.New("adapters: adapter not resident")
+)
+
+// Tier is where an adapter is resident.
+type Tier int
+
+// Tiers, from the store up.
+const (
+	TierNone Tier = iota
+	TierHost
+	TierDevice
+)
+
+func (t Tier) String() string {
+	switch t {
+	case TierHost:
+		return "host"
+	case TierDevice:
+		return "device"
+	}
+	return "none"
+}
+
+// Loaded is an adapter read from the store.
+type Loaded struct {
+	Weights *compute.AdapterWeights
+	Rank    int    // largest rank over its projections
+	Version string // changes when the adapter's files change
+}
+
 // Loader reads an adapter from the store into host memory.
-type Loader func(id string) (*compute.AdapterWeights, error)
+type Loader func(ctx context.Context, id string) (*Loaded, error)
 
-// Cache is the adapter cache of one shard.
-type Cache struct {
-	be          compute.Backend
-	load        Loader
-	maxResident int
+// EventKind says what happened to an adapter.
+type EventKind int
 
-	mu      sync.Mutex
-	entries map[string]*entry
-	lru     *list.List // unpinned, loaded entries; front = most recently used
+// Event kinds.
+const (
+	EventLoaded EventKind = iota + 1
+	EventEvicted
+	EventUnloaded
+	EventFailed
+)
+
+func (k EventKind) String() string {
+	return [...]string{"", "loaded", "evicted", "unloaded", "failed"}[k]
+}
+
+// Event is a residency change: the adapter is now in Tier (TierNone: gone).
+type Event struct {
+	Kind    EventKind
+	Adapter string
+	Tier    Tier
+	Bytes   int64
+	Rank    int
+	Version string
+	Err     error
+}
+
+// Options configure the cache.
+type Options struct {
+	DeviceBytes int64
+	HostBytes   int64 // 0: host copies are not kept after upload
+	Policy      string
+	// FailureTTL is how long a failed load is answered from memory.
+	FailureTTL time.Duration
+	// SpaceWait is how long a load waits for pinned adapters to free device space.
+	SpaceWait time.Duration
+	// OnEvent receives residency changes in order, outside the cache lock.
+	OnEvent func(Event)
+	// Now is the clock (tests); default time.Now.
+	Now func() time.Time
+}
+
+// DefaultOptions are sized for the CPU backend.
+func DefaultOptions() Options {
+	return Options{DeviceBytes: 512 << 20, HostBytes: 1 << 30, Policy: "slru", FailureTTL: 5 * time.Second, SpaceWait: 10 * time.Second}
+}
+
+// Validate checks the options.
+func (o Options) Validate() error {
+	if o.DeviceBytes <= 0 || o.HostBytes < 0 || o.FailureTTL < 0 || o.SpaceWait < 0 {
+		return fmt.Errorf("adapters: budgets and durations must not be negative and the device budget must be positive: %+v", o)
+	}
+	_, err := NewPolicy(o.Policy, 1)
+	return err
 }
 
 type entry struct {
-	id    string
-	ready chan struct{} // closed when the load ends
-	a     compute.Adapter
+	id      string
+	rank    int
+	version string
+	bytes   int64 // size of the weights (the same in both tiers)
+
+	host *compute.AdapterWeights // nil: not in the host tier
+	dev  compute.Adapter         // nil: not on the device
+
+	loading chan struct{} // non-nil while a load or promotion is in flight
+	loadErr error
+
+	pins     int
+	pinned   bool // pinned by configuration or an operator
+	lastUsed time.Time
+	hits     int64
+	loads    int64
+}
+
+// Stats count cache outcomes since start.
+type Stats struct {
+	DeviceHits, HostHits, Misses, Evictions, LoadFailures int64
+	DeviceUsed, DeviceBudget, HostUsed, HostBudget       int64
+}
+
+// Cache is the two-tier adapter cache of one shard.
+type Cache struct {
+	be   compute.Backend
+	load Loader
+	opts Options
+
+	mu         sync.Mutex
+	entries    map[string]*entry
+	devPolicy  Policy
+	hostPolicy Policy
+	devUsed    int64
+	hostUsed   int64
+	failures   map[string]failure
+	spaceFreed chan struct{} // closed and replaced when device space may have been freed
+	stats      Stats
+	events     []Event
+
+	emitMu sync.Mutex // orders event delivery
+	closed bool
+}
+
+type failure struct {
 	err   error
-	refs  int
-	elem  *list.Element // position in lru while unpinned
+	until time.Time
 }
 
-// New returns a cache holding at most maxResident adapters (pinned ones may exceed it until
-// released).
-func New(be compute.Backend, load Loader, maxResident int) *Cache {
-	return &Cache{be: be, load: load, maxResident: max(1, maxResident), entries: map[string]*entry{}, lru: list.New()}
+// New returns a cache over the backend.
+func New(be compute.Backend, load Loader, o Options) (*Cache, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	dp, _ := NewPolicy(o.Policy, o.DeviceBytes)
+	hp, _ := NewPolicy(o.Policy, o.HostBytes)
+	return &Cache{
+		be: be, load: load, opts: o, entries: map[string]*entry{}, devPolicy: dp, hostPolicy: hp,
+		failures: map[string]failure{}, spaceFreed: make(chan struct{}),
+	}, nil
 }
 
-// Acquire pins the adapter id, loading it if needed, and returns it with its release function.
-func (c *Cache) Acquire(ctx context.Context, id string) (compute.Adapter, func(), error) {
+// flush delivers queued events outside the cache lock, in order.
+func (c *Cache) flush() {
+	c.emitMu.Lock()
+	defer c.emitMu.Unlock()
 	c.mu.Lock()
-	e, ok := c.entries[id]
-	if !ok {
-		e = &entry{id: id, ready: make(chan struct{})}
-		c.entries[id] = e
-		c.evictLocked() // make room before the new adapter takes memory
-		go c.fill(e)
-	}
-	e.refs++
-	if e.elem != nil {
-		c.lru.Remove(e.elem)
-		e.elem = nil
-	}
+	evs := c.events
+	c.events = nil
 	c.mu.Unlock()
-
-	select {
-	case <-e.ready:
-	case <-ctx.Done():
-		c.unpin(e)
-		return nil, nil, ctx.Err()
+	if c.opts.OnEvent == nil {
+		return
 	}
-	if e.err != nil {
-		c.unpin(e)
-		return nil, nil, e.err
+	for _, ev := range evs {
+		c.opts.OnEvent(ev)
+	}
+}
+
+func (c *Cache) emitLocked(kind EventKind, e *entry, tier Tier, err error) {
+	c.events = append(c.events, Event{Kind: kind, Adapter: e.id, Tier: tier, Bytes: e.bytes, Rank: e.rank, Version: e.version, Err: err})
+}
+
+// Acquire pins the adapter on the device for one sequence, loading or promoting it first if needed,
+// and returns it with its release function (safe to call more than once).
+func (c *Cache) Acquire(ctx context.Context, id string) (compute.Adapter, func(), error) {
+	e, err := c.ensure(ctx, id, TierDevice, true)
+	if err != nil {
+		return nil, nil, err
 	}
 	var once sync.Once
-	return e.a, func() { once.Do(func() { c.unpin(e) }) }, nil
+	return e.dev, func() { once.Do(func() { c.unpin(e) }) }, nil
 }
 
-// fill loads an entry; on failure the entry leaves the map so a later Acquire tries again.
-func (c *Cache) fill(e *entry) {
-	w, err := c.load(e.id)
-	var a compute.Adapter
-	if err == nil {
-		a, err = c.be.UploadAdapter(w)
+// ensure makes id resident in tier (and pins it on the device when pin is set).
+func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*entry, error) {
+	counted := false
+	for {
+		c.mu.Lock()
+		if f, ok := c.failures[id]; ok {
+			if c.opts.Now().Before(f.until) {
+				c.mu.Unlock()
+				return nil, f.err
+			}
+			delete(c.failures, id)
+		}
+		e := c.entries[id]
+		if e != nil && e.loading == nil {
+			if e.dev != nil || (tier == TierHost && e.host != nil) {
+				if !counted {
+					if e.dev != nil {
+						c.stats.DeviceHits++
+					} else {
+						c.stats.HostHits++
+					}
+				}
+				if pin {
+					e.pins++
+				}
+				e.hits++
+				e.lastUsed = c.opts.Now()
+				if e.dev != nil {
+					c.devPolicy.Touch(id)
+				}
+				if e.host != nil {
+					c.hostPolicy.Touch(id)
+				}
+				c.mu.Unlock()
+				return e, nil
+			}
+		}
+		if !counted {
+			counted = true
+			if e != nil && e.host != nil {
+				c.stats.HostHits++
+			} else {
+				c.stats.Misses++
+			}
+		}
+		if e == nil {
+			e = &entry{id: id}
+			c.entries[id] = e
+		}
+		if e.loading == nil {
+			e.loading = make(chan struct{})
+			go c.fill(e, tier)
+		}
+		wait := e.loading
+		c.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		c.mu.Lock()
+		err := e.loadErr
+		c.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// fill brings an entry up to tier: store -> host (parse) -> device (upload). It runs without the lock
+// except to reserve budget and publish the result.
+func (c *Cache) fill(e *entry, tier Tier) {
+	err := c.fillHost(e)
+	if err == nil && tier == TierDevice {
+		err = c.fillDevice(e)
 	}
 	c.mu.Lock()
-	e.a, e.err = a, err
+	e.loadErr = err
+	close(e.loading)
+	e.loading = nil
 	if err != nil {
-		delete(c.entries, e.id)
-		err = fmt.Errorf("adapter %s: %w", e.id, err)
-		e.err = err
-	}
-	close(e.ready)
-	if err == nil && e.refs == 0 {
-		// Every waiter gave up during the load (unpin left the decision here): cache it unpinned.
-		e.elem = c.lru.PushFront(e)
-		c.evictLocked()
+		c.stats.LoadFailures++
+		if !errors.Is(err, ErrNoSpace) {
+			c.failures[e.id] = failure{err: err, until: c.opts.Now().Add(c.opts.FailureTTL)}
+		}
+		c.emitLocked(EventFailed, e, c.tierOf(e), err)
+		if e.host == nil && e.dev == nil {
+			delete(c.entries, e.id)
+		}
 	}
 	c.mu.Unlock()
+	c.flush()
+}
+
+func (c *Cache) tierOf(e *entry) Tier {
+	switch {
+	case e.dev != nil:
+		return TierDevice
+	case e.host != nil:
+		return TierHost
+	}
+	return TierNone
+}
+
+func (c *Cache) fillHost(e *entry) error {
+	c.mu.Lock()
+	have := e.host != nil
+	c.mu.Unlock()
+	if have {
+		return nil
+	}
+	ld, err := c.load(context.Background(), e.id)
+	if err != nil {
+		return fmt.Errorf("adapter %s: %w", e.id, err)
+	}
+	size := ld.Weights.Bytes()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e.rank, e.version, e.bytes = ld.Rank, ld.Version, size
+	e.loads++
+	if c.opts.HostBytes == 0 {
+		e.host = ld.Weights // held only until the upload, outside the host budget
+		return nil
+	}
+	if size > c.opts.HostBytes {
+		return fmt.Errorf("%w: adapter %s is %d bytes, host tier budget %d", ErrTooLarge, e.id, size, c.opts.HostBytes)
+	}
+	c.evictHostLocked(size)
+	if c.hostUsed+size > c.opts.HostBytes {
+		return fmt.Errorf("%w: host tier", ErrNoSpace)
+	}
+	e.host = ld.Weights
+	c.hostUsed += size
+	c.hostPolicy.Insert(e.id, size)
+	c.emitLocked(EventLoaded, e, TierHost, nil)
+	return nil
+}
+
+// evictHostLocked drops host copies (never needed by running sequences) until size more bytes fit.
+func (c *Cache) evictHostLocked(size int64) {
+	for _, id := range c.hostPolicy.Victims() {
+		if c.hostUsed+size <= c.opts.HostBytes {
+			return
+		}
+		v := c.entries[id]
+		if v == nil || v.loading != nil {
+			continue
+		}
+		c.dropHostLocked(v)
+		c.stats.Evictions++
+		if v.dev == nil {
+			c.emitLocked(EventEvicted, v, TierNone, nil)
+			delete(c.entries, id)
+		}
+	}
+}
+
+func (c *Cache) dropHostLocked(e *entry) {
+	if e.host == nil {
+		return
+	}
+	if c.opts.HostBytes > 0 {
+		c.hostUsed -= e.bytes
+		c.hostPolicy.Remove(e.id)
+	}
+	e.host = nil
+}
+
+func (c *Cache) fillDevice(e *entry) error {
+	deadline := time.NewTimer(c.opts.SpaceWait)
+	defer deadline.Stop()
+	c.mu.Lock()
+	size := e.bytes
+	if size > c.opts.DeviceBytes {
+		c.mu.Unlock()
+		return fmt.Errorf("%w: adapter %s is %d bytes, device tier budget %d", ErrTooLarge, e.id, size, c.opts.DeviceBytes)
+	}
+	for {
+		c.evictDeviceLocked(size)
+		if c.devUsed+size <= c.opts.DeviceBytes {
+			break
+		}
+		freed := c.spaceFreed
+		c.mu.Unlock()
+		select {
+		case <-freed:
+		case <-deadline.C:
+			return fmt.Errorf("%w: adapter %s needs %d bytes; %d of %d are held by adapters in use", ErrNoSpace, e.id, size, c.devUsed, c.opts.DeviceBytes)
+		}
+		c.mu.Lock()
+	}
+	c.devUsed += size // reserved before the upload so concurrent loads cannot overcommit
+	w := e.host
+	c.mu.Unlock()
+
+	a, err := c.be.UploadAdapter(w)
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err != nil {
+		c.devUsed -= size
+		c.signalSpaceLocked()
+		return fmt.Errorf("adapter %s: upload: %w", e.id, err)
+	}
+	e.dev = a
+	c.devPolicy.Insert(e.id, size)
+	if c.opts.HostBytes == 0 {
+		e.host = nil
+	}
+	c.emitLocked(EventLoaded, e, TierDevice, nil)
+	return nil
+}
+
+// evictDeviceLocked frees unpinned device copies until size more bytes fit.
+func (c *Cache) evictDeviceLocked(size int64) {
+	for _, id := range c.devPolicy.Victims() {
+		if c.devUsed+size <= c.opts.DeviceBytes {
+			return
+		}
+		v := c.entries[id]
+		if v == nil || v.pins > 0 || v.pinned || v.loading != nil {
+			continue
+		}
+		c.dropDeviceLocked(v)
+		c.stats.Evictions++
+		if v.host != nil {
+			c.emitLocked(EventEvicted, v, TierHost, nil)
+		} else {
+			c.emitLocked(EventEvicted, v, TierNone, nil)
+			delete(c.entries, id)
+		}
+	}
+}
+
+func (c *Cache) dropDeviceLocked(e *entry) {
+	if e.dev == nil {
+		return
+	}
+	c.be.FreeAdapter(e.dev)
+	e.dev = nil
+	c.devUsed -= e.bytes
+	c.devPolicy.Remove(e.id)
+	c.signalSpaceLocked()
+}
+
+func (c *Cache) signalSpaceLocked() {
+	close(c.spaceFreed)
+	c.spaceFreed = make(chan struct{})
 }
 
 func (c *Cache) unpin(e *entry) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	e.refs--
-	if e.refs > 0 {
-		return
+	e.pins--
+	if e.pins < 0 {
+		c.mu.Unlock()
+		panic("adapters: adapter " + e.id + " released more often than acquired")
 	}
-	select {
-	case <-e.ready:
-	default:
-		return // still loading: fill decides
+	e.lastUsed = c.opts.Now()
+	if e.pins == 0 {
+		c.signalSpaceLocked()
 	}
-	if e.err != nil {
-		return
-	}
-	e.elem = c.lru.PushFront(e)
-	c.evictLocked()
+	c.mu.Unlock()
 }
 
-// evictLocked frees least-recently-used unpinned adapters while over the limit.
-func (c *Cache) evictLocked() {
-	for len(c.entries) > c.maxResident && c.lru.Len() > 0 {
-		e := c.lru.Remove(c.lru.Back()).(*entry)
-		e.elem = nil
-		delete(c.entries, e.id)
-		c.be.FreeAdapter(e.a)
+// Load warms an adapter into a tier without pinning it.
+func (c *Cache) Load(ctx context.Context, id string, tier Tier) error {
+	if tier != TierHost && tier != TierDevice {
+		return fmt.Errorf("adapters: load into tier %v: want host or device", tier)
 	}
+	_, err := c.ensure(ctx, id, tier, false)
+	return err
 }
 
-// Resident lists the loaded adapters and their pin counts.
-func (c *Cache) Resident() map[string]int {
+// Pin loads an adapter to the device and keeps it there until Unpin.
+func (c *Cache) Pin(ctx context.Context, id string) error {
+	e, err := c.ensure(ctx, id, TierDevice, true)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	e.pinned = true
+	c.mu.Unlock()
+	c.unpin(e) // the operator pin replaces the acquire pin
+	return nil
+}
+
+// Unpin lets an operator-pinned adapter be evicted again.
+func (c *Cache) Unpin(id string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := map[string]int{}
-	for id, e := range c.entries {
-		select {
-		case <-e.ready:
-			if e.err == nil {
-				out[id] = e.refs
-			}
-		default:
-		}
+	e := c.entries[id]
+	if e == nil || !e.pinned {
+		return fmt.Errorf("%w: %s is not pinned", ErrUnknown, id)
 	}
+	e.pinned = false
+	c.signalSpaceLocked()
+	return nil
+}
+
+// Unload drops an adapter from both tiers; it is refused while a sequence uses the adapter.
+func (c *Cache) Unload(id string) error {
+	c.mu.Lock()
+	e := c.entries[id]
+	switch {
+	case e == nil:
+		c.mu.Unlock()
+		return fmt.Errorf("%w: %s", ErrUnknown, id)
+	case e.pins > 0 || e.loading != nil:
+		n := e.pins
+		c.mu.Unlock()
+		return fmt.Errorf("%w: %s is used by %d sequences (or loading)", ErrInUse, id, n)
+	}
+	c.dropDeviceLocked(e)
+	c.dropHostLocked(e)
+	delete(c.entries, id)
+	c.emitLocked(EventUnloaded, e, TierNone, nil)
+	c.mu.Unlock()
+	c.flush()
+	return nil
+}
+
+// Info describes one resident adapter.
+type Info struct {
+	ID          string
+	Tier        Tier
+	Loading     bool
+	DeviceBytes int64
+	HostBytes   int64
+	Rank        int
+	Version     string
+	Pinned      bool
+	InUse       int
+	LastUsed    time.Time
+	Loads, Hits int64
+}
+
+// Snapshot lists every adapter the cache knows, sorted by id.
+func (c *Cache) Snapshot() []Info {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]Info, 0, len(c.entries))
+	for _, e := range c.entries {
+		in := Info{ID: e.id, Tier: c.tierOf(e), Loading: e.loading != nil, Rank: e.rank, Version: e.version,
+			Pinned: e.pinned, InUse: e.pins, LastUsed: e.lastUsed, Loads: e.loads, Hits: e.hits}
+		if e.dev != nil {
+			in.DeviceBytes = e.bytes
+		}
+		if e.host != nil {
+			in.HostBytes = e.bytes
+		}
+		out = append(out, in)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
 }
 
-// Close frees every unpinned adapter.
+// Stats returns the counters and tier usage.
+func (c *Cache) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.stats
+	s.DeviceUsed, s.DeviceBudget, s.HostUsed, s.HostBudget = c.devUsed, c.opts.DeviceBytes, c.hostUsed, c.opts.HostBytes
+	return s
+}
+
+// Close frees every device copy; call it after the engine has stopped.
 func (c *Cache) Close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for c.lru.Len() > 0 {
-		e := c.lru.Remove(c.lru.Back()).(*entry)
-		delete(c.entries, e.id)
-		c.be.FreeAdapter(e.a)
+	for id, e := range c.entries {
+		c.dropDeviceLocked(e)
+		c.dropHostLocked(e)
+		delete(c.entries, id)
 	}
 }

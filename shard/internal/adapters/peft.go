@@ -1,7 +1,11 @@
 package adapters
 
 import (
+	"context"
+	"encoding/binary"
 	"fmt"
+	"hash/fnv"
+	"math"
 
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -38,11 +42,44 @@ func FromPEFT(a *peft.Adapter, layers int) (*compute.AdapterWeights, error) {
 
 // StoreLoader reads adapters from a PEFT store, validated against the model's shapes and limits.
 func StoreLoader(store *peft.Store, opts peft.Options, layers int) Loader {
-	return func(id string) (*compute.AdapterWeights, error) {
+	return func(_ context.Context, id string) (*Loaded, error) {
 		a, err := store.Load(id, opts)
 		if err != nil {
 			return nil, err
 		}
-		return FromPEFT(a, layers)
+		w, err := FromPEFT(a, layers)
+		if err != nil {
+			return nil, err
+		}
+		return &Loaded{Weights: w, Rank: w.MaxRank(), Version: version(w)}, nil
 	}
+}
+
+// version fingerprints an adapter's weights (FNV-1a over shapes, scales and values), so a changed
+// adapter gets a new version whatever its file dates say.
+func version(w *compute.AdapterWeights) string {
+	h := fnv.New64a()
+	var b [4]byte
+	put := func(v uint32) {
+		binary.LittleEndian.PutUint32(b[:], v)
+		h.Write(b[:])
+	}
+	for l, mods := range w.Layers {
+		for m, lw := range mods {
+			if lw == nil {
+				continue
+			}
+			put(uint32(l))
+			put(uint32(m))
+			put(uint32(lw.Rank))
+			put(math.Float32bits(lw.Scale))
+			for _, v := range lw.A {
+				put(math.Float32bits(v))
+			}
+			for _, v := range lw.B {
+				put(math.Float32bits(v))
+			}
+		}
+	}
+	return fmt.Sprintf("%016x", h.Sum64())
 }

@@ -84,6 +84,32 @@ type AdapterWeights struct {
 	Layers [][NumModules]*LoRAWeights
 }
 
+// Bytes is the memory of the adapter's float32 weights.
+func (w *AdapterWeights) Bytes() int64 {
+	var n int64
+	for _, mods := range w.Layers {
+		for _, lw := range mods {
+			if lw != nil {
+				n += 4 * int64(len(lw.A)+len(lw.B))
+			}
+		}
+	}
+	return n
+}
+
+// MaxRank is the largest rank over the adapter's projections.
+func (w *AdapterWeights) MaxRank() int {
+	r := 0
+	for _, mods := range w.Layers {
+		for _, lw := range mods {
+			if lw != nil {
+				r = max(r, lw.Rank)
+			}
+		}
+	}
+	return r
+}
+
 // Adapter is an adapter resident in backend memory (one buffer per adapter, unpadded ranks).
 type Adapter interface {
 	// Bytes is the backend memory the adapter occupies.

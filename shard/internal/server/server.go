@@ -19,6 +19,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/sampling"
 )
@@ -189,15 +190,23 @@ func (g *Generation) GenerateStream(r *loraplexv1.GenerateStreamRequest, stream 
 	return nil
 }
 
-// status is the one place where shard errors become gRPC status codes.
+// status converts a request's error, logging the ones that are our fault.
 func (g *Generation) status(r genreq.Request, err error) error {
+	st := statusOf(err)
+	if status.Code(st) == codes.Internal {
+		g.log.Error("request failed", zap.String("request_id", r.GetRequestId()), zap.String("adapter_id", r.GetAdapterId()), zap.Error(err))
+	}
+	return st
+}
+
+// statusOf is the one place where shard errors become gRPC status codes.
+func statusOf(err error) error {
 	code := Code(err)
 	if code == codes.Unknown {
 		if st, ok := status.FromError(err); ok {
 			return st.Err() // already a status, e.g. from a failed Send
 		}
 		code = codes.Internal
-		g.log.Error("request failed", zap.String("request_id", r.GetRequestId()), zap.String("adapter_id", r.GetAdapterId()), zap.Error(err))
 	}
 	msg := err.Error()
 	if code == codes.ResourceExhausted {
@@ -206,7 +215,7 @@ func (g *Generation) status(r genreq.Request, err error) error {
 	return status.Error(code, msg)
 }
 
-// Code maps shard errors to gRPC codes.
+// Code maps shard errors to gRPC codes (codes.Unknown: not a shard error).
 func Code(err error) codes.Code {
 	switch {
 	case err == nil:
@@ -218,13 +227,14 @@ func Code(err error) codes.Code {
 	case errors.Is(err, genreq.ErrInvalid), errors.Is(err, engine.ErrInvalid), errors.Is(err, engine.ErrTooLong),
 		errors.Is(err, peft.ErrInvalidID):
 		return codes.InvalidArgument
-	case errors.Is(err, peft.ErrNotFound):
+	case errors.Is(err, peft.ErrNotFound), errors.Is(err, adapters.ErrUnknown):
 		return codes.NotFound
-	case errors.Is(err, engine.ErrQueueFull):
+	case errors.Is(err, engine.ErrQueueFull), errors.Is(err, adapters.ErrNoSpace):
 		return codes.ResourceExhausted
 	case errors.Is(err, engine.ErrClosed):
 		return codes.Unavailable
-	case errors.Is(err, peft.ErrInvalidAdapter):
+	case errors.Is(err, peft.ErrInvalidAdapter), errors.Is(err, peft.ErrInvalidConfig), errors.Is(err, peft.ErrUnsupported),
+		errors.Is(err, peft.ErrTooLarge), errors.Is(err, adapters.ErrTooLarge), errors.Is(err, adapters.ErrInUse):
 		return codes.FailedPrecondition
 	}
 	return codes.Unknown

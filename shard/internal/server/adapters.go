@@ -1,0 +1,128 @@
+package server
+
+import (
+	"context"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/loraplex/loraplex/pkg/genreq"
+	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/shard/internal/adapters"
+)
+
+// Adapters serves loraplex.v1.AdaptersService: the shard's adapter cache for operators.
+type Adapters struct {
+	loraplexv1.UnimplementedAdaptersServiceServer
+	cache   *adapters.Cache
+	limits  genreq.Limits
+	shardID string
+}
+
+// NewAdapters returns the service.
+func NewAdapters(c *adapters.Cache, limits genreq.Limits, shardID string) *Adapters {
+	return &Adapters{cache: c, limits: limits, shardID: shardID}
+}
+
+// AdminMethods are the AdaptersService methods that need the admin token.
+var AdminMethods = []string{
+	loraplexv1.AdaptersService_LoadAdapter_FullMethodName,
+	loraplexv1.AdaptersService_UnloadAdapter_FullMethodName,
+	loraplexv1.AdaptersService_PinAdapter_FullMethodName,
+	loraplexv1.AdaptersService_UnpinAdapter_FullMethodName,
+}
+
+var tiers = map[adapters.Tier]loraplexv1.Tier{adapters.TierHost: loraplexv1.Tier_TIER_HOST, adapters.TierDevice: loraplexv1.Tier_TIER_DEVICE}
+
+func (s *Adapters) info(in adapters.Info) *loraplexv1.AdapterInfo {
+	out := &loraplexv1.AdapterInfo{
+		AdapterId: in.ID, Tier: tiers[in.Tier], Loading: in.Loading, DeviceBytes: uint64(in.DeviceBytes), HostBytes: uint64(in.HostBytes),
+		Rank: uint32(in.Rank), Version: in.Version, Pinned: in.Pinned, InUse: uint32(in.InUse),
+		Loads: uint64(in.Loads), Hits: uint64(in.Hits), ShardId: s.shardID,
+	}
+	if !in.LastUsed.IsZero() {
+		out.LastUsed = timestamppb.New(in.LastUsed)
+	}
+	return out
+}
+
+func (s *Adapters) lookup(id string) *loraplexv1.AdapterInfo {
+	for _, in := range s.cache.Snapshot() {
+		if in.ID == id {
+			return s.info(in)
+		}
+	}
+	return &loraplexv1.AdapterInfo{AdapterId: id, ShardId: s.shardID}
+}
+
+func (s *Adapters) validID(id string) error {
+	if id == "" {
+		return status.Error(codes.InvalidArgument, "adapter_id is required")
+	}
+	if err := genreq.ValidAdapterID(id, s.limits.MaxAdapterIDBytes); err != nil {
+		return statusOf(err)
+	}
+	return nil
+}
+
+// ListAdapters implements loraplex.v1.AdaptersService.
+func (s *Adapters) ListAdapters(context.Context, *loraplexv1.ListAdaptersRequest) (*loraplexv1.ListAdaptersResponse, error) {
+	st := s.cache.Stats()
+	resp := &loraplexv1.ListAdaptersResponse{
+		DeviceBytesUsed: uint64(st.DeviceUsed), DeviceBytesBudget: uint64(st.DeviceBudget),
+		HostBytesUsed: uint64(st.HostUsed), HostBytesBudget: uint64(st.HostBudget), ShardId: s.shardID,
+	}
+	for _, in := range s.cache.Snapshot() {
+		resp.Adapters = append(resp.Adapters, s.info(in))
+	}
+	return resp, nil
+}
+
+// LoadAdapter implements loraplex.v1.AdaptersService.
+func (s *Adapters) LoadAdapter(ctx context.Context, r *loraplexv1.LoadAdapterRequest) (*loraplexv1.LoadAdapterResponse, error) {
+	if err := s.validID(r.GetAdapterId()); err != nil {
+		return nil, err
+	}
+	tier := adapters.TierDevice
+	if r.GetTier() == loraplexv1.Tier_TIER_HOST {
+		tier = adapters.TierHost
+	}
+	if err := s.cache.Load(ctx, r.GetAdapterId(), tier); err != nil {
+		return nil, statusOf(err)
+	}
+	return &loraplexv1.LoadAdapterResponse{Adapter: s.lookup(r.GetAdapterId())}, nil
+}
+
+// UnloadAdapter implements loraplex.v1.AdaptersService.
+func (s *Adapters) UnloadAdapter(_ context.Context, r *loraplexv1.UnloadAdapterRequest) (*loraplexv1.UnloadAdapterResponse, error) {
+	if err := s.validID(r.GetAdapterId()); err != nil {
+		return nil, err
+	}
+	if err := s.cache.Unload(r.GetAdapterId()); err != nil {
+		return nil, statusOf(err)
+	}
+	return &loraplexv1.UnloadAdapterResponse{}, nil
+}
+
+// PinAdapter implements loraplex.v1.AdaptersService.
+func (s *Adapters) PinAdapter(ctx context.Context, r *loraplexv1.PinAdapterRequest) (*loraplexv1.PinAdapterResponse, error) {
+	if err := s.validID(r.GetAdapterId()); err != nil {
+		return nil, err
+	}
+	if err := s.cache.Pin(ctx, r.GetAdapterId()); err != nil {
+		return nil, statusOf(err)
+	}
+	return &loraplexv1.PinAdapterResponse{Adapter: s.lookup(r.GetAdapterId())}, nil
+}
+
+// UnpinAdapter implements loraplex.v1.AdaptersService.
+func (s *Adapters) UnpinAdapter(_ context.Context, r *loraplexv1.UnpinAdapterRequest) (*loraplexv1.UnpinAdapterResponse, error) {
+	if err := s.validID(r.GetAdapterId()); err != nil {
+		return nil, err
+	}
+	if err := s.cache.Unpin(r.GetAdapterId()); err != nil {
+		return nil, statusOf(err)
+	}
+	return &loraplexv1.UnpinAdapterResponse{}, nil
+}
