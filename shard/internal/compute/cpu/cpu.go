@@ -363,6 +363,9 @@ func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, 
 	kc, vc := c.k[layer], c.v[layer]
 	// Check every block a token reads (not only the one it writes) before touching the cache, so a
 	// malformed step neither panics in a worker nor leaves half its keys written.
+	if len(m.Positions) != n || len(m.SeqIndex) != n {
+		return fmt.Errorf("%w: attention over %d tokens with %d positions, %d sequence indices", compute.ErrShape, n, len(m.Positions), len(m.SeqIndex))
+	}
 	for t := range n {
 		si, p := int(m.SeqIndex[t]), int(m.Positions[t])
 		if si < 0 || si >= len(m.Seqs) || p < 0 {

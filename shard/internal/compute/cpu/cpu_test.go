@@ -108,36 +108,44 @@ func refMatMul(x, w []float32, t, n, k int) (out []float64, termScale float64) {
 }
 
 func TestMatMul(t *testing.T) {
+	type shape struct{ t, n, k int }
+	var shapes []shape
+	for _, T := range []int{1, 2, 3, 5, 17} {
+		for _, N := range []int{1, 3, 4, 7, 64, 130} {
+			for _, K := range []int{1, 5, 512, 513, 1100} {
+				shapes = append(shapes, shape{T, N, K})
+			}
+		}
+	}
+	// x too large for one K block (see xBlockMax): the blocked path, with an odd T and a partial tile.
+	shapes = append(shapes, shape{131, 13, 1100}, shape{600, 7, 300})
 	r := newRand(1)
 	for _, workers := range []int{1, 3} {
-		for _, T := range []int{1, 2, 3, 5, 17} {
-			for _, N := range []int{1, 3, 4, 7, 64, 130} {
-				for _, K := range []int{1, 5, 512, 513, 1100} {
-					t.Run(fmt.Sprintf("w%d/T%d/N%d/K%d", workers, T, N, K), func(t *testing.T) {
-						b := New(Options{Workers: workers})
-						xd, wd := randSlice(r, T*K), randSlice(r, N*K)
-						x, w := tensor(t, b, xd, T, K), tensor(t, b, wd, N, K)
-						out := tensor(t, b, randSlice(r, T*N), T, N) // stale contents must be overwritten
-						if err := b.MatMul(out, x, w); err != nil {
-							t.Fatal(err)
-						}
-						want, terms := refMatMul(xd, wd, T, N, K)
-						checkCloseScale(t, "MatMul", out.data, want, terms)
-
-						// MatMulRows: a shuffled selection with a repeated row; each row must equal
-						// MatMul's row bit for bit.
-						sel := []int32{int32(T - 1), 0, int32(T / 2), int32(T - 1)}
-						r.Shuffle(len(sel), func(i, j int) { sel[i], sel[j] = sel[j], sel[i] })
-						ro := alloc(t, b, len(sel), N)
-						if err := b.MatMulRows(ro, x, w, prepare(t, b, &compute.BatchMeta{LogitRows: sel})); err != nil {
-							t.Fatal(err)
-						}
-						for i, s := range sel {
-							checkBits(t, fmt.Sprintf("MatMulRows row %d (x row %d)", i, s), ro.data[i*N:(i+1)*N], out.data[int(s)*N:(int(s)+1)*N])
-						}
-					})
+		for _, s := range shapes {
+			T, N, K := s.t, s.n, s.k
+			t.Run(fmt.Sprintf("w%d/T%d/N%d/K%d", workers, T, N, K), func(t *testing.T) {
+				b := New(Options{Workers: workers})
+				xd, wd := randSlice(r, T*K), randSlice(r, N*K)
+				x, w := tensor(t, b, xd, T, K), tensor(t, b, wd, N, K)
+				out := tensor(t, b, randSlice(r, T*N), T, N) // stale contents must be overwritten
+				if err := b.MatMul(out, x, w); err != nil {
+					t.Fatal(err)
 				}
-			}
+				want, terms := refMatMul(xd, wd, T, N, K)
+				checkCloseScale(t, "MatMul", out.data, want, terms)
+
+				// MatMulRows: a shuffled selection with a repeated row; each row must equal
+				// MatMul's row bit for bit.
+				sel := []int32{int32(T - 1), 0, int32(T / 2), int32(T - 1)}
+				r.Shuffle(len(sel), func(i, j int) { sel[i], sel[j] = sel[j], sel[i] })
+				ro := alloc(t, b, len(sel), N)
+				if err := b.MatMulRows(ro, x, w, prepare(t, b, &compute.BatchMeta{LogitRows: sel})); err != nil {
+					t.Fatal(err)
+				}
+				for i, s := range sel {
+					checkBits(t, fmt.Sprintf("MatMulRows row %d (x row %d)", i, s), ro.data[i*N:(i+1)*N], out.data[int(s)*N:(int(s)+1)*N])
+				}
+			})
 		}
 	}
 }
@@ -193,7 +201,8 @@ func TestMatMulBatchInvariance(t *testing.T) {
 			for _, workers := range []int{1, 4} {
 				b := New(Options{Workers: workers})
 				wb := tensor(t, b, wd, n, k)
-				for _, T := range []int{1, 2, 3, 5, 17} {
+				// T=131 with K=1100 splits K into blocks (see xBlockMax) where T=1 does not.
+				for _, T := range []int{1, 2, 3, 5, 17, 131} {
 					for _, at := range []int{0, 1, T / 2, T - 1} {
 						if at >= T {
 							continue
@@ -573,18 +582,20 @@ func TestAttentionErrors(t *testing.T) {
 		heads int
 		layer int
 		seq   int32 // sequence of the second token
+		short bool  // one position fewer than tokens
 	}{
-		{"block past table", []int32{3}, 4, 4, 0, 1},
-		{"empty table", nil, 0, 4, 0, 1},
-		{"block id past cache", []int32{3, 8}, 5, 4, 0, 1},
-		{"negative block id", []int32{-1}, 0, 4, 0, 1},
-		{"earlier block invalid", []int32{2, -1, 5}, 9, 4, 0, 1},
-		{"earlier block past cache", []int32{9, 1}, 6, 4, 0, 1},
-		{"sequence index past seqs", []int32{0}, 0, 4, 0, 2},
-		{"negative sequence index", []int32{0}, 0, 4, 0, -1},
-		{"heads not a multiple of kv heads", []int32{0}, 0, 3, 0, 1},
-		{"layer past cache", []int32{0}, 0, 4, 2, 1},
-		{"negative layer", []int32{0}, 0, 4, -1, 1},
+		{"block past table", []int32{3}, 4, 4, 0, 1, false},
+		{"empty table", nil, 0, 4, 0, 1, false},
+		{"block id past cache", []int32{3, 8}, 5, 4, 0, 1, false},
+		{"negative block id", []int32{-1}, 0, 4, 0, 1, false},
+		{"earlier block invalid", []int32{2, -1, 5}, 9, 4, 0, 1, false},
+		{"earlier block past cache", []int32{9, 1}, 6, 4, 0, 1, false},
+		{"sequence index past seqs", []int32{0}, 0, 4, 0, 2, false},
+		{"negative sequence index", []int32{0}, 0, 4, 0, -1, false},
+		{"heads not a multiple of kv heads", []int32{0}, 0, 3, 0, 1, false},
+		{"layer past cache", []int32{0}, 0, 4, 2, 1, false},
+		{"negative layer", []int32{0}, 0, 4, -1, 1, false},
+		{"positions shorter than tokens", []int32{0}, 0, 4, 0, 1, true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -600,6 +611,9 @@ func TestAttentionErrors(t *testing.T) {
 					{BlockTable: []int32{7}, ContextLen: 1},
 					{BlockTable: tc.table, ContextLen: int(tc.pos) + 1},
 				},
+			}
+			if tc.short {
+				m.Positions = m.Positions[:1]
 			}
 			qw := tc.heads * 4
 			err = b.Attention(alloc(t, b, 2, qw), tensor(t, b, randSlice(r, 2*qw), 2, qw),

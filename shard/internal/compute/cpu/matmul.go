@@ -59,9 +59,6 @@ func (b *Backend) matmul(out, x, w []float32, t, n, k int) {
 	if 4*t*k > xBlockMax {
 		kb = max(xBlockMax/(4*t), minKBlock)
 	}
-	if kbOverride > 0 {
-		kb = kbOverride
-	}
 	// Split columns among workers; when there are too few column tiles, split rows as well.
 	tiles := (n + tileN - 1) / tileN
 	colParts := min(b.workers, tiles)
@@ -161,5 +158,3 @@ func kernel1x6(a, x0, w0, w1, w2, w3, w4, w5 []float32) {
 	}
 	a[0], a[1], a[2], a[3], a[4], a[5] = s0, s1, s2, s3, s4, s5
 }
-
-var kbOverride int
