@@ -166,7 +166,7 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 			return nil, fmt.Errorf("shard: pin adapter %s: %w", id, err)
 		}
 	}
-	if s.eng, err = engine.New(cfg.Engine, s.be, s.model, tok, s.cache, log); err != nil {
+	if s.eng, err = engine.New(cfg.Engine, s.be, s.model, tok, s.cache, log, nil); err != nil {
 		return nil, err
 	}
 	if s.lis, err = net.Listen("tcp", cfg.Listen); err != nil {

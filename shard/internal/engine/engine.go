@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/tokenizer"
@@ -94,26 +95,50 @@ type AdapterSource interface {
 
 // Options configure the engine.
 type Options struct {
-	MaxSeqs             int // sequences in the running batch
-	MaxBatchTokens      int // tokens per forward step (prefill chunks + decodes)
-	MaxQueue            int // sequences waiting for admission
-	BlockSize           int // KV positions per block
-	KVBlocks            int // blocks in the KV cache
+	MaxSeqs        int // sequences in the running batch
+	MaxBatchTokens int // tokens per forward step (prefill chunks + decodes); at least MaxSeqs
+	// MaxAdaptersPerStep caps the distinct adapters in the running batch (the base model is free).
+	MaxAdaptersPerStep int
+	MaxQueue           int // requests waiting for an adapter load or for admission
+	BlockSize          int // KV positions per block
+	// KVCacheBytes sizes the KV cache; KVBlocks, when set, overrides it with a block count.
+	KVCacheBytes        int64
+	KVBlocks            int
 	DefaultMaxNewTokens int
+	// RetryAfter is the delay suggested to callers turned away by a full queue.
+	RetryAfter time.Duration
 }
 
 // DefaultOptions suit the CPU backend and small models.
 func DefaultOptions() Options {
-	return Options{MaxSeqs: 32, MaxBatchTokens: 512, MaxQueue: 256, BlockSize: 16, KVBlocks: 1024, DefaultMaxNewTokens: 256}
+	return Options{MaxSeqs: 32, MaxBatchTokens: 512, MaxAdaptersPerStep: 16, MaxQueue: 256, BlockSize: 16,
+		KVCacheBytes: 64 << 20, DefaultMaxNewTokens: 256, RetryAfter: 100 * time.Millisecond}
 }
 
 // Validate checks the options.
 func (o Options) Validate() error {
-	if o.MaxSeqs <= 0 || o.MaxBatchTokens <= 0 || o.MaxQueue <= 0 || o.BlockSize <= 0 || o.KVBlocks <= 0 || o.DefaultMaxNewTokens <= 0 {
+	if o.MaxSeqs <= 0 || o.MaxBatchTokens <= 0 || o.MaxAdaptersPerStep <= 0 || o.MaxQueue <= 0 || o.BlockSize <= 0 ||
+		(o.KVBlocks <= 0 && o.KVCacheBytes <= 0) || o.DefaultMaxNewTokens <= 0 || o.RetryAfter < 0 {
 		return fmt.Errorf("%w: engine options must be positive: %+v", ErrInvalid, o)
+	}
+	if o.MaxBatchTokens < o.MaxSeqs {
+		return fmt.Errorf("%w: max batch tokens %d below max sequences %d: every running sequence decodes each step", ErrInvalid, o.MaxBatchTokens, o.MaxSeqs)
 	}
 	return nil
 }
+
+// QueueFullError turns a request away at once; RetryAfter is the suggested delay.
+type QueueFullError struct {
+	Waiting, Limit int
+	RetryAfter     time.Duration
+}
+
+func (e *QueueFullError) Error() string {
+	return fmt.Sprintf("engine: queue full: %d requests waiting (limit %d)", e.Waiting, e.Limit)
+}
+
+// Unwrap makes errors.Is(err, ErrQueueFull) hold.
+func (e *QueueFullError) Unwrap() error { return ErrQueueFull }
 
 // Engine batches sequences of many adapters on one model.
 type Engine struct {
@@ -127,31 +152,48 @@ type Engine struct {
 	cache    compute.KVCache
 	blocks   *kvcache.Allocator
 
+	metrics *metrics
+
 	mu      sync.Mutex
-	queue   []*sequence
+	queue   *fairQueue
+	loading int // requests waiting for their adapter, counted against MaxQueue
 	closed  bool
 	wake    chan struct{}
 	stopped chan struct{}
 
-	// owned by the step loop
-	running  []*sequence
-	runningN atomic.Int64
+	// owned by the step loop; running is in admission order (oldest first)
+	running     []*sequence
+	runningN    atomic.Int64
+	adaptersN   atomic.Int64
+	preemptions atomic.Int64
 }
 
 // New starts an engine's step loop. Close stops it.
-func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokenizer, src AdapterSource, log *zap.Logger) (*Engine, error) {
+// meter may be nil (no metrics).
+func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokenizer, src AdapterSource, log *zap.Logger, meter metric.Meter) (*Engine, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
 	info := m.Info()
+	if opts.KVBlocks <= 0 {
+		per := info.KVShape(1, opts.BlockSize).Bytes()
+		opts.KVBlocks = int(opts.KVCacheBytes / per)
+		if opts.KVBlocks < 1 {
+			return nil, fmt.Errorf("%w: KV cache budget of %d bytes holds no block of %d bytes", ErrInvalid, opts.KVCacheBytes, per)
+		}
+	}
 	cache, err := be.NewKVCache(info.KVShape(opts.KVBlocks, opts.BlockSize))
 	if err != nil {
 		return nil, err
 	}
 	e := &Engine{
 		opts: opts, be: be, model: m, info: info, tok: tok, adapters: src, log: log, cache: cache,
-		blocks: kvcache.NewAllocator(opts.KVBlocks, opts.BlockSize),
-		wake:   make(chan struct{}, 1), stopped: make(chan struct{}),
+		blocks: kvcache.NewAllocator(opts.KVBlocks, opts.BlockSize), queue: newFairQueue(),
+		wake: make(chan struct{}, 1), stopped: make(chan struct{}),
+	}
+	if e.metrics, err = newMetrics(meter, e); err != nil {
+		be.FreeKVCache(cache)
+		return nil, err
 	}
 	go e.loop()
 	return e, nil
@@ -172,20 +214,25 @@ func (e *Engine) Close() {
 	e.mu.Unlock()
 	e.signal()
 	<-e.stopped
+	e.metrics.close()
 	e.be.FreeKVCache(e.cache)
 }
 
 // Stats is a snapshot of the engine's load.
 type Stats struct {
-	Queued, Running, FreeBlocks, TotalBlocks int
+	Queued, Loading, Running, FreeBlocks, TotalBlocks int
+	// AdaptersRunning is the number of distinct adapters in the running batch.
+	AdaptersRunning int
+	Preemptions     int64
 }
 
 // Stats reports queue depth, running sequences and KV blocks.
 func (e *Engine) Stats() Stats {
 	e.mu.Lock()
-	q := len(e.queue)
+	q, l := e.queue.len(), e.loading
 	e.mu.Unlock()
-	return Stats{Queued: q, Running: int(e.runningN.Load()), FreeBlocks: e.blocks.Free(), TotalBlocks: e.blocks.Total()}
+	return Stats{Queued: q, Loading: l, Running: int(e.runningN.Load()), FreeBlocks: e.blocks.Free(),
+		TotalBlocks: e.blocks.Total(), AdaptersRunning: int(e.adaptersN.Load()), Preemptions: e.preemptions.Load()}
 }
 
 func (e *Engine) signal() {
@@ -226,11 +273,28 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 
+	// Admission control counts requests waiting for an adapter load too, and answers at once.
+	e.mu.Lock()
+	switch waiting := e.queue.len() + e.loading; {
+	case e.closed:
+		e.mu.Unlock()
+		return ErrClosed
+	case waiting >= e.opts.MaxQueue:
+		e.mu.Unlock()
+		return &QueueFullError{Waiting: waiting, Limit: e.opts.MaxQueue, RetryAfter: e.opts.RetryAfter}
+	}
+	e.loading++
+	e.mu.Unlock()
+
+	// The load (if any) runs in the adapter cache; only this caller waits for it, never the step loop.
 	var ad compute.Adapter
 	release := func() {}
 	if r.AdapterID != "" {
 		a, rel, err := e.adapters.Acquire(ctx, r.AdapterID)
 		if err != nil {
+			e.mu.Lock()
+			e.loading--
+			e.mu.Unlock()
 			return err
 		}
 		ad, release = a, rel
@@ -240,17 +304,13 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	s := newSequence(ctx, r, maxNew, ad, release, arrived, e)
 
 	e.mu.Lock()
-	switch {
-	case e.closed:
+	e.loading--
+	if e.closed {
 		e.mu.Unlock()
 		release()
 		return ErrClosed
-	case len(e.queue) >= e.opts.MaxQueue:
-		e.mu.Unlock()
-		release()
-		return fmt.Errorf("%w: %d requests waiting (limit %d)", ErrQueueFull, e.opts.MaxQueue, e.opts.MaxQueue)
 	}
-	e.queue = append(e.queue, s)
+	e.queue.add(s, false)
 	e.mu.Unlock()
 	e.signal()
 	return s.relay(emit, cancel)
@@ -284,8 +344,7 @@ func (e *Engine) loop() {
 
 func (e *Engine) failAll(err error) {
 	e.mu.Lock()
-	q := e.queue
-	e.queue = nil
+	q := e.queue.remove(func(*sequence) bool { return true })
 	e.mu.Unlock()
 	for _, s := range q {
 		e.finish(s, err)
@@ -294,40 +353,160 @@ func (e *Engine) failAll(err error) {
 		e.finish(s, err)
 	}
 	e.running = nil
-	e.runningN.Store(0)
+	e.setRunning()
 }
 
-// admit moves queued sequences into the running batch while sequences and KV blocks allow, in
-// arrival order. Blocks for prompt plus max_new_tokens are reserved up front, so a running
-// sequence never runs out of cache.
+// admit moves waiting sequences into the running batch, one adapter's turn at a time (fairQueue),
+// while sequence slots, the distinct-adapter cap and free KV blocks allow. A sequence gets blocks for
+// the tokens it has now; it grows one block at a time and may be preempted later.
 func (e *Engine) admit() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	kept := e.queue[:0]
-	for i, s := range e.queue {
-		if s.ctx.Err() != nil {
-			e.finishLocked(s, s.ctx.Err())
+	for _, s := range e.queue.remove(func(s *sequence) bool { return s.ctx.Err() != nil }) {
+		e.finishLocked(s, s.ctx.Err())
+	}
+	inBatch := map[string]bool{}
+	for _, s := range e.running {
+		if s.r.AdapterID != "" {
+			inBatch[s.r.AdapterID] = true
+		}
+	}
+	// Keep a little headroom so that admitting does not immediately force a preemption.
+	headroom := max(1, e.blocks.Total()/100)
+	for e.queue.len() > 0 && len(e.running) < e.opts.MaxSeqs {
+		s := e.queue.peek()
+		if id := s.r.AdapterID; id != "" && !inBatch[id] && len(inBatch) >= e.opts.MaxAdaptersPerStep {
+			// It is this adapter's turn but the batch already has the most adapters it may hold.
+			// Admitting others would let the running adapters hold the batch forever, so nobody
+			// joins until one of them drains: the wait is bounded by one sequence's length.
+			break
+		}
+		need := e.blocks.BlocksFor(len(s.tokens) + 1)
+		if len(e.running) > 0 && e.blocks.Free() < need+headroom {
+			break
+		}
+		table, err := e.blocks.Alloc(nil, need)
+		if err != nil {
+			break
+		}
+		e.queue.pop()
+		s.blocks, s.computed = table, 0
+		e.running = append(e.running, s)
+		if s.r.AdapterID != "" {
+			inBatch[s.r.AdapterID] = true
+		}
+	}
+	e.setRunning()
+}
+
+// part is one sequence's share of a step.
+type part struct {
+	s      *sequence
+	n      int
+	sample bool
+}
+
+// plan splits the step's token budget: every decoding sequence gets its token, then prefill chunks
+// go to sequences in admission order.
+func (e *Engine) plan() []part {
+	budget := e.opts.MaxBatchTokens
+	parts := make([]part, len(e.running))
+	for i, s := range e.running {
+		parts[i].s = s
+		if s.computed == len(s.tokens)-1 {
+			parts[i].n, parts[i].sample = 1, true
+			budget--
+		}
+	}
+	for i := range parts {
+		p := &parts[i]
+		if p.n > 0 || budget == 0 {
 			continue
 		}
-		if len(e.running) >= e.opts.MaxSeqs {
-			kept = append(kept, e.queue[i:]...)
-			break
-		}
-		table, err := e.blocks.Alloc(nil, e.blocks.BlocksFor(len(s.tokens)+s.maxNew))
-		if err != nil {
-			kept = append(kept, e.queue[i:]...)
-			break
-		}
-		s.blocks = table
-		e.running = append(e.running, s)
+		p.n = min(len(p.s.tokens)-p.s.computed, budget)
+		budget -= p.n
+		p.sample = p.s.computed+p.n == len(p.s.tokens)
 	}
-	clear(e.queue[len(kept):])
-	e.queue = kept
-	e.runningN.Store(int64(len(e.running)))
+	return parts
+}
+
+// reserve grows block tables for the planned parts, oldest sequence first. When the cache is full
+// the youngest running sequence is preempted (its blocks freed, to be recomputed when readmitted),
+// so the oldest always make progress and nothing is truncated.
+func (e *Engine) reserve(parts []part) []part {
+	out := parts[:0]
+	gone := map[*sequence]bool{}
+	for _, p := range parts {
+		if gone[p.s] || p.n == 0 {
+			continue
+		}
+		for {
+			need := e.blocks.BlocksFor(p.s.computed+p.n) - len(p.s.blocks)
+			if need <= 0 {
+				break
+			}
+			if t, err := e.blocks.Alloc(p.s.blocks, need); err == nil {
+				p.s.blocks = t
+				break
+			}
+			v := e.youngest(gone)
+			gone[v] = true
+			e.preempt(v)
+			if v == p.s {
+				break
+			}
+		}
+		if !gone[p.s] {
+			out = append(out, p)
+		}
+	}
+	if len(gone) > 0 {
+		kept := e.running[:0]
+		for _, s := range e.running {
+			if !gone[s] {
+				kept = append(kept, s)
+			}
+		}
+		clear(e.running[len(kept):])
+		e.running = kept
+		e.setRunning()
+		// Parts planned before a preemption may belong to preempted sequences.
+		final := out[:0]
+		for _, p := range out {
+			if !gone[p.s] {
+				final = append(final, p)
+			}
+		}
+		out = final
+	}
+	return out
+}
+
+// youngest is the most recently admitted running sequence not yet preempted.
+func (e *Engine) youngest(gone map[*sequence]bool) *sequence {
+	for i := len(e.running) - 1; i >= 0; i-- {
+		if !gone[e.running[i]] {
+			return e.running[i]
+		}
+	}
+	return nil
+}
+
+// preempt frees a sequence's KV blocks and puts it back at the head of its adapter's queue; it keeps
+// its tokens, sampler and adapter pin, and recomputes its cache when readmitted.
+func (e *Engine) preempt(s *sequence) {
+	e.blocks.Release(s.blocks)
+	s.blocks, s.computed = nil, 0
+	e.preemptions.Add(1)
+	e.metrics.preempted()
+	e.mu.Lock()
+	e.queue.add(s, true)
+	e.mu.Unlock()
 }
 
 // step runs one forward pass over all running sequences.
 func (e *Engine) step() error {
+	start := time.Now()
 	// Drop cancelled sequences first: they free their blocks and pins at this boundary.
 	live := e.running[:0]
 	for _, s := range e.running {
@@ -342,42 +521,18 @@ func (e *Engine) step() error {
 	if len(e.running) == 0 {
 		return nil
 	}
-	// Group by adapter so each adapter's tokens form one SGMV segment; stable keeps arrival order.
-	sort.SliceStable(e.running, func(i, j int) bool { return e.running[i].r.AdapterID < e.running[j].r.AdapterID })
+	parts := e.reserve(e.plan())
+	if len(parts) == 0 {
+		return nil
+	}
+	// Group by adapter so each adapter's tokens form one SGMV segment; stable keeps admission order.
+	sort.SliceStable(parts, func(i, j int) bool { return parts[i].s.r.AdapterID < parts[j].s.r.AdapterID })
 
-	budget := e.opts.MaxBatchTokens
-	// Decodes take one token each and go first; prefill chunks share what is left.
-	type part struct {
-		s      *sequence
-		n      int
-		sample bool
-	}
-	parts := make([]part, 0, len(e.running))
-	for _, s := range e.running {
-		if s.computed == len(s.tokens)-1 && budget > 0 { // decoding
-			parts = append(parts, part{s: s, n: 1, sample: true})
-			budget--
-		} else {
-			parts = append(parts, part{s: s})
-		}
-	}
-	for i := range parts {
-		p := &parts[i]
-		if p.n > 0 || budget == 0 {
-			continue
-		}
-		p.n = min(len(p.s.tokens)-p.s.computed, budget)
-		budget -= p.n
-		p.sample = p.s.computed+p.n == len(p.s.tokens)
-	}
 	meta := &compute.BatchMeta{}
 	var sampled []*sequence
 	var cur compute.Adapter
 	segStart := 0
 	for _, p := range parts {
-		if p.n == 0 {
-			continue
-		}
 		s := p.s
 		if len(meta.Tokens) > 0 && s.adapter != cur {
 			meta.Segments = append(meta.Segments, compute.Segment{Start: segStart, End: len(meta.Tokens), Adapter: cur})
@@ -416,6 +571,7 @@ func (e *Engine) step() error {
 	for _, p := range parts {
 		p.s.computed += p.n
 	}
+	e.metrics.stepDone(len(meta.Tokens), len(sampled), time.Since(start))
 	if len(sampled) == 0 {
 		return nil
 	}
@@ -424,13 +580,17 @@ func (e *Engine) step() error {
 	if err := e.be.ToHost(logits, host); err != nil {
 		return err
 	}
-	kept := e.running[:0]
 	done := map[*sequence]bool{}
 	for i, s := range sampled {
 		if s.advance(host[i*v : (i+1)*v]) {
 			done[s] = true
+			e.metrics.finished(s)
 		}
 	}
+	if len(done) == 0 {
+		return nil
+	}
+	kept := e.running[:0]
 	for _, s := range e.running {
 		if done[s] {
 			e.finish(s, nil)
@@ -440,8 +600,20 @@ func (e *Engine) step() error {
 	}
 	clear(e.running[len(kept):])
 	e.running = kept
-	e.runningN.Store(int64(len(e.running)))
+	e.setRunning()
 	return nil
+}
+
+// setRunning publishes the running batch's size and distinct adapters for Stats.
+func (e *Engine) setRunning() {
+	ids := map[string]bool{}
+	for _, s := range e.running {
+		if s.r.AdapterID != "" {
+			ids[s.r.AdapterID] = true
+		}
+	}
+	e.runningN.Store(int64(len(e.running)))
+	e.adaptersN.Store(int64(len(ids)))
 }
 
 func (e *Engine) finish(s *sequence, err error) {

@@ -31,6 +31,8 @@ import (
 // env is an engine on the embedded tiny model with the shipped adapters, on the CPU backend.
 type env struct {
 	e     *engine.Engine
+	be    *cpu.Backend
+	model model.Model
 	tok   *tokenizer.Tokenizer
 	info  model.Info
 	cache *adapters.Cache
@@ -66,13 +68,18 @@ func newEnv(t testing.TB, opts engine.Options, maxResident int) *env {
 		t.Fatal(err)
 	}
 	info := m.Info()
-	cache := adapters.New(be, adapters.StoreLoader(store, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), maxResident)
-	e, err := engine.New(opts, be, m, tok, cache, zap.NewNop())
+	copts := adapters.DefaultOptions()
+	copts.DeviceBytes = int64(maxResident) * 256 << 10 // the largest shipped adapter is 227 KB
+	cache, err := adapters.New(be, adapters.StoreLoader(store, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), copts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := engine.New(opts, be, m, tok, cache, zap.NewNop(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var once sync.Once
-	v := &env{e: e, tok: tok, info: info, cache: cache, ref: ref, close: func() {
+	v := &env{e: e, be: be, model: m, tok: tok, info: info, cache: cache, ref: ref, close: func() {
 		once.Do(func() {
 			e.Close()
 			cache.Close()
@@ -178,9 +185,9 @@ func (v *env) checkIdle(t testing.TB) {
 	if st.Running != 0 || st.Queued != 0 || st.FreeBlocks != st.TotalBlocks {
 		t.Errorf("engine not idle: %+v", st)
 	}
-	for id, refs := range v.cache.Resident() {
-		if refs != 0 {
-			t.Errorf("adapter %s still pinned %d times", id, refs)
+	for _, in := range v.cache.Snapshot() {
+		if in.InUse != 0 {
+			t.Errorf("adapter %s still pinned %d times", in.ID, in.InUse)
 		}
 	}
 }
@@ -627,8 +634,10 @@ func TestDeadlineWhileQueued(t *testing.T) {
 	if st := v.e.Stats(); st.Running != 1 || st.Queued != 0 {
 		t.Errorf("stats %+v: want the long request running and nothing queued", st)
 	}
-	if r := v.cache.Resident(); r["qv-r8"] != 0 {
-		t.Errorf("adapter pin leaked: %v", r)
+	for _, in := range v.cache.Snapshot() {
+		if in.ID == "qv-r8" && in.InUse != 0 {
+			t.Errorf("adapter pin leaked: %+v", in)
+		}
 	}
 	cancel()
 	if err := wait(t, "the long request", long); !errors.Is(err, context.Canceled) {
@@ -637,11 +646,10 @@ func TestDeadlineWhileQueued(t *testing.T) {
 	v.checkIdle(t)
 }
 
-// TestQueueTimingEndsAtFirstStep: with a token budget of 1 a decoding sequence takes every step, so
-// a second sequence is admitted at once but computes nothing until the first ends. Its queue time
-// covers that wait.
+// TestQueueTimingEndsAtFirstStep: with room for one sequence a second one waits until the first
+// ends; its queue time covers that wait.
 func TestQueueTimingEndsAtFirstStep(t *testing.T) {
-	v := newEnv(t, opts(func(o *engine.Options) { o.MaxSeqs, o.MaxBatchTokens = 2, 1 }), 4)
+	v := newEnv(t, opts(func(o *engine.Options) { o.MaxSeqs, o.MaxBatchTokens = 1, 1 }), 4)
 	first := make(chan error, 1)
 	go func() {
 		_, err := v.run(t, context.Background(), &engine.Request{ID: "first", Prompt: []int{0, 7}, MaxNewTokens: 300, IgnoreEOS: true})
@@ -696,7 +704,7 @@ func TestChunkedPrefill(t *testing.T) {
 	prompt := tinyllamaLongPrompt(t)
 	var want result
 	for i, mbt := range []int{512, 8, 3} {
-		v := newEnv(t, opts(func(o *engine.Options) { o.MaxBatchTokens = mbt }), 4)
+		v := newEnv(t, opts(func(o *engine.Options) { o.MaxBatchTokens, o.MaxSeqs = mbt, min(o.MaxSeqs, mbt) }), 4)
 		r := &engine.Request{AdapterID: "all-r16-rslora", Prompt: prompt, MaxNewTokens: 24, IgnoreEOS: true, Sampling: sampling.Params{TopLogprobs: 2}}
 		var got result
 		if i == 0 {
@@ -775,9 +783,9 @@ func TestClose(t *testing.T) {
 	if st.Running != 0 || st.Queued != 0 || st.FreeBlocks != st.TotalBlocks {
 		t.Errorf("stats after Close %+v", st)
 	}
-	for id, refs := range v.cache.Resident() {
-		if refs != 0 {
-			t.Errorf("adapter %s pinned %d times after Close", id, refs)
+	for _, in := range v.cache.Snapshot() {
+		if in.InUse != 0 {
+			t.Errorf("adapter %s pinned %d times after Close", in.ID, in.InUse)
 		}
 	}
 }

@@ -9,8 +9,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -209,10 +211,19 @@ func statusOf(err error) error {
 		code = codes.Internal
 	}
 	msg := err.Error()
-	if code == codes.ResourceExhausted {
-		msg += "; retry after a short delay or on another shard"
+	if code != codes.ResourceExhausted {
+		return status.Error(code, msg)
 	}
-	return status.Error(code, msg)
+	delay := 100 * time.Millisecond
+	var qf *engine.QueueFullError
+	if errors.As(err, &qf) {
+		delay = qf.RetryAfter
+	}
+	st := status.New(code, fmt.Sprintf("%s; retry after %v or on another shard", msg, delay))
+	if d, derr := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(delay)}); derr == nil {
+		st = d
+	}
+	return st.Err()
 }
 
 // Code maps shard errors to gRPC codes (codes.Unknown: not a shard error).
