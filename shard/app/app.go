@@ -45,9 +45,9 @@ type Config struct {
 	// Pinned adapters are loaded at start and never evicted.
 	Pinned       []string
 	MemoryBudget int64
-	Engine          engine.Options
-	GRPC            grpcserver.Options
-	Limits          genreq.Limits
+	Engine       engine.Options
+	GRPC         grpcserver.Options
+	Limits       genreq.Limits
 }
 
 // DefaultConfig returns the defaults.

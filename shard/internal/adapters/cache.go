@@ -25,6 +25,7 @@ var (
 	ErrNoSpace  = errors.New("adapters: no space in tier")
 	ErrTooLarge = errors.New("adapters: adapter larger than the tier budget")
 	ErrUnknown  = errors.New("adapters: adapter not resident")
+	ErrClosed   = errors.New("adapters: cache closed")
 )
 
 // Tier is where an adapter is resident.
@@ -118,8 +119,13 @@ type entry struct {
 	version string
 	bytes   int64 // size of the weights (the same in both tiers)
 
-	host *compute.AdapterWeights // nil: not in the host tier
-	dev  compute.Adapter         // nil: not on the device
+	host     *compute.AdapterWeights // nil: no host copy
+	hostHeld bool                    // host is counted in the host tier (else held only until the upload)
+	dev      compute.Adapter         // nil: not on the device
+
+	// waiters are callers waiting for the entry's load; a freshly loaded entry is not evicted before
+	// they take their pins.
+	waiters int
 
 	loading chan struct{} // non-nil while a load or promotion is in flight
 	loadErr error
@@ -134,7 +140,7 @@ type entry struct {
 // Stats count cache outcomes since start.
 type Stats struct {
 	DeviceHits, HostHits, Misses, Evictions, LoadFailures int64
-	DeviceUsed, DeviceBudget, HostUsed, HostBudget       int64
+	DeviceUsed, DeviceBudget, HostUsed, HostBudget        int64
 }
 
 // Cache is the two-tier adapter cache of one shard.
@@ -153,9 +159,9 @@ type Cache struct {
 	spaceFreed chan struct{} // closed and replaced when device space may have been freed
 	stats      Stats
 	events     []Event
+	closed     bool
 
 	emitMu sync.Mutex // orders event delivery
-	closed bool
 }
 
 type failure struct {
@@ -215,6 +221,10 @@ func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*en
 	counted := false
 	for {
 		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, ErrClosed
+		}
 		if f, ok := c.failures[id]; ok {
 			if c.opts.Now().Before(f.until) {
 				c.mu.Unlock()
@@ -223,34 +233,30 @@ func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*en
 			delete(c.failures, id)
 		}
 		e := c.entries[id]
-		if e != nil && e.loading == nil {
-			if e.dev != nil || (tier == TierHost && e.host != nil) {
-				if !counted {
-					if e.dev != nil {
-						c.stats.DeviceHits++
-					} else {
-						c.stats.HostHits++
-					}
-				}
-				if pin {
-					e.pins++
-				}
-				e.hits++
-				e.lastUsed = c.opts.Now()
+		if e != nil && e.loading == nil && c.residentLocked(e, tier) {
+			if !counted {
 				if e.dev != nil {
-					c.devPolicy.Touch(id)
+					c.stats.DeviceHits++
+				} else {
+					c.stats.HostHits++
 				}
-				if e.host != nil {
-					c.hostPolicy.Touch(id)
-				}
-				c.mu.Unlock()
-				return e, nil
 			}
+			e.hits++
+			if e.dev != nil {
+				c.devPolicy.Touch(id)
+			}
+			if e.hostHeld {
+				c.hostPolicy.Touch(id)
+			}
+			c.takeLocked(e, pin)
+			c.mu.Unlock()
+			return e, nil
 		}
 		if !counted {
 			counted = true
-			if e != nil && e.host != nil {
+			if e != nil && e.hostHeld {
 				c.stats.HostHits++
+				c.hostPolicy.Touch(id)
 			} else {
 				c.stats.Misses++
 			}
@@ -264,25 +270,48 @@ func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*en
 			go c.fill(e, tier)
 		}
 		wait := e.loading
+		e.waiters++
 		c.mu.Unlock()
 		select {
 		case <-wait:
 		case <-ctx.Done():
+			c.mu.Lock()
+			e.waiters--
+			c.mu.Unlock()
 			return nil, ctx.Err()
 		}
 		c.mu.Lock()
-		err := e.loadErr
-		c.mu.Unlock()
-		if err != nil {
+		e.waiters--
+		if err := e.loadErr; err != nil {
+			c.mu.Unlock()
 			return nil, err
 		}
+		// The load this caller waited for is its miss: take the adapter without counting a hit or
+		// touching the policy, or segmented LRU would promote every adapter on its first use.
+		if c.entries[id] == e && e.loading == nil && c.residentLocked(e, tier) {
+			c.takeLocked(e, pin)
+			c.mu.Unlock()
+			return e, nil
+		}
+		c.mu.Unlock() // e.g. a host load finished and this caller needs the device
 	}
+}
+
+func (c *Cache) residentLocked(e *entry, tier Tier) bool {
+	return e.dev != nil || (tier == TierHost && e.hostHeld)
+}
+
+func (c *Cache) takeLocked(e *entry, pin bool) {
+	if pin {
+		e.pins++
+	}
+	e.lastUsed = c.opts.Now()
 }
 
 // fill brings an entry up to tier: store -> host (parse) -> device (upload). It runs without the lock
 // except to reserve budget and publish the result.
 func (c *Cache) fill(e *entry, tier Tier) {
-	err := c.fillHost(e)
+	err := c.fillHost(e, tier)
 	if err == nil && tier == TierDevice {
 		err = c.fillDevice(e)
 	}
@@ -291,12 +320,16 @@ func (c *Cache) fill(e *entry, tier Tier) {
 	close(e.loading)
 	e.loading = nil
 	if err != nil {
+		if !e.hostHeld {
+			e.host = nil // a copy outside the host budget lives only until its upload
+		}
 		c.stats.LoadFailures++
-		if !errors.Is(err, ErrNoSpace) {
+		// Capacity errors depend on what else is resident, so they are not remembered.
+		if !errors.Is(err, ErrNoSpace) && !errors.Is(err, ErrClosed) && (tier == TierDevice || !errors.Is(err, ErrTooLarge)) {
 			c.failures[e.id] = failure{err: err, until: c.opts.Now().Add(c.opts.FailureTTL)}
 		}
 		c.emitLocked(EventFailed, e, c.tierOf(e), err)
-		if e.host == nil && e.dev == nil {
+		if e.host == nil && e.dev == nil && c.entries[e.id] == e {
 			delete(c.entries, e.id)
 		}
 	}
@@ -308,13 +341,16 @@ func (c *Cache) tierOf(e *entry) Tier {
 	switch {
 	case e.dev != nil:
 		return TierDevice
-	case e.host != nil:
+	case e.hostHeld:
 		return TierHost
 	}
 	return TierNone
 }
 
-func (c *Cache) fillHost(e *entry) error {
+// fillHost reads the adapter from the store into the host tier. A load bound for the device whose
+// copy the host tier cannot hold (no host tier, too large, or full of copies being uploaded) keeps
+// the copy outside the host budget until the upload instead of failing.
+func (c *Cache) fillHost(e *entry, tier Tier) error {
 	c.mu.Lock()
 	have := e.host != nil
 	c.mu.Unlock()
@@ -328,20 +364,28 @@ func (c *Cache) fillHost(e *entry) error {
 	size := ld.Weights.Bytes()
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
 	e.rank, e.version, e.bytes = ld.Rank, ld.Version, size
 	e.loads++
-	if c.opts.HostBytes == 0 {
-		e.host = ld.Weights // held only until the upload, outside the host budget
+	switch {
+	case size > c.opts.HostBytes:
+		err = fmt.Errorf("%w: adapter %s is %d bytes, host tier budget %d", ErrTooLarge, e.id, size, c.opts.HostBytes)
+	default:
+		c.evictHostLocked(size)
+		if c.hostUsed+size > c.opts.HostBytes {
+			err = fmt.Errorf("%w: adapter %s needs %d bytes; %d of %d host bytes are held by loading adapters", ErrNoSpace, e.id, size, c.hostUsed, c.opts.HostBytes)
+		}
+	}
+	if err != nil {
+		if tier == TierHost {
+			return err
+		}
+		e.host = ld.Weights
 		return nil
 	}
-	if size > c.opts.HostBytes {
-		return fmt.Errorf("%w: adapter %s is %d bytes, host tier budget %d", ErrTooLarge, e.id, size, c.opts.HostBytes)
-	}
-	c.evictHostLocked(size)
-	if c.hostUsed+size > c.opts.HostBytes {
-		return fmt.Errorf("%w: host tier", ErrNoSpace)
-	}
-	e.host = ld.Weights
+	e.host, e.hostHeld = ld.Weights, true
 	c.hostUsed += size
 	c.hostPolicy.Insert(e.id, size)
 	c.emitLocked(EventLoaded, e, TierHost, nil)
@@ -355,7 +399,7 @@ func (c *Cache) evictHostLocked(size int64) {
 			return
 		}
 		v := c.entries[id]
-		if v == nil || v.loading != nil {
+		if v == nil || v.loading != nil || v.waiters > 0 {
 			continue
 		}
 		c.dropHostLocked(v)
@@ -368,14 +412,11 @@ func (c *Cache) evictHostLocked(size int64) {
 }
 
 func (c *Cache) dropHostLocked(e *entry) {
-	if e.host == nil {
-		return
-	}
-	if c.opts.HostBytes > 0 {
+	if e.hostHeld {
 		c.hostUsed -= e.bytes
 		c.hostPolicy.Remove(e.id)
 	}
-	e.host = nil
+	e.host, e.hostHeld = nil, false
 }
 
 func (c *Cache) fillDevice(e *entry) error {
@@ -388,6 +429,10 @@ func (c *Cache) fillDevice(e *entry) error {
 		return fmt.Errorf("%w: adapter %s is %d bytes, device tier budget %d", ErrTooLarge, e.id, size, c.opts.DeviceBytes)
 	}
 	for {
+		if c.closed {
+			c.mu.Unlock()
+			return ErrClosed
+		}
 		c.evictDeviceLocked(size)
 		if c.devUsed+size <= c.opts.DeviceBytes {
 			break
@@ -409,6 +454,10 @@ func (c *Cache) fillDevice(e *entry) error {
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err == nil && c.closed {
+		c.be.FreeAdapter(a)
+		err = ErrClosed
+	}
 	if err != nil {
 		c.devUsed -= size
 		c.signalSpaceLocked()
@@ -416,7 +465,7 @@ func (c *Cache) fillDevice(e *entry) error {
 	}
 	e.dev = a
 	c.devPolicy.Insert(e.id, size)
-	if c.opts.HostBytes == 0 {
+	if !e.hostHeld {
 		e.host = nil
 	}
 	c.emitLocked(EventLoaded, e, TierDevice, nil)
@@ -430,7 +479,7 @@ func (c *Cache) evictDeviceLocked(size int64) {
 			return
 		}
 		v := c.entries[id]
-		if v == nil || v.pins > 0 || v.pinned || v.loading != nil {
+		if v == nil || v.pins > 0 || v.pinned || v.loading != nil || v.waiters > 0 {
 			continue
 		}
 		c.dropDeviceLocked(v)
@@ -478,6 +527,9 @@ func (c *Cache) unpin(e *entry) {
 func (c *Cache) Load(ctx context.Context, id string, tier Tier) error {
 	if tier != TierHost && tier != TierDevice {
 		return fmt.Errorf("adapters: load into tier %v: want host or device", tier)
+	}
+	if tier == TierHost && c.opts.HostBytes == 0 {
+		return fmt.Errorf("%w: adapter %s: there is no host tier", ErrNoSpace, id)
 	}
 	_, err := c.ensure(ctx, id, tier, false)
 	return err
@@ -557,7 +609,7 @@ func (c *Cache) Snapshot() []Info {
 		if e.dev != nil {
 			in.DeviceBytes = e.bytes
 		}
-		if e.host != nil {
+		if e.hostHeld {
 			in.HostBytes = e.bytes
 		}
 		out = append(out, in)
@@ -575,10 +627,13 @@ func (c *Cache) Stats() Stats {
 	return s
 }
 
-// Close frees every device copy; call it after the engine has stopped.
+// Close frees every device copy; call it after the engine has stopped. Loads still in flight free
+// their upload and fail with ErrClosed, as does every later call that would load.
 func (c *Cache) Close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.closed = true
+	c.signalSpaceLocked() // loads waiting for space give up
 	for id, e := range c.entries {
 		c.dropDeviceLocked(e)
 		c.dropHostLocked(e)
