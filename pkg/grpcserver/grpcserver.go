@@ -7,6 +7,8 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"os"
+	"strings"
 	"runtime/debug"
 	"time"
 
@@ -30,9 +32,14 @@ type Options struct {
 	KeepaliveTime    time.Duration
 	KeepaliveTimeout time.Duration
 	Reflection       bool
-	// AdminToken, when set, is the bearer token AdminMethods require.
-	AdminToken   string
-	AdminMethods []string
+	// AdminToken, when set, is the bearer token AdminMethods require; AdminTokenFile holds it.
+	AdminToken     string
+	AdminTokenFile string
+	AdminMethods   []string
+	TLS            TLSOptions
+	// Ready, when set, gates every service but health and reflection: until it reports true they
+	// answer UNAVAILABLE (the shard loading its model).
+	Ready func() bool
 }
 
 // DefaultOptions are the limits both binaries start with.
@@ -51,7 +58,8 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.UintVar(&o.MaxConcurrentStreams, "grpc-max-streams", o.MaxConcurrentStreams, "concurrent streams per connection")
 	fs.DurationVar(&o.KeepaliveMinTime, "grpc-keepalive-min-time", o.KeepaliveMinTime, "shortest client keepalive ping interval allowed")
 	fs.BoolVar(&o.Reflection, "grpc-reflection", o.Reflection, "serve gRPC reflection")
-	fs.StringVar(&o.AdminToken, "admin-token", o.AdminToken, "bearer token required by admin RPCs (empty: admin RPCs are open)")
+	fs.StringVar(&o.AdminTokenFile, "admin-token-file", o.AdminTokenFile, "file holding the bearer token admin RPCs require (empty: admin RPCs are open)")
+	o.TLS.AddFlags(fs)
 }
 
 // Validate checks the options.
@@ -62,9 +70,25 @@ func (o Options) Validate() error {
 	return nil
 }
 
-// New builds a server with the interceptor chain, health (initially NOT_SERVING for every service
-// until the caller marks it serving) and reflection when enabled.
-func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, *health.Server) {
+// New builds a server with the interceptor chain, TLS when configured, health (initially
+// NOT_SERVING until the caller marks it serving) and reflection when enabled.
+func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, *health.Server, error) {
+	if o.AdminTokenFile != "" {
+		b, err := os.ReadFile(o.AdminTokenFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("grpcserver: admin token: %w", err)
+		}
+		if o.AdminToken = strings.TrimSpace(string(b)); o.AdminToken == "" {
+			return nil, nil, fmt.Errorf("grpcserver: admin token file %s is empty", o.AdminTokenFile)
+		}
+	}
+	creds, err := o.TLS.ServerOption()
+	if err != nil {
+		return nil, nil, err
+	}
+	if creds != nil {
+		extra = append(extra, creds)
+	}
 	opts := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(o.MaxRecvMsgBytes),
 		grpc.MaxSendMsgSize(o.MaxSendMsgBytes),
@@ -75,6 +99,10 @@ func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, 
 	auth := newAdminAuth(o.AdminToken, o.AdminMethods)
 	unary := []grpc.UnaryServerInterceptor{recoverUnary(log), logUnary(log)}
 	stream := []grpc.StreamServerInterceptor{recoverStream(log), logStream(log)}
+	if o.Ready != nil {
+		unary = append(unary, gateUnary(o.Ready))
+		stream = append(stream, gateStream(o.Ready))
+	}
 	if auth != nil {
 		unary = append(unary, auth.unary())
 		stream = append(stream, auth.stream())
@@ -87,7 +115,30 @@ func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, 
 	if o.Reflection {
 		reflection.Register(s)
 	}
-	return s, h
+	return s, h, nil
+}
+
+// alwaysOpen are the services that answer while the server is not ready.
+func alwaysOpen(method string) bool {
+	return strings.HasPrefix(method, "/grpc.health.v1.") || strings.HasPrefix(method, "/grpc.reflection.")
+}
+
+func gateUnary(ready func() bool) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		if !ready() && !alwaysOpen(info.FullMethod) {
+			return nil, status.Error(codes.Unavailable, "not ready: the model is still loading")
+		}
+		return h(ctx, req)
+	}
+}
+
+func gateStream(ready func() bool) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+		if !ready() && !alwaysOpen(info.FullMethod) {
+			return status.Error(codes.Unavailable, "not ready: the model is still loading")
+		}
+		return h(srv, ss)
+	}
 }
 
 func panicErr(log *zap.Logger, method string, p any) error {

@@ -102,7 +102,10 @@ func Start(cfg Config, log *zap.Logger) (*Router, error) {
 	}
 	r := &Router{lis: lis, done: make(chan error, 1)}
 	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits}, &picker.Static{Shards: shards}, log)
-	r.srv, r.health = grpcserver.New(cfg.GRPC, log)
+	if r.srv, r.health, err = grpcserver.New(cfg.GRPC, log); err != nil {
+		_ = lis.Close()
+		return nil, err
+	}
 	loraplexv1.RegisterGenerationServiceServer(r.srv, r.proxy)
 	r.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	r.health.SetServingStatus(loraplexv1.GenerationService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -18,9 +19,11 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/loraplex/loraplex/pkg/cliflag"
+	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/grpcserver"
 	"github.com/loraplex/loraplex/pkg/peft"
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
@@ -41,7 +44,10 @@ type Config struct {
 	Backend         string
 	MaxAdapterRank  int
 	MaxAdapterBytes int64
-	Cache           adapters.Options
+	// Advertise is the address routers dial and Consul health-checks (default: the listen address).
+	Advertise string
+	Discovery discovery.Options
+	Cache     adapters.Options
 	// Pinned adapters are loaded at start and never evicted.
 	Pinned       []string
 	MemoryBudget int64
@@ -53,7 +59,7 @@ type Config struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(),
+		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Discovery: discovery.DefaultOptions(),
 		Engine: engine.DefaultOptions(), GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
 	}
 }
@@ -78,6 +84,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.Engine.KVBlocks, "kv-blocks", c.Engine.KVBlocks, "KV cache blocks")
 	fs.IntVar(&c.Engine.BlockSize, "kv-block-size", c.Engine.BlockSize, "positions per KV cache block")
 	fs.IntVar(&c.Engine.DefaultMaxNewTokens, "default-max-new-tokens", c.Engine.DefaultMaxNewTokens, "max_new_tokens when a request leaves it 0")
+	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "address routers dial and Consul checks (default: the listen address)")
+	c.Discovery.AddFlags(fs)
 	c.GRPC.AddFlags(fs)
 }
 
@@ -98,21 +106,31 @@ func (c *Config) Validate() error {
 	if err := c.Engine.Validate(); err != nil {
 		return err
 	}
+	if err := c.Discovery.Validate(); err != nil {
+		return err
+	}
 	return c.GRPC.Validate()
 }
 
 // Shard is a running shard.
 type Shard struct {
 	cfg    Config
+	id     string
 	log    *zap.Logger
 	be     compute.Backend
 	model  model.Model
+	store  *peft.Store
 	cache  *adapters.Cache
 	eng    *engine.Engine
 	srv    *grpc.Server
 	health *health.Server
 	lis    net.Listener
 	done   chan error
+	ready  atomic.Bool
+	drain  atomic.Bool
+	reg    atomic.Pointer[discovery.Registration]
+	gen    lateGeneration
+	adm    lateAdapters
 }
 
 // registerArchitectures wires the model registry explicitly.
@@ -123,7 +141,11 @@ func registerArchitectures() {
 	}
 }
 
-// Start loads the model and serves until Stop.
+var servingServices = []string{"", loraplexv1.GenerationService_ServiceDesc.ServiceName, loraplexv1.AdaptersService_ServiceDesc.ServiceName}
+
+// Start listens at once (health NOT_SERVING, other RPCs UNAVAILABLE), loads the model and adapters,
+// then marks itself serving and registers with Consul when configured. It returns when the shard is
+// ready or failed to become so.
 func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -135,14 +157,49 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 			s.close()
 		}
 	}()
+	if s.lis, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return nil, fmt.Errorf("shard: listen: %w", err)
+	}
+	if s.id = cfg.ShardID; s.id == "" {
+		s.id = s.lis.Addr().String()
+	}
+	gopts := cfg.GRPC
+	gopts.AdminMethods = server.AdminMethods
+	gopts.Ready = s.ready.Load
+	if s.srv, s.health, err = grpcserver.New(gopts, log); err != nil {
+		return nil, err
+	}
+	loraplexv1.RegisterGenerationServiceServer(s.srv, &s.gen)
+	loraplexv1.RegisterAdaptersServiceServer(s.srv, &s.adm)
+	go func() { s.done <- s.srv.Serve(s.lis) }()
+
+	if err := s.load(); err != nil {
+		return nil, err
+	}
+	s.ready.Store(true)
+	for _, name := range servingServices {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	if cfg.Discovery.Addr != "" {
+		if err := s.register(); err != nil {
+			return nil, err
+		}
+	}
+	log.Info("shard serving", zap.String("shard_id", s.id), zap.String("addr", s.lis.Addr().String()))
+	return s, nil
+}
+
+// load builds the backend, model, tokenizer, adapter cache and engine.
+func (s *Shard) load() (err error) {
+	cfg, log := s.cfg, s.log
 	s.be = cpu.New(cpu.Options{MemoryBudget: cfg.MemoryBudget})
 	start := time.Now()
 	if s.model, err = model.Load(cfg.ModelDir, s.be); err != nil {
-		return nil, fmt.Errorf("shard: load model %s: %w", cfg.ModelDir, err)
+		return fmt.Errorf("shard: load model %s: %w", cfg.ModelDir, err)
 	}
 	tok, err := tokenizer.Load(filepath.Join(cfg.ModelDir, "tokenizer.json"))
 	if err != nil {
-		return nil, fmt.Errorf("shard: load tokenizer: %w", err)
+		return fmt.Errorf("shard: load tokenizer: %w", err)
 	}
 	info := s.model.Info()
 	log.Info("model loaded", zap.String("dir", cfg.ModelDir), zap.Int("layers", info.Layers), zap.Int("hidden", info.Hidden),
@@ -152,49 +209,103 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 		return nil, fmt.Errorf("%w: adapter %q (this shard has no adapter store)", peft.ErrNotFound, id)
 	}
 	if cfg.AdapterDir != "" {
-		store, err := peft.OpenStore(cfg.AdapterDir)
-		if err != nil {
-			return nil, fmt.Errorf("shard: adapter store: %w", err)
+		if s.store, err = peft.OpenStore(cfg.AdapterDir); err != nil {
+			return fmt.Errorf("shard: adapter store: %w", err)
 		}
-		load = adapters.StoreLoader(store, adapters.PEFTOptions(info, cfg.MaxAdapterRank, cfg.MaxAdapterBytes), info.Layers)
+		load = adapters.StoreLoader(s.store, adapters.PEFTOptions(info, cfg.MaxAdapterRank, cfg.MaxAdapterBytes), info.Layers)
 	}
-	if s.cache, err = adapters.New(s.be, load, cfg.Cache); err != nil {
-		return nil, err
+	copts := cfg.Cache
+	onEvent := copts.OnEvent
+	copts.OnEvent = func(ev adapters.Event) {
+		if onEvent != nil {
+			onEvent(ev)
+		}
+		if r := s.reg.Load(); r != nil {
+			r.Notify()
+		}
+	}
+	if s.cache, err = adapters.New(s.be, load, copts); err != nil {
+		return err
 	}
 	for _, id := range cfg.Pinned {
 		if err := s.cache.Pin(context.Background(), id); err != nil {
-			return nil, fmt.Errorf("shard: pin adapter %s: %w", id, err)
+			return fmt.Errorf("shard: pin adapter %s: %w", id, err)
 		}
 	}
 	if s.eng, err = engine.New(cfg.Engine, s.be, s.model, tok, s.cache, log, nil); err != nil {
-		return nil, err
+		return err
 	}
-	if s.lis, err = net.Listen("tcp", cfg.Listen); err != nil {
-		return nil, fmt.Errorf("shard: listen: %w", err)
+	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log))
+	s.adm.p.Store(server.NewAdapters(s.cache, cfg.Limits, s.id))
+	return nil
+}
+
+// register joins Consul: the service with its gRPC check, and the residency record.
+func (s *Shard) register() error {
+	c, err := s.cfg.Discovery.Client()
+	if err != nil {
+		return err
 	}
-	id := cfg.ShardID
-	if id == "" {
-		id = s.lis.Addr().String()
+	addr := s.cfg.Advertise
+	if addr == "" {
+		addr = s.lis.Addr().String()
 	}
-	gopts := cfg.GRPC
-	gopts.AdminMethods = server.AdminMethods
-	s.srv, s.health = grpcserver.New(gopts, log)
-	loraplexv1.RegisterGenerationServiceServer(s.srv, server.NewGeneration(s.eng, tok, cfg.Limits, id, log))
-	loraplexv1.RegisterAdaptersServiceServer(s.srv, server.NewAdapters(s.cache, cfg.Limits, id))
-	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	s.health.SetServingStatus(loraplexv1.GenerationService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	s.health.SetServingStatus(loraplexv1.AdaptersService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	go func() { s.done <- s.srv.Serve(s.lis) }()
-	log.Info("shard serving", zap.String("shard_id", id), zap.String("addr", s.lis.Addr().String()))
-	return s, nil
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	reg, err := discovery.Register(ctx, c, s.cfg.Discovery, s.id, addr, s.Residency, s.log)
+	if err != nil {
+		return err
+	}
+	s.reg.Store(reg)
+	return nil
+}
+
+// Residency is the record this shard publishes.
+func (s *Shard) Residency() *residency.Record {
+	addr := s.cfg.Advertise
+	if addr == "" {
+		addr = s.lis.Addr().String()
+	}
+	r := &residency.Record{ShardID: s.id, Addr: addr, Draining: s.drain.Load(), MaxSeqs: s.cfg.Engine.MaxSeqs}
+	if s.cache != nil {
+		st := s.cache.Stats()
+		r.DeviceBudget, r.DeviceFreeBytes = st.DeviceBudget, st.DeviceBudget-st.DeviceUsed
+		for _, in := range s.cache.Snapshot() {
+			switch {
+			case in.Loading:
+				r.Loading = append(r.Loading, in.ID)
+			case in.Tier == adapters.TierDevice:
+				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierDevice, Bytes: in.DeviceBytes, Rank: in.Rank, Version: in.Version})
+			case in.Tier == adapters.TierHost:
+				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierHost, Bytes: in.HostBytes, Rank: in.Rank, Version: in.Version})
+			}
+		}
+	}
+	if s.eng != nil {
+		st := s.eng.Stats()
+		r.QueueDepth, r.Running, r.KVFreeBlocks, r.KVTotalBlocks = st.Queued+st.Loading, st.Running, st.FreeBlocks, st.TotalBlocks
+	}
+	return r
 }
 
 // Addr is the address the shard listens on.
 func (s *Shard) Addr() string { return s.lis.Addr().String() }
 
-// Stop drains: health goes NOT_SERVING, in-flight RPCs finish until ctx ends, then everything stops.
+// ID is the shard's id.
+func (s *Shard) ID() string { return s.id }
+
+// Stop drains: health goes NOT_SERVING and the shard leaves Consul (so routers stop sending new
+// requests), in-flight streams finish until ctx ends, then everything stops.
 func (s *Shard) Stop(ctx context.Context) {
-	s.health.Shutdown()
+	s.drain.Store(true)
+	for _, name := range servingServices {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
+	}
+	if r := s.reg.Load(); r != nil {
+		if err := r.Deregister(ctx); err != nil {
+			s.log.Warn("leaving consul", zap.Error(err))
+		}
+	}
 	stopped := make(chan struct{})
 	go func() {
 		s.srv.GracefulStop()
@@ -203,8 +314,10 @@ func (s *Shard) Stop(ctx context.Context) {
 	select {
 	case <-stopped:
 	case <-ctx.Done():
+		s.log.Warn("drain timeout: closing remaining streams")
 		s.srv.Stop()
 	}
+	s.health.Shutdown()
 	s.close()
 }
 
@@ -212,6 +325,14 @@ func (s *Shard) Stop(ctx context.Context) {
 func (s *Shard) Done() <-chan error { return s.done }
 
 func (s *Shard) close() {
+	if r := s.reg.Swap(nil); r != nil && !s.drain.Load() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = r.Deregister(ctx)
+		cancel()
+	}
+	if s.srv != nil && !s.drain.Load() {
+		s.srv.Stop()
+	}
 	if s.eng != nil {
 		s.eng.Close()
 	}
@@ -221,7 +342,50 @@ func (s *Shard) close() {
 	if s.model != nil {
 		s.model.Close()
 	}
+	if s.store != nil {
+		_ = s.store.Close()
+	}
 	if s.lis != nil && s.srv == nil {
 		_ = s.lis.Close()
 	}
+}
+
+// lateGeneration and lateAdapters let the services be registered before Serve while the model
+// loads; the readiness gate keeps calls out until they are bound.
+type lateGeneration struct {
+	loraplexv1.UnimplementedGenerationServiceServer
+	p atomic.Pointer[server.Generation]
+}
+
+func (l *lateGeneration) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*loraplexv1.GenerateResponse, error) {
+	return l.p.Load().Generate(ctx, r)
+}
+
+func (l *lateGeneration) GenerateStream(r *loraplexv1.GenerateStreamRequest, st loraplexv1.GenerationService_GenerateStreamServer) error {
+	return l.p.Load().GenerateStream(r, st)
+}
+
+type lateAdapters struct {
+	loraplexv1.UnimplementedAdaptersServiceServer
+	p atomic.Pointer[server.Adapters]
+}
+
+func (l *lateAdapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersRequest) (*loraplexv1.ListAdaptersResponse, error) {
+	return l.p.Load().ListAdapters(ctx, r)
+}
+
+func (l *lateAdapters) LoadAdapter(ctx context.Context, r *loraplexv1.LoadAdapterRequest) (*loraplexv1.LoadAdapterResponse, error) {
+	return l.p.Load().LoadAdapter(ctx, r)
+}
+
+func (l *lateAdapters) UnloadAdapter(ctx context.Context, r *loraplexv1.UnloadAdapterRequest) (*loraplexv1.UnloadAdapterResponse, error) {
+	return l.p.Load().UnloadAdapter(ctx, r)
+}
+
+func (l *lateAdapters) PinAdapter(ctx context.Context, r *loraplexv1.PinAdapterRequest) (*loraplexv1.PinAdapterResponse, error) {
+	return l.p.Load().PinAdapter(ctx, r)
+}
+
+func (l *lateAdapters) UnpinAdapter(ctx context.Context, r *loraplexv1.UnpinAdapterRequest) (*loraplexv1.UnpinAdapterResponse, error) {
+	return l.p.Load().UnpinAdapter(ctx, r)
 }
