@@ -225,7 +225,7 @@ func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*en
 			c.mu.Unlock()
 			return nil, ErrClosed
 		}
-		if f, ok := c.failures[id]; ok {
+		if f, ok := c.failures[id]; ok && !(tier == TierHost && errors.Is(f.err, ErrTooLarge)) {
 			if c.opts.Now().Before(f.until) {
 				c.mu.Unlock()
 				return nil, f.err
@@ -324,7 +324,8 @@ func (c *Cache) fill(e *entry, tier Tier) {
 			e.host = nil // a copy outside the host budget lives only until its upload
 		}
 		c.stats.LoadFailures++
-		// Capacity errors depend on what else is resident, so they are not remembered.
+		// Capacity errors depend on what else is resident, so they are not remembered. An adapter too
+		// large for the device is (it will not shrink), but only against device loads.
 		if !errors.Is(err, ErrNoSpace) && !errors.Is(err, ErrClosed) && (tier == TierDevice || !errors.Is(err, ErrTooLarge)) {
 			c.failures[e.id] = failure{err: err, until: c.opts.Now().Add(c.opts.FailureTTL)}
 		}
@@ -442,7 +443,10 @@ func (c *Cache) fillDevice(e *entry) error {
 		select {
 		case <-freed:
 		case <-deadline.C:
-			return fmt.Errorf("%w: adapter %s needs %d bytes; %d of %d are held by adapters in use", ErrNoSpace, e.id, size, c.devUsed, c.opts.DeviceBytes)
+			c.mu.Lock()
+			used := c.devUsed
+			c.mu.Unlock()
+			return fmt.Errorf("%w: adapter %s needs %d bytes; %d of %d are held by adapters in use", ErrNoSpace, e.id, size, used, c.opts.DeviceBytes)
 		}
 		c.mu.Lock()
 	}
@@ -529,7 +533,7 @@ func (c *Cache) Load(ctx context.Context, id string, tier Tier) error {
 		return fmt.Errorf("adapters: load into tier %v: want host or device", tier)
 	}
 	if tier == TierHost && c.opts.HostBytes == 0 {
-		return fmt.Errorf("%w: adapter %s: there is no host tier", ErrNoSpace, id)
+		return fmt.Errorf("%w: adapter %s: this shard keeps no host tier (its budget is 0)", ErrTooLarge, id)
 	}
 	_, err := c.ensure(ctx, id, tier, false)
 	return err
@@ -569,6 +573,9 @@ func (c *Cache) Unload(id string) error {
 	case e == nil:
 		c.mu.Unlock()
 		return fmt.Errorf("%w: %s", ErrUnknown, id)
+	case e.pinned:
+		c.mu.Unlock()
+		return fmt.Errorf("%w: %s is pinned; unpin it first", ErrInUse, id)
 	case e.pins > 0 || e.loading != nil:
 		n := e.pins
 		c.mu.Unlock()

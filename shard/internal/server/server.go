@@ -242,7 +242,7 @@ func Code(err error) codes.Code {
 		return codes.NotFound
 	case errors.Is(err, engine.ErrQueueFull), errors.Is(err, adapters.ErrNoSpace):
 		return codes.ResourceExhausted
-	case errors.Is(err, engine.ErrClosed):
+	case errors.Is(err, engine.ErrClosed), errors.Is(err, adapters.ErrClosed):
 		return codes.Unavailable
 	case errors.Is(err, peft.ErrInvalidAdapter), errors.Is(err, peft.ErrInvalidConfig), errors.Is(err, peft.ErrUnsupported),
 		errors.Is(err, peft.ErrTooLarge), errors.Is(err, adapters.ErrTooLarge), errors.Is(err, adapters.ErrInUse):
