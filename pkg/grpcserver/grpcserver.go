@@ -8,8 +8,8 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"strings"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
