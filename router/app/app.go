@@ -1,6 +1,7 @@
-// Package app assembles a router: a picker over the shards, the proxy that relays to them, and the
-// gRPC server with health and reflection. The router binary and the dev cluster (cmd/loraplex) call
-// it. The router links no compute, model or CUDA code (a test enforces it).
+// Package app assembles a router: the shard view (static list or Consul watch), the picker pipeline
+// over it, the proxy that relays to shards, and the gRPC server with health and reflection. The
+// router binary and the dev cluster (cmd/loraplex) call it. The router links no compute, model or
+// CUDA code (test/repo enforces it).
 package app
 
 import (
@@ -10,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync/atomic"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -17,53 +19,70 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/loraplex/loraplex/pkg/cliflag"
+	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/grpcserver"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/router/internal/picker"
+	"github.com/loraplex/loraplex/router/internal/picker/plugins"
 	"github.com/loraplex/loraplex/router/internal/proxy"
 )
 
 // Config is everything a router needs.
 type Config struct {
 	Listen string
-	// Shards is the static shard list: "id=host:port" or "host:port" entries.
+	// Shards is the static shard list: "id=host:port" or "host:port" entries. Used when Consul is
+	// not configured.
 	Shards      []string
+	Discovery   discovery.Options
+	Picker      plugins.Options
 	MaxAttempts int
 	GRPC        grpcserver.Options
-	Limits      genreq.Limits
+	// ShardTLS is how the router dials shards.
+	ShardTLS grpcserver.ClientTLSOptions
+	Limits   genreq.Limits
 }
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Listen: "127.0.0.1:50051", MaxAttempts: 2, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
+	return Config{Listen: "127.0.0.1:50051", MaxAttempts: 2, Discovery: discovery.DefaultOptions(), Picker: plugins.DefaultOptions(),
+		GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
 }
 
 // AddFlags registers the configuration's flags.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "gRPC listen address")
-	fs.Var(cliflag.List{V: &c.Shards}, "shards", "static shard list, comma-separated id=host:port or host:port")
+	fs.Var(cliflag.List{V: &c.Shards}, "shards", "static shard list, comma-separated id=host:port or host:port (without -consul)")
 	fs.IntVar(&c.MaxAttempts, "max-attempts", c.MaxAttempts, "shards tried per request (retries only before the first token)")
+	c.Discovery.AddFlags(fs)
+	c.Picker.AddFlags(fs)
 	c.GRPC.AddFlags(fs)
+	c.ShardTLS.AddFlags(fs, "shard-")
 }
 
 // Validate checks the configuration.
 func (c *Config) Validate() error {
-	if len(c.Shards) == 0 {
-		return errors.New("router: -shards is required")
+	if len(c.Shards) == 0 && c.Discovery.Addr == "" {
+		return errors.New("router: give -shards or -consul")
 	}
-	if _, err := c.shards(); err != nil {
+	if _, err := c.staticShards(); err != nil {
 		return err
 	}
 	if c.MaxAttempts <= 0 {
 		return errors.New("router: -max-attempts must be positive")
 	}
+	if err := c.Discovery.Validate(); err != nil {
+		return err
+	}
+	if err := c.Picker.Validate(); err != nil {
+		return err
+	}
 	return c.GRPC.Validate()
 }
 
-func (c *Config) shards() ([]picker.Shard, error) {
+func (c *Config) staticShards() ([]picker.ShardState, error) {
 	seen := map[string]bool{}
-	var out []picker.Shard
+	var out []picker.ShardState
 	for _, e := range c.Shards {
 		id, addr, ok := strings.Cut(e, "=")
 		if !ok {
@@ -76,42 +95,115 @@ func (c *Config) shards() ([]picker.Shard, error) {
 			return nil, fmt.Errorf("router: shard id %q listed twice", id)
 		}
 		seen[id] = true
-		out = append(out, picker.Shard{ID: id, Addr: addr})
+		out = append(out, picker.ShardState{ID: id, Addr: addr, Healthy: true})
 	}
 	return out, nil
 }
 
 // Router is a running router.
 type Router struct {
+	log    *zap.Logger
 	srv    *grpc.Server
 	health *health.Server
 	proxy  *proxy.Proxy
 	lis    net.Listener
 	done   chan error
+	view   atomic.Pointer[picker.View]
+	stop   context.CancelFunc
+	watch  chan struct{}
 }
 
 // Start serves until Stop.
-func Start(cfg Config, log *zap.Logger) (*Router, error) {
+func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	shards, _ := cfg.shards()
-	lis, err := net.Listen("tcp", cfg.Listen)
+	r = &Router{log: log, done: make(chan error, 1), watch: make(chan struct{})}
+	static, _ := cfg.staticShards()
+	if err := r.setView(static); err != nil {
+		return nil, err
+	}
+	reg := picker.NewRegistry()
+	plugins.RegisterDefaults(reg)
+	pipe, err := plugins.NewDefault(reg, cfg.Picker, r.view.Load)
 	if err != nil {
+		return nil, err
+	}
+	creds, err := cfg.ShardTLS.DialOption()
+	if err != nil {
+		return nil, err
+	}
+	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits, DialOptions: []grpc.DialOption{creds},
+		Keepalive: cfg.GRPC.KeepaliveMinTime}, pipe, log)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	r.stop = cancel
+	if cfg.Discovery.Addr != "" {
+		c, err := cfg.Discovery.Client()
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		w := discovery.NewWatcher(c, cfg.Discovery, log, r.onSnapshot)
+		go func() {
+			defer close(r.watch)
+			w.Run(ctx)
+		}()
+	} else {
+		close(r.watch)
+	}
+
+	if r.lis, err = net.Listen("tcp", cfg.Listen); err != nil {
+		cancel()
 		return nil, fmt.Errorf("router: listen: %w", err)
 	}
-	r := &Router{lis: lis, done: make(chan error, 1)}
-	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits}, &picker.Static{Shards: shards}, log)
 	if r.srv, r.health, err = grpcserver.New(cfg.GRPC, log); err != nil {
-		_ = lis.Close()
+		cancel()
+		_ = r.lis.Close()
 		return nil, err
 	}
 	loraplexv1.RegisterGenerationServiceServer(r.srv, r.proxy)
-	r.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	r.health.SetServingStatus(loraplexv1.GenerationService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	go func() { r.done <- r.srv.Serve(lis) }()
-	log.Info("router serving", zap.String("addr", lis.Addr().String()), zap.Int("shards", len(shards)))
+	loraplexv1.RegisterAdaptersServiceServer(r.srv, proxy.NewAdapters(r.proxy, r.Shards))
+	for _, name := range []string{"", loraplexv1.GenerationService_ServiceDesc.ServiceName, loraplexv1.AdaptersService_ServiceDesc.ServiceName} {
+		r.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	go func() { r.done <- r.srv.Serve(r.lis) }()
+	log.Info("router serving", zap.String("addr", r.lis.Addr().String()), zap.Int("static_shards", len(static)),
+		zap.String("consul", cfg.Discovery.Addr))
 	return r, nil
+}
+
+// onSnapshot turns a Consul view into the picker's view. Records of shards not (or no longer)
+// healthy are kept out; the proxy drops connections to shards that left.
+func (r *Router) onSnapshot(s discovery.Snapshot) {
+	states := make([]picker.ShardState, 0, len(s.Instances))
+	for _, in := range s.Instances {
+		states = append(states, picker.ShardState{ID: in.ID, Addr: in.Addr, Healthy: true, Record: s.Records[in.ID]})
+	}
+	if err := r.setView(states); err != nil {
+		r.log.Error("ignoring an inconsistent shard view", zap.Error(err))
+		return
+	}
+	r.proxy.Retain(r.Shards())
+}
+
+func (r *Router) setView(states []picker.ShardState) error {
+	v, err := picker.NewView(states)
+	if err != nil {
+		return err
+	}
+	r.view.Store(v)
+	return nil
+}
+
+// Shards lists the shards in the current view.
+func (r *Router) Shards() []picker.Shard {
+	v := r.view.Load()
+	out := make([]picker.Shard, v.Len())
+	for i := range out {
+		out[i] = v.Shard(i).Shard
+	}
+	return out
 }
 
 // Addr is the address the router listens on.
@@ -122,7 +214,9 @@ func (r *Router) Done() <-chan error { return r.done }
 
 // Stop drains in-flight streams until ctx ends, then closes shard connections.
 func (r *Router) Stop(ctx context.Context) {
-	r.health.Shutdown()
+	for _, name := range []string{"", loraplexv1.GenerationService_ServiceDesc.ServiceName, loraplexv1.AdaptersService_ServiceDesc.ServiceName} {
+		r.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
+	}
 	stopped := make(chan struct{})
 	go func() {
 		r.srv.GracefulStop()
@@ -133,5 +227,8 @@ func (r *Router) Stop(ctx context.Context) {
 	case <-ctx.Done():
 		r.srv.Stop()
 	}
+	r.health.Shutdown()
+	r.stop()
+	<-r.watch
 	r.proxy.Close()
 }

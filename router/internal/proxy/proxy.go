@@ -58,6 +58,22 @@ func New(o Options, p picker.Picker, log *zap.Logger) *Proxy {
 	return &Proxy{opts: o, picker: p, log: log, conns: map[string]*grpc.ClientConn{}}
 }
 
+// Retain closes the connections to shards no longer known (addresses not in keep).
+func (p *Proxy) Retain(keep []picker.Shard) {
+	want := make(map[string]bool, len(keep))
+	for _, s := range keep {
+		want[s.Addr] = true
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for addr, c := range p.conns {
+		if !want[addr] {
+			_ = c.Close()
+			delete(p.conns, addr)
+		}
+	}
+}
+
 // Close closes every shard connection.
 func (p *Proxy) Close() {
 	p.mu.Lock()
@@ -69,6 +85,15 @@ func (p *Proxy) Close() {
 }
 
 func (p *Proxy) client(s picker.Shard) (loraplexv1.GenerationServiceClient, error) {
+	c, err := p.conn(s)
+	if err != nil {
+		return nil, err
+	}
+	return loraplexv1.NewGenerationServiceClient(c), nil
+}
+
+// conn returns the pooled connection to a shard, dialing it on first use.
+func (p *Proxy) conn(s picker.Shard) (*grpc.ClientConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	c, ok := p.conns[s.Addr]
@@ -86,7 +111,7 @@ func (p *Proxy) client(s picker.Shard) (loraplexv1.GenerationServiceClient, erro
 		}
 		p.conns[s.Addr] = c
 	}
-	return loraplexv1.NewGenerationServiceClient(c), nil
+	return c, nil
 }
 
 // retryable reports whether another shard may take a request that produced no token yet.

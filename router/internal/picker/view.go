@@ -1,0 +1,244 @@
+package picker
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/loraplex/loraplex/pkg/residency"
+)
+
+// ShardState is what the router knows of one shard: its registration, its health check and its
+// latest residency record (nil while none has arrived).
+type ShardState struct {
+	ID      string
+	Addr    string
+	Healthy bool
+	Record  *residency.Record
+}
+
+// Placement is where a shard holds an adapter, best last: a request finds an adapter on the device
+// ready, in host memory one copy away, loading soon ready.
+type Placement uint8
+
+// Placements.
+const (
+	PlacementNone Placement = iota
+	PlacementLoading
+	PlacementHost
+	PlacementDevice
+)
+
+func (p Placement) String() string {
+	switch p {
+	case PlacementNone:
+		return "none"
+	case PlacementLoading:
+		return "loading"
+	case PlacementHost:
+		return "host"
+	case PlacementDevice:
+		return "device"
+	}
+	return fmt.Sprintf("Placement(%d)", uint8(p))
+}
+
+// ShardInfo is one shard of a View with the figures plugins read, derived once per view.
+type ShardInfo struct {
+	Shard
+	Healthy bool
+	// Record is the shard's residency record, nil when none is known; never modified.
+	Record *residency.Record
+	// InFlight is the record's queued plus running sequences (0 without a record).
+	InFlight int
+	// Capacity is the record's MaxSeqs (0 when unknown).
+	Capacity int
+}
+
+// Load is in-flight sequences per sequence slot; ok is false when the shard's capacity is unknown.
+func (s *ShardInfo) Load() (load float64, ok bool) {
+	if s.Record == nil || s.Capacity <= 0 {
+		return 0, false
+	}
+	return float64(s.InFlight) / float64(s.Capacity), true
+}
+
+// holding is one shard's placement of an adapter.
+type holding struct {
+	shard int32
+	place Placement
+}
+
+// adapterIndex is an adapter's entry in a view.
+type adapterIndex struct {
+	holders []holding // by shard index, each shard once
+	bytes   int64     // largest size any shard reports, 0 when none does
+}
+
+// View is an immutable snapshot of the shards, built once per residency update and shared by every
+// routing decision until the next: a decision reads its adapter's holders from an index, so it
+// costs O(shards), not O(shards * adapters). Shards are ordered by id.
+type View struct {
+	shards       []ShardInfo
+	slot         map[string]int32 // adapter id -> entries index
+	entries      []adapterIndex
+	typicalBytes int64
+}
+
+// NewView builds a view. It takes ownership of the records: nobody may modify them afterwards. A
+// shard without an address takes its record's.
+func NewView(states []ShardState) (*View, error) {
+	v := &View{shards: make([]ShardInfo, 0, len(states))}
+	for _, s := range states {
+		if s.ID == "" {
+			return nil, fmt.Errorf("%w: empty shard id", ErrView)
+		}
+		if s.Record != nil && s.Record.ShardID != "" && s.Record.ShardID != s.ID {
+			return nil, fmt.Errorf("%w: shard %q carries the record of %q", ErrView, s.ID, s.Record.ShardID)
+		}
+		info := ShardInfo{Shard: Shard{ID: s.ID, Addr: s.Addr}, Healthy: s.Healthy, Record: s.Record}
+		if r := s.Record; r != nil {
+			if info.Addr == "" {
+				info.Addr = r.Addr
+			}
+			info.InFlight = max(0, r.QueueDepth) + max(0, r.Running)
+			info.Capacity = max(0, r.MaxSeqs)
+		}
+		v.shards = append(v.shards, info)
+	}
+	slices.SortFunc(v.shards, func(a, b ShardInfo) int { return strings.Compare(a.ID, b.ID) })
+	for i := 1; i < len(v.shards); i++ {
+		if v.shards[i].ID == v.shards[i-1].ID {
+			return nil, fmt.Errorf("%w: shard %q listed twice", ErrView, v.shards[i].ID)
+		}
+	}
+	v.index()
+	return v, nil
+}
+
+// index builds the adapter index in two passes over the records: the first numbers the adapters
+// and counts their holders, the second fills the holders, which all share one allocation.
+func (v *View) index() {
+	total := 0
+	for i := range v.shards {
+		if r := v.shards[i].Record; r != nil {
+			total += len(r.Adapters) + len(r.Loading)
+		}
+	}
+	slot := make(map[string]int32, total/4) // a hint: shards mostly hold the same adapters
+	var counts []int32
+	seen := make([]int32, 0, total) // each entry's adapter number, in record order
+	see := func(id string) {
+		k, ok := slot[id]
+		if !ok {
+			k = int32(len(counts))
+			slot[id] = k
+			counts = append(counts, 0)
+		}
+		counts[k]++
+		seen = append(seen, k)
+	}
+	for i := range v.shards {
+		if r := v.shards[i].Record; r != nil {
+			for _, a := range r.Adapters {
+				see(a.ID)
+			}
+			for _, id := range r.Loading {
+				see(id)
+			}
+		}
+	}
+	entries := make([]adapterIndex, len(counts))
+	all := make([]holding, total)
+	off := 0
+	for k, n := range counts {
+		entries[k].holders = all[off : off : off+int(n)]
+		off += int(n)
+	}
+	var sumBytes, nBytes int64
+	next := 0
+	for i := range v.shards {
+		r := v.shards[i].Record
+		if r == nil {
+			continue
+		}
+		for _, a := range r.Adapters {
+			p := PlacementHost
+			if a.Tier == residency.TierDevice {
+				p = PlacementDevice
+			}
+			e := &entries[seen[next]]
+			next++
+			e.add(int32(i), p)
+			if a.Bytes > 0 {
+				e.bytes = max(e.bytes, a.Bytes)
+				sumBytes += a.Bytes
+				nBytes++
+			}
+		}
+		for range r.Loading {
+			entries[seen[next]].add(int32(i), PlacementLoading)
+			next++
+		}
+	}
+	if nBytes > 0 {
+		v.typicalBytes = sumBytes / nBytes
+	}
+	v.slot, v.entries = slot, entries
+}
+
+// add records a placement, keeping the best one per shard: a record may list an adapter twice (on
+// the host and loading to the device, or a duplicate entry). Shards are added in order, so a
+// repeat is the last holder. The holders' capacity was counted, so append never reallocates.
+func (e *adapterIndex) add(shard int32, p Placement) {
+	if n := len(e.holders); n > 0 && e.holders[n-1].shard == shard {
+		e.holders[n-1].place = max(e.holders[n-1].place, p)
+		return
+	}
+	e.holders = append(e.holders, holding{shard, p})
+}
+
+// lookup returns the adapter's entry, nil when no shard holds it.
+func (v *View) lookup(id string) *adapterIndex {
+	if k, ok := v.slot[id]; ok {
+		return &v.entries[k]
+	}
+	return nil
+}
+
+// Len is the number of shards.
+func (v *View) Len() int { return len(v.shards) }
+
+// Shard returns shard i (0 <= i < Len) in id order; the caller must not modify it.
+func (v *View) Shard(i int) *ShardInfo { return &v.shards[i] }
+
+// Index returns the position of the shard with the given id.
+func (v *View) Index(id string) (int, bool) {
+	return slices.BinarySearchFunc(v.shards, id, func(s ShardInfo, id string) int { return strings.Compare(s.ID, id) })
+}
+
+// Placement returns where shard i holds an adapter. A decision uses its Cycle instead, which looks
+// the adapter up once.
+func (v *View) Placement(adapterID string, i int) Placement {
+	if e := v.lookup(adapterID); e != nil {
+		for _, h := range e.holders {
+			if int(h.shard) == i {
+				return h.place
+			}
+		}
+	}
+	return PlacementNone
+}
+
+// AdapterBytes is the adapter's size as shards report it, or else the mean size of the adapters
+// resident anywhere in the view (0 when the view knows no sizes): what a shard needs free to take
+// the adapter without evicting.
+func (v *View) AdapterBytes(adapterID string) int64 {
+	if e := v.lookup(adapterID); e != nil && e.bytes > 0 {
+		return e.bytes
+	}
+	return v.typicalBytes
+}
+
+// Adapters is the number of distinct adapters resident or loading anywhere in the view.
+func (v *View) Adapters() int { return len(v.entries) }
