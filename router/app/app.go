@@ -33,9 +33,11 @@ type Config struct {
 	Listen string
 	// Shards is the static shard list: "id=host:port" or "host:port" entries. Used when Consul is
 	// not configured.
-	Shards      []string
-	Discovery   discovery.Options
-	Picker      plugins.Options
+	Shards    []string
+	Discovery discovery.Options
+	Picker    plugins.Options
+	// Routing is "affinity" (the picker pipeline) or a baseline: "round-robin", "random".
+	Routing     string
 	MaxAttempts int
 	GRPC        grpcserver.Options
 	// ShardTLS is how the router dials shards.
@@ -45,7 +47,7 @@ type Config struct {
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Listen: "127.0.0.1:50051", MaxAttempts: 2, Discovery: discovery.DefaultOptions(), Picker: plugins.DefaultOptions(),
+	return Config{Listen: "127.0.0.1:50051", Routing: "affinity", MaxAttempts: 2, Discovery: discovery.DefaultOptions(), Picker: plugins.DefaultOptions(),
 		GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
 }
 
@@ -54,6 +56,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "gRPC listen address")
 	fs.Var(cliflag.List{V: &c.Shards}, "shards", "static shard list, comma-separated id=host:port or host:port (without -consul)")
 	fs.IntVar(&c.MaxAttempts, "max-attempts", c.MaxAttempts, "shards tried per request (retries only before the first token)")
+	fs.StringVar(&c.Routing, "routing", c.Routing, "affinity (residency-aware pipeline), or the baselines round-robin and random")
 	c.Discovery.AddFlags(fs)
 	c.Picker.AddFlags(fs)
 	c.GRPC.AddFlags(fs)
@@ -70,6 +73,11 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxAttempts <= 0 {
 		return errors.New("router: -max-attempts must be positive")
+	}
+	switch c.Routing {
+	case "affinity", "round-robin", "random":
+	default:
+		return fmt.Errorf("router: -routing %q: want affinity, round-robin or random", c.Routing)
 	}
 	if err := c.Discovery.Validate(); err != nil {
 		return err
@@ -125,16 +133,23 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 	}
 	reg := picker.NewRegistry()
 	plugins.RegisterDefaults(reg)
-	pipe, err := plugins.NewDefault(reg, cfg.Picker, r.view.Load)
-	if err != nil {
-		return nil, err
+	var pick picker.Picker
+	switch cfg.Routing {
+	case "round-robin":
+		pick = &picker.RoundRobin{View: r.view.Load}
+	case "random":
+		pick = &picker.Random{View: r.view.Load}
+	default:
+		if pick, err = plugins.NewDefault(reg, cfg.Picker, r.view.Load); err != nil {
+			return nil, err
+		}
 	}
 	creds, err := cfg.ShardTLS.DialOption()
 	if err != nil {
 		return nil, err
 	}
 	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits, DialOptions: []grpc.DialOption{creds},
-		Keepalive: cfg.GRPC.KeepaliveMinTime}, pipe, log)
+		Keepalive: cfg.GRPC.KeepaliveMinTime}, pick, log)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	r.stop = cancel
