@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go.opentelemetry.io/otel/metric"
 	"sort"
 	"sync"
 	"time"
@@ -95,6 +96,8 @@ type Options struct {
 	SpaceWait time.Duration
 	// OnEvent receives residency changes in order, outside the cache lock.
 	OnEvent func(Event)
+	// Meter receives the cache's instruments (nil: none).
+	Meter metric.Meter
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 }
@@ -145,9 +148,10 @@ type Stats struct {
 
 // Cache is the two-tier adapter cache of one shard.
 type Cache struct {
-	be   compute.Backend
-	load Loader
-	opts Options
+	be      compute.Backend
+	load    Loader
+	opts    Options
+	metrics *metrics
 
 	mu         sync.Mutex
 	entries    map[string]*entry
@@ -179,10 +183,15 @@ func New(be compute.Backend, load Loader, o Options) (*Cache, error) {
 	}
 	dp, _ := NewPolicy(o.Policy, o.DeviceBytes)
 	hp, _ := NewPolicy(o.Policy, o.HostBytes)
-	return &Cache{
+	c := &Cache{
 		be: be, load: load, opts: o, entries: map[string]*entry{}, devPolicy: dp, hostPolicy: hp,
 		failures: map[string]failure{}, spaceFreed: make(chan struct{}),
-	}, nil
+	}
+	var err error
+	if c.metrics, err = newMetrics(o.Meter, c); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
 // flush delivers queued events outside the cache lock, in order.
@@ -358,7 +367,9 @@ func (c *Cache) fillHost(e *entry, tier Tier) error {
 	if have {
 		return nil
 	}
+	start := time.Now()
 	ld, err := c.load(context.Background(), e.id)
+	c.metrics.loaded(TierHost, time.Since(start), err)
 	if err != nil {
 		return fmt.Errorf("adapter %s: %w", e.id, err)
 	}
@@ -454,7 +465,9 @@ func (c *Cache) fillDevice(e *entry) error {
 	w := e.host
 	c.mu.Unlock()
 
+	start := time.Now()
 	a, err := c.be.UploadAdapter(w)
+	c.metrics.loaded(TierDevice, time.Since(start), err)
 
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -11,12 +11,11 @@ import (
 
 func TestRunRejects(t *testing.T) {
 	ok := routingsim.DefaultConfig()
-	ok.NewPolicy = func(int) routingsim.Policy { return nil }
 	for _, tc := range []struct {
 		name string
 		edit func(*routingsim.Config)
 	}{
-		{"no policy", func(c *routingsim.Config) { c.NewPolicy = nil }},
+		{"unknown policy", func(c *routingsim.Config) { c.Policy = "fifo" }},
 		{"no shards", func(c *routingsim.Config) { c.Shards = 0 }},
 		{"no requests", func(c *routingsim.Config) { c.Requests = 0 }},
 		{"no load", func(c *routingsim.Config) { c.Utilization = 0 }},
@@ -32,20 +31,16 @@ func TestRunRejects(t *testing.T) {
 	}
 }
 
-// small is a quick configuration of the simulation with the shard's LRU.
-func small(t *testing.T) routingsim.Config {
-	if shardPolicy == nil {
-		t.Skip("needs the shard's eviction policy: runs inside TestRoutingSimulation's build")
-	}
+// small is a quick configuration of the simulation.
+func small() routingsim.Config {
 	cfg := routingsim.DefaultConfig()
 	cfg.Warmup, cfg.Requests = 2000, 20000
-	cfg.NewPolicy = func(slots int) routingsim.Policy { return shardPolicy("lru", slots) }
 	return cfg
 }
 
 // TestRunMechanics checks the simulation's bookkeeping on its own terms.
 func TestRunMechanics(t *testing.T) {
-	cfg := small(t)
+	cfg := small()
 	res, err := routingsim.Run(cfg, routingsim.RoundRobin())
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +75,7 @@ func TestRunMechanics(t *testing.T) {
 }
 
 func TestRunUnknownShard(t *testing.T) {
-	cfg := small(t)
+	cfg := small()
 	if _, err := routingsim.Run(cfg, func(*picker.View, picker.Request) string { return "nowhere" }); err == nil {
 		t.Fatal("Run accepted a shard that does not exist")
 	}

@@ -3,8 +3,9 @@
 // device adapter cache of equal-size slots ordered by an eviction Policy, and a router deciding each
 // request from a View rebuilt from the shards' residency records every Refresh seconds (the stale
 // picture a Consul watch gives). It reports the device-tier hit rate against the cache-partition
-// upper bound and the spread of load over shards. Its test drives the real picker pipeline and the
-// shard's real eviction policies. Imported by its own tests and router tools.
+// upper bound and the spread of load over shards. The shards evict with pkg/eviction, the policies
+// the shard's adapter cache runs, and acquire adapters as that cache does; its test routes with
+// the real picker pipeline. Imported by its own tests and router tools.
 package routingsim
 
 import (
@@ -14,18 +15,10 @@ import (
 	"math/rand/v2"
 	"slices"
 
+	"github.com/loraplex/loraplex/pkg/eviction"
 	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/router/internal/picker"
 )
-
-// Policy orders a shard's device adapters for eviction: the method set of the shard's
-// adapters.Policy, which the simulation runs for real.
-type Policy interface {
-	Insert(id string, bytes int64)
-	Touch(id string)
-	Remove(id string)
-	Victims() []string
-}
 
 // Router picks the shard (its id) for a request from a view.
 type Router func(v *picker.View, r picker.Request) string
@@ -43,15 +36,17 @@ type Config struct {
 	Requests    int     // measured requests
 	Refresh     float64 // time between views; 0 rebuilds the view before every request
 	Seed        uint64
-	// NewPolicy returns an empty eviction policy for a device tier of slots adapters.
-	NewPolicy func(slots int) Policy
+	// Policy names the shards' eviction policy as the shard's -adapter-eviction flag does
+	// ("lru", "slru"); the device tier is Slots adapters of one byte each.
+	Policy string
 }
 
-// DefaultConfig is the brief's setting: 1,000 adapters over 8 shards of 32 device slots at 70%
-// utilization, with views 1/20 of a service time old at most.
+// DefaultConfig is the setting the router is tuned for: 1,000 adapters over 8 shards of 32 device
+// slots under the shard's default policy at 70% utilization, with views 1/20 of a service time old
+// at most.
 func DefaultConfig() Config {
 	return Config{Adapters: 1000, ZipfS: 1, Shards: 8, Slots: 32, MaxSeqs: 16, Utilization: 0.7,
-		Warmup: 30_000, Requests: 100_000, Refresh: 0.05, Seed: 1}
+		Warmup: 30_000, Requests: 100_000, Refresh: 0.05, Seed: 1, Policy: "slru"}
 }
 
 // Result is a run's outcome over its measured requests.
@@ -102,7 +97,7 @@ func (r *Result) MaxOverMean() float64 {
 type shard struct {
 	id       string
 	slots    int
-	policy   Policy
+	policy   eviction.Policy
 	resident map[string]bool
 	pins     map[string]int
 	running  int
@@ -148,8 +143,11 @@ func ShardID(i int) string { return fmt.Sprintf("shard-%02d", i) }
 // Run simulates cfg with router choosing shards.
 func Run(cfg Config, router Router) (*Result, error) {
 	if cfg.Adapters <= 0 || cfg.Shards <= 0 || cfg.Slots <= 0 || cfg.MaxSeqs <= 0 || cfg.Requests <= 0 ||
-		!(cfg.Utilization > 0) || cfg.Refresh < 0 || cfg.NewPolicy == nil || router == nil {
+		!(cfg.Utilization > 0) || cfg.Refresh < 0 || router == nil {
 		return nil, fmt.Errorf("routingsim: invalid config %+v", cfg)
+	}
+	if _, err := eviction.New(cfg.Policy, int64(cfg.Slots)); err != nil {
+		return nil, fmt.Errorf("routingsim: %w", err)
 	}
 	// The trace (arrival times, adapters, service times) comes from its own streams, so every
 	// router is measured on the same requests.
@@ -163,7 +161,8 @@ func Run(cfg Config, router Router) (*Result, error) {
 	shards := make([]*shard, cfg.Shards)
 	index := map[string]int{}
 	for i := range shards {
-		shards[i] = &shard{id: ShardID(i), slots: cfg.Slots, policy: cfg.NewPolicy(cfg.Slots), resident: map[string]bool{}, pins: map[string]int{}}
+		policy, _ := eviction.New(cfg.Policy, int64(cfg.Slots))
+		shards[i] = &shard{id: ShardID(i), slots: cfg.Slots, policy: policy, resident: map[string]bool{}, pins: map[string]int{}}
 		index[shards[i].id] = i
 	}
 	rate := cfg.Utilization * float64(cfg.Shards*cfg.MaxSeqs)

@@ -3,11 +3,7 @@ package routingsim_test
 import (
 	"bytes"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"runtime"
-	"strings"
 	"sync"
 	"testing"
 	"text/tabwriter"
@@ -17,14 +13,7 @@ import (
 	"github.com/loraplex/loraplex/router/internal/picker/routingsim"
 )
 
-// shardPolicy makes the shard's eviction policy by name ("lru", "slru") exactly as the shard's
-// adapter cache does (adapters.NewPolicy). It is set only inside the build TestRoutingSimulation
-// makes: Go's internal rule lets nothing outside shard/ import shard/internal/adapters, and
-// nothing outside router/ import the picker, so the test compiles the shard's policy.go, unmodified,
-// into this test binary through a go build overlay (see withShardPolicy).
-var shardPolicy func(name string, slots int) routingsim.Policy
-
-// The brief's target: our pipeline's device hit rate reaches 95% of the cache-partition upper
+// The target: the default pipeline's device hit rate reaches 95% of the cache-partition upper
 // bound with the most loaded shard at most 1.4 times the mean, under the shard's default policy
 // (SLRU), with the same settings for every Zipf exponent. At s = 0.8 the policy itself caps every
 // router near 91% of the bound (the oracle partition, which knows each adapter's popularity, does
@@ -50,12 +39,8 @@ type simulated struct {
 }
 
 func TestRoutingSimulation(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds a second test binary and simulates 2.3 million requests")
-	}
-	if shardPolicy == nil {
-		withShardPolicy(t)
-		return
+	if testing.Short() || raceEnabled {
+		t.Skip("simulates 2.3 million requests: skipped under -short and -race")
 	}
 	var runs []*simulated
 	for _, policy := range []string{"slru", "lru"} {
@@ -76,7 +61,7 @@ func TestRoutingSimulation(t *testing.T) {
 			sem <- struct{}{}
 			defer func() { <-sem }()
 			cfg := simConfig(r.s)
-			cfg.NewPolicy = func(slots int) routingsim.Policy { return shardPolicy(r.policy, slots) }
+			cfg.Policy = r.policy
 			router, err := newRouter(r.router, cfg)
 			if err != nil {
 				r.err = err
@@ -125,7 +110,7 @@ func TestRoutingSimulation(t *testing.T) {
 	}
 }
 
-// simConfig is the brief's setting (routingsim.DefaultConfig) for Zipf exponent s.
+// simConfig is routingsim.DefaultConfig for Zipf exponent s.
 func simConfig(s float64) routingsim.Config {
 	cfg := routingsim.DefaultConfig()
 	cfg.ZipfS = s
@@ -154,61 +139,4 @@ func newRouter(name string, cfg routingsim.Config) (routingsim.Router, error) {
 		return routingsim.Pipeline(p), nil
 	}
 	return nil, fmt.Errorf("unknown router %q", name)
-}
-
-// overlayInit links the shard's policy package, compiled from the overlay, into the test.
-const overlayInit = `package routingsim_test
-
-import (
-	adapters "github.com/loraplex/loraplex/router/internal/picker/routingsim/shardpolicy"
-	"github.com/loraplex/loraplex/router/internal/picker/routingsim"
-)
-
-func init() {
-	shardPolicy = func(name string, slots int) routingsim.Policy {
-		p, err := adapters.NewPolicy(name, int64(slots))
-		if err != nil {
-			panic(err)
-		}
-		return p
-	}
-}
-`
-
-// withShardPolicy reruns TestRoutingSimulation in a test binary built with an overlay that adds
-// two files: shard/internal/adapters/policy.go, byte for byte, as the package
-// routingsim/shardpolicy, and overlayInit. Should policy.go ever depend on the rest of its
-// package or on other internal packages, that build fails here, loudly, rather than the
-// simulation drifting from the shard. (Moving the policies to a package both trees may import,
-// such as pkg/eviction, would let this test import them directly.)
-func withShardPolicy(t *testing.T) {
-	gomod, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		t.Skipf("no go command to build the simulation with the shard's policy: %v", err)
-	}
-	root := filepath.Dir(strings.TrimSpace(string(gomod)))
-	src := filepath.Join(root, "shard", "internal", "adapters", "policy.go")
-	if _, err := os.Stat(src); err != nil {
-		t.Fatalf("the shard's eviction policy: %v", err)
-	}
-	dir := t.TempDir()
-	initFile := filepath.Join(dir, "init_test.go")
-	if err := os.WriteFile(initFile, []byte(overlayInit), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	pkg := filepath.Join(root, "router", "internal", "picker", "routingsim")
-	overlay := fmt.Sprintf(`{"Replace": {%q: %q, %q: %q}}`,
-		filepath.Join(pkg, "shardpolicy", "policy.go"), src,
-		filepath.Join(pkg, "zz_shardpolicy_test.go"), initFile)
-	ov := filepath.Join(dir, "overlay.json")
-	if err := os.WriteFile(ov, []byte(overlay), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("go", "test", "-overlay", ov, "-vet=off", "-count=1", "-v", "-run", "^Test", ".")
-	cmd.Dir = pkg
-	out, err := cmd.CombinedOutput()
-	t.Logf("with the shard's eviction policy (%s):\n%s", src, out)
-	if err != nil {
-		t.Fatalf("simulation: %v", err)
-	}
 }

@@ -1,0 +1,5 @@
+//go:build !race
+
+package routingsim_test
+
+const raceEnabled = false
