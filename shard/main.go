@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/loraplex/loraplex/pkg/telemetry"
 	"github.com/loraplex/loraplex/shard/app"
 )
 
@@ -21,9 +22,17 @@ func main() {
 	fs := flag.NewFlagSet("shard", flag.ExitOnError)
 	cfg.AddFlags(fs)
 	drain := fs.Duration("drain-timeout", 30*time.Second, "how long in-flight streams may run after SIGTERM")
+	tcfg := telemetry.DefaultOptions()
+	tcfg.AddFlags(fs)
 	_ = fs.Parse(os.Args[1:])
-	log, _ := zap.NewProduction()
-	defer func() { _ = log.Sync() }()
+	tel, err := telemetry.Setup(tcfg, "loraplex-shard")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	defer func() { _ = tel.Shutdown(context.Background()) }()
+	log := tel.Log
+	cfg.Telemetry = tel.Providers
 	s, err := app.Start(cfg, log)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -20,6 +21,8 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
+
+	"github.com/loraplex/loraplex/pkg/telemetry"
 )
 
 // Options are the server's limits.
@@ -37,6 +40,8 @@ type Options struct {
 	AdminTokenFile string
 	AdminMethods   []string
 	TLS            TLSOptions
+	// Telemetry instruments the server (otelgrpc spans and metrics); nil: none.
+	Telemetry *telemetry.Providers
 	// Ready, when set, gates every service but health and reflection: until it reports true they
 	// answer UNAVAILABLE (the shard loading its model).
 	Ready func() bool
@@ -88,6 +93,11 @@ func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, 
 	}
 	if creds != nil {
 		extra = append(extra, creds)
+	}
+	if o.Telemetry != nil {
+		extra = append(extra, grpc.StatsHandler(otelgrpc.NewServerHandler(
+			otelgrpc.WithTracerProvider(o.Telemetry.TracerProvider()), otelgrpc.WithMeterProvider(o.Telemetry.MeterProvider()),
+			otelgrpc.WithPropagators(o.Telemetry.Propagator()))))
 	}
 	opts := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(o.MaxRecvMsgBytes),
@@ -168,9 +178,10 @@ func recoverStream(log *zap.Logger) grpc.StreamServerInterceptor {
 	}
 }
 
-func logDone(log *zap.Logger, method string, start time.Time, err error) {
+func logDone(ctx context.Context, log *zap.Logger, method string, start time.Time, err error) {
 	code := status.Code(err)
-	fields := []zap.Field{zap.String("method", method), zap.String("code", code.String()), zap.Duration("elapsed", time.Since(start))}
+	fields := append([]zap.Field{zap.String("method", method), zap.String("code", code.String()), zap.Duration("elapsed", time.Since(start))},
+		telemetry.TraceFields(ctx)...)
 	switch code {
 	case codes.OK:
 		log.Debug("rpc", fields...)
@@ -185,7 +196,7 @@ func logUnary(log *zap.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := h(ctx, req)
-		logDone(log, info.FullMethod, start, err)
+		logDone(ctx, log, info.FullMethod, start, err)
 		return resp, err
 	}
 }
@@ -194,7 +205,7 @@ func logStream(log *zap.Logger) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		start := time.Now()
 		err := h(srv, ss)
-		logDone(log, info.FullMethod, start, err)
+		logDone(ss.Context(), log, info.FullMethod, start, err)
 		return err
 	}
 }

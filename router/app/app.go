@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync/atomic"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -22,6 +23,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/grpcserver"
+	"github.com/loraplex/loraplex/pkg/telemetry"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/router/internal/picker"
 	"github.com/loraplex/loraplex/router/internal/picker/plugins"
@@ -43,6 +45,8 @@ type Config struct {
 	// ShardTLS is how the router dials shards.
 	ShardTLS grpcserver.ClientTLSOptions
 	Limits   genreq.Limits
+	// Telemetry instruments the router (set by main; nil: no traces or metrics).
+	Telemetry *telemetry.Providers
 }
 
 // DefaultConfig returns the defaults.
@@ -148,8 +152,16 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 	if err != nil {
 		return nil, err
 	}
-	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits, DialOptions: []grpc.DialOption{creds},
-		Keepalive: cfg.GRPC.KeepaliveMinTime}, pick, log)
+	tel := cfg.Telemetry
+	dial := []grpc.DialOption{creds, grpc.WithStatsHandler(otelgrpc.NewClientHandler(
+		otelgrpc.WithTracerProvider(tel.TracerProvider()), otelgrpc.WithMeterProvider(tel.MeterProvider()),
+		otelgrpc.WithPropagators(tel.Propagator())))}
+	pm, err := newPickMetrics(tel.MeterProvider().Meter("github.com/loraplex/loraplex/router"), pick, r.view.Load, cfg.Routing)
+	if err != nil {
+		return nil, err
+	}
+	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits, DialOptions: dial,
+		Keepalive: cfg.GRPC.KeepaliveMinTime, OnRetry: pm.retried}, pm, log)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	r.stop = cancel
@@ -172,7 +184,9 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 		cancel()
 		return nil, fmt.Errorf("router: listen: %w", err)
 	}
-	if r.srv, r.health, err = grpcserver.New(cfg.GRPC, log); err != nil {
+	gopts := cfg.GRPC
+	gopts.Telemetry = tel
+	if r.srv, r.health, err = grpcserver.New(gopts, log); err != nil {
 		cancel()
 		_ = r.lis.Close()
 		return nil, err

@@ -24,6 +24,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/grpcserver"
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/residency"
+	"github.com/loraplex/loraplex/pkg/telemetry"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
@@ -54,6 +55,8 @@ type Config struct {
 	Engine       engine.Options
 	GRPC         grpcserver.Options
 	Limits       genreq.Limits
+	// Telemetry instruments the shard (set by main; nil: no traces or metrics).
+	Telemetry *telemetry.Providers
 }
 
 // DefaultConfig returns the defaults.
@@ -166,6 +169,7 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 	gopts := cfg.GRPC
 	gopts.AdminMethods = server.AdminMethods
 	gopts.Ready = s.ready.Load
+	gopts.Telemetry = cfg.Telemetry
 	if s.srv, s.health, err = grpcserver.New(gopts, log); err != nil {
 		return nil, err
 	}
@@ -215,6 +219,7 @@ func (s *Shard) load() (err error) {
 		load = adapters.StoreLoader(s.store, adapters.PEFTOptions(info, cfg.MaxAdapterRank, cfg.MaxAdapterBytes), info.Layers)
 	}
 	copts := cfg.Cache
+	copts.Meter = cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/adapters")
 	onEvent := copts.OnEvent
 	copts.OnEvent = func(ev adapters.Event) {
 		if onEvent != nil {
@@ -232,7 +237,8 @@ func (s *Shard) load() (err error) {
 			return fmt.Errorf("shard: pin adapter %s: %w", id, err)
 		}
 	}
-	if s.eng, err = engine.New(cfg.Engine, s.be, s.model, tok, s.cache, log, nil); err != nil {
+	if s.eng, err = engine.New(cfg.Engine, s.be, s.model, tok, s.cache, log,
+		cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/engine")); err != nil {
 		return err
 	}
 	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log))

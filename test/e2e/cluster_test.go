@@ -87,6 +87,8 @@ type clusterOptions struct {
 	deadShards []string
 	// routerLog replaces the router's logger when set.
 	routerLog *zap.Logger
+	// router adjusts the router's configuration.
+	router func(cfg *routerapp.Config)
 }
 
 // startCluster starts the shards and a router on loopback ports and stops them in t.Cleanup.
@@ -127,6 +129,9 @@ func startCluster(t *testing.T, x extracted, o clusterOptions) *cluster {
 	}
 	rc := routerapp.DefaultConfig()
 	rc.Listen, rc.Shards = "127.0.0.1:0", list
+	if o.router != nil {
+		o.router(&rc)
+	}
 	rlog := log.With(zap.String("component", "router"))
 	if o.routerLog != nil {
 		rlog = o.routerLog

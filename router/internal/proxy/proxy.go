@@ -34,6 +34,8 @@ type Options struct {
 	// DialOptions are added to every connection (credentials; insecure when none given).
 	DialOptions []grpc.DialOption
 	Limits      genreq.Limits
+	// OnRetry, when set, is told of each request moved to another shard.
+	OnRetry func()
 }
 
 // Proxy implements loraplex.v1.GenerationService by relaying to shards.
@@ -114,6 +116,12 @@ func (p *Proxy) conn(s picker.Shard) (*grpc.ClientConn, error) {
 	return c, nil
 }
 
+func (p *Proxy) retried() {
+	if p.opts.OnRetry != nil {
+		p.opts.OnRetry()
+	}
+}
+
 // retryable reports whether another shard may take a request that produced no token yet.
 func retryable(err error) bool {
 	switch status.Code(err) {
@@ -150,6 +158,7 @@ func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*l
 		if resp, err = cl.Generate(ctx, r); err == nil || !retryable(err) || ctx.Err() != nil {
 			return resp, err
 		}
+		p.retried()
 		p.log.Info("retrying on next shard", zap.String("request_id", r.GetRequestId()), zap.String("adapter_id", r.GetAdapterId()),
 			zap.String("shard", s.ID), zap.Int("attempt", i+1), zap.Error(err))
 	}
@@ -169,6 +178,7 @@ func (p *Proxy) GenerateStream(r *loraplexv1.GenerateStreamRequest, out loraplex
 		if err == nil || sent || !retryable(err) || ctx.Err() != nil {
 			return err
 		}
+		p.retried()
 		p.log.Info("retrying stream on next shard", zap.String("request_id", r.GetRequestId()), zap.String("adapter_id", r.GetAdapterId()),
 			zap.String("shard", s.ID), zap.Int("attempt", i+1), zap.Error(err))
 	}

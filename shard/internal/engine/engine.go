@@ -17,7 +17,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/tokenizer"
@@ -290,13 +293,19 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	var ad compute.Adapter
 	release := func() {}
 	if r.AdapterID != "" {
-		a, rel, err := e.adapters.Acquire(ctx, r.AdapterID)
+		actx, span := tracer(ctx).Start(ctx, "adapter.acquire", trace.WithAttributes(attribute.String("adapter.id", r.AdapterID)))
+		a, rel, err := e.adapters.Acquire(actx, r.AdapterID)
 		if err != nil {
+			span.RecordError(err)
+			span.SetStatus(codes.Error, err.Error())
+			span.End()
 			e.mu.Lock()
 			e.loading--
 			e.mu.Unlock()
 			return err
 		}
+		span.SetAttributes(attribute.Int64("adapter.bytes", a.Bytes()))
+		span.End()
 		ad, release = a, rel
 	}
 	ctx, cancel := context.WithCancel(ctx)
@@ -313,7 +322,9 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	e.queue.add(s, false)
 	e.mu.Unlock()
 	e.signal()
-	return s.relay(emit, cancel)
+	err := s.relay(emit, cancel)
+	s.traceSteps(ctx)
+	return err
 }
 
 // loop is the step loop: admit, step, repeat; sleep when idle.

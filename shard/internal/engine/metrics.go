@@ -55,6 +55,9 @@ func newMetrics(m metric.Meter, e *Engine) (*metrics, error) {
 	check(e2)
 	mt.preemptions, e2 = m.Int64Counter("loraplex.engine.preemptions", metric.WithDescription("Sequences preempted to free KV cache blocks."))
 	check(e2)
+	if e2 == nil {
+		mt.preemptions.Add(context.Background(), 0) // exported from the start, not only after the first
+	}
 	queue, e2 := m.Int64ObservableGauge("loraplex.engine.queue.depth", metric.WithDescription("Requests waiting for admission or for their adapter."))
 	check(e2)
 	running, e2 := m.Int64ObservableGauge("loraplex.engine.running", metric.WithDescription("Sequences in the running batch."))

@@ -7,6 +7,9 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/sampling"
@@ -31,7 +34,7 @@ type sequence struct {
 	stops    map[int]bool
 	eos      map[int]bool
 
-	arrived, firstStep, firstToken time.Time
+	arrived, firstStep, firstToken, ended time.Time
 
 	mu     sync.Mutex
 	events []Event
@@ -97,6 +100,7 @@ func (s *sequence) advance(logits []float32) bool {
 		s.pending += s.stream.Flush()
 	}
 	tok.Text, s.pending = s.pending, ""
+	s.ended = now
 	s.push(Event{
 		Tokens: []Token{tok}, Done: true, Finish: finish, StopSequence: stopSeq,
 		PromptTokens: len(s.r.Prompt), GeneratedTokens: generated,
@@ -168,4 +172,28 @@ func (s *sequence) relay(emit func(Event) error, cancel context.CancelFunc) erro
 		}
 		<-s.notify
 	}
+}
+
+// tracer is the engine's tracer from the provider of the caller's span (the gRPC server span).
+func tracer(ctx context.Context) trace.Tracer {
+	return trace.SpanFromContext(ctx).TracerProvider().Tracer("github.com/loraplex/loraplex/shard/internal/engine")
+}
+
+// traceSteps records the request's queue wait, prefill and decode as spans under the caller's span,
+// once the step loop has let go of the sequence (its timestamps no longer change).
+func (s *sequence) traceSteps(ctx context.Context) {
+	if !trace.SpanFromContext(ctx).IsRecording() || s.firstStep.IsZero() {
+		return
+	}
+	t := tracer(ctx)
+	span := func(name string, from, to time.Time, attrs ...attribute.KeyValue) {
+		if from.IsZero() || to.IsZero() {
+			return
+		}
+		_, sp := t.Start(ctx, name, trace.WithTimestamp(from), trace.WithAttributes(attrs...))
+		sp.End(trace.WithTimestamp(to))
+	}
+	span("engine.queue", s.arrived, s.firstStep)
+	span("engine.prefill", s.firstStep, s.firstToken, attribute.Int("prompt.tokens", len(s.r.Prompt)))
+	span("engine.decode", s.firstToken, s.ended, attribute.Int("generated.tokens", len(s.tokens)-len(s.r.Prompt)))
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/peft"
+	"github.com/loraplex/loraplex/pkg/telemetry"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
@@ -156,6 +157,7 @@ func (g *Generation) Generate(ctx context.Context, r *loraplexv1.GenerateRequest
 		}
 		resp.Tokens = append(resp.Tokens, g.tokens(ev.Tokens)...)
 		if ev.Done {
+			g.logDone(ctx, req, ev)
 			resp.FinishReason = finishReasons[ev.Finish]
 			resp.StopSequence = ev.StopSequence
 			resp.Usage = &loraplexv1.Usage{PromptTokens: uint32(ev.PromptTokens), GeneratedTokens: uint32(ev.GeneratedTokens)}
@@ -183,6 +185,7 @@ func (g *Generation) GenerateStream(r *loraplexv1.GenerateStreamRequest, stream 
 			m.StopSequence = ev.StopSequence
 			m.Usage = &loraplexv1.Usage{PromptTokens: uint32(ev.PromptTokens), GeneratedTokens: uint32(ev.GeneratedTokens)}
 			m.Timings = timings(ev.Timings)
+			g.logDone(stream.Context(), req, ev)
 		}
 		return stream.Send(m)
 	})
@@ -190,6 +193,16 @@ func (g *Generation) GenerateStream(r *loraplexv1.GenerateStreamRequest, stream 
 		return g.status(r, err)
 	}
 	return nil
+}
+
+// logDone logs a finished request with its ids, trace and timings.
+func (g *Generation) logDone(ctx context.Context, req *engine.Request, ev engine.Event) {
+	g.log.Info("request finished", append([]zap.Field{
+		zap.String("request_id", req.ID), zap.String("adapter_id", req.AdapterID),
+		zap.Int("prompt_tokens", ev.PromptTokens), zap.Int("generated_tokens", ev.GeneratedTokens),
+		zap.Stringer("finish", finishReasons[ev.Finish]), zap.Duration("queue", ev.Timings.Queue),
+		zap.Duration("ttft", ev.Timings.TTFT), zap.Duration("total", ev.Timings.Total),
+	}, telemetry.TraceFields(ctx)...)...)
 }
 
 // status converts a request's error, logging the ones that are our fault.
