@@ -321,6 +321,7 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	}
 	e.queue.add(s, false)
 	e.mu.Unlock()
+	e.metrics.admitted(r.AdapterID)
 	e.signal()
 	err := s.relay(emit, cancel)
 	s.traceSteps(ctx)

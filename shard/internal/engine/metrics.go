@@ -2,8 +2,11 @@ package engine
 
 import (
 	"context"
+	"sort"
+	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/metric/noop"
 )
@@ -19,7 +22,15 @@ type metrics struct {
 	tpot        metric.Float64Histogram
 	preemptions metric.Int64Counter
 	reg         metric.Registration
+
+	// Requests per adapter, exported for the TopAdapters busiest and summed as "other", so the
+	// number of series stays bounded whatever the number of adapters.
+	mu       sync.Mutex
+	requests map[string]int64
 }
+
+// TopAdapters bounds the per-adapter series.
+const TopAdapters = 20
 
 // latencyBuckets span 1 ms to 60 s, for TTFT and per-token times.
 var latencyBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
@@ -68,6 +79,10 @@ func newMetrics(m metric.Meter, e *Engine) (*metrics, error) {
 	check(e2)
 	adapters, e2 := m.Int64ObservableGauge("loraplex.engine.adapters.running", metric.WithDescription("Distinct adapters in the running batch."))
 	check(e2)
+	perAdapter, e2 := m.Int64ObservableCounter("loraplex.engine.adapter.requests",
+		metric.WithDescription("Requests admitted per adapter: the busiest adapters by name, the rest as \"other\", the base model as \"base\"."))
+	check(e2)
+	mt.requests = map[string]int64{}
 	if err != nil {
 		return nil, err
 	}
@@ -78,8 +93,11 @@ func newMetrics(m metric.Meter, e *Engine) (*metrics, error) {
 		o.ObserveInt64(used, int64(st.TotalBlocks-st.FreeBlocks))
 		o.ObserveInt64(free, int64(st.FreeBlocks))
 		o.ObserveInt64(adapters, int64(st.AdaptersRunning))
+		for id, n := range mt.topRequests() {
+			o.ObserveInt64(perAdapter, n, metric.WithAttributes(attribute.String("adapter", id)))
+		}
 		return nil
-	}, queue, running, used, free, adapters)
+	}, queue, running, used, free, adapters, perAdapter)
 	return &mt, err
 }
 
@@ -97,6 +115,41 @@ func (m *metrics) finished(s *sequence) {
 	if n := len(s.tokens) - len(s.r.Prompt); n > 1 {
 		m.tpot.Record(ctx, time.Since(s.firstToken).Seconds()/float64(n-1))
 	}
+}
+
+// admitted counts a request for an adapter ("" is the base model).
+func (m *metrics) admitted(adapter string) {
+	if adapter == "" {
+		adapter = "base"
+	}
+	m.mu.Lock()
+	m.requests[adapter]++
+	m.mu.Unlock()
+}
+
+// topRequests returns the TopAdapters busiest adapters' counts and the rest under "other".
+func (m *metrics) topRequests() map[string]int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ids := make([]string, 0, len(m.requests))
+	for id := range m.requests {
+		ids = append(ids, id)
+	}
+	sort.Slice(ids, func(i, j int) bool {
+		if m.requests[ids[i]] != m.requests[ids[j]] {
+			return m.requests[ids[i]] > m.requests[ids[j]]
+		}
+		return ids[i] < ids[j]
+	})
+	out := make(map[string]int64, min(len(ids), TopAdapters+1))
+	for i, id := range ids {
+		if i < TopAdapters {
+			out[id] = m.requests[id]
+		} else {
+			out["other"] += m.requests[id]
+		}
+	}
+	return out
 }
 
 func (m *metrics) preempted() { m.preemptions.Add(context.Background(), 1) }

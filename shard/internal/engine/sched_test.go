@@ -204,6 +204,16 @@ func TestMetrics(t *testing.T) {
 	if h, ok := got["loraplex.engine.time_to_first_token"].(metricdata.Histogram[float64]); !ok || h.DataPoints[0].Count != 2 {
 		t.Errorf("ttft histogram = %+v, want 2 observations", got["loraplex.engine.time_to_first_token"])
 	}
+	if s, ok := got["loraplex.engine.adapter.requests"].(metricdata.Sum[int64]); !ok || len(s.DataPoints) != 2 {
+		t.Errorf("per-adapter requests = %+v, want base and qv-r8", got["loraplex.engine.adapter.requests"])
+	} else {
+		for _, dp := range s.DataPoints {
+			id, _ := dp.Attributes.Value("adapter")
+			if (id.AsString() != "base" && id.AsString() != "qv-r8") || dp.Value != 1 {
+				t.Errorf("per-adapter point %v = %d", id.AsString(), dp.Value)
+			}
+		}
+	}
 	if g, ok := got["loraplex.kv.blocks.used"].(metricdata.Gauge[int64]); !ok || g.DataPoints[0].Value != 0 {
 		t.Errorf("kv blocks used after traffic = %+v, want 0", got["loraplex.kv.blocks.used"])
 	}
