@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/loraplex/loraplex/pkg/tinyllama"
+	"github.com/loraplex/loraplex/pkg/demomodel"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	routerapp "github.com/loraplex/loraplex/router/app"
 	shardapp "github.com/loraplex/loraplex/shard/app"
@@ -26,8 +26,10 @@ import (
 
 // devCluster is a router and its shards in one process.
 type devCluster struct {
-	router *routerapp.Router
-	shards []*shardapp.Shard
+	router     *routerapp.Router
+	shards     []*shardapp.Shard
+	modelDir   string
+	adapterDir string
 }
 
 func (c *devCluster) stop() {
@@ -41,32 +43,65 @@ func (c *devCluster) stop() {
 	}
 }
 
-// startDev extracts the embedded model into dir and starts n shards and a router.
-func startDev(dir string, n int, routerAddr string, shardBase int, log *zap.Logger) (*devCluster, error) {
-	modelDir, adapterDir, err := tinyllama.Extract(dir)
+// devOptions say what startDev starts.
+type devOptions struct {
+	dir        string // where the embedded model is extracted
+	shards     int
+	routerAddr string
+	shardBase  int       // first shard port (0: any free port)
+	progress   io.Writer // receives progress lines (nil: none)
+	// adapterDir replaces the shipped adapters as the shards' adapter root.
+	adapterDir string
+	// shard and router adjust the configurations before start (bench --compare, tests).
+	shard  func(i int, cfg *shardapp.Config)
+	router func(cfg *routerapp.Config)
+}
+
+// startDev extracts the embedded model into o.dir and starts the shards and a router.
+func startDev(o devOptions, log *zap.Logger) (*devCluster, error) {
+	progress := func(format string, args ...any) {
+		if o.progress != nil {
+			fmt.Fprintf(o.progress, format, args...)
+		}
+	}
+	progress("extracting the model to %s...\n", o.dir)
+	modelDir, adapterDir, err := demomodel.Extract(o.dir)
 	if err != nil {
 		return nil, err
 	}
-	c := &devCluster{}
+	if o.adapterDir != "" {
+		adapterDir = o.adapterDir
+	}
+	c := &devCluster{modelDir: modelDir, adapterDir: adapterDir}
 	var list []string
-	for i := range n {
+	for i := range o.shards {
 		cfg := shardapp.DefaultConfig()
 		cfg.ModelDir, cfg.AdapterDir = modelDir, adapterDir
 		cfg.ShardID = fmt.Sprintf("shard-%d", i)
 		cfg.Listen = "127.0.0.1:0"
-		if shardBase > 0 {
-			cfg.Listen = fmt.Sprintf("127.0.0.1:%d", shardBase+i)
+		if o.shardBase > 0 {
+			cfg.Listen = fmt.Sprintf("127.0.0.1:%d", o.shardBase+i)
 		}
+		if o.shard != nil {
+			o.shard(i, &cfg)
+		}
+		progress("starting %s (loading the model)...\n", cfg.ShardID)
+		start := time.Now()
 		s, err := shardapp.Start(cfg, log.With(zap.String("shard_id", cfg.ShardID)))
 		if err != nil {
 			c.stop()
 			return nil, err
 		}
+		progress("%s ready on %s in %v\n", cfg.ShardID, s.Addr(), time.Since(start).Round(time.Millisecond))
 		c.shards = append(c.shards, s)
 		list = append(list, cfg.ShardID+"="+s.Addr())
 	}
 	rc := routerapp.DefaultConfig()
-	rc.Listen, rc.Shards = routerAddr, list
+	rc.Listen, rc.Shards = o.routerAddr, list
+	if o.router != nil {
+		o.router(&rc)
+	}
+	progress("starting the router on %s...\n", rc.Listen)
 	if c.router, err = routerapp.Start(rc, log.With(zap.String("component", "router"))); err != nil {
 		c.stop()
 		return nil, err
@@ -81,7 +116,7 @@ func runDev(args []string, out io.Writer) error {
 	shardBase := fs.Int("shard-port", 50061, "first shard port (0: any free port)")
 	dir := fs.String("dir", "", "where to extract the embedded model (default: a folder under the user cache)")
 	demo := fs.Bool("demo", false, "send the demo requests, print them and exit")
-	prompt := fs.String("prompt", "def main(argv):\n    ", "demo prompt")
+	input := fs.String("input", "the happy dog reads 42 book today", "demo input; every adapter transforms it its own way")
 	verbose := fs.Bool("v", false, "log every RPC")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -94,7 +129,7 @@ func runDev(args []string, out io.Writer) error {
 		if err != nil {
 			base = os.TempDir()
 		}
-		*dir = filepath.Join(base, "loraplex", "tinyllama")
+		*dir = filepath.Join(base, "loraplex", "demomodel")
 	}
 	lc := zap.NewDevelopmentConfig()
 	lc.Level = zap.NewAtomicLevelAt(zap.WarnLevel)
@@ -105,8 +140,8 @@ func runDev(args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "Starting a router and %d shards on the CPU with the embedded tiny Llama (%s)...\n", *shards, *dir)
-	c, err := startDev(*dir, *shards, *listen, *shardBase, log)
+	fmt.Fprintf(out, "Starting a router and %d shards on the CPU with the embedded demo model (%s)...\n", *shards, *dir)
+	c, err := startDev(devOptions{dir: *dir, shards: *shards, routerAddr: *listen, shardBase: *shardBase, progress: out}, log)
 	if err != nil {
 		return err
 	}
@@ -115,18 +150,27 @@ func runDev(args []string, out io.Writer) error {
 	for i, s := range c.shards {
 		fmt.Fprintf(out, "shard-%d %s\n", i, s.Addr())
 	}
-	if err := demoRequests(c.router.Addr(), *prompt, out); err != nil {
+	if err := demoRequests(c.router.Addr(), demomodel.Prompt(*input), out); err != nil {
 		return err
 	}
 	if *demo {
 		return nil
 	}
+	routerFlag := ""
+	if c.router.Addr() != defaultAddr {
+		routerFlag = " --addr " + c.router.Addr()
+	}
 	fmt.Fprintf(out, `
 Serving until Ctrl-C. Try:
-  grpcurl -plaintext -d '{"adapter_id":"qv-r8","text":"def main(argv):","stopping":{"max_new_tokens":24}}' \
+  grpcurl -plaintext -d '{"adapter_id":"reverse","text":"the cat sings 7 songs =>","stopping":{"max_new_tokens":32}}' \
     %s loraplex.v1.GenerationService/GenerateStream
 Adapters: %s (empty adapter_id = base model)
-`, c.router.Addr(), strings.Join(tinyllama.Adapters, ", "))
+Or the CLI, from another terminal:
+  loraplex generate%[3]s --adapter reverse 'the cat sings 7 songs =>'
+  loraplex shards%[3]s  # who holds what, through the router
+  loraplex adapters list --addr %[4]s  # one shard's cache
+  loraplex bench%[3]s --rate 20 --duration 10s --adapter-list %[5]s
+`, c.router.Addr(), strings.Join(demomodel.Adapters(), ", "), routerFlag, c.shards[0].Addr(), strings.Join(demomodel.Adapters(), ","))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	<-ctx.Done()
@@ -142,7 +186,7 @@ func demoRequests(addr, prompt string, out io.Writer) error {
 	}
 	defer conn.Close()
 	cl := loraplexv1.NewGenerationServiceClient(conn)
-	ids := append([]string{""}, tinyllama.Adapters...)
+	ids := append([]string{""}, demomodel.Adapters()...)
 	type result struct {
 		text, shard string
 		tokens      int
@@ -160,7 +204,7 @@ func demoRequests(addr, prompt string, out io.Writer) error {
 			st, err := cl.GenerateStream(ctx, &loraplexv1.GenerateStreamRequest{
 				RequestId: fmt.Sprintf("demo-%d", i), AdapterId: id,
 				Prompt:   &loraplexv1.GenerateStreamRequest_Text{Text: prompt},
-				Stopping: &loraplexv1.StoppingCriteria{MaxNewTokens: 32},
+				Stopping: &loraplexv1.StoppingCriteria{MaxNewTokens: 64},
 			})
 			if err != nil {
 				results[i].err = err
@@ -189,7 +233,7 @@ func demoRequests(addr, prompt string, out io.Writer) error {
 		}()
 	}
 	wg.Wait()
-	fmt.Fprintf(out, "\nPrompt: %q, sent for the base model and %d adapters at once through the router:\n", prompt, len(tinyllama.Adapters))
+	fmt.Fprintf(out, "\nPrompt: %q, sent for the base model and %d adapters at once through the router:\n", prompt, len(demomodel.Adapters()))
 	for i, id := range ids {
 		name := id
 		if name == "" {
@@ -200,7 +244,7 @@ func demoRequests(addr, prompt string, out io.Writer) error {
 			fmt.Fprintf(out, "  %-16s error: %v\n", name, r.err)
 			continue
 		}
-		fmt.Fprintf(out, "  %-16s on %-7s %2d tokens, first after %-8v %q\n", name, r.shard, r.tokens, r.ttft.Round(time.Microsecond*100), r.text)
+		fmt.Fprintf(out, "  %-13s on %-7s %2d tokens, first after %-8v %q\n", name, r.shard, r.tokens, r.ttft.Round(time.Microsecond*100), strings.TrimSpace(r.text))
 	}
 	for _, r := range results {
 		if r.err != nil {
