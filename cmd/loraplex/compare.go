@@ -19,8 +19,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/loraplex/loraplex/pkg/telemetry"
 	"github.com/loraplex/loraplex/pkg/demomodel"
+	"github.com/loraplex/loraplex/pkg/telemetry"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	routerapp "github.com/loraplex/loraplex/router/app"
 	shardapp "github.com/loraplex/loraplex/shard/app"
