@@ -11,7 +11,9 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.uber.org/zap"
@@ -38,6 +40,10 @@ type Config struct {
 	Shards    []string
 	Discovery discovery.Options
 	Picker    plugins.Options
+	// EmptyViewGrace is how long a Consul view with no shard at all is ignored.
+	EmptyViewGrace time.Duration
+	// ShardCloseGrace keeps connections to shards that left the view open for their streams.
+	ShardCloseGrace time.Duration
 	// Routing is "affinity" (the picker pipeline) or a baseline: "round-robin", "random".
 	Routing     string
 	MaxAttempts int
@@ -51,7 +57,7 @@ type Config struct {
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Listen: "127.0.0.1:50051", Routing: "affinity", MaxAttempts: 2, Discovery: discovery.DefaultOptions(), Picker: plugins.DefaultOptions(),
+	return Config{Listen: "127.0.0.1:50051", Routing: "affinity", MaxAttempts: 2, EmptyViewGrace: 15 * time.Second, ShardCloseGrace: 2 * time.Minute, Discovery: discovery.DefaultOptions(), Picker: plugins.DefaultOptions(),
 		GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
 }
 
@@ -60,6 +66,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "gRPC listen address")
 	fs.Var(cliflag.List{V: &c.Shards}, "shards", "static shard list, comma-separated id=host:port or host:port (without -consul)")
 	fs.IntVar(&c.MaxAttempts, "max-attempts", c.MaxAttempts, "shards tried per request (retries only before the first token)")
+	fs.DurationVar(&c.EmptyViewGrace, "empty-view-grace", c.EmptyViewGrace, "how long to keep the last view when Consul suddenly lists no shard")
+	fs.DurationVar(&c.ShardCloseGrace, "shard-close-grace", c.ShardCloseGrace, "how long connections to shards that left stay open for their streams (>= the shards' drain timeout)")
 	fs.StringVar(&c.Routing, "routing", c.Routing, "affinity (residency-aware pipeline), or the baselines round-robin and random")
 	c.Discovery.AddFlags(fs)
 	c.Picker.AddFlags(fs)
@@ -123,6 +131,11 @@ type Router struct {
 	view   atomic.Pointer[picker.View]
 	stop   context.CancelFunc
 	watch  chan struct{}
+
+	watcher    *discovery.Watcher
+	snapMu     sync.Mutex // serializes onSnapshot (watcher callbacks and rechecks)
+	emptySince time.Time
+	emptyGrace time.Duration
 }
 
 // Start serves until Stop.
@@ -130,7 +143,7 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	r = &Router{log: log, done: make(chan error, 1), watch: make(chan struct{})}
+	r = &Router{log: log, done: make(chan error, 1), watch: make(chan struct{}), emptyGrace: cfg.EmptyViewGrace}
 	static, _ := cfg.staticShards()
 	if err := r.setView(static); err != nil {
 		return nil, err
@@ -161,7 +174,7 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 		return nil, err
 	}
 	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits, DialOptions: dial,
-		Keepalive: cfg.GRPC.KeepaliveMinTime, OnRetry: pm.retried}, pm, log)
+		Keepalive: cfg.GRPC.KeepaliveMinTime, OnRetry: pm.retried, CloseGrace: cfg.ShardCloseGrace}, pm, log)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	r.stop = cancel
@@ -172,6 +185,7 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 			return nil, err
 		}
 		w := discovery.NewWatcher(c, cfg.Discovery, log, r.onSnapshot)
+		r.watcher = w
 		go func() {
 			defer close(r.watch)
 			w.Run(ctx)
@@ -203,8 +217,36 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 }
 
 // onSnapshot turns a Consul view into the picker's view. Records of shards not (or no longer)
-// healthy are kept out; the proxy drops connections to shards that left.
+// healthy are kept out; the proxy drops connections to shards that left. A view in which every
+// shard vanished at once (typically a restarted Consul agent before the shards re-register) is not
+// installed for EmptyViewGrace: the router keeps routing on its last view, and its retries cover
+// shards that really died.
 func (r *Router) onSnapshot(s discovery.Snapshot) {
+	r.snapMu.Lock()
+	defer r.snapMu.Unlock()
+	if len(s.Instances) == 0 && r.view.Load().Len() > 0 {
+		if r.emptySince.IsZero() {
+			r.emptySince = time.Now()
+		}
+		if time.Since(r.emptySince) < r.emptyGrace {
+			r.log.Warn("consul lists no shard; keeping the last view for now", zap.Duration("grace", r.emptyGrace))
+			time.AfterFunc(r.emptyGrace, func() { r.recheck() })
+			return
+		}
+	} else {
+		r.emptySince = time.Time{}
+	}
+	r.install(s)
+}
+
+// recheck installs the watcher's current snapshot (once an empty view outlasted its grace).
+func (r *Router) recheck() {
+	if r.watcher != nil {
+		r.onSnapshot(r.watcher.Snapshot())
+	}
+}
+
+func (r *Router) install(s discovery.Snapshot) {
 	states := make([]picker.ShardState, 0, len(s.Instances))
 	for _, in := range s.Instances {
 		states = append(states, picker.ShardState{ID: in.ID, Addr: in.Addr, Healthy: true, Record: s.Records[in.ID]})

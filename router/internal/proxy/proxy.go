@@ -36,6 +36,9 @@ type Options struct {
 	Limits      genreq.Limits
 	// OnRetry, when set, is told of each request moved to another shard.
 	OnRetry func()
+	// CloseGrace is how long a connection to a shard that left the view stays open for the streams
+	// still on it (at least the shards' drain timeout).
+	CloseGrace time.Duration
 }
 
 // Proxy implements loraplex.v1.GenerationService by relaying to shards.
@@ -57,10 +60,15 @@ func New(o Options, p picker.Picker, log *zap.Logger) *Proxy {
 	if o.Keepalive <= 0 {
 		o.Keepalive = 30 * time.Second
 	}
+	if o.CloseGrace <= 0 {
+		o.CloseGrace = 2 * time.Minute
+	}
 	return &Proxy{opts: o, picker: p, log: log, conns: map[string]*grpc.ClientConn{}}
 }
 
-// Retain closes the connections to shards no longer known (addresses not in keep).
+// Retain drops the connections to shards no longer known (addresses not in keep) from the pool.
+// Closing a connection cancels its RPCs, so a dropped connection is closed only after CloseGrace:
+// streams to a draining shard finish first.
 func (p *Proxy) Retain(keep []picker.Shard) {
 	want := make(map[string]bool, len(keep))
 	for _, s := range keep {
@@ -70,8 +78,8 @@ func (p *Proxy) Retain(keep []picker.Shard) {
 	defer p.mu.Unlock()
 	for addr, c := range p.conns {
 		if !want[addr] {
-			_ = c.Close()
 			delete(p.conns, addr)
+			time.AfterFunc(p.opts.CloseGrace, func() { _ = c.Close() })
 		}
 	}
 }
