@@ -175,10 +175,14 @@ func TestAdaptersList(t *testing.T) {
 	}
 
 	s.generateWith(t, "qv-r8")
-	_, byID = s.list(t)
+	resp, byID = s.list(t)
 	a = byID["qv-r8"]
 	if a.GetLoads() != 1 || a.GetHits() != 1 {
 		t.Errorf("qv-r8 after two requests: loads %d hits %d, want 1 and 1", a.GetLoads(), a.GetHits())
+	}
+	if resp.GetMisses() != 1 || resp.GetDeviceHits() != 1 || resp.GetHostHits() != 0 || resp.GetEvictions() != 0 {
+		t.Errorf("shard counters after a miss and a hit: misses %d device hits %d host hits %d evictions %d",
+			resp.GetMisses(), resp.GetDeviceHits(), resp.GetHostHits(), resp.GetEvictions())
 	}
 	if a.GetLastUsed().AsTime().Before(first.AsTime()) {
 		t.Errorf("qv-r8: last_used went back from %v to %v", first.AsTime(), a.GetLastUsed().AsTime())

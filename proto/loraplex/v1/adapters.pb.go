@@ -266,8 +266,14 @@ type ListAdaptersResponse struct {
 	HostBytesUsed     uint64                 `protobuf:"varint,4,opt,name=host_bytes_used,json=hostBytesUsed,proto3" json:"host_bytes_used,omitempty"`
 	HostBytesBudget   uint64                 `protobuf:"varint,5,opt,name=host_bytes_budget,json=hostBytesBudget,proto3" json:"host_bytes_budget,omitempty"`
 	ShardId           string                 `protobuf:"bytes,6,opt,name=shard_id,json=shardId,proto3" json:"shard_id,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Cache outcomes since the shard started (summed over shards in the router's view): requests served
+	// from the device tier, promoted from the host tier, and read from the store; evictions from any tier.
+	DeviceHits    uint64 `protobuf:"varint,7,opt,name=device_hits,json=deviceHits,proto3" json:"device_hits,omitempty"`
+	HostHits      uint64 `protobuf:"varint,8,opt,name=host_hits,json=hostHits,proto3" json:"host_hits,omitempty"`
+	Misses        uint64 `protobuf:"varint,9,opt,name=misses,proto3" json:"misses,omitempty"`
+	Evictions     uint64 `protobuf:"varint,10,opt,name=evictions,proto3" json:"evictions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListAdaptersResponse) Reset() {
@@ -340,6 +346,34 @@ func (x *ListAdaptersResponse) GetShardId() string {
 		return x.ShardId
 	}
 	return ""
+}
+
+func (x *ListAdaptersResponse) GetDeviceHits() uint64 {
+	if x != nil {
+		return x.DeviceHits
+	}
+	return 0
+}
+
+func (x *ListAdaptersResponse) GetHostHits() uint64 {
+	if x != nil {
+		return x.HostHits
+	}
+	return 0
+}
+
+func (x *ListAdaptersResponse) GetMisses() uint64 {
+	if x != nil {
+		return x.Misses
+	}
+	return 0
+}
+
+func (x *ListAdaptersResponse) GetEvictions() uint64 {
+	if x != nil {
+		return x.Evictions
+	}
+	return 0
 }
 
 // LoadAdapterRequest warms an adapter.
@@ -717,14 +751,20 @@ const file_loraplex_v1_adapters_proto_rawDesc = "" +
 	"\x05loads\x18\v \x01(\x04R\x05loads\x12\x12\n" +
 	"\x04hits\x18\f \x01(\x04R\x04hits\x12\x19\n" +
 	"\bshard_id\x18\r \x01(\tR\ashardId\"\x15\n" +
-	"\x13ListAdaptersRequest\"\x97\x02\n" +
+	"\x13ListAdaptersRequest\"\x8b\x03\n" +
 	"\x14ListAdaptersResponse\x124\n" +
 	"\badapters\x18\x01 \x03(\v2\x18.loraplex.v1.AdapterInfoR\badapters\x12*\n" +
 	"\x11device_bytes_used\x18\x02 \x01(\x04R\x0fdeviceBytesUsed\x12.\n" +
 	"\x13device_bytes_budget\x18\x03 \x01(\x04R\x11deviceBytesBudget\x12&\n" +
 	"\x0fhost_bytes_used\x18\x04 \x01(\x04R\rhostBytesUsed\x12*\n" +
 	"\x11host_bytes_budget\x18\x05 \x01(\x04R\x0fhostBytesBudget\x12\x19\n" +
-	"\bshard_id\x18\x06 \x01(\tR\ashardId\"Z\n" +
+	"\bshard_id\x18\x06 \x01(\tR\ashardId\x12\x1f\n" +
+	"\vdevice_hits\x18\a \x01(\x04R\n" +
+	"deviceHits\x12\x1b\n" +
+	"\thost_hits\x18\b \x01(\x04R\bhostHits\x12\x16\n" +
+	"\x06misses\x18\t \x01(\x04R\x06misses\x12\x1c\n" +
+	"\tevictions\x18\n" +
+	" \x01(\x04R\tevictions\"Z\n" +
 	"\x12LoadAdapterRequest\x12\x1d\n" +
 	"\n" +
 	"adapter_id\x18\x01 \x01(\tR\tadapterId\x12%\n" +

@@ -69,6 +69,10 @@ func (a *Adapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersR
 			out.DeviceBytesBudget += resp.GetDeviceBytesBudget()
 			out.HostBytesUsed += resp.GetHostBytesUsed()
 			out.HostBytesBudget += resp.GetHostBytesBudget()
+			out.DeviceHits += resp.GetDeviceHits()
+			out.HostHits += resp.GetHostHits()
+			out.Misses += resp.GetMisses()
+			out.Evictions += resp.GetEvictions()
 		})
 	}
 	wg.Wait()

@@ -72,6 +72,7 @@ func (s *Adapters) ListAdapters(context.Context, *loraplexv1.ListAdaptersRequest
 	resp := &loraplexv1.ListAdaptersResponse{
 		DeviceBytesUsed: uint64(st.DeviceUsed), DeviceBytesBudget: uint64(st.DeviceBudget),
 		HostBytesUsed: uint64(st.HostUsed), HostBytesBudget: uint64(st.HostBudget), ShardId: s.shardID,
+		DeviceHits: uint64(st.DeviceHits), HostHits: uint64(st.HostHits), Misses: uint64(st.Misses), Evictions: uint64(st.Evictions),
 	}
 	for _, in := range s.cache.Snapshot() {
 		resp.Adapters = append(resp.Adapters, s.info(in))
