@@ -1,11 +1,12 @@
-// Package eviction holds the eviction policies of Loraplex's adapter caches: LRU and a
-// scan-resistant segmented LRU. The shard's adapter cache evicts with them and the router's routing
+// Package eviction holds the eviction policies of Loraplex's adapter caches: LRU, a scan-resistant
+// segmented LRU, and a frequency-based policy with decay (TinyLFU-style). The shard's adapter cache evicts with them and the router's routing
 // simulation models shard caches with the very same code. Importable by shard, router and tools.
 package eviction
 
 import (
 	"container/list"
 	"fmt"
+	"sort"
 )
 
 // Policy orders a tier's adapters for eviction. The cache calls it under its lock; implementations
@@ -21,15 +22,17 @@ type Policy interface {
 	Victims() []string
 }
 
-// New returns the policy named "lru" or "slru" for a tier of budget bytes.
+// New returns the policy named "lru", "slru" or "lfu" for a tier of budget bytes.
 func New(name string, budget int64) (Policy, error) {
 	switch name {
 	case "lru":
 		return NewLRU(), nil
 	case "slru":
 		return NewSLRU(budget, 0.8), nil
+	case "lfu":
+		return NewLFU(), nil
 	}
-	return nil, fmt.Errorf("eviction: policy %q (want lru or slru)", name)
+	return nil, fmt.Errorf("eviction: policy %q (want lru, slru or lfu)", name)
 }
 
 // LRU evicts the least recently used adapter first.
@@ -138,4 +141,77 @@ func (p *SLRU) Remove(id string) {
 // Victims implements Policy.
 func (p *SLRU) Victims() []string {
 	return append(p.probation.Victims(), p.protected.Victims()...)
+}
+
+// LFU evicts the adapter used least often lately, the least recently used first among equals. It
+// counts uses of every adapter it has seen, resident or not (as TinyLFU's frequency sketch does, but
+// exactly, in a bounded map), so a popular adapter that was evicted is recognized when it returns,
+// while a long tail of one-off adapters only ever competes with itself. Counts halve every
+// sampling window so popularity can shift.
+type LFU struct {
+	freq     map[string]uint32 // uses, resident or not
+	resident map[string]uint64 // id -> tick of last use
+	tick     uint64
+	events   int
+}
+
+// lfuMaxHistory bounds the adapters whose counts are remembered.
+const lfuMaxHistory = 1 << 16
+
+var _ Policy = (*LFU)(nil)
+
+// NewLFU returns an empty frequency-based policy.
+func NewLFU() *LFU { return &LFU{freq: map[string]uint32{}, resident: map[string]uint64{}} }
+
+func (p *LFU) record(id string) {
+	p.tick++
+	if p.freq[id] < 1<<30 {
+		p.freq[id]++
+	}
+	p.events++
+	if window := max(1024, 16*len(p.resident)); p.events >= window || len(p.freq) > lfuMaxHistory {
+		p.events = 0
+		for k, v := range p.freq {
+			if v /= 2; v == 0 {
+				if _, ok := p.resident[k]; !ok {
+					delete(p.freq, k)
+					continue
+				}
+			}
+			p.freq[k] = v
+		}
+	}
+}
+
+// Insert implements Policy.
+func (p *LFU) Insert(id string, _ int64) {
+	p.record(id)
+	p.resident[id] = p.tick
+}
+
+// Touch implements Policy.
+func (p *LFU) Touch(id string) {
+	if _, ok := p.resident[id]; ok {
+		p.record(id)
+		p.resident[id] = p.tick
+	}
+}
+
+// Remove implements Policy.
+func (p *LFU) Remove(id string) { delete(p.resident, id) }
+
+// Victims implements Policy.
+func (p *LFU) Victims() []string {
+	out := make([]string, 0, len(p.resident))
+	for id := range p.resident {
+		out = append(out, id)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		fi, fj := p.freq[out[i]], p.freq[out[j]]
+		if fi != fj {
+			return fi < fj
+		}
+		return p.resident[out[i]] < p.resident[out[j]]
+	})
+	return out
 }

@@ -78,7 +78,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Int64Var(&c.MaxAdapterBytes, "max-adapter-bytes", c.MaxAdapterBytes, "largest adapter accepted, in bytes of float32 weights")
 	fs.Int64Var(&c.Cache.DeviceBytes, "adapter-device-bytes", c.Cache.DeviceBytes, "device tier budget for adapter weights")
 	fs.Int64Var(&c.Cache.HostBytes, "adapter-host-bytes", c.Cache.HostBytes, "host tier budget for parsed adapter weights (0: keep none)")
-	fs.StringVar(&c.Cache.Policy, "adapter-eviction", c.Cache.Policy, "adapter eviction policy: lru or slru (scan-resistant)")
+	fs.StringVar(&c.Cache.Policy, "adapter-eviction", c.Cache.Policy, "adapter eviction policy: lfu (frequency with decay; keeps popular adapters through long tails), slru (scan-resistant) or lru")
 	fs.Var(cliflag.List{V: &c.Pinned}, "pin-adapters", "comma-separated adapter ids loaded at start and never evicted")
 	fs.Int64Var(&c.MemoryBudget, "memory-budget", c.MemoryBudget, "bytes the backend may hold (0: unbounded)")
 	fs.IntVar(&c.Engine.MaxSeqs, "max-seqs", c.Engine.MaxSeqs, "sequences in the running batch")

@@ -2,7 +2,7 @@
 // budget: the device tier (backend memory the kernels read) and the host tier (parsed weights ready
 // to copy), above the store (the adapter root folder). Acquire pins an adapter on the device for a
 // sequence, loading it if needed in the background: concurrent acquires share one load, a load never
-// blocks the engine's step loop, eviction (a pluggable Policy: LRU or scan-resistant segmented LRU)
+// blocks the engine's step loop, eviction (a pluggable Policy: LRU, scan-resistant segmented LRU, or frequency-based LFU with decay, the default)
 // only touches unpinned adapters and the budgets are never exceeded. A failed load fails only the
 // requests waiting for that adapter and is remembered briefly. Residency changes are reported as
 // events for the distributed layer. Imported by the shard's engine wiring and servers.
@@ -104,7 +104,7 @@ type Options struct {
 
 // DefaultOptions are sized for the CPU backend.
 func DefaultOptions() Options {
-	return Options{DeviceBytes: 512 << 20, HostBytes: 1 << 30, Policy: "slru", FailureTTL: 5 * time.Second, SpaceWait: 10 * time.Second}
+	return Options{DeviceBytes: 512 << 20, HostBytes: 1 << 30, Policy: "lfu", FailureTTL: 5 * time.Second, SpaceWait: 10 * time.Second}
 }
 
 // Validate checks the options.

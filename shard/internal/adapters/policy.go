@@ -6,7 +6,7 @@ import "github.com/loraplex/loraplex/pkg/eviction"
 // routing simulation can model shard caches with the same code.
 type Policy = eviction.Policy
 
-// NewPolicy returns the policy named "lru" or "slru" for a tier of budget bytes.
+// NewPolicy returns the policy named "lru", "slru" or "lfu" for a tier of budget bytes.
 func NewPolicy(name string, budget int64) (Policy, error) { return eviction.New(name, budget) }
 
 // The policies, under their eviction names.

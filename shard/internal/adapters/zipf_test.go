@@ -79,8 +79,12 @@ func TestZipfHitRate(t *testing.T) {
 	trace := zipfTrace()
 	lru := deviceHitRate(t, "lru", trace)
 	slru := deviceHitRate(t, "slru", trace)
-	t.Logf("zipf hit rate: %d hot adapters (s=%.1f), %.0f%% one-off requests, %d requests, device tier %d adapters, no host tier: lru %.2f%%, slru %.2f%%",
-		zipfHot, zipfS, 100*zipfOneOff, zipfRequests, zipfSlots, 100*lru, 100*slru)
+	lfu := deviceHitRate(t, "lfu", trace)
+	t.Logf("zipf hit rate: %d hot adapters (s=%.1f), %.0f%% one-off requests, %d requests, device tier %d adapters, no host tier: lru %.2f%%, slru %.2f%%, lfu %.2f%%",
+		zipfHot, zipfS, 100*zipfOneOff, zipfRequests, zipfSlots, 100*lru, 100*slru, 100*lfu)
+	if lfu < slru {
+		t.Errorf("lfu hit rate %.2f%% below slru's %.2f%%", 100*lfu, 100*slru)
+	}
 	// Seeded trace: lru 29.77%, slru 41.56%.
 	if slru-lru < 0.10 {
 		t.Errorf("slru hit rate %.2f%% is not clearly above lru's %.2f%%", 100*slru, 100*lru)
@@ -89,7 +93,7 @@ func TestZipfHitRate(t *testing.T) {
 
 func BenchmarkZipfHitRate(b *testing.B) {
 	trace := zipfTrace()
-	for _, policy := range []string{"lru", "slru"} {
+	for _, policy := range []string{"lru", "slru", "lfu"} {
 		b.Run(policy, func(b *testing.B) {
 			var rate float64
 			for b.Loop() {

@@ -37,7 +37,7 @@ type Config struct {
 	Refresh     float64 // time between views; 0 rebuilds the view before every request
 	Seed        uint64
 	// Policy names the shards' eviction policy as the shard's -adapter-eviction flag does
-	// ("lru", "slru"); the device tier is Slots adapters of one byte each.
+	// ("lru", "slru", "lfu"); the device tier is Slots adapters of one byte each.
 	Policy string
 }
 
@@ -46,7 +46,7 @@ type Config struct {
 // at most.
 func DefaultConfig() Config {
 	return Config{Adapters: 1000, ZipfS: 1, Shards: 8, Slots: 32, MaxSeqs: 16, Utilization: 0.7,
-		Warmup: 30_000, Requests: 100_000, Refresh: 0.05, Seed: 1, Policy: "slru"}
+		Warmup: 30_000, Requests: 100_000, Refresh: 0.05, Seed: 1, Policy: "lfu"}
 }
 
 // Result is a run's outcome over its measured requests.
