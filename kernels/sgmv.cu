@@ -1,0 +1,531 @@
+// sgmv.cu: segmented LoRA shrink and expand (see loraplex_kernels.h for the contract).
+//
+// Both halves are memory-bound: at decode sizes each segment holds a few tokens, so the bytes are
+// the adapters' A and B, read once, plus x and the read-modify-write of y. The kernels therefore
+// aim at DRAM bandwidth: 16-byte loads of whole rows, many independent loads in flight per thread,
+// and a grid wide enough to keep every SM busy even when a step holds only a few segments.
+//
+// shrink  block = (segment, SHRINK_RB rank rows, SHRINK_TT tokens). Its 8 warps split in_features
+//         (split-K inside the block); each lane keeps RB x TT partial dot products over 16-byte loads
+//         of A and x (two K steps in flight, later steps prefetched into L2), reduced by warp
+//         shuffles and then across warps in shared memory. A is read once per token tile.
+// expand  block = (segment, column slice, EXPAND_TT tokens); the tile's v rows sit in shared memory.
+//         Ranks 8..256 (powers of two) take a coalesced path: a warp's 16-byte loads cover 512
+//         contiguous bytes of B, lanes holding parts of one row finish its dot product with shuffles,
+//         and every load of a pass (B, y) is issued before any store. Other ranks or alignments take
+//         a general path (a thread owns 8 consecutive output columns). Before waiting on shrink
+//         (programmatic dependent launch) the block requests its B and y lines into L2.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "loraplex_kernels.h"
+
+namespace {
+
+constexpr int SHRINK_RB = 4;     // rank rows per block
+constexpr int SHRINK_TT = 4;     // tokens per block
+constexpr int SHRINK_WARPS = 8;  // warps per block, splitting in_features
+
+constexpr int EXPAND_TT = 4;         // tokens per block
+constexpr int EXPAND_THREADS = 128;  // threads per block
+constexpr int EXPAND_NPT = 8;        // general path: output columns per thread (one 16-byte vector of y)
+constexpr int EXPAND_J = 4;          // coalesced path: 16-byte loads of B in flight per lane per pass
+
+template <typename T>
+struct Conv;
+
+template <>
+struct Conv<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+  // bf16 is the top half of a float32: widening is a shift.
+  static __device__ __forceinline__ void unpack8(const uint4 u, float f[8]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  static __device__ __forceinline__ uint4 pack8(const float f[8]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<uint32_t *>(&h);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+template <>
+struct Conv<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ void unpack8(const uint4 u, float f[8]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      __half2 h = *reinterpret_cast<const __half2 *>(&w[i]);
+      float2 p = __half22float2(h);
+      f[2 * i] = p.x;
+      f[2 * i + 1] = p.y;
+    }
+  }
+  static __device__ __forceinline__ uint4 pack8(const float f[8]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      __half2 h = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<uint32_t *>(&h);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+__device__ __forceinline__ bool aligned16(const void *p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// Hint that p's cache line will be read soon (no register result, so it never stalls the thread).
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Programmatic dependent launch (Hopper): shrink lets expand's blocks start early; expand waits for
+// shrink's results only where it first reads them. Both are no-ops before sm_90 and for launches
+// made without the attribute.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
+    sgmv_shrink_kernel(float *__restrict__ v, int ldv, const T *__restrict__ x, int ldx,
+                       const void *const *__restrict__ a_ptrs, const int32_t *__restrict__ seg_starts,
+                       const int32_t *__restrict__ ranks, int max_rank, int K) {
+  constexpr int RB = SHRINK_RB, TT = SHRINK_TT, W = SHRINK_WARPS;
+  pdl_launch_dependents();
+  const int s = blockIdx.x;
+  const T *A = static_cast<const T *>(a_ptrs[s]);
+  const int r = min(ranks[s], max_rank);
+  const int j0 = blockIdx.y * RB;
+  const int seg_end = seg_starts[s + 1];
+  const int t0 = seg_starts[s] + blockIdx.z * TT;
+  // Block-uniform exit: no adapter, rows beyond the rank, or tokens beyond the segment.
+  if (A == nullptr || j0 >= r || t0 >= seg_end) return;
+  const int nr = min(RB, r - j0);
+  const int nt = min(TT, seg_end - t0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  float acc[RB][TT];
+#pragma unroll
+  for (int i = 0; i < RB; i++)
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[i][t] = 0.f;
+
+  const T *Ab = A + static_cast<size_t>(j0) * K;
+  const T *xb = x + static_cast<size_t>(t0) * ldx;
+  if (K % 8 == 0 && ldx % 8 == 0 && aligned16(A) && aligned16(x)) {
+    // Two K steps' loads are issued together below; the lines of any later steps are requested now
+    // so that they do not each wait a full DRAM round trip.
+    constexpr int STEP = W * 32 * 8;
+    const int k0 = (warp * 32 + lane) * 8;
+    for (int k = k0 + 2 * STEP; k < K; k += STEP) {
+      for (int i = 0; i < nr; i++) prefetch_l2(Ab + static_cast<size_t>(i) * K + k);
+      for (int t = 0; t < nt; t++) prefetch_l2(xb + static_cast<size_t>(t) * ldx + k);
+    }
+    for (int k = k0; k < K; k += 2 * STEP) {
+      uint4 ua[2][RB], ux[2][TT];
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int kk = k + h * STEP;
+        if (kk < K) {
+#pragma unroll
+          for (int i = 0; i < RB; i++)
+            if (i < nr) ua[h][i] = __ldg(reinterpret_cast<const uint4 *>(Ab + static_cast<size_t>(i) * K + kk));
+#pragma unroll
+          for (int t = 0; t < TT; t++)
+            if (t < nt) ux[h][t] = __ldg(reinterpret_cast<const uint4 *>(xb + static_cast<size_t>(t) * ldx + kk));
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        if (k + h * STEP < K) {
+          float xf[TT][8];
+#pragma unroll
+          for (int t = 0; t < TT; t++) {
+            if (t < nt) {
+              Conv<T>::unpack8(ux[h][t], xf[t]);
+            } else {
+#pragma unroll
+              for (int e = 0; e < 8; e++) xf[t][e] = 0.f;
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < RB; i++) {
+            if (i < nr) {
+              float a[8];
+              Conv<T>::unpack8(ua[h][i], a);
+#pragma unroll
+              for (int t = 0; t < TT; t++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[i][t] = fmaf(a[e], xf[t][e], acc[i][t]);
+            }
+          }
+        }
+      }
+    }
+  } else {
+    for (int k = warp * 32 + lane; k < K; k += W * 32) {
+      float a[RB];
+#pragma unroll
+      for (int i = 0; i < RB; i++) a[i] = i < nr ? Conv<T>::to_f(Ab[static_cast<size_t>(i) * K + k]) : 0.f;
+#pragma unroll
+      for (int t = 0; t < TT; t++) {
+        if (t < nt) {
+          const float xv = Conv<T>::to_f(xb[static_cast<size_t>(t) * ldx + k]);
+#pragma unroll
+          for (int i = 0; i < RB; i++) acc[i][t] = fmaf(a[i], xv, acc[i][t]);
+        }
+      }
+    }
+  }
+
+  __shared__ float red[W][RB * TT];
+#pragma unroll
+  for (int i = 0; i < RB; i++) {
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+      float sum = acc[i][t];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) red[warp][i * TT + t] = sum;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < RB * TT; idx += blockDim.x) {
+    const int i = idx / TT, t = idx % TT;
+    if (i < nr && t < nt) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; w++) sum += red[w][idx];
+      v[static_cast<size_t>(t0 + t) * ldv + j0 + i] = sum;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(EXPAND_THREADS, 4)
+    sgmv_expand_kernel(T *__restrict__ y, int ldy, const float *__restrict__ v, int ldv,
+                       const void *const *__restrict__ b_ptrs, const int32_t *__restrict__ seg_starts,
+                       const int32_t *__restrict__ ranks, const float *__restrict__ scales, int max_rank,
+                       int N) {
+  constexpr int TT = EXPAND_TT, NPT = EXPAND_NPT, J = EXPAND_J;
+  const int s = blockIdx.x;
+  const T *B = static_cast<const T *>(b_ptrs[s]);
+  const int r = min(ranks[s], max_rank);
+  const int seg_end = seg_starts[s + 1];
+  const int t0 = seg_starts[s] + blockIdx.z * TT;
+  if (B == nullptr || r <= 0 || t0 >= seg_end) return;
+  const int nt = min(TT, seg_end - t0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+
+  // Coalesced path (ranks 8..256, powers of two): a warp-wide 16-byte load covers 512 contiguous
+  // bytes of B, i.e. 32/lpr whole rows with lpr lanes per row; each lane holds 8 ranks of one row,
+  // and the row's dot products are finished with lpr-lane shuffles.
+  const bool coal = r >= 8 && r <= 256 && (r & (r - 1)) == 0 && aligned16(B);
+  const int lpr = r >> 3, rpl = coal ? 32 / lpr : 0, rpp = rpl * J;
+  const size_t bElems = static_cast<size_t>(N) * r;
+
+  // Before waiting for the previous kernel: request this block's B (weights, never written by
+  // kernels) into L2, so later passes do not each wait a DRAM round trip.
+  if (coal) {
+    for (int row0 = (blockIdx.y * warps + warp) * rpp; row0 < N; row0 += gridDim.y * warps * rpp) {
+#pragma unroll
+      for (int j = 0; j < J; j++) {
+        const size_t e = static_cast<size_t>(row0) * r + (j * 32 + lane) * 8;
+        if (e < bElems) prefetch_l2(B + e);
+      }
+      // The pass's y rows too: L2 is the point of coherence, so a line the previous kernel is still
+      // writing is merely fetched early, never read stale.
+      if (lane < nt) {
+        const T *yr = y + static_cast<size_t>(t0 + lane) * ldy;
+        prefetch_l2(yr + row0);
+        prefetch_l2(yr + min(row0 + rpp, N) - 1);
+      }
+    }
+  } else {
+    for (int n0 = (blockIdx.y * blockDim.x + threadIdx.x) * NPT; n0 < N; n0 += gridDim.y * blockDim.x * NPT) {
+      const char *p = reinterpret_cast<const char *>(B + static_cast<size_t>(n0) * r);
+      const int bytes = min(NPT, N - n0) * r * static_cast<int>(sizeof(T));
+      for (int off = 0; off < bytes; off += 128) prefetch_l2(p + off);
+      prefetch_l2(p + bytes - 1);
+      for (int t = 0; t < nt; t++) prefetch_l2(y + static_cast<size_t>(t0 + t) * ldy + n0);
+    }
+  }
+  pdl_wait();  // v (and y) may be written by the kernel before this one
+
+  __shared__ __align__(16) float vs[TT][LP_MAX_RANK];
+  for (int idx = threadIdx.x; idx < nt * r; idx += blockDim.x) {
+    const int t = idx / r, j = idx - t * r;
+    vs[t][j] = v[static_cast<size_t>(t0 + t) * ldv + j];
+  }
+  __syncthreads();
+  const float scale = scales[s];
+
+  if (coal) {
+    const int c = (lane & (lpr - 1)) * 8;
+    const bool owner = (lane & (lpr - 1)) == 0;
+    float vv[TT][8];
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+#pragma unroll
+      for (int e = 0; e < 8; e++) vv[t][e] = t < nt ? vs[t][c + e] : 0.f;
+    }
+    for (int row0 = (blockIdx.y * warps + warp) * rpp; row0 < N; row0 += gridDim.y * warps * rpp) {
+      const T *base = B + static_cast<size_t>(row0) * r;
+      uint4 ub[J];
+      T yv[J][TT];
+      // Every load of the pass (B, and the owner lanes' y) is issued before any use; rows of
+      // different tokens could alias as far as the compiler knows, so y is read before any store.
+#pragma unroll
+      for (int j = 0; j < J; j++) {
+        const int row = row0 + j * rpl + lane / lpr;
+        ub[j] = row < N ? __ldg(reinterpret_cast<const uint4 *>(base + (j * 32 + lane) * 8)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+          if (owner && row < N && t < nt) yv[j][t] = y[static_cast<size_t>(t0 + t) * ldy + row];
+      }
+      float p[J][TT];
+#pragma unroll
+      for (int j = 0; j < J; j++) {
+        float b[8];
+        Conv<T>::unpack8(ub[j], b);
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+          float a = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; e++) a = fmaf(vv[t][e], b[e], a);
+          p[j][t] = a;
+        }
+      }
+      for (int off = 1; off < lpr; off <<= 1) {
+#pragma unroll
+        for (int j = 0; j < J; j++)
+#pragma unroll
+          for (int t = 0; t < TT; t++) p[j][t] += __shfl_xor_sync(0xffffffffu, p[j][t], off);
+      }
+      if (owner) {
+#pragma unroll
+        for (int j = 0; j < J; j++) {
+          const int row = row0 + j * rpl + lane / lpr;
+          if (row < N) {
+#pragma unroll
+            for (int t = 0; t < TT; t++)
+              if (t < nt)
+                y[static_cast<size_t>(t0 + t) * ldy + row] =
+                    Conv<T>::from_f(fmaf(scale, p[j][t], Conv<T>::to_f(yv[j][t])));
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // General path (any rank, any alignment): each thread owns NPT consecutive output columns.
+  for (int n0 = (blockIdx.y * blockDim.x + threadIdx.x) * NPT; n0 < N; n0 += gridDim.y * blockDim.x * NPT) {
+    const T *Bb = B + static_cast<size_t>(n0) * r;
+    const bool yvec = n0 + NPT <= N && ldy % 8 == 0 && aligned16(y);
+    uint4 yv[TT];
+    if (yvec) {
+#pragma unroll
+      for (int t = 0; t < TT; t++)
+        if (t < nt) yv[t] = *reinterpret_cast<const uint4 *>(y + static_cast<size_t>(t0 + t) * ldy + n0);
+    }
+    float acc[TT][NPT];
+#pragma unroll
+    for (int t = 0; t < TT; t++)
+#pragma unroll
+      for (int i = 0; i < NPT; i++) acc[t][i] = 0.f;
+    if (r % 8 == 0 && n0 + NPT <= N && aligned16(B)) {
+      for (int c = 0; c < r; c += 8) {
+        uint4 ub[NPT];
+#pragma unroll
+        for (int i = 0; i < NPT; i++)
+          ub[i] = __ldg(reinterpret_cast<const uint4 *>(Bb + static_cast<size_t>(i) * r + c));
+        float vv[TT][8];
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+#pragma unroll
+          for (int e = 0; e < 8; e++) vv[t][e] = t < nt ? vs[t][c + e] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < NPT; i++) {
+          float b[8];
+          Conv<T>::unpack8(ub[i], b);
+#pragma unroll
+          for (int t = 0; t < TT; t++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[t][i] = fmaf(vv[t][e], b[e], acc[t][i]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < NPT; i++) {
+        if (n0 + i < N) {
+          for (int j = 0; j < r; j++) {
+            const float bj = Conv<T>::to_f(Bb[static_cast<size_t>(i) * r + j]);
+#pragma unroll
+            for (int t = 0; t < TT; t++)
+              if (t < nt) acc[t][i] = fmaf(vs[t][j], bj, acc[t][i]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+      if (t < nt) {
+        T *row = y + static_cast<size_t>(t0 + t) * ldy + n0;
+        if (yvec) {
+          float f[8];
+          Conv<T>::unpack8(yv[t], f);
+#pragma unroll
+          for (int i = 0; i < NPT; i++) f[i] = fmaf(scale, acc[t][i], f[i]);
+          *reinterpret_cast<uint4 *>(row) = Conv<T>::pack8(f);
+        } else {
+#pragma unroll
+          for (int i = 0; i < NPT; i++)
+            if (n0 + i < N) row[i] = Conv<T>::from_f(fmaf(scale, acc[t][i], Conv<T>::to_f(row[i])));
+        }
+      }
+    }
+  }
+}
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Multiprocessors of the current device, read once (a shard process drives one GPU).
+int sm_count() {
+  static int n = [] {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 132;
+    }
+    return sms;
+  }();
+  return n;
+}
+
+inline int launch_status() {
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? LP_OK : static_cast<int>(e);
+}
+
+// Programmatic dependent launch of expand (lp_sgmv_set_pdl); on by default (docs/benchmarks-cuda.md).
+int g_pdl = 1;
+
+// launch_expand starts expand as a programmatic dependent of the previous kernel in the stream, so
+// its blocks can prefetch B while shrink finishes; where the attribute is refused it launches plainly.
+template <typename T>
+int launch_expand(dim3 grid, cudaStream_t st, T *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
+                  const int32_t *seg_starts, const int32_t *ranks, const float *scales, int max_rank, int n) {
+  if (g_pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(EXPAND_THREADS);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, sgmv_expand_kernel<T>, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
+                           n) == cudaSuccess)
+      return LP_OK;
+    cudaGetLastError();
+  }
+  sgmv_expand_kernel<T><<<grid, EXPAND_THREADS, 0, st>>>(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
+                                                          n);
+  return launch_status();
+}
+
+}  // namespace
+
+extern "C" int lp_sgmv_set_pdl(int enabled) {
+  g_pdl = enabled != 0;
+  return LP_OK;
+}
+
+extern "C" int lp_sgmv_shrink(int dtype, float *v, int ldv, const void *x, int ldx, const void *const *a_ptrs,
+                              const int32_t *seg_starts, const int32_t *ranks, int num_segs, int max_seg_len,
+                              int max_rank, int in_features, lp_stream stream) {
+  if (num_segs < 0 || max_seg_len < 0 || max_rank < 0 || max_rank > LP_MAX_RANK || in_features < 0 ||
+      ldx < in_features || ldv < max_rank)
+    return LP_ERR_INVALID;
+  if (num_segs == 0 || max_seg_len == 0 || max_rank == 0) return LP_OK;
+  if (v == nullptr || x == nullptr || a_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr)
+    return LP_ERR_INVALID;
+  const dim3 grid(num_segs, ceil_div(max_rank, SHRINK_RB), ceil_div(max_seg_len, SHRINK_TT));
+  if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case LP_DTYPE_BF16:
+      sgmv_shrink_kernel<__nv_bfloat16><<<grid, SHRINK_WARPS * 32, 0, st>>>(
+          v, ldv, static_cast<const __nv_bfloat16 *>(x), ldx, a_ptrs, seg_starts, ranks, max_rank, in_features);
+      break;
+    case LP_DTYPE_F16:
+      sgmv_shrink_kernel<__half><<<grid, SHRINK_WARPS * 32, 0, st>>>(
+          v, ldv, static_cast<const __half *>(x), ldx, a_ptrs, seg_starts, ranks, max_rank, in_features);
+      break;
+    default:
+      return LP_ERR_INVALID;
+  }
+  return launch_status();
+}
+
+extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
+                              const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
+                              int max_seg_len, int max_rank, int out_features, lp_stream stream) {
+  if (num_segs < 0 || max_seg_len < 0 || max_rank < 0 || max_rank > LP_MAX_RANK || out_features < 0 ||
+      ldy < out_features || ldv < max_rank)
+    return LP_ERR_INVALID;
+  if (num_segs == 0 || max_seg_len == 0 || max_rank == 0 || out_features == 0) return LP_OK;
+  if (y == nullptr || v == nullptr || b_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr ||
+      scales == nullptr)
+    return LP_ERR_INVALID;
+  // Column blocks per (segment, token tile): enough for about one full wave of blocks, but no more
+  // than the coalesced path can use at max_rank (blocks stride over the columns, so any count is correct).
+  const int tiles = ceil_div(max_seg_len, EXPAND_TT);
+  const long long work = static_cast<long long>(num_segs) * tiles;
+  const int useful = ceil_div(out_features, (EXPAND_THREADS / 32) * EXPAND_J * (256 / std::max(8, std::min(max_rank, 256))));
+  const long long wave = 4LL * sm_count();
+  const int gy = static_cast<int>(std::max(1LL, std::min<long long>(std::max(1LL, wave / work), useful)));
+  const dim3 grid(num_segs, gy, tiles);
+  if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case LP_DTYPE_BF16:
+      return launch_expand<__nv_bfloat16>(grid, st, static_cast<__nv_bfloat16 *>(y), ldy, v, ldv, b_ptrs, seg_starts,
+                                          ranks, scales, max_rank, out_features);
+    case LP_DTYPE_F16:
+      return launch_expand<__half>(grid, st, static_cast<__half *>(y), ldy, v, ldv, b_ptrs, seg_starts, ranks, scales,
+                                   max_rank, out_features);
+    default:
+      return LP_ERR_INVALID;
+  }
+}
