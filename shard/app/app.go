@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -134,6 +135,8 @@ type Shard struct {
 	reg    atomic.Pointer[discovery.Registration]
 	gen    lateGeneration
 	adm    lateAdapters
+
+	gpuMetrics metric.Registration
 }
 
 // registerArchitectures wires the model registry explicitly.
@@ -241,6 +244,9 @@ func (s *Shard) load() (err error) {
 		cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/engine")); err != nil {
 		return err
 	}
+	if s.gpuMetrics, err = registerGPUMetrics(cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard"), 0, log); err != nil {
+		return err
+	}
 	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log))
 	s.adm.p.Store(server.NewAdapters(s.cache, cfg.Limits, s.id))
 	return nil
@@ -338,6 +344,9 @@ func (s *Shard) close() {
 	}
 	if s.srv != nil && !s.drain.Load() {
 		s.srv.Stop()
+	}
+	if s.gpuMetrics != nil {
+		_ = s.gpuMetrics.Unregister()
 	}
 	if s.eng != nil {
 		s.eng.Close()
