@@ -3,16 +3,9 @@
 package main
 
 import (
-	"context"
 	"flag"
-	"fmt"
-	"os"
-	"os/signal"
-	"syscall"
-	"time"
 
-	"go.uber.org/zap"
-
+	"github.com/loraplex/loraplex/pkg/daemon"
 	"github.com/loraplex/loraplex/pkg/telemetry"
 	"github.com/loraplex/loraplex/shard/app"
 )
@@ -21,31 +14,8 @@ func main() {
 	cfg := app.DefaultConfig()
 	fs := flag.NewFlagSet("shard", flag.ExitOnError)
 	cfg.AddFlags(fs)
-	drain := fs.Duration("drain-timeout", 30*time.Second, "how long in-flight streams may run after SIGTERM")
-	tcfg := telemetry.DefaultOptions()
-	tcfg.AddFlags(fs)
-	_ = fs.Parse(os.Args[1:])
-	tel, err := telemetry.Setup(tcfg, "loraplex-shard")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
-	}
-	defer func() { _ = tel.Shutdown(context.Background()) }()
-	log := tel.Log
-	cfg.Telemetry = tel.Providers
-	s, err := app.Start(cfg, log)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	select {
-	case <-ctx.Done():
-	case err := <-s.Done():
-		log.Error("serve ended", zap.Error(err))
-	}
-	dctx, cancel := context.WithTimeout(context.Background(), *drain)
-	defer cancel()
-	s.Stop(dctx)
+	daemon.Main("loraplex-shard", fs, func(tel *telemetry.Telemetry) (daemon.Server, error) {
+		cfg.Telemetry = tel.Providers
+		return app.Start(cfg, tel.Log)
+	})
 }
