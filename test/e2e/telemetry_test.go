@@ -51,6 +51,15 @@ func TestTraceCrossesRouterToShard(t *testing.T) {
 			t.Fatalf("spans of one request in different traces: %v vs %v", s.SpanContext.TraceID(), trace)
 		}
 	}
+	if acq := byName["adapter.acquire"]; len(acq) == 1 {
+		attrs := map[string]string{}
+		for _, kv := range acq[0].Attributes {
+			attrs[string(kv.Key)] = kv.Value.Emit()
+		}
+		if attrs["adapter.id"] != "qv-r8" || attrs["adapter.tier"] != "none" || attrs["adapter.bytes"] == "" {
+			t.Errorf("adapter.acquire attributes %v: want the id, tier none (first use) and bytes", attrs)
+		}
+	}
 	for _, name := range []string{"adapter.acquire", "engine.queue", "engine.prefill", "engine.decode"} {
 		ss := byName[name]
 		if len(ss) != 1 || ss[0].SpanContext.TraceID() != trace {

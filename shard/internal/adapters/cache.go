@@ -618,6 +618,16 @@ type Info struct {
 	Loads, Hits int64
 }
 
+// TierOf reports where an adapter is resident now ("device", "host" or "none"), for tracing.
+func (c *Cache) TierOf(id string) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e := c.entries[id]; e != nil && e.loading == nil {
+		return c.tierOf(e).String()
+	}
+	return TierNone.String()
+}
+
 // Snapshot lists every adapter the cache knows, sorted by id.
 func (c *Cache) Snapshot() []Info {
 	c.mu.Lock()

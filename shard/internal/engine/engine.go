@@ -293,7 +293,13 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	var ad compute.Adapter
 	release := func() {}
 	if r.AdapterID != "" {
-		actx, span := tracer(ctx).Start(ctx, "adapter.acquire", trace.WithAttributes(attribute.String("adapter.id", r.AdapterID)))
+		attrs := []attribute.KeyValue{attribute.String("adapter.id", r.AdapterID)}
+		if t, ok := e.adapters.(interface{ TierOf(string) string }); ok {
+			// Where the adapter was found: "device" is a hit; "host" means a copy to the device;
+			// "none" a load from the store first.
+			attrs = append(attrs, attribute.String("adapter.tier", t.TierOf(r.AdapterID)))
+		}
+		actx, span := tracer(ctx).Start(ctx, "adapter.acquire", trace.WithAttributes(attrs...))
 		a, rel, err := e.adapters.Acquire(actx, r.AdapterID)
 		if err != nil {
 			span.RecordError(err)
