@@ -31,15 +31,18 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 1
+#define LP_ABI_VERSION 2
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
 #define LP_ERR_UNSUPPORTED (-2) /* a valid request this build does not implement */
+/* A failed cuBLAS call: LP_ERR_BLAS - cublasStatus_t (so -1001 .. -1099). */
+#define LP_ERR_BLAS (-1000)
 
 /* Element types of activations and adapter weights. */
 #define LP_DTYPE_BF16 1
 #define LP_DTYPE_F16 2
+#define LP_DTYPE_F32 3 /* the forward-pass functions below only */
 
 /* The largest LoRA rank SGMV accepts. */
 #define LP_MAX_RANK 512
@@ -47,6 +50,7 @@ extern "C" {
 typedef struct lp_stream_s *lp_stream;
 typedef struct lp_event_s *lp_event;
 typedef struct lp_graph_s *lp_graph;
+typedef struct lp_blas_s *lp_blas;
 
 LP_API int lp_abi_version(void);
 /* A static string naming code; never NULL. */
@@ -118,6 +122,72 @@ LP_API int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, 
 /* Whether expand is launched as a programmatic dependent of the kernel before it (Hopper: its blocks
  * start and prefetch B while shrink finishes). On by default; a process-wide switch. */
 LP_API int lp_sgmv_set_pdl(int enabled);
+
+/*
+ * The dense forward pass (forward.cu), added in ABI 2. Activations are float32 row-major
+ * [tokens, width]; a matrix weight is float32 or bf16 (LP_DTYPE_F32 / LP_DTYPE_BF16). The batch
+ * metadata lives in device int32 arrays: positions[T], seq_index[T] (the token's sequence),
+ * block_tables (every sequence's KV block table, concatenated) and table_offsets[S] (where sequence
+ * s's table starts in block_tables). A KV cache layer is float32 [blocks, block_size, kv_heads,
+ * head_dim] for keys and the same for values. Nothing here checks indices against the host's view:
+ * the caller validates the batch before it queues these.
+ */
+
+/* A cuBLAS handle whose work is queued on stream. */
+LP_API int lp_blas_create(lp_blas *blas, lp_stream stream);
+LP_API int lp_blas_destroy(lp_blas blas);
+
+/* out float32 [tokens, n] = x [tokens, k] W^T with W [n, k]; x and W share dtype (F32 or BF16),
+ * accumulation is float32 (no TF32). out must not alias x. */
+LP_API int lp_gemm(lp_blas blas, int dtype, float *out, const void *x, const void *w, int tokens, int n, int k);
+
+/* dst[i] = src[i] for n elements between F32 and BF16 (round to nearest even). */
+LP_API int lp_convert(int dst_dtype, void *dst, int src_dtype, const void *src, size_t n, lp_stream stream);
+
+/* out float32 [num_rows, width] = table[rows[i], :], table dtype F32 or BF16 (embedding lookup,
+ * and the rows whose logits a step needs). */
+LP_API int lp_gather_rows(int dtype, float *out, const void *table, const int32_t *rows, int num_rows, int width,
+                          lp_stream stream);
+
+/* out = x / sqrt(mean(x^2) + eps) * w, row-wise over [rows, d]; out may alias x. */
+LP_API int lp_rmsnorm(float *out, const float *x, const float *w, int rows, int d, float eps, lp_stream stream);
+
+/* out = a + b over n elements; out may alias a or b. */
+LP_API int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream stream);
+
+/* out = silu(gate) * up over n elements; out may alias gate or up. */
+LP_API int lp_silu_mul(float *out, const float *gate, const float *up, size_t n, lp_stream stream);
+
+/* Rotates x [tokens, heads*head_dim] in place, rotate-half layout, at each token's position:
+ * angle = float(position) * inv_freq[i] (formed in float32), inv_freq float32 [head_dim/2]. */
+LP_API int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq, const int32_t *positions,
+                   lp_stream stream);
+
+/* Writes k and v [tokens, kv_width] into one layer of the paged cache at each token's position. */
+LP_API int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, int tokens, int kv_width,
+                       const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
+                       const int32_t *table_offsets, int block_size, lp_stream stream);
+
+/* Causal grouped-query attention of q [tokens, heads*head_dim] over positions 0..position of each
+ * token's sequence in one cache layer, into out [tokens, heads*head_dim]; head_dim <= 256. Scores
+ * are scaled by scale; softmax and accumulation in float32. Run lp_kv_write first. */
+LP_API int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
+                        int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
+                        const int32_t *block_tables, const int32_t *table_offsets, int block_size, lp_stream stream);
+
+/*
+ * SGMV on float32 activations, adapter weights in wdtype (F32 or BF16). tok_seg int32[tokens] gives
+ * each token's segment (-1: no adapter); per segment s: ranks[s], a_ptrs[s] (A [r, in]), b_ptrs[s]
+ * (B [out, r]), scales[s]; a NULL pointer or rank 0 leaves the token's row untouched.
+ * shrink: v[t, 0:r] = x[t, :] A^T (v float32 [tokens, ldv], ldv >= max_rank);
+ * expand: y[t, :] += scale * v[t, 0:r] B^T (y float32 [tokens, out_features]).
+ */
+LP_API int lp_sgmv_shrink_f32(int wdtype, float *v, int ldv, const float *x, int in_features,
+                              const void *const *a_ptrs, const int32_t *ranks, const int32_t *tok_seg, int tokens,
+                              int max_rank, lp_stream stream);
+LP_API int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const float *v, int ldv,
+                              const void *const *b_ptrs, const int32_t *ranks, const float *scales,
+                              const int32_t *tok_seg, int tokens, int max_rank, lp_stream stream);
 
 #ifdef __cplusplus
 }

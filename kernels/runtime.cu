@@ -33,6 +33,7 @@ const char *lp_error_string(int c) {
       return "unsupported";
   }
   if (c > 0) return cudaGetErrorString(static_cast<cudaError_t>(c));
+  if (c < LP_ERR_BLAS && c > LP_ERR_BLAS - 100) return "cuBLAS call failed (code = LP_ERR_BLAS - cublasStatus_t)";
   return "unknown error";
 }
 

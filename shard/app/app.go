@@ -31,6 +31,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
+	"github.com/loraplex/loraplex/shard/internal/compute/cuda"
 	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
@@ -74,7 +75,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ShardID, "shard-id", c.ShardID, "this shard's id (default: the listen address)")
 	fs.StringVar(&c.ModelDir, "model", c.ModelDir, "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
 	fs.StringVar(&c.AdapterDir, "adapters", c.AdapterDir, "adapter store root: one PEFT folder per adapter id")
-	fs.StringVar(&c.Backend, "backend", c.Backend, "compute backend: cpu")
+	fs.StringVar(&c.Backend, "backend", c.Backend, "compute backend: cpu, or cuda (needs libloraplex_kernels.so: -backend cuda looks in $"+cuda.LibraryEnv+", then next to the binary)")
 	fs.IntVar(&c.MaxAdapterRank, "max-adapter-rank", c.MaxAdapterRank, "largest LoRA rank accepted")
 	fs.Int64Var(&c.MaxAdapterBytes, "max-adapter-bytes", c.MaxAdapterBytes, "largest adapter accepted, in bytes of float32 weights")
 	fs.Int64Var(&c.Cache.DeviceBytes, "adapter-device-bytes", c.Cache.DeviceBytes, "device tier budget for adapter weights")
@@ -98,8 +99,8 @@ func (c *Config) Validate() error {
 	if c.ModelDir == "" {
 		return errors.New("shard: -model is required")
 	}
-	if c.Backend != "cpu" {
-		return fmt.Errorf("shard: -backend %q: only cpu is available in this build", c.Backend)
+	if c.Backend != "cpu" && c.Backend != "cuda" {
+		return fmt.Errorf("shard: -backend %q: want cpu or cuda", c.Backend)
 	}
 	if c.MaxAdapterRank <= 0 || c.MaxAdapterBytes <= 0 {
 		return errors.New("shard: adapter limits must be positive")
@@ -199,7 +200,17 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 // load builds the backend, model, tokenizer, adapter cache and engine.
 func (s *Shard) load() (err error) {
 	cfg, log := s.cfg, s.log
-	s.be = cpu.New(cpu.Options{MemoryBudget: cfg.MemoryBudget})
+	switch cfg.Backend {
+	case "cuda":
+		be, err := cuda.New(cuda.Options{MemoryBudget: cfg.MemoryBudget})
+		if err != nil {
+			return fmt.Errorf("shard: -backend cuda: %w (build kernels/ with nvcc; set %s to the library's path or put %s next to the binary)",
+				err, cuda.LibraryEnv, cuda.LibraryName)
+		}
+		s.be = be
+	default:
+		s.be = cpu.New(cpu.Options{MemoryBudget: cfg.MemoryBudget})
+	}
 	start := time.Now()
 	if s.model, err = model.Load(cfg.ModelDir, s.be); err != nil {
 		return fmt.Errorf("shard: load model %s: %w", cfg.ModelDir, err)
@@ -356,6 +367,9 @@ func (s *Shard) close() {
 	}
 	if s.model != nil {
 		s.model.Close()
+	}
+	if c, ok := s.be.(interface{ Close() error }); ok {
+		_ = c.Close()
 	}
 	if s.store != nil {
 		_ = s.store.Close()

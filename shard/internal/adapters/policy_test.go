@@ -102,7 +102,7 @@ func TestNewPolicy(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		ok   bool
-	}{{"lru", true}, {"slru", true}, {"", false}, {"LRU", false}, {"lfu", false}} {
+	}{{"lru", true}, {"slru", true}, {"lfu", true}, {"", false}, {"LRU", false}, {"fifo", false}} {
 		p, err := adapters.NewPolicy(tc.name, 100)
 		if (err == nil) != tc.ok || (p != nil) != tc.ok {
 			t.Errorf("NewPolicy(%q): %v, %v", tc.name, p, err)

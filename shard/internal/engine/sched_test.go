@@ -63,9 +63,11 @@ func TestFairnessBoundsWaiting(t *testing.T) {
 		order = append(order, name)
 		mu.Unlock()
 	}
+	// Long enough that the two running requests still hold their slots while the flood queues up,
+	// however slowly the machine schedules the submitting goroutines.
 	run := func(name, adapter string) error {
 		first := true
-		return v.e.Submit(context.Background(), &engine.Request{ID: name, AdapterID: adapter, Prompt: []int{0, 5, 6}, MaxNewTokens: 6, IgnoreEOS: true},
+		return v.e.Submit(context.Background(), &engine.Request{ID: name, AdapterID: adapter, Prompt: []int{0, 5, 6}, MaxNewTokens: 80, IgnoreEOS: true},
 			func(engine.Event) error {
 				if first {
 					record(name)

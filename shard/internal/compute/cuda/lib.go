@@ -2,10 +2,10 @@
 // which it loads at run time with dlopen (purego), so the shard builds and its tests run on machines
 // without CUDA: there Open fails with ErrNoLibrary or ErrNoDevice and the GPU tests skip.
 //
-// It holds the device side of the compute backend: device buffers, streams, events, CUDA graphs and
-// the SGMV kernels that apply many LoRA adapters in one batch, plus device memory figures from NVML.
-// It does not yet implement compute.Backend (the dense forward-pass kernels are still to come), so the
-// shard runs on the CPU backend only. Imported by the shard; the router must not import it.
+// It holds the device side of the compute backend: device buffers, streams, events, CUDA graphs, the
+// SGMV kernels that apply many LoRA adapters in one batch, device memory figures from NVML, and
+// Backend, the compute.Backend that runs the model's forward pass on the GPU (cuBLAS GEMMs and the
+// kernels of kernels/forward.cu). Imported by the shard; the router must not import it.
 //
 // The CUDA runtime keeps the current device per OS thread; with one GPU per shard process that is
 // device 0 on every thread, so goroutines may call in from any thread.
@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 1
+const ABIVersion = 2
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -106,6 +106,25 @@ type Lib struct {
 	sgmvSetPDL func(enabled int32) int32
 	sgmvExpand func(dt int32, y uintptr, ldy int32, v uintptr, ldv int32, b, starts, ranks, scales uintptr,
 		nseg, maxLen, maxRank, out int32, s uintptr) int32
+
+	// The dense forward pass (forward.cu).
+	blasCreate  func(h *uintptr, s uintptr) int32
+	blasDestroy func(h uintptr) int32
+	gemm        func(h uintptr, dt int32, out, x, w uintptr, tokens, n, k int32) int32
+	convert     func(dstDT int32, dst uintptr, srcDT int32, src uintptr, n uintptr, s uintptr) int32
+	gatherRows  func(dt int32, out, table, rows uintptr, numRows, width int32, s uintptr) int32
+	rmsNorm     func(out, x, w uintptr, rows, d int32, eps float32, s uintptr) int32
+	add         func(out, a, b uintptr, n uintptr, s uintptr) int32
+	siluMul     func(out, gate, up uintptr, n uintptr, s uintptr) int32
+	rope        func(x uintptr, tokens, heads, headDim int32, invFreq, positions uintptr, s uintptr) int32
+	kvWrite     func(kc, vc, k, v uintptr, tokens, kvWidth int32, positions, seqIndex, tables, offsets uintptr,
+		blockSize int32, s uintptr) int32
+	attention func(out, q, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, scale float32,
+		positions, seqIndex, tables, offsets uintptr, blockSize int32, s uintptr) int32
+	sgmvShrinkF32 func(wdt int32, v uintptr, ldv int32, x uintptr, in int32, a, ranks, tokSeg uintptr,
+		tokens, maxRank int32, s uintptr) int32
+	sgmvExpandF32 func(wdt int32, y uintptr, out int32, v uintptr, ldv int32, b, ranks, scales, tokSeg uintptr,
+		tokens, maxRank int32, s uintptr) int32
 }
 
 // Open loads the library at path (see LibraryPath), checks its ABI version and that a CUDA device is
@@ -151,6 +170,19 @@ func Open(path string) (*Lib, error) {
 		{&l.sgmvShrink, "lp_sgmv_shrink"},
 		{&l.sgmvExpand, "lp_sgmv_expand"},
 		{&l.sgmvSetPDL, "lp_sgmv_set_pdl"},
+		{&l.blasCreate, "lp_blas_create"},
+		{&l.blasDestroy, "lp_blas_destroy"},
+		{&l.gemm, "lp_gemm"},
+		{&l.convert, "lp_convert"},
+		{&l.gatherRows, "lp_gather_rows"},
+		{&l.rmsNorm, "lp_rmsnorm"},
+		{&l.add, "lp_add"},
+		{&l.siluMul, "lp_silu_mul"},
+		{&l.rope, "lp_rope"},
+		{&l.kvWrite, "lp_kv_write"},
+		{&l.attention, "lp_attention"},
+		{&l.sgmvShrinkF32, "lp_sgmv_shrink_f32"},
+		{&l.sgmvExpandF32, "lp_sgmv_expand_f32"},
 	}
 	// The version first: a library of another ABI may lack (or redefine) the other symbols.
 	if sym, err := purego.Dlsym(h, "lp_abi_version"); err != nil {

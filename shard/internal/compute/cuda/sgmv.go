@@ -11,10 +11,11 @@ import (
 // DType is the element type of activations and adapter weights on the device.
 type DType int32
 
-// The dtypes of the kernels (LP_DTYPE_*).
+// The dtypes of the kernels (LP_DTYPE_*). F32 is accepted by the forward-pass functions only.
 const (
 	BF16 DType = 1
 	F16  DType = 2
+	F32  DType = 3
 )
 
 func (d DType) String() string {
@@ -23,12 +24,19 @@ func (d DType) String() string {
 		return "bf16"
 	case F16:
 		return "f16"
+	case F32:
+		return "f32"
 	}
 	return fmt.Sprintf("dtype(%d)", int32(d))
 }
 
 // Size is the bytes of one element.
-func (d DType) Size() int64 { return 2 }
+func (d DType) Size() int64 {
+	if d == F32 {
+		return 4
+	}
+	return 2
+}
 
 // FromFloat32 rounds f to d (round to nearest even), as raw bits.
 func (d DType) FromFloat32(f float32) uint16 {

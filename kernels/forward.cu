@@ -1,0 +1,434 @@
+// forward.cu: the dense operations of a Llama forward pass (see loraplex_kernels.h for the contract).
+//
+// Activations are float32 row-major [tokens, width]; matrix weights are float32 or bfloat16. The
+// kernels are deliberately plain (one block per row or per (token, head), grid-stride loops, fp32
+// math) and read the batch metadata (positions, sequence index, flattened block tables) from
+// device arrays, so a step's shapes never reach the kernels as host loops. Functions whose results
+// the CPU backend defines bit for bit (RoPE's angles, RMSNorm's inverse, SiLU) do the same
+// transcendental work in double precision, as the CPU reference does.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "loraplex_kernels.h"
+
+struct lp_blas_s {
+  cublasHandle_t h;
+};
+
+namespace {
+
+inline cudaStream_t cs(lp_stream s) { return reinterpret_cast<cudaStream_t>(s); }
+
+inline int launched() {
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? LP_OK : static_cast<int>(e);
+}
+
+inline int blas_code(cublasStatus_t s) {
+  return s == CUBLAS_STATUS_SUCCESS ? LP_OK : LP_ERR_BLAS - static_cast<int>(s);
+}
+
+// Blocks for a grid-stride elementwise kernel over n elements.
+inline unsigned elem_blocks(size_t n) {
+  size_t b = (n + 255) / 256;
+  return static_cast<unsigned>(b < 65535 ? (b == 0 ? 1 : b) : 65535);
+}
+
+__device__ __forceinline__ float ld(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void gather_rows_kernel(float *out, const T *table, const int32_t *rows, int width) {
+  const size_t src = static_cast<size_t>(rows[blockIdx.x]) * width;
+  float *o = out + static_cast<size_t>(blockIdx.x) * width;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = ld(table, src + i);
+}
+
+// out may alias x: each thread rereads its own elements after the reduction, before writing them.
+__global__ void rmsnorm_kernel(float *out, const float *x, const float *w, int d, float eps) {
+  const float *xr = x + static_cast<size_t>(blockIdx.x) * d;
+  float *orow = out + static_cast<size_t>(blockIdx.x) * d;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  __shared__ float red[32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
+  __syncthreads();
+  if (warp == 0) {
+    ss = lane < static_cast<int>(blockDim.x >> 5) ? red[lane] : 0.f;
+    ss = warp_sum(ss);
+    if (lane == 0) red[0] = ss;
+  }
+  __syncthreads();
+  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(red[0] / static_cast<float>(d) + eps)));
+  for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
+}
+
+__global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    out[i] = a[i] + b[i];
+}
+
+__global__ void silu_mul_kernel(float *out, const float *g, const float *u, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const float gv = g[i];
+    out[i] = gv / (1.f + static_cast<float>(exp(-static_cast<double>(gv)))) * u[i];
+  }
+}
+
+__global__ void f32_to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+__global__ void bf16_to_f32_kernel(float *dst, const __nv_bfloat16 *src, size_t n) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    dst[i] = __bfloat162float(src[i]);
+}
+
+// One block per token; the angle is formed in float32 (as Hugging Face does) and its cosine and
+// sine taken in double, then rounded, as the CPU backend does.
+__global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, const int32_t *positions) {
+  const int half = hd / 2;
+  const float p = static_cast<float>(positions[blockIdx.x]);
+  float *row = x + static_cast<size_t>(blockIdx.x) * heads * hd;
+  for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+    const int h = idx / half, i = idx % half;
+    const float ang = p * inv_freq[i];
+    const float c = static_cast<float>(cos(static_cast<double>(ang)));
+    const float s = static_cast<float>(sin(static_cast<double>(ang)));
+    float *v = row + h * hd;
+    const float x1 = v[i], x2 = v[i + half];
+    v[i] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    v[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+  }
+}
+
+__device__ __forceinline__ size_t slot(const int32_t *table, int j, int bs) {
+  return static_cast<size_t>(table[j / bs]) * bs + j % bs;
+}
+
+__global__ void kv_write_kernel(float *kc, float *vc, const float *k, const float *v, int kvw,
+                                const int32_t *positions, const int32_t *seq_index, const int32_t *bt,
+                                const int32_t *bt_off, int bs) {
+  const int t = blockIdx.x;
+  const int32_t *table = bt + bt_off[seq_index[t]];
+  const size_t off = slot(table, positions[t], bs) * kvw;
+  const size_t src = static_cast<size_t>(t) * kvw;
+  for (int i = threadIdx.x; i < kvw; i += blockDim.x) {
+    kc[off + i] = k[src + i];
+    vc[off + i] = v[src + i];
+  }
+}
+
+constexpr int ATT_WARPS = 4;
+
+// One block per (token, query head). Each warp walks positions j = warp, warp+4, ... <= the token's
+// position with its own online softmax; lanes hold head dims lane, lane+32, ...; the warps' partial
+// results are merged at the end.
+template <int DPL>
+__global__ void __launch_bounds__(ATT_WARPS * 32)
+    attention_kernel(float *out, const float *q, const float *kc, const float *vc, int heads, int kv_heads,
+                     int hd, float scale, const int32_t *positions, const int32_t *seq_index,
+                     const int32_t *bt, const int32_t *bt_off, int bs) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int kvh = h / (heads / kv_heads);
+  const int kvw = kv_heads * hd, qw = heads * hd;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int p = positions[t];
+  const int32_t *table = bt + bt_off[seq_index[t]];
+  const float *qr = q + static_cast<size_t>(t) * qw + h * hd;
+  float qv[DPL], acc[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; i++) {
+    const int d = lane + 32 * i;
+    qv[i] = d < hd ? qr[d] : 0.f;
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int j = warp; j <= p; j += ATT_WARPS) {
+    const size_t off = slot(table, j, bs) * kvw + static_cast<size_t>(kvh) * hd;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+      const int d = lane + 32 * i;
+      if (d < hd) dot += qv[i] * kc[off + d];
+    }
+    const float sc = warp_sum(dot) * scale;
+    const float mn = fmaxf(m, sc);
+    const float corr = expf(m - mn);
+    const float e = expf(sc - mn);
+    l = l * corr + e;
+#pragma unroll
+    for (int i = 0; i < DPL; i++) {
+      const int d = lane + 32 * i;
+      acc[i] = acc[i] * corr + (d < hd ? e * vc[off + d] : 0.f);
+    }
+    m = mn;
+  }
+  __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
+  __shared__ float sacc[ATT_WARPS][DPL * 32];
+  if (lane == 0) {
+    sm[warp] = m;
+    sl[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < DPL; i++) sacc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float M = -INFINITY;
+  for (int w = 0; w < ATT_WARPS; w++)
+    if (sl[w] > 0.f) M = fmaxf(M, sm[w]);
+  float L = 0.f, o[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; i++) o[i] = 0.f;
+  for (int w = 0; w < ATT_WARPS; w++) {
+    if (sl[w] <= 0.f) continue;  // a warp that saw no position
+    const float c = expf(sm[w] - M);
+    L += sl[w] * c;
+#pragma unroll
+    for (int i = 0; i < DPL; i++) o[i] += sacc[w][lane + 32 * i] * c;
+  }
+  float *orow = out + static_cast<size_t>(t) * qw + h * hd;
+#pragma unroll
+  for (int i = 0; i < DPL; i++) {
+    const int d = lane + 32 * i;
+    if (d < hd) orow[d] = o[i] / L;
+  }
+}
+
+constexpr int SGMV_RANK_ROWS = 8;  // shrink: rank rows per block, one warp each
+
+template <typename W>
+__global__ void sgmv_shrink_f32_kernel(float *v, int ldv, const float *x, int in, const void *const *a_ptrs,
+                                       const int32_t *ranks, const int32_t *tok_seg) {
+  const int t = blockIdx.x;
+  const int s = tok_seg[t];
+  if (s < 0) return;
+  const W *A = static_cast<const W *>(a_ptrs[s]);
+  const int rr = blockIdx.y * SGMV_RANK_ROWS + (threadIdx.x >> 5);
+  if (A == nullptr || rr >= ranks[s]) return;
+  const int lane = threadIdx.x & 31;
+  const float *xr = x + static_cast<size_t>(t) * in;
+  const W *ar = A + static_cast<size_t>(rr) * in;
+  float sum = 0.f;
+  for (int k = lane; k < in; k += 32) sum += xr[k] * ld(ar, k);
+  sum = warp_sum(sum);
+  if (lane == 0) v[static_cast<size_t>(t) * ldv + rr] = sum;
+}
+
+template <typename W>
+__global__ void sgmv_expand_f32_kernel(float *y, int out, const float *v, int ldv, const void *const *b_ptrs,
+                                       const int32_t *ranks, const float *scales, const int32_t *tok_seg) {
+  const int t = blockIdx.x;
+  const int s = tok_seg[t];
+  if (s < 0) return;
+  const W *B = static_cast<const W *>(b_ptrs[s]);
+  const int r = ranks[s];
+  const int o = blockIdx.y * blockDim.x + threadIdx.x;
+  if (B == nullptr || r == 0 || o >= out) return;
+  const float *vr = v + static_cast<size_t>(t) * ldv;
+  const W *br = B + static_cast<size_t>(o) * r;
+  float sum = 0.f;
+  for (int k = 0; k < r; k++) sum += vr[k] * ld(br, k);
+  y[static_cast<size_t>(t) * out + o] += sum * scales[s];
+}
+
+}  // namespace
+
+extern "C" {
+
+int lp_blas_create(lp_blas *blas, lp_stream stream) {
+  if (blas == nullptr) return LP_ERR_INVALID;
+  *blas = nullptr;
+  cublasHandle_t h;
+  int c = blas_code(cublasCreate(&h));
+  if (c != LP_OK) return c;
+  c = blas_code(cublasSetStream(h, cs(stream)));
+  if (c != LP_OK) {
+    cublasDestroy(h);
+    return c;
+  }
+  *blas = new lp_blas_s{h};
+  return LP_OK;
+}
+
+int lp_blas_destroy(lp_blas blas) {
+  if (blas == nullptr) return LP_OK;
+  int c = blas_code(cublasDestroy(blas->h));
+  delete blas;
+  return c;
+}
+
+int lp_gemm(lp_blas blas, int dtype, float *out, const void *x, const void *w, int tokens, int n, int k) {
+  if (blas == nullptr || tokens < 0 || n < 0 || k < 0) return LP_ERR_INVALID;
+  cudaDataType_t ab;
+  switch (dtype) {
+    case LP_DTYPE_F32:
+      ab = CUDA_R_32F;
+      break;
+    case LP_DTYPE_BF16:
+      ab = CUDA_R_16BF;
+      break;
+    default:
+      return LP_ERR_UNSUPPORTED;
+  }
+  if (tokens == 0 || n == 0) return LP_OK;
+  const float alpha = 1.f, beta = 0.f;
+  // Row-major out[T,N] is column-major N x T: out^T = W x^T, W row-major [N,K] read transposed.
+  return blas_code(cublasGemmEx(blas->h, CUBLAS_OP_T, CUBLAS_OP_N, n, tokens, k, &alpha, w, ab, k, x, ab, k, &beta,
+                                out, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+int lp_convert(int dst_dtype, void *dst, int src_dtype, const void *src, size_t n, lp_stream stream) {
+  if (n == 0) return LP_OK;
+  if (dst == nullptr || src == nullptr) return LP_ERR_INVALID;
+  if (dst_dtype == LP_DTYPE_BF16 && src_dtype == LP_DTYPE_F32) {
+    f32_to_bf16_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(static_cast<__nv_bfloat16 *>(dst),
+                                                              static_cast<const float *>(src), n);
+  } else if (dst_dtype == LP_DTYPE_F32 && src_dtype == LP_DTYPE_BF16) {
+    bf16_to_f32_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(static_cast<float *>(dst),
+                                                              static_cast<const __nv_bfloat16 *>(src), n);
+  } else {
+    return LP_ERR_UNSUPPORTED;
+  }
+  return launched();
+}
+
+int lp_gather_rows(int dtype, float *out, const void *table, const int32_t *rows, int num_rows, int width,
+                   lp_stream stream) {
+  if (num_rows < 0 || width < 0) return LP_ERR_INVALID;
+  if (num_rows == 0 || width == 0) return LP_OK;
+  switch (dtype) {
+    case LP_DTYPE_F32:
+      gather_rows_kernel<<<num_rows, 256, 0, cs(stream)>>>(out, static_cast<const float *>(table), rows, width);
+      break;
+    case LP_DTYPE_BF16:
+      gather_rows_kernel<<<num_rows, 256, 0, cs(stream)>>>(out, static_cast<const __nv_bfloat16 *>(table), rows,
+                                                           width);
+      break;
+    default:
+      return LP_ERR_UNSUPPORTED;
+  }
+  return launched();
+}
+
+int lp_rmsnorm(float *out, const float *x, const float *w, int rows, int d, float eps, lp_stream stream) {
+  if (rows < 0 || d <= 0) return LP_ERR_INVALID;
+  if (rows == 0) return LP_OK;
+  rmsnorm_kernel<<<rows, 256, 0, cs(stream)>>>(out, x, w, d, eps);
+  return launched();
+}
+
+int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream stream) {
+  if (n == 0) return LP_OK;
+  add_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, a, b, n);
+  return launched();
+}
+
+int lp_silu_mul(float *out, const float *gate, const float *up, size_t n, lp_stream stream) {
+  if (n == 0) return LP_OK;
+  silu_mul_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, gate, up, n);
+  return launched();
+}
+
+int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq, const int32_t *positions,
+            lp_stream stream) {
+  if (tokens < 0 || heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) return LP_ERR_INVALID;
+  if (tokens == 0) return LP_OK;
+  rope_kernel<<<tokens, 256, 0, cs(stream)>>>(x, heads, head_dim, inv_freq, positions);
+  return launched();
+}
+
+int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, int tokens, int kv_width,
+                const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
+                const int32_t *table_offsets, int block_size, lp_stream stream) {
+  if (tokens < 0 || kv_width <= 0 || block_size <= 0) return LP_ERR_INVALID;
+  if (tokens == 0) return LP_OK;
+  kv_write_kernel<<<tokens, 128, 0, cs(stream)>>>(k_cache, v_cache, k, v, kv_width, positions, seq_index,
+                                                  block_tables, table_offsets, block_size);
+  return launched();
+}
+
+int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
+                 int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
+                 const int32_t *block_tables, const int32_t *table_offsets, int block_size, lp_stream stream) {
+  if (tokens < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || block_size <= 0)
+    return LP_ERR_INVALID;
+  if (head_dim > 256) return LP_ERR_UNSUPPORTED;
+  if (tokens == 0) return LP_OK;
+  const dim3 grid(tokens, heads);
+  const cudaStream_t s = cs(stream);
+#define LP_ATT(DPL)                                                                                     \
+  attention_kernel<DPL><<<grid, ATT_WARPS * 32, 0, s>>>(out, q, k_cache, v_cache, heads, kv_heads, head_dim, \
+                                                        scale, positions, seq_index, block_tables,         \
+                                                        table_offsets, block_size)
+  if (head_dim <= 32)
+    LP_ATT(1);
+  else if (head_dim <= 64)
+    LP_ATT(2);
+  else if (head_dim <= 128)
+    LP_ATT(4);
+  else
+    LP_ATT(8);
+#undef LP_ATT
+  return launched();
+}
+
+int lp_sgmv_shrink_f32(int wdtype, float *v, int ldv, const float *x, int in_features, const void *const *a_ptrs,
+                       const int32_t *ranks, const int32_t *tok_seg, int tokens, int max_rank, lp_stream stream) {
+  if (tokens < 0 || max_rank < 0 || ldv < max_rank || in_features <= 0) return LP_ERR_INVALID;
+  if (tokens == 0 || max_rank == 0) return LP_OK;
+  const dim3 grid(tokens, (max_rank + SGMV_RANK_ROWS - 1) / SGMV_RANK_ROWS);
+  switch (wdtype) {
+    case LP_DTYPE_F32:
+      sgmv_shrink_f32_kernel<float><<<grid, SGMV_RANK_ROWS * 32, 0, cs(stream)>>>(v, ldv, x, in_features, a_ptrs,
+                                                                                ranks, tok_seg);
+      break;
+    case LP_DTYPE_BF16:
+      sgmv_shrink_f32_kernel<__nv_bfloat16><<<grid, SGMV_RANK_ROWS * 32, 0, cs(stream)>>>(
+          v, ldv, x, in_features, a_ptrs, ranks, tok_seg);
+      break;
+    default:
+      return LP_ERR_UNSUPPORTED;
+  }
+  return launched();
+}
+
+int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const float *v, int ldv, const void *const *b_ptrs,
+                       const int32_t *ranks, const float *scales, const int32_t *tok_seg, int tokens, int max_rank,
+                       lp_stream stream) {
+  if (tokens < 0 || max_rank < 0 || ldv < max_rank || out_features <= 0) return LP_ERR_INVALID;
+  if (tokens == 0 || max_rank == 0) return LP_OK;
+  const dim3 grid(tokens, (out_features + 255) / 256);
+  switch (wdtype) {
+    case LP_DTYPE_F32:
+      sgmv_expand_f32_kernel<float><<<grid, 256, 0, cs(stream)>>>(y, out_features, v, ldv, b_ptrs, ranks, scales,
+                                                                  tok_seg);
+      break;
+    case LP_DTYPE_BF16:
+      sgmv_expand_f32_kernel<__nv_bfloat16><<<grid, 256, 0, cs(stream)>>>(y, out_features, v, ldv, b_ptrs, ranks,
+                                                                          scales, tok_seg);
+      break;
+    default:
+      return LP_ERR_UNSUPPORTED;
+  }
+  return launched();
+}
+
+}  // extern "C"

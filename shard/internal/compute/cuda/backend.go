@@ -1,0 +1,664 @@
+package cuda
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"runtime"
+	"sync"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
+)
+
+// Backend is the CUDA implementation of compute.Backend.
+//
+// Precision: activations, the KV cache and RMSNorm weights are float32 in device memory. A tensor
+// used as the weight of MatMul or MatMulRows is converted in place, on that first use, to the
+// backend's WeightDType (bf16 by default; its float32 copy is freed); activations are rounded to
+// the same dtype at the GEMM's input and cuBLAS accumulates in float32 (no TF32). LoRA weights are
+// stored in WeightDType and applied to float32 activations with float32 accumulation. With
+// WeightDType F32 every operation is float32 and the backend tracks the CPU backend to rounding.
+//
+// All work is queued on one stream in call order; calls that return data to the host (ToHost) or
+// take data from it (FromHost, UploadAdapter, PrepareBatch) wait for it. Device memory is recycled
+// through a pool of freed buffers of equal size, so a steady decode loop allocates nothing.
+type Backend struct {
+	lib    *Lib
+	stream *Stream
+	blas   uintptr
+	wdt    DType
+	budget int64
+
+	// invFreq caches RoPE's inverse frequencies on the device (the model passes the same slice).
+	invFreqHost []float32
+	invFreqDev  *Buffer
+
+	mu     sync.Mutex // guards the pool and the counters: batches return memory from cleanups
+	pool   map[int64][]*Buffer
+	pooled int64 // bytes idle in the pool
+	held   int64 // bytes allocated from the device, in use or pooled
+}
+
+var _ compute.Backend = (*Backend)(nil)
+
+// Options configure the CUDA backend.
+type Options struct {
+	// Library is the kernels library's path ("": LibraryPath's default).
+	Library string
+	// Device is the CUDA device index.
+	Device int
+	// MemoryBudget bounds the device bytes the backend holds (0: as much as the device gives).
+	MemoryBudget int64
+	// WeightDType is the storage of matrix and LoRA weights: BF16 (default) or F32.
+	WeightDType DType
+}
+
+// New opens the kernels library and returns a backend on the chosen device. It fails with
+// ErrNoLibrary, ErrABI or ErrNoDevice when the library or the GPU is missing.
+func New(o Options) (*Backend, error) {
+	lib, err := Open(LibraryPath(o.Library))
+	if err != nil {
+		return nil, err
+	}
+	return NewWithLib(lib, o)
+}
+
+// NewWithLib returns a backend over an already opened library (o.Library is ignored).
+func NewWithLib(lib *Lib, o Options) (*Backend, error) {
+	switch o.WeightDType {
+	case 0:
+		o.WeightDType = BF16
+	case BF16, F32:
+	default:
+		return nil, fmt.Errorf("cuda: weight dtype %v: want bf16 or f32", o.WeightDType)
+	}
+	if o.MemoryBudget < 0 {
+		return nil, fmt.Errorf("cuda: negative memory budget %d", o.MemoryBudget)
+	}
+	if err := lib.SetDevice(o.Device); err != nil {
+		return nil, err
+	}
+	s, err := lib.NewStream()
+	if err != nil {
+		return nil, err
+	}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}}
+	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
+		_ = s.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// Close releases the backend's stream, cuBLAS handle and pooled memory; tensors, adapters and caches
+// should be freed first.
+func (b *Backend) Close() error {
+	if b.blas == 0 {
+		return nil
+	}
+	errs := []error{b.lib.Sync(b.stream), b.lib.check("blas destroy", b.lib.blasDestroy(b.blas))}
+	b.blas = 0
+	if b.invFreqDev != nil {
+		b.release(b.invFreqDev)
+		b.invFreqDev = nil
+	}
+	b.mu.Lock()
+	b.trimLocked()
+	b.mu.Unlock()
+	errs = append(errs, b.stream.Close())
+	return errors.Join(errs...)
+}
+
+// Name implements compute.Backend.
+func (b *Backend) Name() string { return "cuda" }
+
+// Lib is the loaded kernels library (for benchmarks and device queries).
+func (b *Backend) Lib() *Lib { return b.lib }
+
+// Stream is the stream all of the backend's work is queued on (for timing events and for capturing
+// steps into CUDA graphs: while capturing, nothing may copy from the host or miss the memory pool).
+func (b *Backend) Stream() *Stream { return b.stream }
+
+// WeightDType is the storage dtype of matrix and LoRA weights.
+func (b *Backend) WeightDType() DType { return b.wdt }
+
+// Sync waits for all work queued by the backend.
+func (b *Backend) Sync() error { return b.lib.Sync(b.stream) }
+
+// MemoryUsed reports the device bytes held by live tensors, adapters, caches and batches (not the
+// idle pool).
+func (b *Backend) MemoryUsed() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.held - b.pooled
+}
+
+// alloc returns a device buffer of at least n bytes (rounded up to 256), from the pool if one of
+// that size is idle.
+func (b *Backend) alloc(n int64) (*Buffer, error) {
+	if n < 0 {
+		return nil, fmt.Errorf("%w: allocation of %d bytes", compute.ErrShape, n)
+	}
+	n = (n + 255) &^ 255
+	if n == 0 {
+		return &Buffer{lib: b.lib}, nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if l := b.pool[n]; len(l) > 0 {
+		buf := l[len(l)-1]
+		b.pool[n] = l[:len(l)-1]
+		b.pooled -= n
+		return buf, nil
+	}
+	if b.budget > 0 && b.held+n > b.budget {
+		b.trimLocked()
+		if b.held+n > b.budget {
+			return nil, fmt.Errorf("%w: need %d bytes, %d of %d in use", compute.ErrOutOfMemory, n, b.held, b.budget)
+		}
+	}
+	buf, err := b.lib.Malloc(n)
+	if err != nil {
+		b.trimLocked()
+		if buf, err = b.lib.Malloc(n); err != nil {
+			return nil, fmt.Errorf("%w: %d bytes on the device: %w", compute.ErrOutOfMemory, n, err)
+		}
+	}
+	b.held += n
+	return buf, nil
+}
+
+// release returns a buffer from alloc to the pool. Work already queued on the stream that reads it
+// stays ordered before any later use, since all work shares the one stream.
+func (b *Backend) release(buf *Buffer) {
+	if buf == nil || buf.size == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.pool[buf.size] = append(b.pool[buf.size], buf)
+	b.pooled += buf.size
+	b.mu.Unlock()
+}
+
+// freeNow frees a buffer from alloc instead of pooling it.
+func (b *Backend) freeNow(buf *Buffer) {
+	if buf == nil || buf.size == 0 {
+		return
+	}
+	n := buf.size
+	if buf.Free() == nil {
+		b.mu.Lock()
+		b.held -= n
+		b.mu.Unlock()
+	}
+}
+
+// trimLocked frees every idle pooled buffer (cudaFree waits for the device).
+func (b *Backend) trimLocked() {
+	for n, l := range b.pool {
+		for _, buf := range l {
+			if buf.Free() == nil {
+				b.held -= n
+			}
+		}
+	}
+	b.pooled = 0
+	clear(b.pool)
+}
+
+// Tensor is the CUDA backend's tensor: row-major elements of dtype in device memory.
+type Tensor struct {
+	buf   *Buffer
+	shape []int
+	n     int
+	dtype DType
+}
+
+// Shape returns the tensor's dimensions.
+func (t *Tensor) Shape() []int { return t.shape }
+
+// DType is the tensor's element type on the device (F32, or the weight dtype once used as a weight).
+func (t *Tensor) DType() DType { return t.dtype }
+
+func (t *Tensor) ptr() uintptr { return t.buf.ptr }
+
+func (b *Backend) newTensor(shape []int) (*Tensor, error) {
+	for _, d := range shape {
+		if d < 0 {
+			return nil, fmt.Errorf("%w: negative dimension in %v", compute.ErrShape, shape)
+		}
+	}
+	n := compute.Numel(shape)
+	buf, err := b.alloc(4 * int64(n))
+	if err != nil {
+		return nil, err
+	}
+	return &Tensor{buf: buf, shape: append([]int(nil), shape...), n: n, dtype: F32}, nil
+}
+
+// tensors unwraps handles, rejecting freed tensors and those of other backends.
+func tensors(ts ...compute.Tensor) ([]*Tensor, error) {
+	out := make([]*Tensor, len(ts))
+	for i, t := range ts {
+		ct, ok := t.(*Tensor)
+		if !ok || ct == nil {
+			return nil, fmt.Errorf("%w: tensor %T is not a CUDA tensor", compute.ErrBackend, t)
+		}
+		if ct.buf == nil {
+			return nil, fmt.Errorf("%w: use of a freed tensor", compute.ErrBackend)
+		}
+		out[i] = ct
+	}
+	return out, nil
+}
+
+// activations unwraps float32 tensors (a tensor converted to the weight dtype is a weight only).
+func activations(ts ...compute.Tensor) ([]*Tensor, error) {
+	out, err := tensors(ts...)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range out {
+		if t.dtype != F32 {
+			return nil, fmt.Errorf("%w: %v tensor %v used as an activation (it became a matmul weight)", compute.ErrShape, t.dtype, t.shape)
+		}
+	}
+	return out, nil
+}
+
+// FromHost implements compute.Backend.
+func (b *Backend) FromHost(data []float32, shape ...int) (compute.Tensor, error) {
+	if compute.Numel(shape) != len(data) {
+		return nil, fmt.Errorf("%w: %d values for shape %v", compute.ErrShape, len(data), shape)
+	}
+	t, err := b.newTensor(shape)
+	if err != nil {
+		return nil, err
+	}
+	if err := CopyIn(t.buf, 0, data, b.stream); err != nil {
+		b.Free(t)
+		return nil, err
+	}
+	return t, nil
+}
+
+// Alloc implements compute.Backend.
+func (b *Backend) Alloc(shape ...int) (compute.Tensor, error) {
+	t, err := b.newTensor(shape)
+	if err != nil {
+		return nil, err
+	}
+	if t.n > 0 {
+		if err := b.lib.check("memset", b.lib.memset(t.ptr(), 0, uintptr(4*t.n), b.stream.handle())); err != nil {
+			b.Free(t)
+			return nil, err
+		}
+	}
+	return t, nil
+}
+
+// ToHost implements compute.Backend.
+func (b *Backend) ToHost(t compute.Tensor, dst []float32) error {
+	ts, err := tensors(t)
+	if err != nil {
+		return err
+	}
+	ct := ts[0]
+	if len(dst) != ct.n {
+		return fmt.Errorf("%w: destination of %d for %d values", compute.ErrShape, len(dst), ct.n)
+	}
+	if ct.dtype == F32 {
+		return CopyOut(dst, ct.buf, 0, b.stream)
+	}
+	h := make([]uint16, ct.n)
+	if err := CopyOut(h, ct.buf, 0, b.stream); err != nil {
+		return err
+	}
+	for i, v := range h {
+		dst[i] = ct.dtype.ToFloat32(v)
+	}
+	return nil
+}
+
+// Free implements compute.Backend.
+func (b *Backend) Free(t compute.Tensor) {
+	ct, ok := t.(*Tensor)
+	if !ok || ct == nil || ct.buf == nil {
+		return
+	}
+	b.release(ct.buf)
+	ct.buf = nil
+}
+
+// asWeight converts a weight tensor to the backend's weight dtype on its first use as one.
+func (b *Backend) asWeight(w *Tensor) error {
+	if w.dtype == b.wdt {
+		return nil
+	}
+	if w.dtype != F32 || b.wdt != BF16 {
+		return fmt.Errorf("%w: weight of dtype %v on a %v backend", compute.ErrShape, w.dtype, b.wdt)
+	}
+	nb, err := b.alloc(2 * int64(w.n))
+	if err != nil {
+		return err
+	}
+	if err := b.lib.check("convert weight", b.lib.convert(int32(BF16), nb.ptr, int32(F32), w.ptr(), uintptr(w.n), b.stream.handle())); err != nil {
+		b.release(nb)
+		return err
+	}
+	b.freeNow(w.buf) // a weight converts once: give its float32 copy back to the device
+	w.buf, w.dtype = nb, BF16
+	return nil
+}
+
+// adapterProj is one projection's LoRA weights inside an adapter's buffer.
+type adapterProj struct {
+	rank, in, out int
+	scale         float32
+	aOff, bOff    int64
+}
+
+// adapter is an adapter resident in device memory: every projection's A and B in one buffer, in the
+// backend's weight dtype.
+type adapter struct {
+	buf    *Buffer
+	bytes  int64
+	layers [][compute.NumModules]*adapterProj
+}
+
+func (a *adapter) Bytes() int64 { return a.bytes }
+
+// UploadAdapter implements compute.Backend.
+func (b *Backend) UploadAdapter(w *compute.AdapterWeights) (compute.Adapter, error) {
+	es := b.wdt.Size()
+	a := &adapter{layers: make([][compute.NumModules]*adapterProj, len(w.Layers))}
+	var size int64
+	for l, mods := range w.Layers {
+		for m, lw := range mods {
+			if lw == nil {
+				continue
+			}
+			if lw.Rank < 0 || lw.In < 0 || lw.Out < 0 || len(lw.A) != lw.Rank*lw.In || len(lw.B) != lw.Out*lw.Rank {
+				return nil, fmt.Errorf("%w: adapter %s layer %d %s: A has %d values for %dx%d, B %d for %dx%d",
+					compute.ErrShape, w.Name, l, compute.Module(m), len(lw.A), lw.Rank, lw.In, len(lw.B), lw.Out, lw.Rank)
+			}
+			if lw.Rank == 0 {
+				continue
+			}
+			p := &adapterProj{rank: lw.Rank, in: lw.In, out: lw.Out, scale: lw.Scale, aOff: size}
+			size = (size + int64(len(lw.A))*es + 15) &^ 15
+			p.bOff = size
+			size = (size + int64(len(lw.B))*es + 15) &^ 15
+			a.layers[l][m] = p
+		}
+	}
+	host := make([]byte, size)
+	put := func(off int64, vals []float32) {
+		for i, v := range vals {
+			if b.wdt == F32 {
+				binary.LittleEndian.PutUint32(host[off+4*int64(i):], math.Float32bits(v))
+			} else {
+				binary.LittleEndian.PutUint16(host[off+2*int64(i):], BF16FromFloat32(v))
+			}
+		}
+	}
+	for l, mods := range w.Layers {
+		for m, lw := range mods {
+			if p := a.layers[l][m]; p != nil {
+				put(p.aOff, lw.A)
+				put(p.bOff, lw.B)
+			}
+		}
+	}
+	buf, err := b.alloc(size)
+	if err != nil {
+		return nil, err
+	}
+	if err := CopyIn(buf, 0, host, b.stream); err != nil {
+		b.release(buf)
+		return nil, err
+	}
+	a.buf, a.bytes = buf, buf.size
+	return a, nil
+}
+
+// FreeAdapter implements compute.Backend.
+func (b *Backend) FreeAdapter(a compute.Adapter) {
+	ca, ok := a.(*adapter)
+	if !ok || ca == nil || ca.layers == nil {
+		return
+	}
+	b.release(ca.buf)
+	ca.buf, ca.layers = nil, nil
+}
+
+// kvCache is a paged KV cache: per layer, keys then values, each float32 [blocks, blockSize,
+// kvHeads, headDim], in one buffer.
+type kvCache struct {
+	shape compute.KVShape
+	buf   *Buffer
+	per   int64 // bytes of one layer's keys (or values)
+}
+
+func (c *kvCache) Shape() compute.KVShape { return c.shape }
+
+func (c *kvCache) layer(l int) (k, v uintptr) {
+	base := c.buf.ptr + uintptr(2*int64(l)*c.per)
+	return base, base + uintptr(c.per)
+}
+
+// NewKVCache implements compute.Backend.
+func (b *Backend) NewKVCache(s compute.KVShape) (compute.KVCache, error) {
+	if s.Layers <= 0 || s.NumBlocks <= 0 || s.BlockSize <= 0 || s.KVHeads <= 0 || s.HeadDim <= 0 {
+		return nil, fmt.Errorf("%w: invalid KV cache shape %+v", compute.ErrShape, s)
+	}
+	if s.NumBlocks > math.MaxInt32 {
+		return nil, fmt.Errorf("%w: %d blocks", compute.ErrShape, s.NumBlocks)
+	}
+	buf, err := b.alloc(s.Bytes())
+	if err != nil {
+		return nil, err
+	}
+	if err := b.lib.Memset(buf, 0, b.stream); err != nil {
+		b.release(buf)
+		return nil, err
+	}
+	return &kvCache{shape: s, buf: buf, per: 4 * int64(s.NumBlocks) * int64(s.BlockSize) * int64(s.KVHeads) * int64(s.HeadDim)}, nil
+}
+
+// FreeKVCache implements compute.Backend.
+func (b *Backend) FreeKVCache(c compute.KVCache) {
+	cc, ok := c.(*kvCache)
+	if !ok || cc == nil || cc.buf == nil {
+		return
+	}
+	b.release(cc.buf)
+	cc.buf = nil
+}
+
+// segTable is one (layer, module)'s per-segment adapter description in the batch buffer.
+type segTable struct {
+	maxRank                   int
+	ranks, scales, aptr, bptr uintptr
+}
+
+// batch is a BatchMeta copied to the device: token arrays, flattened block tables and the segment
+// tables of every (layer, module) that some segment's adapter targets.
+type batch struct {
+	m      *compute.BatchMeta
+	buf    *Buffer
+	segAd  []*adapter // per segment, nil without adapter
+	tables [][compute.NumModules]segTable
+
+	tokens, positions, seqIndex, tokSeg, logitRows, tableOff, blockTables uintptr
+
+	checkedCache *kvCache // the cache the block tables were last checked against
+}
+
+func (bt *batch) Meta() *compute.BatchMeta { return bt.m }
+
+// PrepareBatch implements compute.Backend: one host-to-device copy per step.
+func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
+	t := len(m.Tokens)
+	if len(m.Positions) != t || len(m.SeqIndex) != t {
+		return nil, fmt.Errorf("%w: batch has %d tokens, %d positions, %d sequence indices", compute.ErrShape, t, len(m.Positions), len(m.SeqIndex))
+	}
+	for i, s := range m.SeqIndex {
+		if int(s) < 0 || int(s) >= len(m.Seqs) || m.Positions[i] < 0 {
+			return nil, fmt.Errorf("%w: token %d of sequence %d at position %d (%d sequences)", compute.ErrShape, i, s, m.Positions[i], len(m.Seqs))
+		}
+	}
+	for _, r := range m.LogitRows {
+		if int(r) < 0 || int(r) >= t {
+			return nil, fmt.Errorf("%w: logit row %d outside %d tokens", compute.ErrShape, r, t)
+		}
+	}
+	bt := &batch{m: m, segAd: make([]*adapter, len(m.Segments))}
+	tokSeg := make([]int32, t)
+	for i := range tokSeg {
+		tokSeg[i] = -1
+	}
+	layers := 0
+	for i, sg := range m.Segments {
+		if sg.Start < 0 || sg.End < sg.Start || sg.End > t {
+			return nil, fmt.Errorf("%w: segment [%d,%d) outside %d tokens", compute.ErrShape, sg.Start, sg.End, t)
+		}
+		if sg.Adapter == nil {
+			continue
+		}
+		a, ok := sg.Adapter.(*adapter)
+		if !ok || a.layers == nil {
+			return nil, fmt.Errorf("%w: segment [%d,%d) has a freed or foreign adapter", compute.ErrBackend, sg.Start, sg.End)
+		}
+		bt.segAd[i] = a
+		layers = max(layers, len(a.layers))
+		for j := sg.Start; j < sg.End; j++ {
+			tokSeg[j] = int32(i)
+		}
+	}
+	// Layout: int32 sections, then per targeted (layer, module): ranks, scales, A and B pointers.
+	ns := len(m.Segments)
+	nbt := 0
+	for _, s := range m.Seqs {
+		nbt += len(s.BlockTable)
+	}
+	i32 := make([]int32, 0, 4*t+len(m.LogitRows)+len(m.Seqs)+nbt)
+	mark := func() uintptr { return uintptr(4 * len(i32)) }
+	offTokens := mark()
+	i32 = append(i32, m.Tokens...)
+	offPos := mark()
+	i32 = append(i32, m.Positions...)
+	offSeq := mark()
+	i32 = append(i32, m.SeqIndex...)
+	offTokSeg := mark()
+	i32 = append(i32, tokSeg...)
+	offRows := mark()
+	i32 = append(i32, m.LogitRows...)
+	offTableOff := mark()
+	acc := int32(0)
+	for _, s := range m.Seqs {
+		i32 = append(i32, acc)
+		acc += int32(len(s.BlockTable))
+	}
+	offTables := mark()
+	for _, s := range m.Seqs {
+		i32 = append(i32, s.BlockTable...)
+	}
+	size := (int64(4*len(i32)) + 15) &^ 15
+	bt.tables = make([][compute.NumModules]segTable, layers)
+	type tableAt struct {
+		l   int
+		mod compute.Module
+		off int64
+	}
+	var targeted []tableAt
+	per := (int64(8*ns) + 15) &^ 15 // ranks and scales (4 bytes each), padded; then 8-byte pointers
+	for l := range layers {
+		for mod := range compute.NumModules {
+			mr := 0
+			for _, a := range bt.segAd {
+				if a != nil && l < len(a.layers) && a.layers[l][mod] != nil {
+					mr = max(mr, a.layers[l][mod].rank)
+				}
+			}
+			if mr == 0 {
+				continue
+			}
+			bt.tables[l][mod].maxRank = mr
+			targeted = append(targeted, tableAt{l, mod, size})
+			size += per + 16*int64(ns)
+		}
+	}
+	host := make([]byte, size)
+	le := binary.LittleEndian
+	for i, v := range i32 {
+		le.PutUint32(host[4*i:], uint32(v))
+	}
+	for _, ta := range targeted {
+		st := &bt.tables[ta.l][ta.mod]
+		offR, offS, offA, offB := ta.off, ta.off+int64(4*ns), ta.off+per, ta.off+per+int64(8*ns)
+		for i, a := range bt.segAd {
+			var p *adapterProj
+			if a != nil && ta.l < len(a.layers) {
+				p = a.layers[ta.l][ta.mod]
+			}
+			if p == nil {
+				continue // zero rank, NULL pointers
+			}
+			le.PutUint32(host[offR+int64(4*i):], uint32(p.rank))
+			le.PutUint32(host[offS+int64(4*i):], math.Float32bits(p.scale))
+			le.PutUint64(host[offA+int64(8*i):], uint64(a.buf.ptr)+uint64(p.aOff))
+			le.PutUint64(host[offB+int64(8*i):], uint64(a.buf.ptr)+uint64(p.bOff))
+		}
+		st.ranks, st.scales, st.aptr, st.bptr = uintptr(offR), uintptr(offS), uintptr(offA), uintptr(offB)
+	}
+	buf, err := b.alloc(size)
+	if err != nil {
+		return nil, err
+	}
+	if err := CopyIn(buf, 0, host, b.stream); err != nil {
+		b.release(buf)
+		return nil, err
+	}
+	p := buf.ptr
+	bt.buf = buf
+	bt.tokens, bt.positions, bt.seqIndex, bt.tokSeg = p+offTokens, p+offPos, p+offSeq, p+offTokSeg
+	bt.logitRows, bt.tableOff, bt.blockTables = p+offRows, p+offTableOff, p+offTables
+	for _, ta := range targeted {
+		st := &bt.tables[ta.l][ta.mod]
+		st.ranks, st.scales, st.aptr, st.bptr = p+st.ranks, p+st.scales, p+st.aptr, p+st.bptr
+	}
+	// The batch has no Free in the interface: its device memory returns to the pool once the
+	// handle is unreachable (later work that reuses it is ordered after this step's on the stream).
+	runtime.AddCleanup(bt, func(buf *Buffer) { b.release(buf) }, buf)
+	return bt, nil
+}
+
+func asBatch(cb compute.Batch) (*batch, error) {
+	bt, ok := cb.(*batch)
+	if !ok || bt == nil || bt.buf == nil {
+		return nil, fmt.Errorf("%w: batch %T was not prepared by the CUDA backend", compute.ErrBackend, cb)
+	}
+	return bt, nil
+}
+
+// rows is a tensor's row count and width (a 1-D tensor is one row).
+func rows(t *Tensor) (int, int) {
+	if len(t.shape) == 0 {
+		return 1, 1
+	}
+	if len(t.shape) == 1 {
+		return 1, t.shape[0]
+	}
+	return compute.Numel(t.shape[:len(t.shape)-1]), t.shape[len(t.shape)-1]
+}
+
+func fits32(vals ...int) bool {
+	for _, v := range vals {
+		if v < 0 || v > math.MaxInt32 {
+			return false
+		}
+	}
+	return true
+}

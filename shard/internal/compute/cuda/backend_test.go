@@ -1,0 +1,428 @@
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
+	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
+)
+
+// Per-operation parity of the CUDA backend with the CPU backend on random inputs. With bf16 weights
+// the CPU is given the same bf16-rounded weights (and, for MatMul, the bf16-rounded activations the
+// GEMM reads), so both precisions are held to float32 tolerances: a result matches when
+// max|gpu - cpu| <= tol * max(1, max|cpu|).
+const (
+	tolElementwise = 1e-6 // Add, SiLUMul, RoPE, RMSNorm, Embed: one or two roundings apart
+	tolReduction   = 2e-5 // MatMul, Attention, SGMV: summation order differs
+)
+
+func newGPUBackend(t *testing.T, o Options) *Backend {
+	t.Helper()
+	l := gpu(t)
+	be, err := NewWithLib(l, o)
+	must(t, err)
+	t.Cleanup(func() { must(t, be.Close()) })
+	return be
+}
+
+func randVals(r *rand.Rand, n int, amp float32) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = (r.Float32()*2 - 1) * amp
+	}
+	return v
+}
+
+func roundBF16(v []float32) []float32 {
+	out := make([]float32, len(v))
+	for i, x := range v {
+		out[i] = Float32FromBF16(BF16FromFloat32(x))
+	}
+	return out
+}
+
+// pair is one tensor on both backends.
+type pair struct{ g, c compute.Tensor }
+
+type parity struct {
+	t  *testing.T
+	g  *Backend
+	c  *cpu.Backend
+	dt DType
+}
+
+func (p *parity) tensor(data []float32, shape ...int) pair {
+	p.t.Helper()
+	g, err := p.g.FromHost(data, shape...)
+	must(p.t, err)
+	c, err := p.c.FromHost(data, shape...)
+	must(p.t, err)
+	p.t.Cleanup(func() { p.g.Free(g); p.c.Free(c) })
+	return pair{g, c}
+}
+
+// weight is a matrix weight: the CPU holds what the GPU will hold after conversion.
+func (p *parity) weight(data []float32, shape ...int) pair {
+	p.t.Helper()
+	g, err := p.g.FromHost(data, shape...)
+	must(p.t, err)
+	cd := data
+	if p.dt == BF16 {
+		cd = roundBF16(data)
+	}
+	c, err := p.c.FromHost(cd, shape...)
+	must(p.t, err)
+	p.t.Cleanup(func() { p.g.Free(g); p.c.Free(c) })
+	return pair{g, c}
+}
+
+func (p *parity) batch(m *compute.BatchMeta) (compute.Batch, compute.Batch) {
+	p.t.Helper()
+	g, err := p.g.PrepareBatch(m)
+	must(p.t, err)
+	c, err := p.c.PrepareBatch(m)
+	must(p.t, err)
+	return g, c
+}
+
+func host(t *testing.T, be compute.Backend, x compute.Tensor) []float32 {
+	t.Helper()
+	out := make([]float32, compute.Numel(x.Shape()))
+	must(t, be.ToHost(x, out))
+	return out
+}
+
+// same compares the pair's contents.
+func (p *parity) same(name string, x pair, tol float64) {
+	p.t.Helper()
+	got, want := host(p.t, p.g, x.g), host(p.t, p.c, x.c)
+	var maxRef, maxDiff float64
+	worst := -1
+	for i := range want {
+		maxRef = math.Max(maxRef, math.Abs(float64(want[i])))
+		d := math.Abs(float64(got[i]) - float64(want[i]))
+		if d > maxDiff || math.IsNaN(d) {
+			maxDiff, worst = d, i
+		}
+	}
+	if maxDiff > tol*math.Max(1, maxRef) || math.IsNaN(maxDiff) {
+		p.t.Errorf("%s: GPU and CPU differ by %.3g at %d (gpu %v, cpu %v; max |cpu| %.3g, tolerance %.3g relative)", name, maxDiff, worst, got[worst], want[worst], maxRef, tol)
+	} else {
+		p.t.Logf("%s: max difference %.3g (max |cpu| %.3g)", name, maxDiff, maxRef)
+	}
+}
+
+func TestBackendOpsMatchCPU(t *testing.T) {
+	for _, dt := range []DType{F32, BF16} {
+		t.Run(dt.String(), func(t *testing.T) {
+			p := &parity{t: t, g: newGPUBackend(t, Options{WeightDType: dt}), c: cpu.New(cpu.Options{}), dt: dt}
+			seed := rand.Uint64()
+			t.Logf("seed %d", seed)
+			r := rand.New(rand.NewPCG(seed, 7))
+			t.Run("matmul", func(t *testing.T) { p.t = t; testMatMul(p, r) })
+			t.Run("embed", func(t *testing.T) { p.t = t; testEmbed(p, r) })
+			t.Run("elementwise", func(t *testing.T) { p.t = t; testElementwise(p, r) })
+			t.Run("rope", func(t *testing.T) { p.t = t; testRoPE(p, r) })
+			t.Run("attention", func(t *testing.T) { p.t = t; testAttention(p, r) })
+			t.Run("sgmv", func(t *testing.T) { p.t = t; testSGMV(p, r) })
+		})
+	}
+}
+
+func testMatMul(p *parity, r *rand.Rand) {
+	for _, sh := range []struct{ t, k, n int }{{1, 64, 1025}, {37, 300, 129}, {64, 2048, 256}, {5, 7, 3}} {
+		name := fmt.Sprintf("%dx%d by %dx%d", sh.t, sh.k, sh.n, sh.k)
+		xd := randVals(r, sh.t*sh.k, 1)
+		x := p.tensor(xd, sh.t, sh.k)
+		w := p.weight(randVals(r, sh.n*sh.k, 0.2), sh.n, sh.k)
+		xc := x.c
+		if p.dt == BF16 {
+			// The GEMM reads bf16 activations.
+			xc = p.tensor(roundBF16(xd), sh.t, sh.k).c
+		}
+		out := p.tensor(make([]float32, sh.t*sh.n), sh.t, sh.n)
+		must(p.t, p.g.MatMul(out.g, x.g, w.g))
+		must(p.t, p.c.MatMul(out.c, xc, w.c))
+		p.same("matmul "+name, out, tolReduction)
+		if wt := w.g.(*Tensor); wt.DType() != p.dt {
+			p.t.Errorf("weight dtype %v after use, want %v", wt.DType(), p.dt)
+		}
+		p.same("weight read back "+name, w, 0)
+		// The input must be untouched.
+		p.same("matmul input "+name, x, 0)
+	}
+	// MatMulRows on a batch's logit rows.
+	const tk, k, n = 10, 96, 50
+	xd := randVals(r, tk*k, 1)
+	x := p.tensor(xd, tk, k)
+	xc := x.c
+	if p.dt == BF16 {
+		xc = p.tensor(roundBF16(xd), tk, k).c
+	}
+	w := p.weight(randVals(r, n*k, 0.2), n, k)
+	m := &compute.BatchMeta{Tokens: make([]int32, tk), Positions: make([]int32, tk), SeqIndex: make([]int32, tk),
+		Seqs: []compute.SeqMeta{{BlockTable: []int32{0, 1, 2}, ContextLen: tk}}, Segments: []compute.Segment{{Start: 0, End: tk}}, LogitRows: []int32{9, 0, 4}}
+	for i := range m.Positions {
+		m.Positions[i] = int32(i)
+	}
+	gb, cb := p.batch(m)
+	out := p.tensor(make([]float32, 3*n), 3, n)
+	must(p.t, p.g.MatMulRows(out.g, x.g, w.g, gb))
+	must(p.t, p.c.MatMulRows(out.c, xc, w.c, cb))
+	p.same("matmul rows", out, tolReduction)
+	// A converted weight is no activation.
+	if p.dt == BF16 {
+		if err := p.g.Add(w.g, w.g, w.g); !errors.Is(err, compute.ErrShape) {
+			p.t.Errorf("Add on a bf16 weight: %v, want ErrShape", err)
+		}
+	}
+}
+
+func testEmbed(p *parity, r *rand.Rand) {
+	const vocab, hidden = 300, 96
+	data := randVals(r, vocab*hidden, 1)
+	table := p.tensor(data, vocab, hidden)
+	toks := make([]int32, 40)
+	for i := range toks {
+		toks[i] = int32(r.IntN(vocab))
+	}
+	toks[0], toks[1] = 0, vocab-1
+	m := &compute.BatchMeta{Tokens: toks, Positions: make([]int32, len(toks)), SeqIndex: make([]int32, len(toks)),
+		Seqs: []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}}, Segments: []compute.Segment{{Start: 0, End: len(toks)}}}
+	gb, cb := p.batch(m)
+	for _, asWeight := range []bool{false, true} {
+		want := table.c
+		if asWeight {
+			// A tied table becomes a matmul weight (bf16 on a bf16 backend); Embed still reads it.
+			x := p.tensor(randVals(r, 2*hidden, 1), 2, hidden)
+			o := p.tensor(make([]float32, 2*vocab), 2, vocab)
+			must(p.t, p.g.MatMul(o.g, x.g, table.g))
+			want = p.weight(data, vocab, hidden).c
+		}
+		out := p.tensor(make([]float32, len(toks)*hidden), len(toks), hidden)
+		must(p.t, p.g.Embed(out.g, table.g, gb))
+		must(p.t, p.c.Embed(out.c, want, cb))
+		p.same(fmt.Sprintf("embed (after use as weight %v)", asWeight), out, 0)
+	}
+	bad := &compute.BatchMeta{Tokens: []int32{vocab}, Positions: []int32{0}, SeqIndex: []int32{0},
+		Seqs: []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}}, Segments: []compute.Segment{{Start: 0, End: 1}}}
+	bb, err := p.g.PrepareBatch(bad)
+	must(p.t, err)
+	out := p.tensor(make([]float32, hidden), 1, hidden)
+	if err := p.g.Embed(out.g, table.g, bb); !errors.Is(err, compute.ErrShape) {
+		p.t.Errorf("embed of token %d: %v, want ErrShape", vocab, err)
+	}
+}
+
+func testElementwise(p *parity, r *rand.Rand) {
+	const rows, d = 7, 300
+	x := p.tensor(randVals(r, rows*d, 3), rows, d)
+	w := p.tensor(randVals(r, d, 2), d)
+	out := p.tensor(make([]float32, rows*d), rows, d)
+	must(p.t, p.g.RMSNorm(out.g, x.g, w.g, 1e-5))
+	must(p.t, p.c.RMSNorm(out.c, x.c, w.c, 1e-5))
+	p.same("rmsnorm", out, tolElementwise)
+	must(p.t, p.g.RMSNorm(x.g, x.g, w.g, 1e-6)) // in place
+	must(p.t, p.c.RMSNorm(x.c, x.c, w.c, 1e-6))
+	p.same("rmsnorm in place", x, tolElementwise)
+
+	a := p.tensor(randVals(r, 1000, 4), 10, 100)
+	b := p.tensor(randVals(r, 1000, 4), 10, 100)
+	o := p.tensor(make([]float32, 1000), 10, 100)
+	must(p.t, p.g.Add(o.g, a.g, b.g))
+	must(p.t, p.c.Add(o.c, a.c, b.c))
+	p.same("add", o, 0)
+	must(p.t, p.g.Add(a.g, a.g, o.g))
+	must(p.t, p.c.Add(a.c, a.c, o.c))
+	p.same("add in place", a, 0)
+	must(p.t, p.g.SiLUMul(o.g, a.g, b.g))
+	must(p.t, p.c.SiLUMul(o.c, a.c, b.c))
+	p.same("silu mul", o, tolElementwise)
+	must(p.t, p.g.SiLUMul(a.g, a.g, b.g))
+	must(p.t, p.c.SiLUMul(a.c, a.c, b.c))
+	p.same("silu mul in place", a, tolElementwise)
+	if err := p.g.Add(o.g, a.g, w.g); !errors.Is(err, compute.ErrShape) {
+		p.t.Errorf("add of mismatched shapes: %v, want ErrShape", err)
+	}
+}
+
+func testRoPE(p *parity, r *rand.Rand) {
+	for _, c := range []struct{ heads, hd int }{{4, 16}, {3, 32}, {2, 128}} {
+		const tokens = 9
+		inv := make([]float32, c.hd/2)
+		for i := range inv {
+			inv[i] = float32(1 / math.Pow(10000, float64(2*i)/float64(c.hd)))
+		}
+		m := &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
+			Seqs: []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}}, Segments: []compute.Segment{{Start: 0, End: tokens}}}
+		for i := range m.Positions {
+			m.Positions[i] = int32(r.IntN(5000))
+		}
+		m.Positions[0] = 0
+		gb, cb := p.batch(m)
+		x := p.tensor(randVals(r, tokens*c.heads*c.hd, 2), tokens, c.heads*c.hd)
+		must(p.t, p.g.RoPE(x.g, c.heads, c.hd, inv, gb))
+		must(p.t, p.c.RoPE(x.c, c.heads, c.hd, inv, cb))
+		p.same(fmt.Sprintf("rope %d heads of %d", c.heads, c.hd), x, tolElementwise)
+	}
+}
+
+// testAttention runs two steps over three sequences with shuffled, non-contiguous blocks: prefills of
+// different lengths, then a decode, a prefill continuation and a decode, on two layers.
+func testAttention(p *parity, r *rand.Rand) {
+	for _, c := range []struct{ heads, kvHeads, hd int }{{6, 2, 16}, {4, 1, 40}, {8, 8, 128}} {
+		shape := compute.KVShape{Layers: 2, NumBlocks: 40, BlockSize: 4, KVHeads: c.kvHeads, HeadDim: c.hd}
+		gc, err := p.g.NewKVCache(shape)
+		must(p.t, err)
+		cc, err := p.c.NewKVCache(shape)
+		must(p.t, err)
+		perm := r.Perm(shape.NumBlocks)
+		tables := [][]int32{}
+		for s := range 3 {
+			tb := make([]int32, 6)
+			for j := range tb {
+				tb[j] = int32(perm[s*6+j])
+			}
+			tables = append(tables, tb)
+		}
+		lens := []int{0, 0, 0}
+		for step, adds := range [][]int{{7, 10, 1}, {1, 3, 1}, {1, 1, 9}} {
+			m := &compute.BatchMeta{}
+			for s, n := range adds {
+				m.Seqs = append(m.Seqs, compute.SeqMeta{BlockTable: tables[s], ContextLen: lens[s] + n})
+				for j := range n {
+					m.Tokens = append(m.Tokens, 1)
+					m.Positions = append(m.Positions, int32(lens[s]+j))
+					m.SeqIndex = append(m.SeqIndex, int32(s))
+				}
+				lens[s] += n
+			}
+			tk := len(m.Tokens)
+			m.Segments = []compute.Segment{{Start: 0, End: tk}}
+			must(p.t, m.Validate(shape.BlockSize))
+			gb, cb := p.batch(m)
+			qw, kvw := c.heads*c.hd, c.kvHeads*c.hd
+			scale := float32(1 / math.Sqrt(float64(c.hd)))
+			for layer := range 2 {
+				q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
+				k := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
+				v := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
+				out := p.tensor(make([]float32, tk*qw), tk, qw)
+				must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, layer, scale, gb))
+				must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
+				p.same(fmt.Sprintf("attention %d/%d heads of %d, step %d, layer %d", c.heads, c.kvHeads, c.hd, step, layer), out, tolReduction)
+			}
+		}
+		// A block outside the cache is refused before any kernel runs.
+		bad := &compute.BatchMeta{Tokens: []int32{1}, Positions: []int32{0}, SeqIndex: []int32{0},
+			Seqs: []compute.SeqMeta{{BlockTable: []int32{int32(shape.NumBlocks)}, ContextLen: 1}}, Segments: []compute.Segment{{Start: 0, End: 1}}}
+		bb, err := p.g.PrepareBatch(bad)
+		must(p.t, err)
+		q := p.tensor(make([]float32, c.heads*c.hd), 1, c.heads*c.hd)
+		kv := p.tensor(make([]float32, c.kvHeads*c.hd), 1, c.kvHeads*c.hd)
+		if err := p.g.Attention(q.g, q.g, kv.g, kv.g, gc, 0, 1, bb); !errors.Is(err, compute.ErrShape) {
+			p.t.Errorf("attention reading block %d of %d: %v, want ErrShape", shape.NumBlocks, shape.NumBlocks, err)
+		}
+		p.g.FreeKVCache(gc)
+		p.c.FreeKVCache(cc)
+	}
+}
+
+func loraWeights(r *rand.Rand, rank, in, out int, scale float32, dt DType) (*compute.LoRAWeights, *compute.LoRAWeights) {
+	a, b := randVals(r, rank*in, 0.5), randVals(r, out*rank, 0.5)
+	g := &compute.LoRAWeights{Rank: rank, In: in, Out: out, Scale: scale, A: a, B: b}
+	c := *g
+	if dt == BF16 {
+		c.A, c.B = roundBF16(a), roundBF16(b)
+	}
+	return g, &c
+}
+
+// testSGMV mixes segments with two adapters of different ranks and targets, a base-only segment and
+// an empty one, over two layers.
+func testSGMV(p *parity, r *rand.Rand) {
+	const tokens, hidden, inter = 12, 64, 160
+	mk := func(name string, rank int, scale float32, targets map[int][]compute.Module) (compute.Adapter, compute.Adapter) {
+		gw := &compute.AdapterWeights{Name: name, Layers: make([][compute.NumModules]*compute.LoRAWeights, 2)}
+		cw := &compute.AdapterWeights{Name: name, Layers: make([][compute.NumModules]*compute.LoRAWeights, 2)}
+		for l, mods := range targets {
+			for _, m := range mods {
+				in, out := hidden, hidden
+				if m == compute.ModDown {
+					in = inter
+				}
+				gw.Layers[l][m], cw.Layers[l][m] = loraWeights(r, rank, in, out, scale, p.dt)
+			}
+		}
+		ga, err := p.g.UploadAdapter(gw)
+		must(p.t, err)
+		ca, err := p.c.UploadAdapter(cw)
+		must(p.t, err)
+		p.t.Cleanup(func() { p.g.FreeAdapter(ga); p.c.FreeAdapter(ca) })
+		return ga, ca
+	}
+	ga1, ca1 := mk("a", 8, 0.5, map[int][]compute.Module{0: {compute.ModQ, compute.ModDown}, 1: {compute.ModQ}})
+	ga2, ca2 := mk("b", 3, 2, map[int][]compute.Module{0: {compute.ModQ}})
+	meta := func(a1, a2 compute.Adapter) *compute.BatchMeta {
+		m := &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
+			Seqs:     []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}},
+			Segments: []compute.Segment{{Start: 0, End: 3, Adapter: a1}, {Start: 3, End: 5}, {Start: 5, End: 5, Adapter: a1}, {Start: 5, End: 12, Adapter: a2}}}
+		return m
+	}
+	gb, err := p.g.PrepareBatch(meta(ga1, ga2))
+	must(p.t, err)
+	cb, err := p.c.PrepareBatch(meta(ca1, ca2))
+	must(p.t, err)
+	for _, c := range []struct {
+		layer int
+		mod   compute.Module
+		in    int
+	}{{0, compute.ModQ, hidden}, {0, compute.ModDown, inter}, {0, compute.ModK, hidden}, {1, compute.ModQ, hidden}, {1, compute.ModDown, inter}} {
+		x := p.tensor(randVals(r, tokens*c.in, 1), tokens, c.in)
+		y := p.tensor(randVals(r, tokens*hidden, 1), tokens, hidden)
+		must(p.t, p.g.SGMV(y.g, x.g, c.layer, c.mod, gb))
+		must(p.t, p.c.SGMV(y.c, x.c, c.layer, c.mod, cb))
+		p.same(fmt.Sprintf("sgmv layer %d %s", c.layer, c.mod), y, tolReduction)
+	}
+	// Dimension mismatch and a freed adapter are errors, as on the CPU.
+	x := p.tensor(randVals(r, tokens*hidden, 1), tokens, hidden)
+	y := p.tensor(randVals(r, tokens*inter, 1), tokens, inter)
+	if err := p.g.SGMV(y.g, x.g, 0, compute.ModQ, gb); !errors.Is(err, compute.ErrShape) {
+		p.t.Errorf("sgmv with the wrong output width: %v, want ErrShape", err)
+	}
+	p.g.FreeAdapter(ga2)
+	if err := p.g.SGMV(x.g, x.g, 0, compute.ModQ, gb); !errors.Is(err, compute.ErrBackend) {
+		p.t.Errorf("sgmv with a freed adapter: %v, want ErrBackend", err)
+	}
+}
+
+func TestBackendMemoryBudget(t *testing.T) {
+	be := newGPUBackend(t, Options{MemoryBudget: 1 << 20})
+	a, err := be.Alloc(1 << 17) // 512 KiB
+	must(t, err)
+	if _, err := be.Alloc(1 << 17); err != nil {
+		t.Fatalf("second 512 KiB under a 1 MiB budget: %v", err)
+	}
+	if _, err := be.Alloc(1); !errors.Is(err, compute.ErrOutOfMemory) {
+		t.Fatalf("allocation past the budget: %v, want ErrOutOfMemory", err)
+	}
+	be.Free(a)
+	if used := be.MemoryUsed(); used != 1<<19 {
+		t.Errorf("MemoryUsed %d after a free, want %d", used, 1<<19)
+	}
+	b, err := be.Alloc(1 << 16) // another size: the pooled buffer is trimmed to make room
+	must(t, err)
+	got := host(t, be, b)
+	for i, v := range got {
+		if v != 0 {
+			t.Fatalf("Alloc not zeroed at %d: %v", i, v)
+		}
+	}
+	if _, err := be.FromHost([]float32{1, 2}, 3); !errors.Is(err, compute.ErrShape) {
+		t.Errorf("FromHost with a wrong shape: %v, want ErrShape", err)
+	}
+}

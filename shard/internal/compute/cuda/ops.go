@@ -1,0 +1,324 @@
+package cuda
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
+)
+
+// The operations of compute.Backend. Each validates shapes on the host (as the CPU backend does) and
+// queues its kernels on the backend's stream without waiting.
+
+// Embed implements compute.Backend.
+func (b *Backend) Embed(out, table compute.Tensor, cb compute.Batch) error {
+	bt, err := asBatch(cb)
+	if err != nil {
+		return err
+	}
+	os, err := activations(out)
+	if err != nil {
+		return err
+	}
+	ts, err := tensors(table)
+	if err != nil {
+		return err
+	}
+	o, tb := os[0], ts[0]
+	vocab, hidden := rows(tb)
+	toks := bt.m.Tokens
+	if r, c := rows(o); r != len(toks) || c != hidden {
+		return fmt.Errorf("%w: embed out %v for %d tokens of width %d", compute.ErrShape, o.shape, len(toks), hidden)
+	}
+	for _, id := range toks {
+		if int(id) < 0 || int(id) >= vocab {
+			return fmt.Errorf("%w: token id %d outside vocabulary of %d", compute.ErrShape, id, vocab)
+		}
+	}
+	if !fits32(len(toks), hidden) {
+		return fmt.Errorf("%w: embed of %d tokens of width %d", compute.ErrShape, len(toks), hidden)
+	}
+	return b.lib.check("embed", b.lib.gatherRows(int32(tb.dtype), o.ptr(), tb.ptr(), bt.tokens, int32(len(toks)), int32(hidden), b.stream.handle()))
+}
+
+// RMSNorm implements compute.Backend.
+func (b *Backend) RMSNorm(out, x, weight compute.Tensor, eps float32) error {
+	ts, err := activations(out, x, weight)
+	if err != nil {
+		return err
+	}
+	o, xt, w := ts[0], ts[1], ts[2]
+	n, d := rows(xt)
+	if o.n != xt.n || w.n != d || d == 0 || !fits32(n, d) {
+		return fmt.Errorf("%w: rmsnorm out %v x %v weight %v", compute.ErrShape, o.shape, xt.shape, w.shape)
+	}
+	return b.lib.check("rmsnorm", b.lib.rmsNorm(o.ptr(), xt.ptr(), w.ptr(), int32(n), int32(d), eps, b.stream.handle()))
+}
+
+// matmul queues out [t, n] = x [t, k] W^T, rounding x to the weight dtype first when it is bf16.
+func (b *Backend) matmul(o *Tensor, x uintptr, w *Tensor, t, n, k int) error {
+	if err := b.asWeight(w); err != nil {
+		return err
+	}
+	if !fits32(t, n, k) {
+		return fmt.Errorf("%w: matmul of %dx%d by %dx%d", compute.ErrShape, t, k, n, k)
+	}
+	if w.dtype == F32 {
+		return b.lib.check("gemm", b.lib.gemm(b.blas, int32(F32), o.ptr(), x, w.ptr(), int32(t), int32(n), int32(k)))
+	}
+	xb, err := b.alloc(2 * int64(t) * int64(k))
+	if err != nil {
+		return err
+	}
+	defer b.release(xb)
+	if err := b.lib.check("convert activations", b.lib.convert(int32(BF16), xb.ptr, int32(F32), x, uintptr(t*k), b.stream.handle())); err != nil {
+		return err
+	}
+	return b.lib.check("gemm", b.lib.gemm(b.blas, int32(w.dtype), o.ptr(), xb.ptr, w.ptr(), int32(t), int32(n), int32(k)))
+}
+
+// MatMul implements compute.Backend.
+func (b *Backend) MatMul(out, x, w compute.Tensor) error {
+	as, err := activations(out, x)
+	if err != nil {
+		return err
+	}
+	ws, err := tensors(w)
+	if err != nil {
+		return err
+	}
+	o, xt, wt := as[0], as[1], ws[0]
+	t, k := rows(xt)
+	n, wk := rows(wt)
+	if ot, on := rows(o); wk != k || ot != t || on != n || len(wt.shape) != 2 {
+		return fmt.Errorf("%w: matmul %v x %v^T -> %v", compute.ErrShape, xt.shape, wt.shape, o.shape)
+	}
+	if o.buf.ptr == xt.buf.ptr && o.n > 0 {
+		return fmt.Errorf("%w: matmul output aliases its input", compute.ErrShape)
+	}
+	return b.matmul(o, xt.ptr(), wt, t, n, k)
+}
+
+// MatMulRows implements compute.Backend: the batch's logit rows are gathered, then multiplied.
+func (b *Backend) MatMulRows(out, x, w compute.Tensor, cb compute.Batch) error {
+	bt, err := asBatch(cb)
+	if err != nil {
+		return err
+	}
+	as, err := activations(out, x)
+	if err != nil {
+		return err
+	}
+	ws, err := tensors(w)
+	if err != nil {
+		return err
+	}
+	o, xt, wt := as[0], as[1], ws[0]
+	t, k := rows(xt)
+	n, wk := rows(wt)
+	r := len(bt.m.LogitRows)
+	if ot, on := rows(o); wk != k || ot != r || on != n || len(wt.shape) != 2 || t != len(bt.m.Tokens) {
+		return fmt.Errorf("%w: matmul rows %v (%d rows) x %v^T -> %v", compute.ErrShape, xt.shape, r, wt.shape, o.shape)
+	}
+	if r == 0 {
+		return nil
+	}
+	g, err := b.alloc(4 * int64(r) * int64(k))
+	if err != nil {
+		return err
+	}
+	defer b.release(g)
+	if err := b.lib.check("gather rows", b.lib.gatherRows(int32(F32), g.ptr, xt.ptr(), bt.logitRows, int32(r), int32(k), b.stream.handle())); err != nil {
+		return err
+	}
+	return b.matmul(o, g.ptr, wt, r, n, k)
+}
+
+// Add implements compute.Backend.
+func (b *Backend) Add(out, a, bt compute.Tensor) error {
+	ts, err := activations(out, a, bt)
+	if err != nil {
+		return err
+	}
+	o, x, y := ts[0], ts[1], ts[2]
+	if o.n != x.n || x.n != y.n {
+		return fmt.Errorf("%w: add %v + %v -> %v", compute.ErrShape, x.shape, y.shape, o.shape)
+	}
+	return b.lib.check("add", b.lib.add(o.ptr(), x.ptr(), y.ptr(), uintptr(o.n), b.stream.handle()))
+}
+
+// SiLUMul implements compute.Backend.
+func (b *Backend) SiLUMul(out, gate, up compute.Tensor) error {
+	ts, err := activations(out, gate, up)
+	if err != nil {
+		return err
+	}
+	o, g, u := ts[0], ts[1], ts[2]
+	if o.n != g.n || g.n != u.n {
+		return fmt.Errorf("%w: silu-mul %v * %v -> %v", compute.ErrShape, g.shape, u.shape, o.shape)
+	}
+	return b.lib.check("silu mul", b.lib.siluMul(o.ptr(), g.ptr(), u.ptr(), uintptr(o.n), b.stream.handle()))
+}
+
+// RoPE implements compute.Backend.
+func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, cb compute.Batch) error {
+	bt, err := asBatch(cb)
+	if err != nil {
+		return err
+	}
+	ts, err := activations(x)
+	if err != nil {
+		return err
+	}
+	xt := ts[0]
+	n, w := rows(xt)
+	half := headDim / 2
+	if n != len(bt.m.Positions) || heads <= 0 || headDim <= 0 || w != heads*headDim || headDim%2 != 0 || len(invFreq) != half || !fits32(n) {
+		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions, %d frequencies", compute.ErrShape, xt.shape, heads, headDim, len(bt.m.Positions), len(invFreq))
+	}
+	if !slices.Equal(b.invFreqHost, invFreq) || b.invFreqDev == nil {
+		if b.invFreqDev != nil {
+			b.release(b.invFreqDev)
+			b.invFreqDev = nil
+		}
+		buf, err := b.alloc(4 * int64(len(invFreq)))
+		if err != nil {
+			return err
+		}
+		if err := CopyIn(buf, 0, invFreq, b.stream); err != nil {
+			b.release(buf)
+			return err
+		}
+		b.invFreqDev, b.invFreqHost = buf, slices.Clone(invFreq)
+	}
+	return b.lib.check("rope", b.lib.rope(xt.ptr(), int32(n), int32(heads), int32(headDim), b.invFreqDev.ptr, bt.positions, b.stream.handle()))
+}
+
+// checkTables verifies, once per (batch, cache), that every block a token reads is in the cache, so
+// the kernels never index outside it.
+func (bt *batch) checkTables(c *kvCache) error {
+	if bt.checkedCache == c {
+		return nil
+	}
+	m, s := bt.m, c.shape
+	for t := range m.Tokens {
+		si, p := int(m.SeqIndex[t]), int(m.Positions[t])
+		table := m.Seqs[si].BlockTable
+		last := p / s.BlockSize
+		if last >= len(table) {
+			return fmt.Errorf("%w: position %d has no block in table of %d", compute.ErrShape, p, len(table))
+		}
+		for _, blk := range table[:last+1] {
+			if blk < 0 || int(blk) >= s.NumBlocks {
+				return fmt.Errorf("%w: position %d reads block %d of %d", compute.ErrShape, p, blk, s.NumBlocks)
+			}
+		}
+	}
+	bt.checkedCache = c
+	return nil
+}
+
+// Attention implements compute.Backend.
+func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, layer int, scale float32, cb compute.Batch) error {
+	bt, err := asBatch(cb)
+	if err != nil {
+		return err
+	}
+	ts, err := activations(out, q, k, v)
+	if err != nil {
+		return err
+	}
+	o, qt, kt, vt := ts[0], ts[1], ts[2], ts[3]
+	c, ok := cache.(*kvCache)
+	if !ok || c == nil || c.buf == nil {
+		return fmt.Errorf("%w: cache %T is not a live CUDA cache", compute.ErrBackend, cache)
+	}
+	s := c.shape
+	n := len(bt.m.Tokens)
+	kvw := s.KVHeads * s.HeadDim
+	qr, qw := rows(qt)
+	if qr != n || qw%s.HeadDim != 0 || kt.n != n*kvw || vt.n != n*kvw || o.n != qt.n {
+		return fmt.Errorf("%w: attention q %v k %v v %v out %v for %d tokens, kv width %d", compute.ErrShape, qt.shape, kt.shape, vt.shape, o.shape, n, kvw)
+	}
+	if layer < 0 || layer >= s.Layers {
+		return fmt.Errorf("%w: layer %d of %d", compute.ErrShape, layer, s.Layers)
+	}
+	heads := qw / s.HeadDim
+	if heads%s.KVHeads != 0 {
+		return fmt.Errorf("%w: %d query heads for %d kv heads", compute.ErrShape, heads, s.KVHeads)
+	}
+	if !fits32(n, qw, kvw) {
+		return fmt.Errorf("%w: attention over %d tokens of width %d", compute.ErrShape, n, qw)
+	}
+	if err := bt.checkTables(c); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	kc, vc := c.layer(layer)
+	st := b.stream.handle()
+	if err := b.lib.check("kv write", b.lib.kvWrite(kc, vc, kt.ptr(), vt.ptr(), int32(n), int32(kvw), bt.positions, bt.seqIndex,
+		bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
+		return err
+	}
+	return b.lib.check("attention", b.lib.attention(o.ptr(), qt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
+		scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), st))
+}
+
+// SGMV implements compute.Backend with the float32-activation kernels: shrink into a float32
+// scratch [T, maxRank], then expand into y.
+func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb compute.Batch) error {
+	bt, err := asBatch(cb)
+	if err != nil {
+		return err
+	}
+	ts, err := activations(y, x)
+	if err != nil {
+		return err
+	}
+	yt, xt := ts[0], ts[1]
+	n, in := rows(xt)
+	yn, out := rows(yt)
+	if n != yn || n != len(bt.m.Tokens) {
+		return fmt.Errorf("%w: sgmv x %v y %v for %d tokens", compute.ErrShape, xt.shape, yt.shape, len(bt.m.Tokens))
+	}
+	if layer < 0 || m >= compute.NumModules {
+		return fmt.Errorf("%w: sgmv at layer %d %s", compute.ErrShape, layer, m)
+	}
+	if layer >= len(bt.tables) || bt.tables[layer][m].maxRank == 0 {
+		return nil
+	}
+	for i, a := range bt.segAd {
+		if a == nil {
+			continue
+		}
+		sg := bt.m.Segments[i]
+		if a.layers == nil {
+			// Skipping would silently serve the base model to the adapter's requests.
+			return fmt.Errorf("%w: segment [%d,%d) has a freed adapter", compute.ErrBackend, sg.Start, sg.End)
+		}
+		if layer >= len(a.layers) || a.layers[layer][m] == nil || sg.End == sg.Start {
+			continue
+		}
+		if p := a.layers[layer][m]; p.in != in || p.out != out {
+			return fmt.Errorf("%w: adapter at layer %d %s is %dx%d, projection is %dx%d", compute.ErrShape, layer, m, p.in, p.out, in, out)
+		}
+	}
+	st := bt.tables[layer][m]
+	if !fits32(n, in, out) || in == 0 || out == 0 {
+		return fmt.Errorf("%w: sgmv of %d tokens %d -> %d", compute.ErrShape, n, in, out)
+	}
+	v, err := b.alloc(4 * int64(n) * int64(st.maxRank))
+	if err != nil {
+		return err
+	}
+	defer b.release(v)
+	h := b.stream.handle()
+	if err := b.lib.check("sgmv shrink", b.lib.sgmvShrinkF32(int32(b.wdt), v.ptr, int32(st.maxRank), xt.ptr(), int32(in), st.aptr, st.ranks,
+		bt.tokSeg, int32(n), int32(st.maxRank), h)); err != nil {
+		return err
+	}
+	return b.lib.check("sgmv expand", b.lib.sgmvExpandF32(int32(b.wdt), yt.ptr(), int32(out), v.ptr, int32(st.maxRank), st.bptr, st.ranks,
+		st.scales, bt.tokSeg, int32(n), int32(st.maxRank), h))
+}

@@ -1,0 +1,658 @@
+package llama_test
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/loraplex/loraplex/pkg/safetensors"
+	"github.com/loraplex/loraplex/pkg/tinyllama"
+	"github.com/loraplex/loraplex/shard/internal/compute"
+	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
+	"github.com/loraplex/loraplex/shard/internal/compute/cuda"
+	"github.com/loraplex/loraplex/shard/internal/model"
+	"github.com/loraplex/loraplex/shard/internal/model/llama"
+)
+
+// The same forward pass on the CUDA backend, against the Hugging Face references (float64) and the
+// CPU backend. These tests skip where there is no GPU (CI).
+
+var cudaBench = flag.Bool("cuda.bench", false, "run the CUDA decode-step benchmark")
+
+// gpuPrecision is one weight dtype of the CUDA backend with the tolerances it is held to. A logit
+// row matches when max|ours - ref| <= logitTol * max(1, max|ref|); greedy tokens are compared while
+// the reference's top-1 margin exceeds margin.
+type gpuPrecision struct {
+	dt       cuda.DType
+	logitTol float64
+	margin   float64
+}
+
+var gpuPrecisions = []gpuPrecision{
+	// float32 throughout (cuBLAS without TF32): only the order of summation differs from the CPU.
+	{cuda.F32, 2e-4, 1e-3},
+	// bf16 weights and GEMM inputs, float32 accumulation, activations and KV cache.
+	{cuda.BF16, 3e-2, 0.05},
+}
+
+func gpuBackend(t testing.TB, dt cuda.DType) *cuda.Backend {
+	t.Helper()
+	be, err := cuda.New(cuda.Options{WeightDType: dt})
+	if errors.Is(err, cuda.ErrNoLibrary) || errors.Is(err, cuda.ErrNoDevice) {
+		t.Skipf("no GPU to test on: %v (build kernels/ with nvcc and set %s)", err, cuda.LibraryEnv)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := be.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return be
+}
+
+// logitCheck compares logit rows and remembers the worst relative difference it saw.
+type logitCheck struct {
+	tol   float64
+	worst float64
+	where string
+}
+
+func (c *logitCheck) check(t *testing.T, name string, got []float32, want []float64) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%s: %d logits, reference has %d", name, len(got), len(want))
+	}
+	var maxRef, maxDiff float64
+	for i, w := range want {
+		maxRef = math.Max(maxRef, math.Abs(w))
+		maxDiff = math.Max(maxDiff, math.Abs(float64(got[i])-w))
+	}
+	rel := maxDiff / math.Max(1, maxRef)
+	if rel > c.worst {
+		c.worst, c.where = rel, name
+	}
+	if rel > c.tol {
+		t.Errorf("%s: logits differ by %.3g (max |ref| %.3g): %.3g relative, tolerance %.3g", name, maxDiff, maxRef, rel, c.tol)
+	}
+}
+
+func checkGreedyMargin(t *testing.T, name string, s *seq, c tinyllama.Case, margin float64) (compared int) {
+	t.Helper()
+	got := s.tokens[len(c.PromptIDs):]
+	for i, want := range c.Greedy {
+		if c.GreedyMargins[i] <= margin {
+			return i
+		}
+		if got[i] != want {
+			t.Errorf("%s: greedy token %d = %d, reference %d (got %v, want %v)", name, i, got[i], want, got, c.Greedy)
+			return i
+		}
+	}
+	return len(c.Greedy)
+}
+
+// TestCUDAMatchesReference runs the shipped model (base and every adapter, each alone and all mixed
+// in one batch) and the tied bf16 llama3-rope model on the GPU in both precisions.
+func TestCUDAMatchesReference(t *testing.T) {
+	for _, p := range gpuPrecisions {
+		t.Run(p.dt.String(), func(t *testing.T) {
+			be := gpuBackend(t, p.dt)
+			modelDir, adapterDir, ref := shippedModel(t)
+			m := loadModel(t, modelDir, be)
+			ads := map[string]compute.Adapter{}
+			for _, name := range tinyllama.Adapters {
+				ads[name] = loadAdapter(t, be, m.Info(), filepath.Join(adapterDir, name))
+			}
+			lc := &logitCheck{tol: p.logitTol}
+			greedy, total := 0, 0
+			t.Run("alone", func(t *testing.T) {
+				run := func(name string, ad compute.Adapter, cases []tinyllama.Case) {
+					for i, c := range cases {
+						r := newRunner(t, be, m, 256)
+						s := &seq{adapter: ad, tokens: append([]int(nil), c.PromptIDs...)}
+						r.generate([]*seq{s}, len(c.Greedy))
+						label := fmt.Sprintf("%s/prompt%d", name, i)
+						lc.check(t, label, s.logits[0], c.LastLogits)
+						greedy += checkGreedyMargin(t, label, s, c, p.margin)
+						total += len(c.Greedy)
+					}
+				}
+				run("base", nil, ref.Base)
+				for _, name := range tinyllama.Adapters {
+					run(name, ads[name], ref.Adapters[name])
+				}
+			})
+			t.Run("mixed", func(t *testing.T) {
+				type item struct {
+					s *seq
+					c tinyllama.Case
+				}
+				var items []item
+				add := func(name string, ad compute.Adapter, cases []tinyllama.Case) {
+					for i, c := range cases {
+						items = append(items, item{&seq{name: fmt.Sprintf("%s/prompt%d", name, i), adapter: ad, tokens: append([]int(nil), c.PromptIDs...)}, c})
+					}
+				}
+				add("base", nil, ref.Base)
+				for _, name := range tinyllama.Adapters {
+					add(name, ads[name], ref.Adapters[name])
+				}
+				seqs := make([]*seq, len(items))
+				for i, it := range items {
+					seqs[i] = it.s
+				}
+				newRunner(t, be, m, 2048).generate(seqs, 24)
+				for _, it := range items {
+					lc.check(t, "mixed/"+it.s.name, it.s.logits[0], it.c.LastLogits)
+					greedy += checkGreedyMargin(t, "mixed/"+it.s.name, it.s, it.c, p.margin)
+					total += min(24, len(it.c.Greedy))
+				}
+				if p.dt == cuda.F32 {
+					compareWithCPU(t, modelDir, adapterDir, seqs)
+				}
+			})
+			t.Run("tied", func(t *testing.T) {
+				dir := filepath.Join("testdata", "tiedllama")
+				data, err := os.ReadFile(filepath.Join(dir, "reference.json"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				tref, err := tinyllama.LoadReference(data)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tm := loadModel(t, filepath.Join(dir, "model"), be)
+				for i, c := range tref.Base {
+					s := &seq{tokens: append([]int(nil), c.PromptIDs...)}
+					newRunner(t, be, tm, 256).generate([]*seq{s}, len(c.Greedy))
+					name := fmt.Sprintf("tied/prompt%d", i)
+					lc.check(t, name, s.logits[0], c.LastLogits)
+					greedy += checkGreedyMargin(t, name, s, c, p.margin)
+					total += len(c.Greedy)
+				}
+			})
+			t.Logf("%v: worst logit difference %.3g of max(1, max|ref|) (%s), tolerance %.3g; %d of %d greedy tokens compared (reference margin > %g) and equal",
+				p.dt, lc.worst, lc.where, p.logitTol, greedy, total, p.margin)
+		})
+	}
+}
+
+// compareWithCPU replays the mixed batch's token streams on the CPU backend and checks every step's
+// logits against the GPU's (float32 weights: they differ only by summation order).
+func compareWithCPU(t *testing.T, modelDir, adapterDir string, gpu []*seq) {
+	t.Helper()
+	be := cpu.New(cpu.Options{})
+	m := loadModel(t, modelDir, be)
+	ads := map[compute.Adapter]compute.Adapter{}
+	cpuSeqs := make([]*seq, len(gpu))
+	for i, g := range gpu {
+		var ad compute.Adapter
+		if g.adapter != nil {
+			if ads[g.adapter] == nil {
+				// The sequence name is "<adapter>/promptN".
+				name := g.name[:len(g.name)-len(filepath.Base(g.name))-1]
+				ads[g.adapter] = loadAdapter(t, be, m.Info(), filepath.Join(adapterDir, name))
+			}
+			ad = ads[g.adapter]
+		}
+		// Force the GPU's tokens: the prompt plus what the GPU generated, fed step by step.
+		cpuSeqs[i] = &seq{name: g.name, adapter: ad}
+	}
+	r := newRunner(t, be, m, 2048)
+	steps := len(gpu[0].logits)
+	prompt := make([]int, len(gpu))
+	for i, g := range gpu {
+		prompt[i] = len(g.tokens) - steps
+		cpuSeqs[i].tokens = append([]int(nil), g.tokens[:prompt[i]]...)
+	}
+	var worst float64
+	for st := range steps {
+		r.step(cpuSeqs)
+		for i, g := range gpu {
+			got, want := g.logits[st], cpuSeqs[i].logits[st]
+			var maxRef, maxDiff float64
+			for j := range want {
+				maxRef = math.Max(maxRef, math.Abs(float64(want[j])))
+				maxDiff = math.Max(maxDiff, math.Abs(float64(got[j]-want[j])))
+			}
+			rel := maxDiff / math.Max(1, maxRef)
+			worst = math.Max(worst, rel)
+			if rel > 1e-4 {
+				t.Errorf("step %d %s: GPU and CPU logits differ by %.3g relative (tolerance 1e-4)", st, g.name, rel)
+			}
+			cpuSeqs[i].tokens = append(cpuSeqs[i].tokens, g.tokens[prompt[i]+st])
+		}
+	}
+	t.Logf("float32 GPU vs CPU over %d steps of %d sequences: worst logit difference %.3g of max(1, max|cpu|)", steps, len(gpu), worst)
+}
+
+// randWeights is a Weights of random values for a config (benchmarks only).
+type randWeights struct {
+	shapes map[string][]int
+	seed   uint64
+}
+
+func newRandWeights(cfg *llama.Config) *randWeights {
+	h, v, inter := cfg.HiddenSize, cfg.VocabSize, cfg.IntermediateSize
+	q, kv := cfg.NumAttentionHeads*cfg.HeadDim, cfg.NumKeyValueHeads*cfg.HeadDim
+	w := &randWeights{shapes: map[string][]int{
+		"model.embed_tokens.weight": {v, h}, "model.norm.weight": {h}, "lm_head.weight": {v, h},
+	}, seed: 1}
+	for l := range cfg.NumHiddenLayers {
+		p := fmt.Sprintf("model.layers.%d.", l)
+		w.shapes[p+"input_layernorm.weight"] = []int{h}
+		w.shapes[p+"post_attention_layernorm.weight"] = []int{h}
+		w.shapes[p+"self_attn.q_proj.weight"] = []int{q, h}
+		w.shapes[p+"self_attn.k_proj.weight"] = []int{kv, h}
+		w.shapes[p+"self_attn.v_proj.weight"] = []int{kv, h}
+		w.shapes[p+"self_attn.o_proj.weight"] = []int{h, q}
+		w.shapes[p+"mlp.gate_proj.weight"] = []int{inter, h}
+		w.shapes[p+"mlp.up_proj.weight"] = []int{inter, h}
+		w.shapes[p+"mlp.down_proj.weight"] = []int{h, inter}
+	}
+	return w
+}
+
+func (w *randWeights) Info(name string) (safetensors.TensorInfo, bool) {
+	s, ok := w.shapes[name]
+	return safetensors.TensorInfo{Name: name, Shape: s}, ok
+}
+
+func (w *randWeights) Float32(name string) ([]float32, error) {
+	s := w.shapes[name]
+	data := make([]float32, compute.Numel(s))
+	if len(s) == 1 {
+		for i := range data {
+			data[i] = 1
+		}
+		return data, nil
+	}
+	amp := float32(1 / math.Sqrt(float64(s[1])))
+	x := w.seed*0x9e3779b97f4a7c15 + uint64(len(name))
+	w.seed++
+	for i := range data {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		data[i] = (float32(x>>40)/float32(1<<24)*2 - 1) * amp
+	}
+	return data, nil
+}
+
+// matmulWeightBytes is the bytes of the matrices a decode step reads (every projection and lm_head)
+// at elem bytes each.
+func matmulWeightBytes(i model.Info, elem int64) int64 {
+	var n int64
+	for mod := range compute.NumModules {
+		in, out := i.ModuleDims(mod)
+		n += int64(in) * int64(out)
+	}
+	return elem * (n*int64(i.Layers) + int64(i.VocabSize)*int64(i.Hidden))
+}
+
+// stepTimes are a decode step's medians: host is PrepareBatch plus Forward until it returns (work
+// queued, not done); device adds a device synchronize (logits left on the device); withCopy adds
+// the logits' copy to the host; graph is the step's kernels captured in a CUDA graph and replayed
+// (GPU time without host overhead; 0 if capture failed).
+type stepTimes struct {
+	prefill, host, device, withCopy, graph time.Duration
+}
+
+// decodeTiming runs a prefill of batch random prompts of length prompt, then steps decode steps.
+func decodeTiming(t *testing.T, be *cuda.Backend, m model.Model, batch, prompt, steps int) stepTimes {
+	const bs = 16
+	info := m.Info()
+	per := (prompt + steps + bs) / bs
+	cache, err := be.NewKVCache(info.KVShape(batch*per, bs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.FreeKVCache(cache)
+	seqs := make([]compute.SeqMeta, batch)
+	toks := make([][]int32, batch)
+	x := uint64(88172645463325252)
+	for i := range seqs {
+		tb := make([]int32, per)
+		for j := range tb {
+			tb[j] = int32(i*per + j)
+		}
+		seqs[i].BlockTable = tb
+		for range prompt {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			toks[i] = append(toks[i], int32(2+x%uint64(info.VocabSize-2)))
+		}
+	}
+	logits := make([]float32, batch*info.VocabSize)
+	metaFor := func(first bool) *compute.BatchMeta {
+		meta := &compute.BatchMeta{Seqs: slices.Clone(seqs)}
+		for i := range seqs {
+			from := len(toks[i]) - 1
+			if first {
+				from = 0
+			}
+			meta.Seqs[i].ContextLen = len(toks[i])
+			for p := from; p < len(toks[i]); p++ {
+				meta.Tokens = append(meta.Tokens, toks[i][p])
+				meta.Positions = append(meta.Positions, int32(p))
+				meta.SeqIndex = append(meta.SeqIndex, int32(i))
+			}
+			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
+		}
+		meta.Segments = []compute.Segment{{Start: 0, End: len(meta.Tokens)}}
+		return meta
+	}
+	step := func(first bool) (host, dev, all time.Duration) {
+		meta := metaFor(first)
+		start := time.Now()
+		b, err := be.PrepareBatch(meta)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := m.Forward(b, cache)
+		if err != nil {
+			t.Fatal(err)
+		}
+		host = time.Since(start)
+		if err := be.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		dev = time.Since(start)
+		if err := be.ToHost(out, logits); err != nil {
+			t.Fatal(err)
+		}
+		all = time.Since(start)
+		be.Free(out)
+		for i := range toks {
+			toks[i] = append(toks[i], int32(argmax(logits[i*info.VocabSize:(i+1)*info.VocabSize])))
+		}
+		return host, dev, all
+	}
+	var st stepTimes
+	_, st.prefill, _ = step(true)
+	var hosts, devs, alls []time.Duration
+	for range steps {
+		h, d, a := step(false)
+		hosts, devs, alls = append(hosts, h), append(devs, d), append(alls, a)
+	}
+	med := func(v []time.Duration) time.Duration {
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	st.host, st.device, st.withCopy = med(hosts), med(devs), med(alls)
+	st.graph = graphStep(t, be, m, cache, metaFor(false))
+	return st
+}
+
+// graphStep captures one decode step's work in a CUDA graph and times its replays with events
+// (replays rewrite the same cache slots, so the step is repeatable).
+func graphStep(t *testing.T, be *cuda.Backend, m model.Model, cache compute.KVCache, meta *compute.BatchMeta) time.Duration {
+	l, s := be.Lib(), be.Stream()
+	b, err := be.PrepareBatch(meta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.BeginCapture(s); err != nil {
+		t.Logf("graph capture: %v", err)
+		return 0
+	}
+	out, ferr := m.Forward(b, cache)
+	g, err := l.EndCapture(s)
+	if ferr != nil || err != nil {
+		t.Logf("graph capture: forward %v, end %v", ferr, err)
+		return 0
+	}
+	defer g.Close()
+	defer be.Free(out)
+	e0, _ := l.NewEvent()
+	e1, _ := l.NewEvent()
+	defer e0.Close()
+	defer e1.Close()
+	var times []time.Duration
+	for range 20 {
+		_ = e0.Record(s)
+		if err := g.Launch(s); err != nil {
+			t.Logf("graph launch: %v", err)
+			return 0
+		}
+		_ = e1.Record(s)
+		if err := e1.Sync(); err != nil {
+			t.Logf("graph replay: %v", err)
+			return 0
+		}
+		ms, _ := e1.Since(e0)
+		times = append(times, time.Duration(float64(ms)*1e6))
+	}
+	slices.Sort(times)
+	runtime.KeepAlive(b)
+	return times[len(times)/2]
+}
+
+// copyBandwidth measures a 1 GiB device-to-device copy, counting bytes read plus written.
+func copyBandwidth(t *testing.T, l *cuda.Lib) float64 {
+	const n = 1 << 30
+	a, err := l.Malloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Free()
+	b, err := l.Malloc(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Free()
+	s, err := l.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	e0, _ := l.NewEvent()
+	e1, _ := l.NewEvent()
+	defer e0.Close()
+	defer e1.Close()
+	var best float64
+	for range 6 {
+		_ = e0.Record(s)
+		if err := l.CopyDevice(b, 0, a, 0, n, s); err != nil {
+			t.Fatal(err)
+		}
+		_ = e1.Record(s)
+		if err := e1.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		ms, _ := e1.Since(e0)
+		best = math.Max(best, 2*n/(float64(ms)*1e-3)/1e9)
+	}
+	return best
+}
+
+// TestCUDADecodeBench times decode steps of the shipped model and of a random Llama of the issue's
+// shape (run with -cuda.bench).
+func TestCUDADecodeBench(t *testing.T) {
+	if !*cudaBench {
+		t.Skip("benchmark: run with -cuda.bench")
+	}
+	be := gpuBackend(t, cuda.BF16)
+	d, err := be.Lib().Device(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bw := copyBandwidth(t, be.Lib())
+	t.Logf("device %s, %d SMs; copy bandwidth %.0f GB/s (1 GiB device-to-device, read+written)", d.Name, d.SMs, bw)
+
+	modelDir, _, _ := shippedModel(t)
+	for _, dt := range []cuda.DType{cuda.F32, cuda.BF16} {
+		tb := gpuBackend(t, dt)
+		tm := loadModel(t, modelDir, tb)
+		for _, batch := range []int{1, 32} {
+			st := decodeTiming(t, tb, tm, batch, 32, 32)
+			t.Logf("shipped tiny model, %v weights, batch %d, context ~48: decode step %v (logits on device; host enqueue %v), %v with logits to host; CUDA graph replay %v",
+				dt, batch, st.device, st.host, st.withCopy, st.graph)
+		}
+	}
+
+	cfg, err := llama.ParseConfig([]byte(`{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
+		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
+		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	m, err := llama.New(cfg, newRandWeights(cfg), be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	t.Logf("random llama loaded in %v", time.Since(start))
+	wb := matmulWeightBytes(m.Info(), 2)
+	ideal := time.Duration(float64(wb) / (bw * 1e9) * 1e9)
+	for _, batch := range []int{1, 32} {
+		st := decodeTiming(t, be, m, batch, 128, 32)
+		t.Logf("random llama (hidden 2048, 16 layers, inter 5632, 16/8 heads, vocab 32000), bf16 weights %.2f GB, batch %d, prompt 128: prefill %v; decode step %v (logits on device; host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth = %v; ratio %.2fx (graph %.2fx)",
+			float64(wb)/1e9, batch, st.prefill, st.device, st.host, st.withCopy, st.graph, ideal, float64(st.device)/float64(ideal), float64(st.graph)/float64(ideal))
+	}
+}
+
+// timeOp captures reps calls of f in a CUDA graph (after one warm call: pool, weight conversion)
+// and returns the best replay's time per call: GPU time without host overhead.
+func timeOp(t *testing.T, be *cuda.Backend, reps int, f func() error) time.Duration {
+	t.Helper()
+	if err := f(); err != nil {
+		t.Fatal(err)
+	}
+	if err := be.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	l, s := be.Lib(), be.Stream()
+	if err := l.BeginCapture(s); err != nil {
+		t.Fatal(err)
+	}
+	var ferr error
+	for range reps {
+		if err := f(); err != nil && ferr == nil {
+			ferr = err
+		}
+	}
+	g, err := l.EndCapture(s)
+	if ferr != nil || err != nil {
+		t.Fatalf("capture: %v, %v", ferr, err)
+	}
+	defer g.Close()
+	e0, _ := l.NewEvent()
+	e1, _ := l.NewEvent()
+	defer e0.Close()
+	defer e1.Close()
+	best := time.Duration(math.MaxInt64)
+	for range 3 {
+		_ = e0.Record(s)
+		if err := g.Launch(s); err != nil {
+			t.Fatal(err)
+		}
+		_ = e1.Record(s)
+		if err := e1.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		ms, _ := e1.Since(e0)
+		best = min(best, time.Duration(float64(ms)*1e6/float64(reps)))
+	}
+	return best
+}
+
+// TestCUDAOpBreakdown times each operation of a decode step of the random Llama (batch 32, context
+// 144) alone, to show where the step's GPU time goes (run with -cuda.bench).
+func TestCUDAOpBreakdown(t *testing.T) {
+	if !*cudaBench {
+		t.Skip("benchmark: run with -cuda.bench")
+	}
+	be := gpuBackend(t, cuda.BF16)
+	const batch, ctx, hidden, inter, heads, kvHeads, hd, vocab, layers = 32, 144, 2048, 5632, 16, 8, 128, 32000, 16
+	rw := &randWeights{shapes: map[string][]int{}, seed: 3}
+	tensor := func(shape ...int) compute.Tensor {
+		rw.shapes["x"] = shape
+		d, _ := rw.Float32("x")
+		x, err := be.FromHost(d, shape...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { be.Free(x) })
+		return x
+	}
+	const bs = 16
+	per := (ctx + bs - 1) / bs
+	meta := &compute.BatchMeta{Segments: []compute.Segment{{Start: 0, End: batch}}}
+	for i := range batch {
+		tb := make([]int32, per)
+		for j := range tb {
+			tb[j] = int32(i*per + j)
+		}
+		meta.Seqs = append(meta.Seqs, compute.SeqMeta{BlockTable: tb, ContextLen: ctx})
+		meta.Tokens = append(meta.Tokens, int32(i))
+		meta.Positions = append(meta.Positions, ctx-1)
+		meta.SeqIndex = append(meta.SeqIndex, int32(i))
+		meta.LogitRows = append(meta.LogitRows, int32(i))
+	}
+	b, err := be.PrepareBatch(meta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache, err := be.NewKVCache(compute.KVShape{Layers: 1, NumBlocks: batch * per, BlockSize: bs, KVHeads: kvHeads, HeadDim: hd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.FreeKVCache(cache)
+	xh, xi := tensor(batch, hidden), tensor(batch, inter)
+	q, k, v, o := tensor(batch, heads*hd), tensor(batch, kvHeads*hd), tensor(batch, kvHeads*hd), tensor(batch, heads*hd)
+	up, gate, norm := tensor(batch, inter), tensor(batch, inter), tensor(hidden)
+	inv := make([]float32, hd/2)
+	for i := range inv {
+		inv[i] = float32(1 / math.Pow(10000, float64(2*i)/hd))
+	}
+	type op struct {
+		name    string
+		perStep int
+		bytes   int64 // weight bytes read (bf16)
+		f       func() error
+	}
+	mm := func(n, kk int, x, out compute.Tensor) func() error {
+		w := tensor(n, kk)
+		return func() error { return be.MatMul(out, x, w) }
+	}
+	lmOut := tensor(batch, vocab)
+	lm := tensor(vocab, hidden)
+	ops := []op{
+		{"matmul q [32x2048]x[2048x2048]^T", layers, 2 * hidden * heads * hd, mm(heads*hd, hidden, xh, q)},
+		{"matmul k [32x2048]x[1024x2048]^T", 2 * layers, 2 * hidden * kvHeads * hd, mm(kvHeads*hd, hidden, xh, k)},
+		{"matmul o [32x2048]x[2048x2048]^T", layers, 2 * hidden * heads * hd, mm(hidden, heads*hd, o, xh)},
+		{"matmul gate [32x2048]x[5632x2048]^T", 2 * layers, 2 * hidden * inter, mm(inter, hidden, xh, xi)},
+		{"matmul down [32x5632]x[2048x5632]^T", layers, 2 * hidden * inter, mm(hidden, inter, xi, xh)},
+		{"lm_head rows [32x2048]x[32000x2048]^T", 1, 2 * hidden * vocab, func() error { return be.MatMulRows(lmOut, xh, lm, b) }},
+		{"attention (kv write + attend), context 144", layers, 0, func() error { return be.Attention(o, q, k, v, cache, 0, 0.088, b) }},
+		{"rmsnorm [32x2048]", 2*layers + 1, 0, func() error { return be.RMSNorm(xh, xh, norm, 1e-5) }},
+		{"rope q [32x16x128]", layers, 0, func() error { return be.RoPE(q, heads, hd, inv, b) }},
+		{"rope k [32x8x128]", layers, 0, func() error { return be.RoPE(k, kvHeads, hd, inv, b) }},
+		{"add [32x2048]", 2 * layers, 0, func() error { return be.Add(xh, xh, xh) }},
+		{"silu-mul [32x5632]", layers, 0, func() error { return be.SiLUMul(gate, gate, up) }},
+	}
+	bw := copyBandwidth(t, be.Lib())
+	var total time.Duration
+	for _, o := range ops {
+		d := timeOp(t, be, 50, o.f)
+		total += d * time.Duration(o.perStep)
+		line := fmt.Sprintf("%-42s %9v x %2d per step = %9v", o.name, d, o.perStep, d*time.Duration(o.perStep))
+		if o.bytes > 0 {
+			line += fmt.Sprintf("  (%.0f GB/s of weights, %.0f%% of copy bandwidth)", float64(o.bytes)/d.Seconds()/1e9, 100*float64(o.bytes)/d.Seconds()/1e9/bw)
+		}
+		t.Log(line)
+	}
+	t.Logf("sum over a decode step: %v", total)
+}
