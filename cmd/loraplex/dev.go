@@ -162,11 +162,11 @@ func runDev(args []string, out io.Writer) error {
 	}
 	fmt.Fprintf(out, `
 Serving until Ctrl-C. Try:
-  grpcurl -plaintext -d '{"adapter_id":"reverse","text":"the cat sings 7 songs =>","stopping":{"max_new_tokens":32}}' \
+  grpcurl -plaintext -d '{"adapter_id":"reverse","text":"the old fox reads 7 book =>","stopping":{"max_new_tokens":32}}' \
     %s loraplex.v1.GenerationService/GenerateStream
 Adapters: %s (empty adapter_id = base model)
 Or the CLI, from another terminal:
-  loraplex generate%[3]s --adapter reverse 'the cat sings 7 songs =>'
+  loraplex generate%[3]s --adapter reverse 'the old fox reads 7 book =>'
   loraplex shards%[3]s  # who holds what, through the router
   loraplex adapters list --addr %[4]s  # one shard's cache
   loraplex bench%[3]s --rate 20 --duration 10s --adapter-list %[5]s
