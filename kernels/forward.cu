@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "loraplex_kernels.h"
 
@@ -212,6 +213,243 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
   }
 }
 
+// Memory-efficient attention (flash-decoding). One block per (token, group of GB query heads that
+// share a KV head, split of the context). The block's 4 warps take interleaved runs of FA_P
+// consecutive positions of its split; a warp loads the K and V rows of its FA_P positions at once
+// (16-byte loads: lane c holds head dims 4c..4c+3, 4(c+32).., so one row is one coalesced 512-byte
+// access per 128 dims), keeps an online softmax per query head, and the warps merge in shared
+// memory. With one split the block writes the output; with several it writes (max, sum, unnormalized
+// accumulator) per (token, head, split) to a workspace that attention_combine_kernel merges. The
+// score is warp_sum(q.k) * scale and exp/max as in attention_kernel, so the result equals it up to
+// the order of the float32 sums. Needs head_dim % 4 == 0 and 16-byte aligned rows (checked on the host).
+constexpr int FA_WARPS = 4;
+constexpr int FA_P = 4;
+constexpr int FA_TBL = 256;  // block-table entries a block stages in shared memory
+
+__device__ __forceinline__ float dot4(const float4 a, const float4 b) {
+  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+
+template <int NV, int GB>
+__global__ void __launch_bounds__(FA_WARPS * 32)
+    flash_attention_kernel(float *out, float *part, const float *q, const float *kc, const float *vc, int heads,
+                           int kv_heads, int hd, float scale, const int32_t *positions, const int32_t *seq_index,
+                           const int32_t *bt, const int32_t *bt_off, int bs, int chunk, int splits) {
+  const int t = blockIdx.x;
+  const int G = heads / kv_heads;
+  const int groups = G / GB;
+  const int kvh = blockIdx.y / groups;
+  const int h0 = kvh * G + (blockIdx.y % groups) * GB;
+  const int split = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int p = positions[t];
+  const int j0 = split * chunk;
+  // The last split runs to the token's position whatever max_ctx said.
+  const int j1 = split == splits - 1 ? p + 1 : min(j0 + chunk, p + 1);
+  const int32_t *table = bt + bt_off[seq_index[t]];
+  // The split's block-table entries, read once into shared memory, so a K/V load waits on one
+  // memory round trip rather than two.
+  __shared__ int32_t stab[FA_TBL];
+  const int b0 = j0 / bs;
+  const int nb = j1 > j0 ? (j1 - 1) / bs - b0 + 1 : 0;
+  const bool stable = nb <= FA_TBL;
+  if (stable)
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) stab[i] = table[b0 + i];
+  __syncthreads();
+  const int nv4 = hd >> 2;
+  const int kvw = kv_heads * hd, qw = heads * hd;
+  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 qv[GB][NV], acc[GB][NV];
+  float m[GB], l[GB];
+#pragma unroll
+  for (int g = 0; g < GB; g++) {
+    const float4 *qr = reinterpret_cast<const float4 *>(q + static_cast<size_t>(t) * qw + (h0 + g) * hd);
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+      const int c = lane + 32 * i;
+      qv[g][i] = c < nv4 ? qr[c] : zero;
+      acc[g][i] = zero;
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+  }
+  for (int jb = j0 + warp * FA_P; jb < j1; jb += FA_WARPS * FA_P) {
+    float4 kr[FA_P][NV], vr[FA_P][NV];
+#pragma unroll
+    for (int pp = 0; pp < FA_P; pp++) {
+      const int j = jb + pp;
+      if (j < j1) {
+        const size_t sl = stable ? static_cast<size_t>(stab[j / bs - b0]) * bs + j % bs : slot(table, j, bs);
+        const size_t off = sl * kvw + static_cast<size_t>(kvh) * hd;
+        const float4 *kp = reinterpret_cast<const float4 *>(kc + off);
+        const float4 *vp = reinterpret_cast<const float4 *>(vc + off);
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+          const int c = lane + 32 * i;
+          kr[pp][i] = c < nv4 ? __ldg(kp + c) : zero;
+          vr[pp][i] = c < nv4 ? __ldg(vp + c) : zero;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < NV; i++) kr[pp][i] = vr[pp][i] = zero;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GB; g++) {
+      float s[FA_P];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int pp = 0; pp < FA_P; pp++) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < NV; i++) d += dot4(qv[g][i], kr[pp][i]);
+        s[pp] = jb + pp < j1 ? warp_sum(d) * scale : -INFINITY;
+        mx = fmaxf(mx, s[pp]);
+      }
+      const float mn = fmaxf(m[g], mx);
+      const float corr = expf(m[g] - mn);
+      l[g] *= corr;
+#pragma unroll
+      for (int i = 0; i < NV; i++) {
+        acc[g][i].x *= corr;
+        acc[g][i].y *= corr;
+        acc[g][i].z *= corr;
+        acc[g][i].w *= corr;
+      }
+#pragma unroll
+      for (int pp = 0; pp < FA_P; pp++) {
+        const float e = expf(s[pp] - mn);
+        l[g] += e;
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+          acc[g][i].x += e * vr[pp][i].x;
+          acc[g][i].y += e * vr[pp][i].y;
+          acc[g][i].z += e * vr[pp][i].z;
+          acc[g][i].w += e * vr[pp][i].w;
+        }
+      }
+      m[g] = mn;
+    }
+  }
+  __shared__ float sm[FA_WARPS][GB], sl[FA_WARPS][GB];
+  __shared__ float4 sacc[FA_WARPS][GB][NV * 32];
+#pragma unroll
+  for (int g = 0; g < GB; g++) {
+    if (lane == 0) {
+      sm[warp][g] = m[g];
+      sl[warp][g] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < NV; i++) sacc[warp][g][lane + 32 * i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int g = warp; g < GB; g += FA_WARPS) {
+    float M = -INFINITY;
+    for (int w = 0; w < FA_WARPS; w++)
+      if (sl[w][g] > 0.f) M = fmaxf(M, sm[w][g]);
+    float L = 0.f;
+    float4 o[NV];
+#pragma unroll
+    for (int i = 0; i < NV; i++) o[i] = zero;
+    for (int w = 0; w < FA_WARPS; w++) {
+      if (sl[w][g] <= 0.f) continue;  // a warp that saw no position
+      const float c = expf(sm[w][g] - M);
+      L += sl[w][g] * c;
+#pragma unroll
+      for (int i = 0; i < NV; i++) {
+        const float4 a = sacc[w][g][lane + 32 * i];
+        o[i].x += a.x * c;
+        o[i].y += a.y * c;
+        o[i].z += a.z * c;
+        o[i].w += a.w * c;
+      }
+    }
+    const int h = h0 + g;
+    if (splits == 1) {
+      float4 *orow = reinterpret_cast<float4 *>(out + static_cast<size_t>(t) * qw + h * hd);
+#pragma unroll
+      for (int i = 0; i < NV; i++) {
+        const int c = lane + 32 * i;
+        if (c < nv4) orow[c] = make_float4(o[i].x / L, o[i].y / L, o[i].z / L, o[i].w / L);
+      }
+    } else {
+      // Partial: [m, l, pad, pad, acc[hd]] per (token, head, split).
+      float *pr = part + ((static_cast<size_t>(t) * heads + h) * splits + split) * (hd + 4);
+      if (lane == 0) {
+        pr[0] = M;
+        pr[1] = L;
+      }
+      float4 *pa = reinterpret_cast<float4 *>(pr + 4);
+#pragma unroll
+      for (int i = 0; i < NV; i++) {
+        const int c = lane + 32 * i;
+        if (c < nv4) pa[c] = o[i];
+      }
+    }
+  }
+}
+
+// Merges the splits' partials of one (token, head).
+__global__ void attention_combine_kernel(float *out, const float *part, int heads, int hd, int splits) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const float *pr = part + (static_cast<size_t>(t) * heads + h) * splits * (hd + 4);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; s++)
+    if (pr[s * (hd + 4) + 1] > 0.f) M = fmaxf(M, pr[s * (hd + 4)]);
+  float *orow = out + (static_cast<size_t>(t) * heads + h) * hd;
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float L = 0.f, o = 0.f;
+    for (int s = 0; s < splits; s++) {
+      const float *ps = pr + s * (hd + 4);
+      if (ps[1] <= 0.f) continue;  // a split past the token's position
+      const float c = expf(ps[0] - M);
+      L += ps[1] * c;
+      o += ps[4 + d] * c;
+    }
+    orow[d] = o / L;
+  }
+}
+
+int sm_count() {
+  static int n = 0;
+  if (n == 0) {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0)
+      n = v;
+    else
+      n = 1;
+  }
+  return n;
+}
+
+// Query heads per flash block: the largest of 4, 2, 1 that divides the group.
+inline int flash_gb(int heads, int kv_heads) {
+  const int g = heads / kv_heads;
+  return g % 4 == 0 ? 4 : g % 2 == 0 ? 2 : 1;
+}
+
+// The context split for a launch: enough blocks for about eight per SM, chunks of at least 32 positions.
+inline void flash_split(int tokens, int heads, int kv_heads, int max_ctx, int *splits, int *chunk) {
+  const long blocks = static_cast<long>(tokens) * (heads / flash_gb(heads, kv_heads));
+  int s = 1;
+  if (max_ctx > 0) {
+    const long want = (8L * sm_count() + blocks - 1) / blocks;
+    const int most = (max_ctx + 31) / 32;
+    s = static_cast<int>(want < most ? want : most);
+    if (s < 1) s = 1;
+    if (s > 64) s = 64;
+  }
+  if (s == 1 || max_ctx <= 0) {
+    *splits = 1;
+    *chunk = 1 << 30;
+    return;
+  }
+  int c = (max_ctx + s - 1) / s;
+  c = (c + FA_P * FA_WARPS - 1) / (FA_P * FA_WARPS) * (FA_P * FA_WARPS);
+  *chunk = c;
+  *splits = (max_ctx + c - 1) / c;
+}
+
 constexpr int SGMV_RANK_ROWS = 8;  // shrink: rank rows per block, one warp each
 
 template <typename W>
@@ -365,15 +603,70 @@ int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, 
   return launched();
 }
 
+size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx) {
+  if (tokens <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || max_ctx <= 0) return 0;
+  int splits, chunk;
+  flash_split(tokens, heads, kv_heads, max_ctx, &splits, &chunk);
+  if (splits == 1) return 0;
+  return static_cast<size_t>(tokens) * heads * splits * (head_dim + 4) * sizeof(float);
+}
+
 int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
                  int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
-                 const int32_t *block_tables, const int32_t *table_offsets, int block_size, lp_stream stream) {
+                 const int32_t *block_tables, const int32_t *table_offsets, int block_size, int max_ctx,
+                 void *workspace, size_t workspace_bytes, lp_stream stream) {
   if (tokens < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || block_size <= 0)
     return LP_ERR_INVALID;
   if (head_dim > 256) return LP_ERR_UNSUPPORTED;
   if (tokens == 0) return LP_OK;
-  const dim3 grid(tokens, heads);
   const cudaStream_t s = cs(stream);
+  const bool aligned = head_dim % 4 == 0 &&
+                       ((reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(q) |
+                         reinterpret_cast<uintptr_t>(k_cache) | reinterpret_cast<uintptr_t>(v_cache)) &
+                        15) == 0;
+  // LP_ATTENTION_SIMPLE=1 selects the previous kernel (one block per (token, head)), for comparisons.
+  static const bool simple = [] {
+    const char *e = getenv("LP_ATTENTION_SIMPLE");
+    return e != nullptr && e[0] == '1';
+  }();
+  if (aligned && !simple) {
+    int splits = 1, chunk = 1 << 30;
+    if (workspace != nullptr && max_ctx > 0 &&
+        lp_attention_workspace(tokens, heads, kv_heads, head_dim, max_ctx) <= workspace_bytes &&
+        (reinterpret_cast<uintptr_t>(workspace) & 15) == 0)
+      flash_split(tokens, heads, kv_heads, max_ctx, &splits, &chunk);
+    float *part = static_cast<float *>(workspace);
+    const int gb = flash_gb(heads, kv_heads);
+    const dim3 grid(tokens, heads / gb, splits);
+#define LP_FA(NV, GB)                                                                                          \
+  flash_attention_kernel<NV, GB><<<grid, FA_WARPS * 32, 0, s>>>(out, part, q, k_cache, v_cache, heads, kv_heads, \
+                                                                head_dim, scale, positions, seq_index,          \
+                                                                block_tables, table_offsets, block_size, chunk, \
+                                                                splits)
+    if (head_dim <= 128) {
+      if (gb == 4)
+        LP_FA(1, 4);
+      else if (gb == 2)
+        LP_FA(1, 2);
+      else
+        LP_FA(1, 1);
+    } else {
+      if (gb == 4)
+        LP_FA(2, 4);
+      else if (gb == 2)
+        LP_FA(2, 2);
+      else
+        LP_FA(2, 1);
+    }
+#undef LP_FA
+    if (splits > 1) {
+      int c = launched();
+      if (c != LP_OK) return c;
+      attention_combine_kernel<<<dim3(tokens, heads), 128, 0, s>>>(out, part, heads, head_dim, splits);
+    }
+    return launched();
+  }
+  const dim3 grid(tokens, heads);
 #define LP_ATT(DPL)                                                                                     \
   attention_kernel<DPL><<<grid, ATT_WARPS * 32, 0, s>>>(out, q, k_cache, v_cache, heads, kv_heads, head_dim, \
                                                         scale, positions, seq_index, block_tables,         \

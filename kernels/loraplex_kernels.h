@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 2
+#define LP_ABI_VERSION 3
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -119,6 +119,13 @@ LP_API int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, 
                    const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
                    int max_seg_len, int max_rank, int out_features, lp_stream stream);
 
+/* ABI 3: expand into float32 y (the forward pass's activations) with weights B in wdtype (BF16 or
+ * F16): y[t, :] += scales[s] * v[t, 0:r_s] B_s^T in float32, no rounding of y. Same kernel as
+ * lp_sgmv_expand otherwise. */
+LP_API int lp_sgmv_expand_y32(int wdtype, float *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
+                              const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
+                              int max_seg_len, int max_rank, int out_features, lp_stream stream);
+
 /* Whether expand is launched as a programmatic dependent of the kernel before it (Hopper: its blocks
  * start and prefetch B while shrink finishes). On by default; a process-wide switch. */
 LP_API int lp_sgmv_set_pdl(int enabled);
@@ -173,7 +180,13 @@ LP_API int lp_kv_write(float *k_cache, float *v_cache, const float *k, const flo
  * are scaled by scale; softmax and accumulation in float32. Run lp_kv_write first. */
 LP_API int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
                         int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
-                        const int32_t *block_tables, const int32_t *table_offsets, int block_size, lp_stream stream);
+                        const int32_t *block_tables, const int32_t *table_offsets, int block_size, int max_ctx,
+                        void *workspace, size_t workspace_bytes, lp_stream stream);
+
+/* ABI 3: bytes of device workspace lp_attention wants to split the context of a batch whose longest
+ * context (largest position + 1) is max_ctx across blocks (flash-decoding); 0 when it would not split.
+ * With a smaller or NULL workspace (or max_ctx <= 0) lp_attention runs unsplit, still correct. */
+LP_API size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx);
 
 /*
  * SGMV on float32 activations, adapter weights in wdtype (F32 or BF16). tok_seg int32[tokens] gives

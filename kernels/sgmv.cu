@@ -227,9 +227,22 @@ __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
   }
 }
 
-template <typename T>
+// y's element: the activations' dtype (T) or float32 (the forward pass's activations).
+__device__ __forceinline__ float y_to_f(float v) { return v; }
+__device__ __forceinline__ float y_to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float y_to_f(__half v) { return __half2float(v); }
+template <typename Y>
+__device__ __forceinline__ Y y_from_f(float v);
+template <>
+__device__ __forceinline__ float y_from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 y_from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half y_from_f<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T, typename Y = T>
 __global__ void __launch_bounds__(EXPAND_THREADS, 4)
-    sgmv_expand_kernel(T *__restrict__ y, int ldy, const float *__restrict__ v, int ldv,
+    sgmv_expand_kernel(Y *__restrict__ y, int ldy, const float *__restrict__ v, int ldv,
                        const void *const *__restrict__ b_ptrs, const int32_t *__restrict__ seg_starts,
                        const int32_t *__restrict__ ranks, const float *__restrict__ scales, int max_rank,
                        int N) {
@@ -262,7 +275,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
       // The pass's y rows too: L2 is the point of coherence, so a line the previous kernel is still
       // writing is merely fetched early, never read stale.
       if (lane < nt) {
-        const T *yr = y + static_cast<size_t>(t0 + lane) * ldy;
+        const Y *yr = y + static_cast<size_t>(t0 + lane) * ldy;
         prefetch_l2(yr + row0);
         prefetch_l2(yr + min(row0 + rpp, N) - 1);
       }
@@ -298,7 +311,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
     for (int row0 = (blockIdx.y * warps + warp) * rpp; row0 < N; row0 += gridDim.y * warps * rpp) {
       const T *base = B + static_cast<size_t>(row0) * r;
       uint4 ub[J];
-      T yv[J][TT];
+      Y yv[J][TT];
       // Every load of the pass (B, and the owner lanes' y) is issued before any use; rows of
       // different tokens could alias as far as the compiler knows, so y is read before any store.
 #pragma unroll
@@ -337,7 +350,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
             for (int t = 0; t < TT; t++)
               if (t < nt)
                 y[static_cast<size_t>(t0 + t) * ldy + row] =
-                    Conv<T>::from_f(fmaf(scale, p[j][t], Conv<T>::to_f(yv[j][t])));
+                    y_from_f<Y>(fmaf(scale, p[j][t], y_to_f(yv[j][t])));
           }
         }
       }
@@ -348,7 +361,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
   // General path (any rank, any alignment): each thread owns NPT consecutive output columns.
   for (int n0 = (blockIdx.y * blockDim.x + threadIdx.x) * NPT; n0 < N; n0 += gridDim.y * blockDim.x * NPT) {
     const T *Bb = B + static_cast<size_t>(n0) * r;
-    const bool yvec = n0 + NPT <= N && ldy % 8 == 0 && aligned16(y);
+    const bool yvec = sizeof(Y) == sizeof(T) && n0 + NPT <= N && ldy % 8 == 0 && aligned16(y);
     uint4 yv[TT];
     if (yvec) {
 #pragma unroll
@@ -398,7 +411,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
 #pragma unroll
     for (int t = 0; t < TT; t++) {
       if (t < nt) {
-        T *row = y + static_cast<size_t>(t0 + t) * ldy + n0;
+        Y *row = y + static_cast<size_t>(t0 + t) * ldy + n0;
         if (yvec) {
           float f[8];
           Conv<T>::unpack8(yv[t], f);
@@ -408,7 +421,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
         } else {
 #pragma unroll
           for (int i = 0; i < NPT; i++)
-            if (n0 + i < N) row[i] = Conv<T>::from_f(fmaf(scale, acc[t][i], Conv<T>::to_f(row[i])));
+            if (n0 + i < N) row[i] = y_from_f<Y>(fmaf(scale, acc[t][i], y_to_f(row[i])));
         }
       }
     }
@@ -440,8 +453,8 @@ int g_pdl = 1;
 
 // launch_expand starts expand as a programmatic dependent of the previous kernel in the stream, so
 // its blocks can prefetch B while shrink finishes; where the attribute is refused it launches plainly.
-template <typename T>
-int launch_expand(dim3 grid, cudaStream_t st, T *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
+template <typename T, typename Y = T>
+int launch_expand(dim3 grid, cudaStream_t st, Y *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
                   const int32_t *seg_starts, const int32_t *ranks, const float *scales, int max_rank, int n) {
   if (g_pdl) {
     cudaLaunchConfig_t cfg = {};
@@ -454,12 +467,12 @@ int launch_expand(dim3 grid, cudaStream_t st, T *y, int ldy, const float *v, int
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, sgmv_expand_kernel<T>, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
+    if (cudaLaunchKernelEx(&cfg, sgmv_expand_kernel<T, Y>, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
                            n) == cudaSuccess)
       return LP_OK;
     cudaGetLastError();
   }
-  sgmv_expand_kernel<T><<<grid, EXPAND_THREADS, 0, st>>>(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
+  sgmv_expand_kernel<T, Y><<<grid, EXPAND_THREADS, 0, st>>>(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
                                                           n);
   return launch_status();
 }
@@ -498,6 +511,19 @@ extern "C" int lp_sgmv_shrink(int dtype, float *v, int ldv, const void *x, int l
   return launch_status();
 }
 
+namespace {
+// Column blocks per (segment, token tile): enough for about one full wave of blocks, but no more
+// than the coalesced path can use at max_rank (blocks stride over the columns, so any count is correct).
+dim3 expand_grid(int num_segs, int max_seg_len, int max_rank, int out_features) {
+  const int tiles = ceil_div(max_seg_len, EXPAND_TT);
+  const long long work = static_cast<long long>(num_segs) * tiles;
+  const int useful = ceil_div(out_features, (EXPAND_THREADS / 32) * EXPAND_J * (256 / std::max(8, std::min(max_rank, 256))));
+  const long long wave = 4LL * sm_count();
+  const int gy = static_cast<int>(std::max(1LL, std::min<long long>(std::max(1LL, wave / work), useful)));
+  return dim3(num_segs, gy, tiles);
+}
+}  // namespace
+
 extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
                               const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
                               int max_seg_len, int max_rank, int out_features, lp_stream stream) {
@@ -508,14 +534,7 @@ extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int l
   if (y == nullptr || v == nullptr || b_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr ||
       scales == nullptr)
     return LP_ERR_INVALID;
-  // Column blocks per (segment, token tile): enough for about one full wave of blocks, but no more
-  // than the coalesced path can use at max_rank (blocks stride over the columns, so any count is correct).
-  const int tiles = ceil_div(max_seg_len, EXPAND_TT);
-  const long long work = static_cast<long long>(num_segs) * tiles;
-  const int useful = ceil_div(out_features, (EXPAND_THREADS / 32) * EXPAND_J * (256 / std::max(8, std::min(max_rank, 256))));
-  const long long wave = 4LL * sm_count();
-  const int gy = static_cast<int>(std::max(1LL, std::min<long long>(std::max(1LL, wave / work), useful)));
-  const dim3 grid(num_segs, gy, tiles);
+  const dim3 grid = expand_grid(num_segs, max_seg_len, max_rank, out_features);
   if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -525,6 +544,31 @@ extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int l
     case LP_DTYPE_F16:
       return launch_expand<__half>(grid, st, static_cast<__half *>(y), ldy, v, ldv, b_ptrs, seg_starts, ranks, scales,
                                    max_rank, out_features);
+    default:
+      return LP_ERR_INVALID;
+  }
+}
+
+extern "C" int lp_sgmv_expand_y32(int wdtype, float *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
+                                  const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
+                                  int max_seg_len, int max_rank, int out_features, lp_stream stream) {
+  if (num_segs < 0 || max_seg_len < 0 || max_rank < 0 || max_rank > LP_MAX_RANK || out_features < 0 ||
+      ldy < out_features || ldv < max_rank)
+    return LP_ERR_INVALID;
+  if (num_segs == 0 || max_seg_len == 0 || max_rank == 0 || out_features == 0) return LP_OK;
+  if (y == nullptr || v == nullptr || b_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr ||
+      scales == nullptr)
+    return LP_ERR_INVALID;
+  const dim3 grid = expand_grid(num_segs, max_seg_len, max_rank, out_features);
+  if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (wdtype) {
+    case LP_DTYPE_BF16:
+      return launch_expand<__nv_bfloat16, float>(grid, st, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
+                                                 out_features);
+    case LP_DTYPE_F16:
+      return launch_expand<__half, float>(grid, st, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
+                                          out_features);
     default:
       return LP_ERR_INVALID;
   }

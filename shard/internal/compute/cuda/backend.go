@@ -493,6 +493,12 @@ type batch struct {
 
 	tokens, positions, seqIndex, tokSeg, logitRows, tableOff, blockTables uintptr
 
+	// segStarts (int32[len(Segments)+1]) is valid when segContig: the segments cover the tokens in
+	// order, as the tuned SGMV kernels (sgmv.cu) need; maxSegLen bounds them.
+	segStarts uintptr
+	segContig bool
+	maxSegLen int
+
 	checkedCache *kvCache // the cache the block tables were last checked against
 }
 
@@ -555,6 +561,18 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	i32 = append(i32, tokSeg...)
 	offRows := mark()
 	i32 = append(i32, m.LogitRows...)
+	offSegStarts := mark()
+	bt.segContig = len(m.Segments) > 0 && m.Segments[0].Start == 0 && m.Segments[len(m.Segments)-1].End == t
+	for i, sg := range m.Segments {
+		if i > 0 && sg.Start != m.Segments[i-1].End {
+			bt.segContig = false
+		}
+		bt.maxSegLen = max(bt.maxSegLen, sg.End-sg.Start)
+		i32 = append(i32, int32(sg.Start))
+	}
+	if len(m.Segments) > 0 {
+		i32 = append(i32, int32(m.Segments[len(m.Segments)-1].End))
+	}
 	offTableOff := mark()
 	acc := int32(0)
 	for _, s := range m.Seqs {
@@ -625,6 +643,7 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	bt.buf = buf
 	bt.tokens, bt.positions, bt.seqIndex, bt.tokSeg = p+offTokens, p+offPos, p+offSeq, p+offTokSeg
 	bt.logitRows, bt.tableOff, bt.blockTables = p+offRows, p+offTableOff, p+offTables
+	bt.segStarts = p + offSegStarts
 	for _, ta := range targeted {
 		st := &bt.tables[ta.l][ta.mod]
 		st.ranks, st.scales, st.aptr, st.bptr = p+st.ranks, p+st.scales, p+st.aptr, p+st.bptr

@@ -382,10 +382,13 @@ func testSGMV(p *parity, r *rand.Rand) {
 		mod   compute.Module
 		in    int
 	}{{0, compute.ModQ, hidden}, {0, compute.ModDown, inter}, {0, compute.ModK, hidden}, {1, compute.ModQ, hidden}, {1, compute.ModDown, inter}} {
-		x := p.tensor(randVals(r, tokens*c.in, 1), tokens, c.in)
+		xd := randVals(r, tokens*c.in, 1)
+		x := p.tensor(xd, tokens, c.in)
+		xc := x.c
 		y := p.tensor(randVals(r, tokens*hidden, 1), tokens, hidden)
 		must(p.t, p.g.SGMV(y.g, x.g, c.layer, c.mod, gb))
-		must(p.t, p.c.SGMV(y.c, x.c, c.layer, c.mod, cb))
+		must(p.t, p.c.SGMV(y.c, xc, c.layer, c.mod, cb))
+		p.same(fmt.Sprintf("sgmv input layer %d %s", c.layer, c.mod), x, 0)
 		p.same(fmt.Sprintf("sgmv layer %d %s", c.layer, c.mod), y, tolReduction)
 	}
 	// Dimension mismatch and a freed adapter are errors, as on the CPU.

@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 2
+const ABIVersion = 3
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -103,7 +103,9 @@ type Lib struct {
 	graphFree    func(g uintptr) int32
 	sgmvShrink   func(dt int32, v uintptr, ldv int32, x uintptr, ldx int32, a, starts, ranks uintptr,
 		nseg, maxLen, maxRank, in int32, s uintptr) int32
-	sgmvSetPDL func(enabled int32) int32
+	sgmvSetPDL    func(enabled int32) int32
+	sgmvExpandY32 func(wdt int32, y uintptr, ldy int32, v uintptr, ldv int32, b, starts, ranks, scales uintptr,
+		nseg, maxLen, maxRank, out int32, s uintptr) int32
 	sgmvExpand func(dt int32, y uintptr, ldy int32, v uintptr, ldv int32, b, starts, ranks, scales uintptr,
 		nseg, maxLen, maxRank, out int32, s uintptr) int32
 
@@ -120,8 +122,9 @@ type Lib struct {
 	kvWrite     func(kc, vc, k, v uintptr, tokens, kvWidth int32, positions, seqIndex, tables, offsets uintptr,
 		blockSize int32, s uintptr) int32
 	attention func(out, q, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, scale float32,
-		positions, seqIndex, tables, offsets uintptr, blockSize int32, s uintptr) int32
-	sgmvShrinkF32 func(wdt int32, v uintptr, ldv int32, x uintptr, in int32, a, ranks, tokSeg uintptr,
+		positions, seqIndex, tables, offsets uintptr, blockSize, maxCtx int32, ws, wsBytes uintptr, s uintptr) int32
+	attentionWorkspace func(tokens, heads, kvHeads, headDim, maxCtx int32) uintptr
+	sgmvShrinkF32      func(wdt int32, v uintptr, ldv int32, x uintptr, in int32, a, ranks, tokSeg uintptr,
 		tokens, maxRank int32, s uintptr) int32
 	sgmvExpandF32 func(wdt int32, y uintptr, out int32, v uintptr, ldv int32, b, ranks, scales, tokSeg uintptr,
 		tokens, maxRank int32, s uintptr) int32
@@ -170,6 +173,7 @@ func Open(path string) (*Lib, error) {
 		{&l.sgmvShrink, "lp_sgmv_shrink"},
 		{&l.sgmvExpand, "lp_sgmv_expand"},
 		{&l.sgmvSetPDL, "lp_sgmv_set_pdl"},
+		{&l.sgmvExpandY32, "lp_sgmv_expand_y32"},
 		{&l.blasCreate, "lp_blas_create"},
 		{&l.blasDestroy, "lp_blas_destroy"},
 		{&l.gemm, "lp_gemm"},
@@ -181,6 +185,7 @@ func Open(path string) (*Lib, error) {
 		{&l.rope, "lp_rope"},
 		{&l.kvWrite, "lp_kv_write"},
 		{&l.attention, "lp_attention"},
+		{&l.attentionWorkspace, "lp_attention_workspace"},
 		{&l.sgmvShrinkF32, "lp_sgmv_shrink_f32"},
 		{&l.sgmvExpandF32, "lp_sgmv_expand_f32"},
 	}

@@ -262,12 +262,33 @@ func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, 
 		bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
 		return err
 	}
+	// The longest context of the batch lets the kernel split it across blocks (flash-decoding); the
+	// workspace holds the splits' partial results until they are merged.
+	maxCtx := int32(0)
+	for _, p := range bt.m.Positions {
+		maxCtx = max(maxCtx, p+1)
+	}
+	var ws *Buffer
+	if wsb := b.lib.attentionWorkspace(int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim), maxCtx); wsb > 0 {
+		if ws, err = b.alloc(int64(wsb)); err != nil {
+			return err
+		}
+		defer b.release(ws)
+	}
+	var wsPtr, wsBytes uintptr
+	if ws != nil {
+		wsPtr, wsBytes = ws.ptr, uintptr(ws.size)
+	}
 	return b.lib.check("attention", b.lib.attention(o.ptr(), qt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
-		scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), st))
+		scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), maxCtx, wsPtr, wsBytes, st))
 }
 
-// SGMV implements compute.Backend with the float32-activation kernels: shrink into a float32
-// scratch [T, maxRank], then expand into y.
+// maxTunedRank is LP_MAX_RANK, the largest rank the tuned SGMV kernels take.
+const maxTunedRank = 512
+
+// SGMV implements compute.Backend: shrink into a float32 scratch [T, maxRank] (forward.cu, float32
+// activations), then expand into y: with bf16 weights and segments that cover the batch in order,
+// the tuned expand of sgmv.cu (lp_sgmv_expand_y32); otherwise forward.cu's float32 expand.
 func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb compute.Batch) error {
 	bt, err := asBatch(cb)
 	if err != nil {
@@ -315,9 +336,16 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb comp
 	}
 	defer b.release(v)
 	h := b.stream.handle()
+	// Shrink on the float32 activations (bf16 weights widened in the kernel): rounding x to bf16 for
+	// the tuned bf16 shrink of sgmv.cu flipped a greedy token of the bf16 reference test.
 	if err := b.lib.check("sgmv shrink", b.lib.sgmvShrinkF32(int32(b.wdt), v.ptr, int32(st.maxRank), xt.ptr(), int32(in), st.aptr, st.ranks,
 		bt.tokSeg, int32(n), int32(st.maxRank), h)); err != nil {
 		return err
+	}
+	if b.wdt == BF16 && bt.segContig && st.maxRank <= maxTunedRank {
+		// The tuned expand of sgmv.cu (coalesced 16-byte loads of B, PDL), adding into float32 y.
+		return b.lib.check("sgmv expand", b.lib.sgmvExpandY32(int32(BF16), yt.ptr(), int32(out), v.ptr, int32(st.maxRank), st.bptr, bt.segStarts,
+			st.ranks, st.scales, int32(len(bt.m.Segments)), int32(bt.maxSegLen), int32(st.maxRank), int32(out), h))
 	}
 	return b.lib.check("sgmv expand", b.lib.sgmvExpandF32(int32(b.wdt), yt.ptr(), int32(out), v.ptr, int32(st.maxRank), st.bptr, st.ranks,
 		st.scales, bt.tokSeg, int32(n), int32(st.maxRank), h))

@@ -1,6 +1,7 @@
 package llama_test
 
 import (
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -655,4 +656,101 @@ func TestCUDAOpBreakdown(t *testing.T) {
 		t.Log(line)
 	}
 	t.Logf("sum over a decode step: %v", total)
+}
+
+var cudaE2E = flag.String("cuda.e2e", "", "directory written by scripts/bench_e2e_peft.py (model/, adapters/aNN/, prompts.json): run the end-to-end benchmark on it")
+
+// TestCUDAE2E generates on the saved random Llama and PEFT adapters of scripts/bench_e2e_peft.py:
+// 32 sequences of 128-token prompts, 64 new tokens each (prefill, then 63 greedy decode steps with
+// the logits copied to the host and argmax taken there), base only and 1/8/32 distinct adapters.
+func TestCUDAE2E(t *testing.T) {
+	if *cudaE2E == "" {
+		t.Skip("benchmark: run with -cuda.e2e=DIR (scripts/bench_e2e_peft.py writes DIR)")
+	}
+	be := gpuBackend(t, cuda.BF16)
+	d, err := be.Lib().Device(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bw := copyBandwidth(t, be.Lib())
+	t.Logf("device %s, %d SMs; copy bandwidth %.0f GB/s (1 GiB device-to-device, read+written)", d.Name, d.SMs, bw)
+	dir := *cudaE2E
+	start := time.Now()
+	m := loadModel(t, filepath.Join(dir, "model"), be)
+	info := m.Info()
+	var prompts [][]int
+	data, err := os.ReadFile(filepath.Join(dir, "prompts.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &prompts); err != nil {
+		t.Fatal(err)
+	}
+	var ads []compute.Adapter
+	for i := 0; ; i++ {
+		ad := filepath.Join(dir, "adapters", fmt.Sprintf("a%02d", i))
+		if _, err := os.Stat(ad); err != nil {
+			break
+		}
+		ads = append(ads, loadAdapter(t, be, info, ad))
+	}
+	t.Logf("loaded model and %d adapters in %v; %d prompts of %d tokens", len(ads), time.Since(start), len(prompts), len(prompts[0]))
+	const newTokens = 64
+	batch := len(prompts)
+	wb := matmulWeightBytes(info, 2)
+	var adBytes int64 // one rank-16 adapter on all 7 projections of every layer, bf16
+	for mod := range compute.NumModules {
+		in, out := info.ModuleDims(mod)
+		adBytes += 2 * 16 * int64(in+out) * int64(info.Layers)
+	}
+	run := func(n int) (total, prefill, step time.Duration, toks [][]int) {
+		r := newRunner(t, be, m, batch*((len(prompts[0])+newTokens)/blockSize+2))
+		seqs := make([]*seq, batch)
+		for i := range seqs {
+			var ad compute.Adapter
+			if n > 0 {
+				ad = ads[i*n/batch] // contiguous groups: one segment per adapter
+			}
+			seqs[i] = &seq{adapter: ad, tokens: slices.Clone(prompts[i])}
+		}
+		t0 := time.Now()
+		r.step(seqs)
+		prefill = time.Since(t0)
+		var steps []time.Duration
+		for range newTokens - 1 {
+			for _, s := range seqs {
+				s.tokens = append(s.tokens, argmax(s.logits[len(s.logits)-1]))
+				s.logits = s.logits[len(s.logits)-1:] // keep host memory flat
+			}
+			ts := time.Now()
+			r.step(seqs)
+			steps = append(steps, time.Since(ts))
+		}
+		for _, s := range seqs {
+			s.tokens = append(s.tokens, argmax(s.logits[len(s.logits)-1]))
+			toks = append(toks, s.tokens[len(prompts[0]):])
+			r.alloc.Release(s.blocks)
+		}
+		total = time.Since(t0)
+		slices.Sort(steps)
+		return total, prefill, steps[len(steps)/2], toks
+	}
+	// Warm up: weights are converted to bf16 on first use, the pool fills.
+	run(len(ads))
+	var base time.Duration
+	for _, n := range []int{0, 1, 8, 32} {
+		if n > len(ads) {
+			continue
+		}
+		total, prefill, step, toks := run(n)
+		if n == 0 {
+			base = step
+		}
+		ideal := time.Duration(float64(wb) / (bw * 1e9) * 1e9)
+		adIdeal := time.Duration(float64(int64(n)*adBytes) / (bw * 1e9) * 1e9)
+		t.Logf("E2E %2d adapters: %d x (%d prompt + %d new) in %v = %.0f generated tokens/s; prefill %v; decode step median %v (+%v over base); floors: weights %.2f GB / bw = %v (step %.2fx), distinct adapters %.1f MB / bw = %v",
+			n, batch, len(prompts[0]), newTokens, total, float64(batch*newTokens)/total.Seconds(), prefill, step, step-base,
+			float64(wb)/1e9, ideal, float64(step)/float64(ideal), float64(int64(n)*adBytes)/1e6, adIdeal)
+		t.Logf("E2E %2d adapters: first sequence's first tokens %v", n, toks[0][:8])
+	}
 }
