@@ -54,6 +54,8 @@ type Config struct {
 	// Pinned adapters are loaded at start and never evicted.
 	Pinned       []string
 	MemoryBudget int64
+	// GPUMemoryFraction of the free device memory becomes the budget when MemoryBudget is 0 (cuda).
+	GPUMemoryFraction float64
 	Engine       engine.Options
 	GRPC         grpcserver.Options
 	Limits       genreq.Limits
@@ -65,7 +67,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Discovery: discovery.DefaultOptions(),
-		Engine: engine.DefaultOptions(), GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
+		Engine: autoKV(engine.DefaultOptions()), GPUMemoryFraction: 0.9, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
 	}
 }
 
@@ -86,7 +88,10 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.Engine.MaxSeqs, "max-seqs", c.Engine.MaxSeqs, "sequences in the running batch")
 	fs.IntVar(&c.Engine.MaxBatchTokens, "max-batch-tokens", c.Engine.MaxBatchTokens, "tokens per forward step")
 	fs.IntVar(&c.Engine.MaxQueue, "max-queue", c.Engine.MaxQueue, "requests waiting for admission before RESOURCE_EXHAUSTED")
-	fs.IntVar(&c.Engine.KVBlocks, "kv-blocks", c.Engine.KVBlocks, "KV cache blocks")
+	fs.IntVar(&c.Engine.KVBlocks, "kv-blocks", c.Engine.KVBlocks, "KV cache blocks (overrides -kv-cache-bytes)")
+	fs.Int64Var(&c.Engine.KVCacheBytes, "kv-cache-bytes", c.Engine.KVCacheBytes,
+		"KV cache size; 0 sizes it from the device: on cuda, a share of the memory NVML reports free after the weights and the adapter tier, on cpu 64 MiB")
+	fs.Float64Var(&c.GPUMemoryFraction, "gpu-memory-fraction", c.GPUMemoryFraction, "share of the GPU's free memory the shard may use when -memory-budget is 0 (cuda)")
 	fs.IntVar(&c.Engine.BlockSize, "kv-block-size", c.Engine.BlockSize, "positions per KV cache block")
 	fs.IntVar(&c.Engine.DefaultMaxNewTokens, "default-max-new-tokens", c.Engine.DefaultMaxNewTokens, "max_new_tokens when a request leaves it 0")
 	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "address routers dial and Consul checks (default: the listen address)")
@@ -108,8 +113,15 @@ func (c *Config) Validate() error {
 	if err := c.Cache.Validate(); err != nil {
 		return err
 	}
-	if err := c.Engine.Validate(); err != nil {
+	eo := c.Engine
+	if eo.KVBlocks == 0 && eo.KVCacheBytes == 0 {
+		eo.KVCacheBytes = 1 // sized from the device at load
+	}
+	if err := eo.Validate(); err != nil {
 		return err
+	}
+	if !(c.GPUMemoryFraction > 0 && c.GPUMemoryFraction <= 1) {
+		return fmt.Errorf("shard: -gpu-memory-fraction %v must be in (0, 1]", c.GPUMemoryFraction)
 	}
 	if err := c.Discovery.Validate(); err != nil {
 		return err
@@ -202,7 +214,14 @@ func (s *Shard) load() (err error) {
 	cfg, log := s.cfg, s.log
 	switch cfg.Backend {
 	case "cuda":
-		be, err := cuda.New(cuda.Options{MemoryBudget: cfg.MemoryBudget})
+		budget := cfg.MemoryBudget
+		if budget == 0 {
+			if info, err := cuda.DeviceMemory(0); err == nil {
+				budget = int64(float64(info.Free) * cfg.GPUMemoryFraction)
+				log.Info("GPU memory budget from NVML", zap.String("gpu", info.Name), zap.Uint64("free", info.Free), zap.Int64("budget", budget))
+			}
+		}
+		be, err := cuda.New(cuda.Options{MemoryBudget: budget})
 		if err != nil {
 			return fmt.Errorf("shard: -backend cuda: %w (build kernels/ with nvcc; set %s to the library's path or put %s next to the binary)",
 				err, cuda.LibraryEnv, cuda.LibraryName)
@@ -251,7 +270,11 @@ func (s *Shard) load() (err error) {
 			return fmt.Errorf("shard: pin adapter %s: %w", id, err)
 		}
 	}
-	if s.eng, err = engine.New(cfg.Engine, s.be, s.model, tok, s.cache, log,
+	eopts := cfg.Engine
+	if eopts.KVBlocks == 0 && eopts.KVCacheBytes == 0 {
+		eopts.KVCacheBytes = s.kvBytes(log)
+	}
+	if s.eng, err = engine.New(eopts, s.be, s.model, tok, s.cache, log,
 		cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/engine")); err != nil {
 		return err
 	}
@@ -261,6 +284,34 @@ func (s *Shard) load() (err error) {
 	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log))
 	s.adm.p.Store(server.NewAdapters(s.cache, cfg.Limits, s.id))
 	return nil
+}
+
+// autoKV marks the KV cache size as "from the device" (resolved by kvBytes at load).
+func autoKV(o engine.Options) engine.Options {
+	o.KVCacheBytes = 0
+	return o
+}
+
+// kvBytes sizes the KV cache when it was not given: on a GPU, 90% of the budget left after the
+// weights and the adapter device tier; on the CPU, 64 MiB.
+func (s *Shard) kvBytes(log *zap.Logger) int64 {
+	const cpuDefault = 64 << 20
+	type budgeted interface {
+		MemoryUsed() int64
+		MemoryBudget() int64
+	}
+	b, ok := s.be.(budgeted)
+	if !ok || b.MemoryBudget() <= 0 {
+		return cpuDefault
+	}
+	left := b.MemoryBudget() - b.MemoryUsed() - s.cfg.Cache.DeviceBytes
+	kv := left / 10 * 9
+	if kv < cpuDefault {
+		log.Warn("little device memory left for the KV cache", zap.Int64("left", left))
+		return cpuDefault
+	}
+	log.Info("KV cache sized from the device budget", zap.Int64("bytes", kv), zap.Int64("weights", b.MemoryUsed()))
+	return kv
 }
 
 // register joins Consul: the service with its gRPC check, and the residency record.

@@ -134,6 +134,9 @@ func (b *Backend) MemoryUsed() int64 {
 	return b.held - b.pooled
 }
 
+// MemoryBudget is the byte budget the backend was given (0: unbounded).
+func (b *Backend) MemoryBudget() int64 { return b.budget }
+
 // alloc returns a device buffer of at least n bytes (rounded up to 256), from the pool if one of
 // that size is idle.
 func (b *Backend) alloc(n int64) (*Buffer, error) {
