@@ -56,9 +56,9 @@ type Config struct {
 	MemoryBudget int64
 	// GPUMemoryFraction of the free device memory becomes the budget when MemoryBudget is 0 (cuda).
 	GPUMemoryFraction float64
-	Engine       engine.Options
-	GRPC         grpcserver.Options
-	Limits       genreq.Limits
+	Engine            engine.Options
+	GRPC              grpcserver.Options
+	Limits            genreq.Limits
 	// Telemetry instruments the shard (set by main; nil: no traces or metrics).
 	Telemetry *telemetry.Providers
 }
