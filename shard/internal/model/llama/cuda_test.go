@@ -754,3 +754,34 @@ func TestCUDAE2E(t *testing.T) {
 		t.Logf("E2E %2d adapters: first sequence's first tokens %v", n, toks[0][:8])
 	}
 }
+
+var cudaBench8B = flag.Bool("cuda.bench8b", false, "run the decode-step benchmark on an 8B-shaped random Llama at batch 1")
+
+// TestCUDADecode8B times the batch-1 decode step of a Llama-3-8B-shaped model with random bf16
+// weights against weight bytes / copy bandwidth (run with -cuda.bench8b; needs about 40 GB of device
+// memory while the float32 weights are converted).
+func TestCUDADecode8B(t *testing.T) {
+	if !*cudaBench8B {
+		t.Skip("benchmark: run with -cuda.bench8b")
+	}
+	be := gpuBackend(t, cuda.BF16)
+	bw := copyBandwidth(t, be.Lib())
+	cfg, err := llama.ParseConfig([]byte(`{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
+		"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":8192,"rms_norm_eps":1e-5,
+		"rope_theta":500000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	m, err := llama.New(cfg, newRandWeights(cfg), be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	t.Logf("8B-shaped random llama loaded in %v", time.Since(start))
+	wb := matmulWeightBytes(m.Info(), 2)
+	ideal := time.Duration(float64(wb) / (bw * 1e9) * 1e9)
+	st := decodeTiming(t, be, m, 1, 128, 32)
+	t.Logf("8B-shaped llama (hidden 4096, 32 layers, inter 14336, 32/8 heads, vocab 128256), bf16 weights %.2f GB, batch 1, prompt 128: decode step %v (host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth (%.0f GB/s) = %v; ratio %.2fx (graph %.2fx)",
+		float64(wb)/1e9, st.device, st.host, st.withCopy, st.graph, bw, ideal, float64(st.device)/float64(ideal), float64(st.graph)/float64(ideal))
+}
