@@ -376,9 +376,12 @@ func (s *Shard) Stop(ctx context.Context) {
 		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
 	}
 	if r := s.reg.Load(); r != nil {
-		if err := r.Deregister(ctx); err != nil {
+		// Bounded on its own: an unreachable Consul must not eat the streams' drain time.
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := r.Deregister(dctx); err != nil {
 			s.log.Warn("leaving consul", zap.Error(err))
 		}
+		cancel()
 	}
 	stopped := make(chan struct{})
 	go func() {
