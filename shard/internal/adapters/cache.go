@@ -336,6 +336,7 @@ func (c *Cache) fill(e *entry, tier Tier) {
 		// Capacity errors depend on what else is resident, so they are not remembered. An adapter too
 		// large for the device is (it will not shrink), but only against device loads.
 		if !errors.Is(err, ErrNoSpace) && !errors.Is(err, ErrClosed) && (tier == TierDevice || !errors.Is(err, ErrTooLarge)) {
+			c.pruneFailuresLocked()
 			c.failures[e.id] = failure{err: err, until: c.opts.Now().Add(c.opts.FailureTTL)}
 		}
 		c.emitLocked(EventFailed, e, c.tierOf(e), err)
@@ -345,6 +346,30 @@ func (c *Cache) fill(e *entry, tier Tier) {
 	}
 	c.mu.Unlock()
 	c.flush()
+}
+
+// maxFailures bounds the failure memory: clients control which ids fail (unknown ids are
+// NOT_FOUND), so the memory must not grow with them.
+const maxFailures = 4096
+
+// pruneFailuresLocked drops expired failures once the memory is large, and arbitrary ones past
+// maxFailures.
+func (c *Cache) pruneFailuresLocked() {
+	if len(c.failures) < maxFailures/4 {
+		return
+	}
+	now := c.opts.Now()
+	for id, f := range c.failures {
+		if !now.Before(f.until) {
+			delete(c.failures, id)
+		}
+	}
+	for id := range c.failures {
+		if len(c.failures) < maxFailures {
+			break
+		}
+		delete(c.failures, id)
+	}
 }
 
 func (c *Cache) tierOf(e *entry) Tier {

@@ -948,3 +948,4 @@ func TestUnloadRefusesPinned(t *testing.T) {
 		t.Fatalf("unload after unpin: %v", err)
 	}
 }
+
