@@ -948,4 +948,3 @@ func TestUnloadRefusesPinned(t *testing.T) {
 		t.Fatalf("unload after unpin: %v", err)
 	}
 }
-
