@@ -2,6 +2,7 @@ package discovery_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -103,7 +104,7 @@ func TestRegisterPublishWatch(t *testing.T) {
 	go func() { w.Run(ctx); close(watchDone) }()
 	defer func() { cancel(); <-watchDone }()
 
-	reg, err := discovery.Register(ctx, c, o, "shard-a", addr, st.record(addr), log)
+	reg, err := discovery.Register(ctx, c, o, "shard-a", addr, "", st.record(addr), log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +147,7 @@ func TestSessionTTLRemovesDeadShard(t *testing.T) {
 	addr, _ := grpcHealth(t)
 	st := &shardState{}
 	st.adapters.Store([]residency.Adapter(nil))
-	reg, err := discovery.Register(context.Background(), c, o, "shard-dead", addr, st.record(addr), log)
+	reg, err := discovery.Register(context.Background(), c, o, "shard-dead", addr, "", st.record(addr), log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,7 +186,7 @@ func TestConsulRestart(t *testing.T) {
 	watchDone := make(chan struct{})
 	go func() { w.Run(ctx); close(watchDone) }()
 	defer func() { cancel(); <-watchDone }()
-	reg, err := discovery.Register(ctx, c, o, "shard-r", addr, st.record(addr), log)
+	reg, err := discovery.Register(ctx, c, o, "shard-r", addr, "", st.record(addr), log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,5 +209,32 @@ func TestConsulRestart(t *testing.T) {
 		s := w.Snapshot()
 		r := s.Records["shard-r"]
 		return !s.Stale && len(s.Instances) == 1 && r != nil && r.Tier("a2") == residency.TierDevice
+	})
+}
+
+// TestCheckOnHealthPort: with a separate health address (the plaintext -health-listen of a TLS
+// shard) Consul checks that address, while routers are given the main one.
+func TestCheckOnHealthPort(t *testing.T) {
+	agent := consultest.Start(t)
+	c := agent.Client()
+	o := fastOptions(agent.HTTPAddr)
+	log := zaptest.NewLogger(t)
+	healthAddr, _ := grpcHealth(t)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mainAddr := lis.Addr().String() // accepts TCP but speaks no gRPC, like a TLS port to a plaintext check
+	defer lis.Close()
+	st := &shardState{}
+	st.adapters.Store([]residency.Adapter(nil))
+	reg, err := discovery.Register(context.Background(), c, o, "shard-tls", mainAddr, healthAddr, st.record(mainAddr), log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = reg.Deregister(context.Background()) }()
+	eventually(t, 10*time.Second, "shard healthy through its health port", func() bool {
+		entries, _, err := c.Health().Service(o.Service, "", true, nil)
+		return err == nil && len(entries) == 1 && fmt.Sprintf("%s:%d", entries[0].Service.Address, entries[0].Service.Port) == mainAddr
 	})
 }

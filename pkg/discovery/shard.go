@@ -34,10 +34,14 @@ type Registration struct {
 	epoch   string
 }
 
-// Register registers shard id at addr (host:port, the gRPC endpoint Consul health-checks) and
-// starts publishing record() under the residency key: at once, after each Notify (at most every
+// Register registers shard id at addr (host:port, the gRPC endpoint routers dial) with a gRPC
+// health check on checkAddr (a plaintext health port when the main port speaks TLS; "" means addr),
+// and starts publishing record() under the residency key: at once, after each Notify (at most every
 // PublishMinInterval) and every PublishInterval.
-func Register(ctx context.Context, c *api.Client, o Options, id, addr string, record func() *residency.Record, log *zap.Logger) (*Registration, error) {
+func Register(ctx context.Context, c *api.Client, o Options, id, addr, checkAddr string, record func() *residency.Record, log *zap.Logger) (*Registration, error) {
+	if checkAddr == "" {
+		checkAddr = addr
+	}
 	host, portS, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("%w: shard address %q: %v", ErrOptions, addr, err)
@@ -50,7 +54,7 @@ func Register(ctx context.Context, c *api.Client, o Options, id, addr string, re
 		ID: id, Name: o.Service, Address: host, Port: port,
 		Meta: map[string]string{"residency_key": o.KeyPrefix + id},
 		Check: &api.AgentServiceCheck{
-			CheckID: "loraplex-grpc-" + id, Name: "gRPC health", GRPC: addr,
+			CheckID: "loraplex-grpc-" + id, Name: "gRPC health", GRPC: checkAddr,
 			Interval: o.CheckInterval.String(), Timeout: (o.CheckInterval / 2).String(),
 			DeregisterCriticalServiceAfter: o.DeregisterAfter.String(),
 		},

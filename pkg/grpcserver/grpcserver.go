@@ -40,6 +40,9 @@ type Options struct {
 	AdminTokenFile string
 	AdminMethods   []string
 	TLS            TLSOptions
+	// HealthListen, when set, also serves grpc.health.v1 in plaintext there (probes and Consul's
+	// check when the main port speaks TLS).
+	HealthListen string
 	// Telemetry instruments the server (otelgrpc spans and metrics); nil: none.
 	Telemetry *telemetry.Providers
 	// Ready, when set, gates every service but health and reflection: until it reports true they
@@ -65,6 +68,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&o.Reflection, "grpc-reflection", o.Reflection, "serve gRPC reflection")
 	fs.StringVar(&o.AdminTokenFile, "admin-token-file", o.AdminTokenFile, "file holding the bearer token admin RPCs require (empty: admin RPCs are open)")
 	o.TLS.AddFlags(fs)
+	fs.StringVar(&o.HealthListen, "health-listen", o.HealthListen, "also serve grpc.health.v1 in plaintext on this address (for kubelet probes and Consul checks when -tls-cert is set)")
 }
 
 // Validate checks the options.

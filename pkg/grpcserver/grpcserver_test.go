@@ -214,3 +214,39 @@ func TestOptionErrors(t *testing.T) {
 		t.Error("a client certificate without a CA was accepted")
 	}
 }
+
+// TestPlaintextHealthBesideTLS: with the main port on mTLS, probes and Consul's check read the same
+// health statuses in plaintext from the health-only listener.
+func TestPlaintextHealthBesideTLS(t *testing.T) {
+	p := newPKI(t)
+	o := grpcserver.DefaultOptions()
+	o.TLS = grpcserver.TLSOptions{CertFile: p.path("server.pem"), KeyFile: p.path("server-key.pem"), ClientCAFile: p.path("ca.pem")}
+	s, h, err := grpcserver.New(o, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	hs, err := grpcserver.ServeHealth("127.0.0.1:0", h, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hs.Stop()
+	check := func() (healthpb.HealthCheckResponse_ServingStatus, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		r, err := healthpb.NewHealthClient(dial(t, hs.Addr(), plain(t))).Check(ctx, &healthpb.HealthCheckRequest{})
+		return r.GetStatus(), err
+	}
+	if st, err := check(); err != nil || st != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("before serving: %v %v, want NOT_SERVING", st, err)
+	}
+	h.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	if st, err := check(); err != nil || st != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("after serving: %v %v, want SERVING", st, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := loraplexv1.NewAdaptersServiceClient(dial(t, hs.Addr(), plain(t))).ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("the health port served another service: %v", err)
+	}
+}

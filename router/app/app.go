@@ -132,6 +132,7 @@ type Router struct {
 	stop   context.CancelFunc
 	watch  chan struct{}
 
+	healthSrv  *grpcserver.HealthServer
 	watcher    *discovery.Watcher
 	snapMu     sync.Mutex // serializes onSnapshot (watcher callbacks and rechecks)
 	emptySince time.Time
@@ -204,6 +205,13 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 		cancel()
 		_ = r.lis.Close()
 		return nil, err
+	}
+	if gopts.HealthListen != "" {
+		if r.healthSrv, err = grpcserver.ServeHealth(gopts.HealthListen, r.health, log); err != nil {
+			cancel()
+			_ = r.lis.Close()
+			return nil, err
+		}
 	}
 	loraplexv1.RegisterGenerationServiceServer(r.srv, r.proxy)
 	loraplexv1.RegisterAdaptersServiceServer(r.srv, proxy.NewAdapters(r.proxy, r.Shards))
@@ -299,6 +307,9 @@ func (r *Router) Stop(ctx context.Context) {
 		r.srv.Stop()
 	}
 	r.health.Shutdown()
+	if r.healthSrv != nil {
+		r.healthSrv.Stop()
+	}
 	r.stop()
 	<-r.watch
 	r.proxy.Close()

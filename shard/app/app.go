@@ -150,6 +150,7 @@ type Shard struct {
 	adm    lateAdapters
 
 	gpuMetrics metric.Registration
+	healthSrv  *grpcserver.HealthServer
 }
 
 // registerArchitectures wires the model registry explicitly.
@@ -188,6 +189,11 @@ func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
 	gopts.Telemetry = cfg.Telemetry
 	if s.srv, s.health, err = grpcserver.New(gopts, log); err != nil {
 		return nil, err
+	}
+	if gopts.HealthListen != "" {
+		if s.healthSrv, err = grpcserver.ServeHealth(gopts.HealthListen, s.health, log); err != nil {
+			return nil, err
+		}
 	}
 	loraplexv1.RegisterGenerationServiceServer(s.srv, &s.gen)
 	loraplexv1.RegisterAdaptersServiceServer(s.srv, &s.adm)
@@ -326,7 +332,13 @@ func (s *Shard) register() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	reg, err := discovery.Register(ctx, c, s.cfg.Discovery, s.id, addr, s.Residency, s.log)
+	checkAddr := ""
+	if s.healthSrv != nil {
+		host, _, _ := net.SplitHostPort(addr)
+		_, port, _ := net.SplitHostPort(s.healthSrv.Addr())
+		checkAddr = net.JoinHostPort(host, port)
+	}
+	reg, err := discovery.Register(ctx, c, s.cfg.Discovery, s.id, addr, checkAddr, s.Residency, s.log)
 	if err != nil {
 		return err
 	}
@@ -398,6 +410,14 @@ func (s *Shard) Stop(ctx context.Context) {
 	s.close()
 }
 
+// HealthAddr is the plaintext health-only address ("" without -health-listen).
+func (s *Shard) HealthAddr() string {
+	if s.healthSrv == nil {
+		return ""
+	}
+	return s.healthSrv.Addr()
+}
+
 // Done reports the serve loop's end.
 func (s *Shard) Done() <-chan error { return s.done }
 
@@ -409,6 +429,9 @@ func (s *Shard) close() {
 	}
 	if s.srv != nil && !s.drain.Load() {
 		s.srv.Stop()
+	}
+	if s.healthSrv != nil {
+		s.healthSrv.Stop()
 	}
 	if s.gpuMetrics != nil {
 		_ = s.gpuMetrics.Unregister()

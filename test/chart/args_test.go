@@ -19,6 +19,7 @@ import (
 // parsed is a container's args as its binary reads them.
 type parsed struct {
 	listenPort    int32
+	healthPort    int32 // -health-listen's port (0: none)
 	drain         time.Duration
 	metricsListen string
 	router        *routerapp.Config
@@ -92,6 +93,17 @@ func parseArgs(component string, c corev1.Container, env map[string]string) (*pa
 	}
 	p.listenPort = int32(n)
 	p.metricsListen = fs.Lookup("metrics-listen").Value.String()
+	if hl := fs.Lookup("health-listen").Value.String(); hl != "" {
+		_, hp, err := net.SplitHostPort(hl)
+		if err != nil {
+			return nil, fmt.Errorf("-health-listen %q: %w", hl, err)
+		}
+		n, err := strconv.ParseInt(hp, 10, 32)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("-health-listen %q: no fixed port", hl)
+		}
+		p.healthPort = int32(n)
+	}
 	p.paths = map[string]string{}
 	fs.Visit(func(f *flag.Flag) {
 		if pathFlags.MatchString(f.Name) {

@@ -27,7 +27,7 @@ const monitoringAPI = "monitoring.coreos.com/v1"
 // expect is what a values set must render.
 type expect struct {
 	consul         bool
-	tls            bool  // probes fall back to TCP
+	tls            bool  // probes use the plaintext health port
 	metricsPort    int32 // 0: metrics off
 	serviceMonitor bool
 	networkPolicy  bool
@@ -294,14 +294,22 @@ func checkPod(t *testing.T, p pod, want expect) *parsed {
 		t.Errorf("%s: duplicate port names %v", what, c.Ports)
 	}
 
-	// Probes: the kubelet's gRPC probe on the -listen port (TCP when TLS is on).
+	// Probes: the kubelet's gRPC probe on the -listen port; with TLS on, on the plaintext
+	// -health-listen port (the kubelet cannot speak TLS), exposed as grpc-health.
+	if want.tls {
+		if args.healthPort == 0 || ports["grpc-health"] != args.healthPort {
+			t.Errorf("%s: TLS on: -health-listen port %d, container port grpc-health %d", what, args.healthPort, ports["grpc-health"])
+		}
+	} else if args.healthPort != 0 {
+		t.Errorf("%s: -health-listen without TLS", what)
+	}
 	for kind, pr := range map[string]*corev1.Probe{"startup": c.StartupProbe, "readiness": c.ReadinessProbe, "liveness": c.LivenessProbe} {
 		switch {
 		case pr == nil:
 			t.Errorf("%s: no %s probe", what, kind)
 		case want.tls:
-			if pr.TCPSocket == nil || pr.TCPSocket.Port.IntValue() != int(args.listenPort) || pr.GRPC != nil {
-				t.Errorf("%s: %s probe %+v: want tcpSocket on %d with TLS on", what, kind, pr.ProbeHandler, args.listenPort)
+			if pr.GRPC == nil || pr.GRPC.Port != args.healthPort || pr.TCPSocket != nil || pr.Exec != nil || pr.HTTPGet != nil {
+				t.Errorf("%s: %s probe %+v: want grpc on the health port %d with TLS on", what, kind, pr.ProbeHandler, args.healthPort)
 			}
 		default:
 			if pr.GRPC == nil || pr.GRPC.Port != args.listenPort || pr.Exec != nil || pr.HTTPGet != nil || pr.TCPSocket != nil {

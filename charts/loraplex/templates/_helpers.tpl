@@ -155,14 +155,16 @@ app.kubernetes.io/component: shard
 
 {{/*
 Probes: the kubelet's native gRPC probe against grpc.health.v1 (the shard answers NOT_SERVING until
-its model is loaded). The kubelet cannot speak TLS to it, so with TLS on they fall back to TCP.
+its model is loaded). The kubelet cannot speak TLS, so with TLS on they probe the plaintext
+health-only port (-health-listen), which reports the same statuses.
 Args: root, port, probes (startup/readiness/liveness settings).
 */}}
 {{- define "loraplex.probes" -}}
-{{- $check := dict "grpc" (dict "port" (int .port)) -}}
+{{- $port := .port -}}
 {{- if .root.Values.tls.enabled -}}
-{{- $check = dict "tcpSocket" (dict "port" (int .port)) -}}
+{{- $port = .root.Values.tls.healthPort -}}
 {{- end -}}
+{{- $check := dict "grpc" (dict "port" (int $port)) -}}
 {{- range $kind := list "startup" "readiness" "liveness" }}
 {{ $kind }}Probe:
   {{- toYaml $check | nindent 2 }}
@@ -180,6 +182,7 @@ consul.hashicorp.com/connect-service-port: {{ .port | quote }}
 consul.hashicorp.com/transparent-proxy: {{ $v.consul.connect.transparentProxy | quote }}
 {{- if and $v.consul.connect.transparentProxy $v.consul.connect.excludeProbePorts }}
 {{- $ports := list .port }}
+{{- if $v.tls.enabled }}{{ $ports = append $ports $v.tls.healthPort }}{{ end }}
 {{- if $v.metrics.enabled }}{{ $ports = append $ports $v.metrics.port }}{{ end }}
 consul.hashicorp.com/transparent-proxy-exclude-inbound-ports: {{ join "," $ports | quote }}
 {{- end }}
