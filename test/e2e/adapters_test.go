@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -390,27 +391,7 @@ func TestAdaptersAdminAuth(t *testing.T) {
 	x := extract(t)
 	s := startShard(t, x, func(cfg *shardapp.Config) { cfg.GRPC.AdminToken = "s3cret" })
 	const id = "qv-r8"
-	calls := []struct {
-		name string
-		call func(ctx context.Context, id string) error
-	}{
-		{"LoadAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.LoadAdapter(ctx, &loraplexv1.LoadAdapterRequest{AdapterId: id})
-			return err
-		}},
-		{"PinAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.PinAdapter(ctx, &loraplexv1.PinAdapterRequest{AdapterId: id})
-			return err
-		}},
-		{"UnpinAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.UnpinAdapter(ctx, &loraplexv1.UnpinAdapterRequest{AdapterId: id})
-			return err
-		}},
-		{"UnloadAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.UnloadAdapter(ctx, &loraplexv1.UnloadAdapterRequest{AdapterId: id})
-			return err
-		}},
-	}
+	calls := adminCalls(s)
 	bad := []struct {
 		name string
 		md   []string
@@ -456,32 +437,10 @@ func TestAdaptersBadIDs(t *testing.T) {
 	checkLeaks(t)
 	x := extract(t)
 	s := startShard(t, x, nil)
-	type call func(ctx context.Context, id string) error
-	rpcs := []struct {
-		name string
-		call call
-	}{
-		{"LoadAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.LoadAdapter(ctx, &loraplexv1.LoadAdapterRequest{AdapterId: id})
-			return err
-		}},
-		{"LoadAdapter host", func(ctx context.Context, id string) error {
-			_, err := s.adm.LoadAdapter(ctx, &loraplexv1.LoadAdapterRequest{AdapterId: id, Tier: loraplexv1.Tier_TIER_HOST})
-			return err
-		}},
-		{"UnloadAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.UnloadAdapter(ctx, &loraplexv1.UnloadAdapterRequest{AdapterId: id})
-			return err
-		}},
-		{"PinAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.PinAdapter(ctx, &loraplexv1.PinAdapterRequest{AdapterId: id})
-			return err
-		}},
-		{"UnpinAdapter", func(ctx context.Context, id string) error {
-			_, err := s.adm.UnpinAdapter(ctx, &loraplexv1.UnpinAdapterRequest{AdapterId: id})
-			return err
-		}},
-	}
+	rpcs := append(adminCalls(s), adminCall{"LoadAdapter host", func(ctx context.Context, id string) error {
+		_, err := s.adm.LoadAdapter(ctx, &loraplexv1.LoadAdapterRequest{AdapterId: id, Tier: loraplexv1.Tier_TIER_HOST})
+		return err
+	}})
 	for _, r := range rpcs {
 		for _, id := range []string{"", "../x", "a/b", "..", ".hidden", "a b", strings.Repeat("a", 129)} {
 			wantCode(t, r.name+" "+id, r.call(rpcCtx(t), id), codes.InvalidArgument, "adapter_id")
@@ -492,7 +451,8 @@ func TestAdaptersBadIDs(t *testing.T) {
 	}
 	// Resident but not pinned.
 	s.generateWith(t, "qv-r8")
-	wantCode(t, "UnpinAdapter of a resident, unpinned adapter", rpcs[4].call(rpcCtx(t), "qv-r8"), codes.NotFound, "qv-r8", "not pinned")
+	unpin := rpcs[slices.IndexFunc(rpcs, func(c adminCall) bool { return c.name == "UnpinAdapter" })]
+	wantCode(t, "UnpinAdapter of a resident, unpinned adapter", unpin.call(rpcCtx(t), "qv-r8"), codes.NotFound, "qv-r8", "not pinned")
 	if _, byID := s.list(t); len(byID) != 1 {
 		t.Errorf("after the bad calls: %v, want qv-r8 alone", byID)
 	}
@@ -643,4 +603,32 @@ func checkRetryInfo(t *testing.T, label string, err error) {
 		}
 	}
 	t.Errorf("%s: details %v carry no RetryInfo", label, st.Details())
+}
+
+// adminCall is one admin RPC of AdaptersService, taking an adapter id.
+type adminCall struct {
+	name string
+	call func(ctx context.Context, id string) error
+}
+
+// adminCalls are the four admin RPCs against a shard, in the order load, pin, unpin, unload.
+func adminCalls(s *adminShard) []adminCall {
+	return []adminCall{
+		{"LoadAdapter", func(ctx context.Context, id string) error {
+			_, err := s.adm.LoadAdapter(ctx, &loraplexv1.LoadAdapterRequest{AdapterId: id})
+			return err
+		}},
+		{"PinAdapter", func(ctx context.Context, id string) error {
+			_, err := s.adm.PinAdapter(ctx, &loraplexv1.PinAdapterRequest{AdapterId: id})
+			return err
+		}},
+		{"UnpinAdapter", func(ctx context.Context, id string) error {
+			_, err := s.adm.UnpinAdapter(ctx, &loraplexv1.UnpinAdapterRequest{AdapterId: id})
+			return err
+		}},
+		{"UnloadAdapter", func(ctx context.Context, id string) error {
+			_, err := s.adm.UnloadAdapter(ctx, &loraplexv1.UnloadAdapterRequest{AdapterId: id})
+			return err
+		}},
+	}
 }
