@@ -15,6 +15,10 @@
 //         and every load of a pass (B, y) is issued before any store. Other ranks or alignments take
 //         a general path (a thread owns 8 consecutive output columns). Before waiting on shrink
 //         (programmatic dependent launch) the block requests its B and y lines into L2.
+// With PDL on, shrink too is a programmatic dependent of the kernel before it (often the previous
+// expand, which triggers its dependents at once): it loads its first rows of A before waiting, and
+// reads x / writes v only after. Blocks that exit early still wait, so no grid of the chain can
+// complete before the one it depends on.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -124,8 +128,13 @@ __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
   const int j0 = blockIdx.y * RB;
   const int seg_end = seg_starts[s + 1];
   const int t0 = seg_starts[s] + blockIdx.z * TT;
-  // Block-uniform exit: no adapter, rows beyond the rank, or tokens beyond the segment.
-  if (A == nullptr || j0 >= r || t0 >= seg_end) return;
+  // Block-uniform exit: no adapter, rows beyond the rank, or tokens beyond the segment. Exiting
+  // blocks still wait for the previous kernel, so this grid never completes before it (the next
+  // kernel's wait on this one then covers that one too).
+  if (A == nullptr || j0 >= r || t0 >= seg_end) {
+    pdl_wait();
+    return;
+  }
   const int nr = min(RB, r - j0);
   const int nt = min(TT, seg_end - t0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -143,19 +152,34 @@ __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
     // so that they do not each wait a full DRAM round trip.
     constexpr int STEP = W * 32 * 8;
     const int k0 = (warp * 32 + lane) * 8;
-    for (int k = k0 + 2 * STEP; k < K; k += STEP) {
-      for (int i = 0; i < nr; i++) prefetch_l2(Ab + static_cast<size_t>(i) * K + k);
-      for (int t = 0; t < nt; t++) prefetch_l2(xb + static_cast<size_t>(t) * ldx + k);
+    uint4 ua[2][RB], ux[2][TT];
+    // A is weights (never written by kernels): its first two K steps are loaded, and later steps
+    // requested into L2, before waiting for the previous kernel (programmatic dependent launch), so
+    // the DRAM round trip overlaps that kernel's tail. x and v are touched only after the wait.
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int kk = k0 + h * STEP;
+      if (kk < K) {
+#pragma unroll
+        for (int i = 0; i < RB; i++)
+          if (i < nr) ua[h][i] = __ldg(reinterpret_cast<const uint4 *>(Ab + static_cast<size_t>(i) * K + kk));
+      }
     }
+    for (int k = k0 + 2 * STEP; k < K; k += STEP)
+      for (int i = 0; i < nr; i++) prefetch_l2(Ab + static_cast<size_t>(i) * K + k);
+    pdl_wait();
+    for (int k = k0 + 2 * STEP; k < K; k += STEP)
+      for (int t = 0; t < nt; t++) prefetch_l2(xb + static_cast<size_t>(t) * ldx + k);
     for (int k = k0; k < K; k += 2 * STEP) {
-      uint4 ua[2][RB], ux[2][TT];
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         const int kk = k + h * STEP;
         if (kk < K) {
+          if (k != k0) {
 #pragma unroll
-          for (int i = 0; i < RB; i++)
-            if (i < nr) ua[h][i] = __ldg(reinterpret_cast<const uint4 *>(Ab + static_cast<size_t>(i) * K + kk));
+            for (int i = 0; i < RB; i++)
+              if (i < nr) ua[h][i] = __ldg(reinterpret_cast<const uint4 *>(Ab + static_cast<size_t>(i) * K + kk));
+          }
 #pragma unroll
           for (int t = 0; t < TT; t++)
             if (t < nt) ux[h][t] = __ldg(reinterpret_cast<const uint4 *>(xb + static_cast<size_t>(t) * ldx + kk));
@@ -189,6 +213,7 @@ __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
       }
     }
   } else {
+    pdl_wait();
     for (int k = warp * 32 + lane; k < K; k += W * 32) {
       float a[RB];
 #pragma unroll
@@ -247,12 +272,18 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
                        const int32_t *__restrict__ ranks, const float *__restrict__ scales, int max_rank,
                        int N) {
   constexpr int TT = EXPAND_TT, NPT = EXPAND_NPT, J = EXPAND_J;
+  // The next shrink (launched as this kernel's programmatic dependent) may start its weight loads
+  // now; it waits for this grid's completion before touching v or x.
+  pdl_launch_dependents();
   const int s = blockIdx.x;
   const T *B = static_cast<const T *>(b_ptrs[s]);
   const int r = min(ranks[s], max_rank);
   const int seg_end = seg_starts[s + 1];
   const int t0 = seg_starts[s] + blockIdx.z * TT;
-  if (B == nullptr || r <= 0 || t0 >= seg_end) return;
+  if (B == nullptr || r <= 0 || t0 >= seg_end) {
+    pdl_wait();  // this grid must not complete before the kernel it depends on (see shrink)
+    return;
+  }
   const int nt = min(TT, seg_end - t0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
 
@@ -477,6 +508,32 @@ int launch_expand(dim3 grid, cudaStream_t st, Y *y, int ldy, const float *v, int
   return launch_status();
 }
 
+// launch_shrink starts shrink as a programmatic dependent of the previous kernel too: its blocks load
+// their rows of A while that kernel (typically the previous layer's expand) finishes, and wait for
+// it before reading x or writing v; where the attribute is refused it launches plainly.
+template <typename T>
+int launch_shrink(dim3 grid, cudaStream_t st, float *v, int ldv, const T *x, int ldx, const void *const *a_ptrs,
+                  const int32_t *seg_starts, const int32_t *ranks, int max_rank, int k) {
+  if (g_pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(SHRINK_WARPS * 32);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, sgmv_shrink_kernel<T>, v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k) ==
+        cudaSuccess)
+      return LP_OK;
+    cudaGetLastError();
+  }
+  sgmv_shrink_kernel<T><<<grid, SHRINK_WARPS * 32, 0, st>>>(v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k);
+  return launch_status();
+}
+
 }  // namespace
 
 extern "C" int lp_sgmv_set_pdl(int enabled) {
@@ -498,17 +555,14 @@ extern "C" int lp_sgmv_shrink(int dtype, float *v, int ldv, const void *x, int l
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case LP_DTYPE_BF16:
-      sgmv_shrink_kernel<__nv_bfloat16><<<grid, SHRINK_WARPS * 32, 0, st>>>(
-          v, ldv, static_cast<const __nv_bfloat16 *>(x), ldx, a_ptrs, seg_starts, ranks, max_rank, in_features);
-      break;
+      return launch_shrink<__nv_bfloat16>(grid, st, v, ldv, static_cast<const __nv_bfloat16 *>(x), ldx, a_ptrs,
+                                          seg_starts, ranks, max_rank, in_features);
     case LP_DTYPE_F16:
-      sgmv_shrink_kernel<__half><<<grid, SHRINK_WARPS * 32, 0, st>>>(
-          v, ldv, static_cast<const __half *>(x), ldx, a_ptrs, seg_starts, ranks, max_rank, in_features);
-      break;
+      return launch_shrink<__half>(grid, st, v, ldv, static_cast<const __half *>(x), ldx, a_ptrs, seg_starts, ranks,
+                                   max_rank, in_features);
     default:
       return LP_ERR_INVALID;
   }
-  return launch_status();
 }
 
 namespace {
