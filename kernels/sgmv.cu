@@ -578,9 +578,12 @@ dim3 expand_grid(int num_segs, int max_seg_len, int max_rank, int out_features) 
 }
 }  // namespace
 
-extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
-                              const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
-                              int max_seg_len, int max_rank, int out_features, lp_stream stream) {
+// expand_setup validates an expand call's arguments and sizes its grid; grid->x == 0 with LP_OK means
+// there is nothing to do.
+static int expand_setup(const void *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
+                        const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
+                        int max_seg_len, int max_rank, int out_features, dim3 *grid) {
+  *grid = dim3(0, 0, 0);
   if (num_segs < 0 || max_seg_len < 0 || max_rank < 0 || max_rank > LP_MAX_RANK || out_features < 0 ||
       ldy < out_features || ldv < max_rank)
     return LP_ERR_INVALID;
@@ -588,8 +591,20 @@ extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int l
   if (y == nullptr || v == nullptr || b_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr ||
       scales == nullptr)
     return LP_ERR_INVALID;
-  const dim3 grid = expand_grid(num_segs, max_seg_len, max_rank, out_features);
-  if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
+  const dim3 g = expand_grid(num_segs, max_seg_len, max_rank, out_features);
+  if (g.y > 65535 || g.z > 65535) return LP_ERR_INVALID;
+  *grid = g;
+  return LP_OK;
+}
+
+extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
+                              const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
+                              int max_seg_len, int max_rank, int out_features, lp_stream stream) {
+  dim3 grid;
+  if (const int rc = expand_setup(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, num_segs, max_seg_len, max_rank,
+                                  out_features, &grid);
+      rc != LP_OK || grid.x == 0)
+    return rc;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case LP_DTYPE_BF16:
@@ -606,15 +621,11 @@ extern "C" int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int l
 extern "C" int lp_sgmv_expand_y32(int wdtype, float *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
                                   const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
                                   int max_seg_len, int max_rank, int out_features, lp_stream stream) {
-  if (num_segs < 0 || max_seg_len < 0 || max_rank < 0 || max_rank > LP_MAX_RANK || out_features < 0 ||
-      ldy < out_features || ldv < max_rank)
-    return LP_ERR_INVALID;
-  if (num_segs == 0 || max_seg_len == 0 || max_rank == 0 || out_features == 0) return LP_OK;
-  if (y == nullptr || v == nullptr || b_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr ||
-      scales == nullptr)
-    return LP_ERR_INVALID;
-  const dim3 grid = expand_grid(num_segs, max_seg_len, max_rank, out_features);
-  if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
+  dim3 grid;
+  if (const int rc = expand_setup(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, num_segs, max_seg_len, max_rank,
+                                  out_features, &grid);
+      rc != LP_OK || grid.x == 0)
+    return rc;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (wdtype) {
     case LP_DTYPE_BF16:

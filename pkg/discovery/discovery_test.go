@@ -14,6 +14,9 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+
 	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/discovery/consultest"
 	"github.com/loraplex/loraplex/pkg/residency"
@@ -76,6 +79,18 @@ func eventually(t *testing.T, within time.Duration, what string, cond func() boo
 	return time.Since(start)
 }
 
+// watch runs a watcher until the test ends and collects its snapshots.
+func watch(t *testing.T, c *api.Client, o discovery.Options, log *zap.Logger) (*discovery.Watcher, *views) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	v := &views{}
+	w := discovery.NewWatcher(c, o, log, v.set)
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return w, v
+}
+
 type shardState struct {
 	adapters atomic.Value // []residency.Adapter
 }
@@ -96,13 +111,8 @@ func TestRegisterPublishWatch(t *testing.T) {
 	st := &shardState{}
 	st.adapters.Store([]residency.Adapter(nil))
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var v views
-	w := discovery.NewWatcher(c, o, log, v.set)
-	watchDone := make(chan struct{})
-	go func() { w.Run(ctx); close(watchDone) }()
-	defer func() { cancel(); <-watchDone }()
+	ctx := context.Background()
+	_, v := watch(t, c, o, log)
 
 	reg, err := discovery.Register(ctx, c, o, "shard-a", addr, "", st.record(addr), log)
 	if err != nil {
@@ -179,13 +189,8 @@ func TestConsulRestart(t *testing.T) {
 	st := &shardState{}
 	st.adapters.Store([]residency.Adapter{{ID: "a1", Tier: residency.TierHost, Bytes: 10}})
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var v views
-	w := discovery.NewWatcher(c, o, log, v.set)
-	watchDone := make(chan struct{})
-	go func() { w.Run(ctx); close(watchDone) }()
-	defer func() { cancel(); <-watchDone }()
+	ctx := context.Background()
+	w, v := watch(t, c, o, log)
 	reg, err := discovery.Register(ctx, c, o, "shard-r", addr, "", st.record(addr), log)
 	if err != nil {
 		t.Fatal(err)
