@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 3
+#define LP_ABI_VERSION 4
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -201,6 +201,68 @@ LP_API int lp_sgmv_shrink_f32(int wdtype, float *v, int ldv, const float *x, int
 LP_API int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const float *v, int ldv,
                               const void *const *b_ptrs, const int32_t *ranks, const float *scales,
                               const int32_t *tok_seg, int tokens, int max_rank, lp_stream stream);
+
+/*
+ * ABI 4: page-locked host memory and cross-stream ordering, so adapter uploads run on their own
+ * stream from pinned staging buffers while the compute stream keeps working.
+ */
+
+/* Page-locked (pinned) host memory (cudaHostAlloc, portable); lp_memcpy_h2d/d2h from it are truly
+ * asynchronous. */
+LP_API int lp_host_alloc(void **ptr, size_t bytes);
+LP_API int lp_host_free(void *ptr);
+/* Work queued on stream after this call waits until event completes (cudaStreamWaitEvent). */
+LP_API int lp_stream_wait_event(lp_stream stream, lp_event event);
+/* An event without timing, cheaper to record and wait on (cudaEventDisableTiming). */
+LP_API int lp_event_create_sync(lp_event *event);
+
+/*
+ * ABI 4: sampling on the device, so logits never cross to the host. One call samples `rows` rows of
+ * logits float32 [rows, vocab] (modified in place: penalty and temperature are applied to them).
+ * params, seen and results live in device memory. Per row r with p = params[r]:
+ *   1. repetition penalty (when p.repetition_penalty is neither 0 nor 1): for each of the
+ *      p.seen_count unique ids seen[p.seen_offset ...] inside [0, vocab): a positive logit is divided
+ *      by the penalty, any other multiplied by it;
+ *   2. greedy when p.temperature == 0: id = the first index of the largest logit;
+ *   3. otherwise, when p.temperature != 1, logits = (logits - max) / p.temperature;
+ *   4. logprob of a token = logit - logsumexp over the whole (penalized, tempered) row;
+ *   5. sampling: the candidate set is the whole row, or with 0 < top_k < vocab the top_k largest
+ *      logits (ties: lower index first); with 0 < top_p < 1 it is cut to the smallest prefix of the
+ *      candidates sorted by logit descending (ties: lower index first) whose probability mass, as a
+ *      share of the candidates' mass, reaches top_p (at least one token). Then with
+ *      total = the kept tokens' mass, the token is the first kept index i, in index order, whose
+ *      inclusive prefix mass of kept tokens exceeds p.u * total (the last kept token if none does);
+ *   6. results[r]: id, its logprob, and the p.top_logprobs (0..LP_MAX_TOP_LOGPROBS) most likely
+ *      tokens of the row with their logprobs, most likely first, ties lower index first (unused
+ *      entries id -1).
+ * p.u is a uniform draw in [0, 1) from the sequence's seeded generator on the host, so a seeded
+ * request draws the same tokens on every backend; it is ignored for greedy rows.
+ */
+#define LP_MAX_TOP_LOGPROBS 8
+
+typedef struct lp_sample_params {
+  float temperature;
+  float top_p;
+  int32_t top_k;
+  float repetition_penalty;
+  int32_t seen_offset;
+  int32_t seen_count;
+  int32_t top_logprobs;
+  int32_t reserved; /* 0 */
+  double u;
+} lp_sample_params; /* 40 bytes */
+
+typedef struct lp_sample_result {
+  int32_t id;
+  float logprob;
+  int32_t top_ids[LP_MAX_TOP_LOGPROBS];
+  float top_logprobs[LP_MAX_TOP_LOGPROBS];
+} lp_sample_result; /* 72 bytes */
+
+/* Bytes of device workspace lp_sample needs for rows x vocab (0 if none). */
+LP_API size_t lp_sample_workspace(int rows, int vocab);
+LP_API int lp_sample(float *logits, int rows, int vocab, const lp_sample_params *params, const int32_t *seen,
+                     lp_sample_result *results, void *workspace, size_t workspace_bytes, lp_stream stream);
 
 #ifdef __cplusplus
 }

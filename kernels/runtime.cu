@@ -184,4 +184,26 @@ int lp_graph_destroy(lp_graph graph) {
   return code(e1 != cudaSuccess ? e1 : e2);
 }
 
+int lp_host_alloc(void **ptr, size_t bytes) {
+  if (ptr == nullptr) return LP_ERR_INVALID;
+  *ptr = nullptr;
+  if (bytes == 0) return LP_OK;
+  return code(cudaHostAlloc(ptr, bytes, cudaHostAllocPortable));
+}
+
+int lp_host_free(void *ptr) { return ptr == nullptr ? LP_OK : code(cudaFreeHost(ptr)); }
+
+int lp_stream_wait_event(lp_stream stream, lp_event event) {
+  if (event == nullptr) return LP_ERR_INVALID;
+  return code(cudaStreamWaitEvent(cs(stream), ce(event), 0));
+}
+
+int lp_event_create_sync(lp_event *event) {
+  if (event == nullptr) return LP_ERR_INVALID;
+  cudaEvent_t e = nullptr;
+  cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+  *event = reinterpret_cast<lp_event>(e);
+  return code(err);
+}
+
 }  // extern "C"

@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 3
+const ABIVersion = 4
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -128,6 +128,14 @@ type Lib struct {
 		tokens, maxRank int32, s uintptr) int32
 	sgmvExpandF32 func(wdt int32, y uintptr, out int32, v uintptr, ldv int32, b, ranks, scales, tokSeg uintptr,
 		tokens, maxRank int32, s uintptr) int32
+
+	// ABI 4: pinned host memory, cross-stream ordering, sampling on the device.
+	hostAlloc       func(p *uintptr, n uintptr) int32
+	hostFree        func(p uintptr) int32
+	streamWaitEvent func(s, e uintptr) int32
+	eventCreateSync func(e *uintptr) int32
+	sampleWorkspace func(rows, vocab int32) uintptr
+	sample          func(logits uintptr, rows, vocab int32, params, seen, results, ws, wsBytes uintptr, s uintptr) int32
 }
 
 // Open loads the library at path (see LibraryPath), checks its ABI version and that a CUDA device is
@@ -188,6 +196,12 @@ func Open(path string) (*Lib, error) {
 		{&l.attentionWorkspace, "lp_attention_workspace"},
 		{&l.sgmvShrinkF32, "lp_sgmv_shrink_f32"},
 		{&l.sgmvExpandF32, "lp_sgmv_expand_f32"},
+		{&l.hostAlloc, "lp_host_alloc"},
+		{&l.hostFree, "lp_host_free"},
+		{&l.streamWaitEvent, "lp_stream_wait_event"},
+		{&l.eventCreateSync, "lp_event_create_sync"},
+		{&l.sampleWorkspace, "lp_sample_workspace"},
+		{&l.sample, "lp_sample"},
 	}
 	// The version first: a library of another ABI may lack (or redefine) the other symbols.
 	if sym, err := purego.Dlsym(h, "lp_abi_version"); err != nil {
