@@ -56,7 +56,8 @@ __global__ void gather_rows_kernel(float *out, const T *table, const int32_t *ro
 }
 
 // out may alias x: each thread rereads its own elements after the reduction, before writing them.
-__global__ void rmsnorm_kernel(float *out, const float *x, const float *w, int d, float eps) {
+// ob, when not NULL, also receives the result rounded to bf16 (the next GEMM's input).
+__global__ void rmsnorm_kernel(float *out, __nv_bfloat16 *ob, const float *x, const float *w, int d, float eps) {
   const float *xr = x + static_cast<size_t>(blockIdx.x) * d;
   float *orow = out + static_cast<size_t>(blockIdx.x) * d;
   float ss = 0.f;
@@ -73,7 +74,12 @@ __global__ void rmsnorm_kernel(float *out, const float *x, const float *w, int d
   }
   __syncthreads();
   const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(red[0] / static_cast<float>(d) + eps)));
-  for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
+  __nv_bfloat16 *brow = ob == nullptr ? nullptr : ob + static_cast<size_t>(blockIdx.x) * d;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    const float y = xr[i] * inv * w[i];
+    orow[i] = y;
+    if (brow != nullptr) brow[i] = __float2bfloat16_rn(y);
+  }
 }
 
 __global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
@@ -82,11 +88,13 @@ __global__ void add_kernel(float *out, const float *a, const float *b, size_t n)
     out[i] = a[i] + b[i];
 }
 
-__global__ void silu_mul_kernel(float *out, const float *g, const float *u, size_t n) {
+__global__ void silu_mul_kernel(float *out, __nv_bfloat16 *ob, const float *g, const float *u, size_t n) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const float gv = g[i];
-    out[i] = gv / (1.f + static_cast<float>(exp(-static_cast<double>(gv)))) * u[i];
+    const float y = gv / (1.f + static_cast<float>(exp(-static_cast<double>(gv)))) * u[i];
+    out[i] = y;
+    if (ob != nullptr) ob[i] = __float2bfloat16_rn(y);
   }
 }
 
@@ -569,7 +577,15 @@ int lp_gather_rows(int dtype, float *out, const void *table, const int32_t *rows
 int lp_rmsnorm(float *out, const float *x, const float *w, int rows, int d, float eps, lp_stream stream) {
   if (rows < 0 || d <= 0) return LP_ERR_INVALID;
   if (rows == 0) return LP_OK;
-  rmsnorm_kernel<<<rows, 256, 0, cs(stream)>>>(out, x, w, d, eps);
+  rmsnorm_kernel<<<rows, 256, 0, cs(stream)>>>(out, nullptr, x, w, d, eps);
+  return launched();
+}
+
+int lp_rmsnorm_bf16(float *out, void *out_bf16, const float *x, const float *w, int rows, int d, float eps,
+                    lp_stream stream) {
+  if (rows < 0 || d <= 0) return LP_ERR_INVALID;
+  if (rows == 0) return LP_OK;
+  rmsnorm_kernel<<<rows, 256, 0, cs(stream)>>>(out, static_cast<__nv_bfloat16 *>(out_bf16), x, w, d, eps);
   return launched();
 }
 
@@ -581,7 +597,13 @@ int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream strea
 
 int lp_silu_mul(float *out, const float *gate, const float *up, size_t n, lp_stream stream) {
   if (n == 0) return LP_OK;
-  silu_mul_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, gate, up, n);
+  silu_mul_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, nullptr, gate, up, n);
+  return launched();
+}
+
+int lp_silu_mul_bf16(float *out, void *out_bf16, const float *gate, const float *up, size_t n, lp_stream stream) {
+  if (n == 0) return LP_OK;
+  silu_mul_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, static_cast<__nv_bfloat16 *>(out_bf16), gate, up, n);
   return launched();
 }
 

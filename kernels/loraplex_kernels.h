@@ -202,6 +202,13 @@ LP_API int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const floa
                               const void *const *b_ptrs, const int32_t *ranks, const float *scales,
                               const int32_t *tok_seg, int tokens, int max_rank, lp_stream stream);
 
+/* ABI 4: RMSNorm and SiLU-and-multiply that also write their result rounded to bf16 into out_bf16
+ * (same shape), the input of the bf16 GEMM that follows, saving a conversion pass per GEMM. */
+LP_API int lp_rmsnorm_bf16(float *out, void *out_bf16, const float *x, const float *w, int rows, int d, float eps,
+                           lp_stream stream);
+LP_API int lp_silu_mul_bf16(float *out, void *out_bf16, const float *gate, const float *up, size_t n,
+                            lp_stream stream);
+
 /*
  * ABI 4: page-locked host memory and cross-stream ordering, so adapter uploads run on their own
  * stream from pinned staging buffers while the compute stream keeps working.

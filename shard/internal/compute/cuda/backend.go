@@ -38,6 +38,14 @@ type Backend struct {
 	pool   map[int64][]*Buffer
 	pooled int64 // bytes idle in the pool
 	held   int64 // bytes allocated from the device, in use or pooled
+
+	// Step graphs (graph.go): the graph being captured, and every buffer a live graph owns.
+	capturing  *stepGraph
+	graphOwned map[*Buffer]*stepGraph
+	// captureMu is held while a step is recorded: work another goroutine queues on the compute
+	// stream meanwhile (an upload's event) would join the recording.
+	captureMu sync.Mutex
+	noGraphs  bool
 }
 
 var _ compute.Backend = (*Backend)(nil)
@@ -52,6 +60,9 @@ type Options struct {
 	MemoryBudget int64
 	// WeightDType is the storage of matrix and LoRA weights: BF16 (default) or F32.
 	WeightDType DType
+	// NoStepGraphs turns off recording forward steps into CUDA graphs (graph.go): every step is
+	// enqueued op by op.
+	NoStepGraphs bool
 }
 
 // New opens the kernels library and returns a backend on the chosen device. It fails with
@@ -83,7 +94,7 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs}
 	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
 		_ = s.Close()
 		return nil, err
@@ -138,8 +149,16 @@ func (b *Backend) MemoryUsed() int64 {
 func (b *Backend) MemoryBudget() int64 { return b.budget }
 
 // alloc returns a device buffer of at least n bytes (rounded up to 256), from the pool if one of
-// that size is idle.
-func (b *Backend) alloc(n int64) (*Buffer, error) {
+// that size is idle. It ignores a capture in progress: use it for memory that outlives a step
+// (weights, adapters, caches, batches), and scratch for a step's temporaries.
+func (b *Backend) alloc(n int64) (*Buffer, error) { return b.allocate(n, false) }
+
+// scratch is alloc for the temporaries of a step's operations. While a step is being captured into a
+// CUDA graph (graph.go), they come from, and return to, the graph's own buffers: the graph replays
+// with the same addresses, so nothing else may ever get them.
+func (b *Backend) scratch(n int64) (*Buffer, error) { return b.allocate(n, true) }
+
+func (b *Backend) allocate(n int64, step bool) (*Buffer, error) {
 	if n < 0 {
 		return nil, fmt.Errorf("%w: allocation of %d bytes", compute.ErrShape, n)
 	}
@@ -149,6 +168,30 @@ func (b *Backend) alloc(n int64) (*Buffer, error) {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	g := b.capturing
+	if !step {
+		g = nil
+	}
+	if g != nil {
+		if l := g.free[n]; len(l) > 0 {
+			g.free[n] = l[:len(l)-1]
+			return l[len(l)-1], nil
+		}
+	}
+	buf, err := b.takeLocked(n, g == nil)
+	if err != nil {
+		return nil, err
+	}
+	if g != nil {
+		g.own(buf)
+		b.graphOwned[buf] = g
+	}
+	return buf, nil
+}
+
+// takeLocked takes n bytes from the pool or the device; trim allows freeing the pool to make room
+// (not while capturing: cudaFree would synchronize the device).
+func (b *Backend) takeLocked(n int64, trim bool) (*Buffer, error) {
 	if l := b.pool[n]; len(l) > 0 {
 		buf := l[len(l)-1]
 		b.pool[n] = l[:len(l)-1]
@@ -156,32 +199,42 @@ func (b *Backend) alloc(n int64) (*Buffer, error) {
 		return buf, nil
 	}
 	if b.budget > 0 && b.held+n > b.budget {
-		b.trimLocked()
+		if trim {
+			b.trimLocked()
+		}
 		if b.held+n > b.budget {
 			return nil, fmt.Errorf("%w: need %d bytes, %d of %d in use", compute.ErrOutOfMemory, n, b.held, b.budget)
 		}
 	}
 	buf, err := b.lib.Malloc(n)
-	if err != nil {
+	if err != nil && trim {
 		b.trimLocked()
-		if buf, err = b.lib.Malloc(n); err != nil {
-			return nil, fmt.Errorf("%w: %d bytes on the device: %w", compute.ErrOutOfMemory, n, err)
-		}
+		buf, err = b.lib.Malloc(n)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %d bytes on the device: %w", compute.ErrOutOfMemory, n, err)
 	}
 	b.held += n
 	return buf, nil
 }
 
 // release returns a buffer from alloc to the pool. Work already queued on the stream that reads it
-// stays ordered before any later use, since all work shares the one stream.
+// stays ordered before any later use, since all work shares the one stream. A buffer a step graph
+// owns stays with the graph (back on its free list while it is being captured).
 func (b *Backend) release(buf *Buffer) {
 	if buf == nil || buf.size == 0 {
 		return
 	}
 	b.mu.Lock()
+	defer b.mu.Unlock()
+	if g := b.graphOwned[buf]; g != nil {
+		if g == b.capturing {
+			g.free[buf.size] = append(g.free[buf.size], buf)
+		}
+		return
+	}
 	b.pool[buf.size] = append(b.pool[buf.size], buf)
 	b.pooled += buf.size
-	b.mu.Unlock()
 }
 
 // freeNow frees a buffer from alloc instead of pooling it.
@@ -216,6 +269,11 @@ type Tensor struct {
 	shape []int
 	n     int
 	dtype DType
+	// half holds the tensor's values rounded to bf16 when halfOK: RMSNorm and SiLUMul write it beside
+	// their float32 result on a bf16 backend, and a MatMul reading the tensor takes it instead of
+	// converting. Every other op that writes the tensor clears halfOK.
+	half   *Buffer
+	halfOK bool
 }
 
 // Shape returns the tensor's dimensions.
@@ -226,14 +284,14 @@ func (t *Tensor) DType() DType { return t.dtype }
 
 func (t *Tensor) ptr() uintptr { return t.buf.ptr }
 
-func (b *Backend) newTensor(shape []int) (*Tensor, error) {
+func (b *Backend) newTensor(shape []int, step bool) (*Tensor, error) {
 	for _, d := range shape {
 		if d < 0 {
 			return nil, fmt.Errorf("%w: negative dimension in %v", compute.ErrShape, shape)
 		}
 	}
 	n := compute.Numel(shape)
-	buf, err := b.alloc(4 * int64(n))
+	buf, err := b.allocate(4*int64(n), step)
 	if err != nil {
 		return nil, err
 	}
@@ -275,7 +333,7 @@ func (b *Backend) FromHost(data []float32, shape ...int) (compute.Tensor, error)
 	if compute.Numel(shape) != len(data) {
 		return nil, fmt.Errorf("%w: %d values for shape %v", compute.ErrShape, len(data), shape)
 	}
-	t, err := b.newTensor(shape)
+	t, err := b.newTensor(shape, false)
 	if err != nil {
 		return nil, err
 	}
@@ -288,7 +346,7 @@ func (b *Backend) FromHost(data []float32, shape ...int) (compute.Tensor, error)
 
 // Alloc implements compute.Backend.
 func (b *Backend) Alloc(shape ...int) (compute.Tensor, error) {
-	t, err := b.newTensor(shape)
+	t, err := b.newTensor(shape, true)
 	if err != nil {
 		return nil, err
 	}
@@ -331,7 +389,8 @@ func (b *Backend) Free(t compute.Tensor) {
 		return
 	}
 	b.release(ct.buf)
-	ct.buf = nil
+	b.release(ct.half)
+	ct.buf, ct.half, ct.halfOK = nil, nil, false
 }
 
 // asWeight converts a weight tensor to the backend's weight dtype on its first use as one.
@@ -341,6 +400,9 @@ func (b *Backend) asWeight(w *Tensor) error {
 	}
 	if w.dtype != F32 || b.wdt != BF16 {
 		return fmt.Errorf("%w: weight of dtype %v on a %v backend", compute.ErrShape, w.dtype, b.wdt)
+	}
+	if b.isCapturing() {
+		return errNotCapturable // the first step of a shape runs eagerly, converting every weight
 	}
 	nb, err := b.alloc(2 * int64(w.n))
 	if err != nil {
@@ -503,6 +565,14 @@ type batch struct {
 	maxSegLen int
 
 	checkedCache *kvCache // the cache the block tables were last checked against
+
+	// maxCtx bounds every token's context (position + 1), rounded up to a power of two.
+	maxCtx int
+	// layout is the byte length of the batch's device description, and sig everything its kernels'
+	// launch arguments depend on besides device data: batches with equal signatures can replay one
+	// step graph (graph.go) after copying their description over the recorded one.
+	layout int
+	sig    string
 }
 
 func (bt *batch) Meta() *compute.BatchMeta { return bt.m }
@@ -576,16 +646,26 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	if len(m.Segments) > 0 {
 		i32 = append(i32, int32(m.Segments[len(m.Segments)-1].End))
 	}
+	// Each sequence's block table is padded to a capacity that grows in steps (tableCap), so the
+	// layout, and with it a recorded step graph, stays the same while contexts grow.
 	offTableOff := mark()
 	acc := int32(0)
 	for _, s := range m.Seqs {
 		i32 = append(i32, acc)
-		acc += int32(len(s.BlockTable))
+		acc += int32(tableCap(len(s.BlockTable)))
 	}
 	offTables := mark()
 	for _, s := range m.Seqs {
 		i32 = append(i32, s.BlockTable...)
+		for range tableCap(len(s.BlockTable)) - len(s.BlockTable) {
+			i32 = append(i32, 0)
+		}
 	}
+	bt.maxSegLen = roundPow2(bt.maxSegLen) // a grid size: a larger bound only adds idle blocks
+	for _, p := range m.Positions {
+		bt.maxCtx = max(bt.maxCtx, int(p)+1)
+	}
+	bt.maxCtx = max(roundPow2(bt.maxCtx), 64) // splits the attention; any bound stays correct
 	size := (int64(4*len(i32)) + 15) &^ 15
 	bt.tables = make([][compute.NumModules]segTable, layers)
 	type tableAt struct {
@@ -594,6 +674,7 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 		off int64
 	}
 	var targeted []tableAt
+	var tsig []int                  // (layer, module, max rank) of each table, for the signature
 	per := (int64(8*ns) + 15) &^ 15 // ranks and scales (4 bytes each), padded; then 8-byte pointers
 	for l := range layers {
 		for mod := range compute.NumModules {
@@ -608,9 +689,12 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 			}
 			bt.tables[l][mod].maxRank = mr
 			targeted = append(targeted, tableAt{l, mod, size})
+			tsig = append(tsig, l, int(mod), mr)
 			size += per + 16*int64(ns)
 		}
 	}
+	bt.layout = int(size)
+	bt.sig = batchSignature(t, len(m.LogitRows), len(m.Seqs), ns, int(acc), bt, tsig)
 	host := make([]byte, size)
 	le := binary.LittleEndian
 	for i, v := range i32 {

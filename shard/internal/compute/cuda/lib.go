@@ -130,6 +130,8 @@ type Lib struct {
 		tokens, maxRank int32, s uintptr) int32
 
 	// ABI 4: pinned host memory, cross-stream ordering, sampling on the device.
+	rmsNormBF16     func(out, outBF16, x, w uintptr, rows, d int32, eps float32, s uintptr) int32
+	siluMulBF16     func(out, outBF16, gate, up uintptr, n uintptr, s uintptr) int32
 	hostAlloc       func(p *uintptr, n uintptr) int32
 	hostFree        func(p uintptr) int32
 	streamWaitEvent func(s, e uintptr) int32
@@ -196,6 +198,8 @@ func Open(path string) (*Lib, error) {
 		{&l.attentionWorkspace, "lp_attention_workspace"},
 		{&l.sgmvShrinkF32, "lp_sgmv_shrink_f32"},
 		{&l.sgmvExpandF32, "lp_sgmv_expand_f32"},
+		{&l.rmsNormBF16, "lp_rmsnorm_bf16"},
+		{&l.siluMulBF16, "lp_silu_mul_bf16"},
 		{&l.hostAlloc, "lp_host_alloc"},
 		{&l.hostFree, "lp_host_free"},
 		{&l.streamWaitEvent, "lp_stream_wait_event"},

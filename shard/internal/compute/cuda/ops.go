@@ -30,11 +30,11 @@ func (b *Backend) Embed(out, table compute.Tensor, cb compute.Batch) error {
 	if r, c := rows(o); r != len(toks) || c != hidden {
 		return fmt.Errorf("%w: embed out %v for %d tokens of width %d", compute.ErrShape, o.shape, len(toks), hidden)
 	}
-	for _, id := range toks {
-		if int(id) < 0 || int(id) >= vocab {
-			return fmt.Errorf("%w: token id %d outside vocabulary of %d", compute.ErrShape, id, vocab)
-		}
+	if err := checkTokens(toks, vocab); err != nil {
+		return err
 	}
+	b.noteVocab(vocab)
+	o.halfOK = false
 	if !fits32(len(toks), hidden) {
 		return fmt.Errorf("%w: embed of %d tokens of width %d", compute.ErrShape, len(toks), hidden)
 	}
@@ -52,21 +52,47 @@ func (b *Backend) RMSNorm(out, x, weight compute.Tensor, eps float32) error {
 	if o.n != xt.n || w.n != d || d == 0 || !fits32(n, d) {
 		return fmt.Errorf("%w: rmsnorm out %v x %v weight %v", compute.ErrShape, o.shape, xt.shape, w.shape)
 	}
+	if b.wdt == BF16 {
+		h, err := b.halfOf(o)
+		if err != nil {
+			return err
+		}
+		o.halfOK = true
+		return b.lib.check("rmsnorm", b.lib.rmsNormBF16(o.ptr(), h, xt.ptr(), w.ptr(), int32(n), int32(d), eps, b.stream.handle()))
+	}
+	o.halfOK = false
 	return b.lib.check("rmsnorm", b.lib.rmsNorm(o.ptr(), xt.ptr(), w.ptr(), int32(n), int32(d), eps, b.stream.handle()))
 }
 
-// matmul queues out [t, n] = x [t, k] W^T, rounding x to the weight dtype first when it is bf16.
-func (b *Backend) matmul(o *Tensor, x uintptr, w *Tensor, t, n, k int) error {
+// halfOf returns the device address of t's bf16 copy, allocating it on first use.
+func (b *Backend) halfOf(t *Tensor) (uintptr, error) {
+	if t.half == nil {
+		h, err := b.scratch(2 * int64(t.n))
+		if err != nil {
+			return 0, err
+		}
+		t.half = h
+	}
+	return t.half.ptr, nil
+}
+
+// matmul queues out [t, n] = x [t, k] W^T, rounding x to the weight dtype first when it is bf16
+// (xHalf, when not 0, is x already rounded).
+func (b *Backend) matmul(o *Tensor, x, xHalf uintptr, w *Tensor, t, n, k int) error {
 	if err := b.asWeight(w); err != nil {
 		return err
 	}
 	if !fits32(t, n, k) {
 		return fmt.Errorf("%w: matmul of %dx%d by %dx%d", compute.ErrShape, t, k, n, k)
 	}
+	o.halfOK = false
+	if w.dtype == BF16 && xHalf != 0 {
+		return b.lib.check("gemm", b.lib.gemm(b.blas, int32(BF16), o.ptr(), xHalf, w.ptr(), int32(t), int32(n), int32(k)))
+	}
 	if w.dtype == F32 {
 		return b.lib.check("gemm", b.lib.gemm(b.blas, int32(F32), o.ptr(), x, w.ptr(), int32(t), int32(n), int32(k)))
 	}
-	xb, err := b.alloc(2 * int64(t) * int64(k))
+	xb, err := b.scratch(2 * int64(t) * int64(k))
 	if err != nil {
 		return err
 	}
@@ -96,7 +122,11 @@ func (b *Backend) MatMul(out, x, w compute.Tensor) error {
 	if o.buf.ptr == xt.buf.ptr && o.n > 0 {
 		return fmt.Errorf("%w: matmul output aliases its input", compute.ErrShape)
 	}
-	return b.matmul(o, xt.ptr(), wt, t, n, k)
+	var xHalf uintptr
+	if xt.halfOK {
+		xHalf = xt.half.ptr
+	}
+	return b.matmul(o, xt.ptr(), xHalf, wt, t, n, k)
 }
 
 // MatMulRows implements compute.Backend: the batch's logit rows are gathered, then multiplied.
@@ -123,7 +153,7 @@ func (b *Backend) MatMulRows(out, x, w compute.Tensor, cb compute.Batch) error {
 	if r == 0 {
 		return nil
 	}
-	g, err := b.alloc(4 * int64(r) * int64(k))
+	g, err := b.scratch(4 * int64(r) * int64(k))
 	if err != nil {
 		return err
 	}
@@ -131,7 +161,7 @@ func (b *Backend) MatMulRows(out, x, w compute.Tensor, cb compute.Batch) error {
 	if err := b.lib.check("gather rows", b.lib.gatherRows(int32(F32), g.ptr, xt.ptr(), bt.logitRows, int32(r), int32(k), b.stream.handle())); err != nil {
 		return err
 	}
-	return b.matmul(o, g.ptr, wt, r, n, k)
+	return b.matmul(o, g.ptr, 0, wt, r, n, k)
 }
 
 // Add implements compute.Backend.
@@ -144,6 +174,7 @@ func (b *Backend) Add(out, a, bt compute.Tensor) error {
 	if o.n != x.n || x.n != y.n {
 		return fmt.Errorf("%w: add %v + %v -> %v", compute.ErrShape, x.shape, y.shape, o.shape)
 	}
+	o.halfOK = false
 	return b.lib.check("add", b.lib.add(o.ptr(), x.ptr(), y.ptr(), uintptr(o.n), b.stream.handle()))
 }
 
@@ -157,6 +188,15 @@ func (b *Backend) SiLUMul(out, gate, up compute.Tensor) error {
 	if o.n != g.n || g.n != u.n {
 		return fmt.Errorf("%w: silu-mul %v * %v -> %v", compute.ErrShape, g.shape, u.shape, o.shape)
 	}
+	if b.wdt == BF16 {
+		h, err := b.halfOf(o)
+		if err != nil {
+			return err
+		}
+		o.halfOK = true
+		return b.lib.check("silu mul", b.lib.siluMulBF16(o.ptr(), h, g.ptr(), u.ptr(), uintptr(o.n), b.stream.handle()))
+	}
+	o.halfOK = false
 	return b.lib.check("silu mul", b.lib.siluMul(o.ptr(), g.ptr(), u.ptr(), uintptr(o.n), b.stream.handle()))
 }
 
@@ -177,6 +217,9 @@ func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, 
 		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions, %d frequencies", compute.ErrShape, xt.shape, heads, headDim, len(bt.m.Positions), len(invFreq))
 	}
 	if !slices.Equal(b.invFreqHost, invFreq) || b.invFreqDev == nil {
+		if b.isCapturing() {
+			return errNotCapturable
+		}
 		if b.invFreqDev != nil {
 			b.release(b.invFreqDev)
 			b.invFreqDev = nil
@@ -191,6 +234,7 @@ func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, 
 		}
 		b.invFreqDev, b.invFreqHost = buf, slices.Clone(invFreq)
 	}
+	xt.halfOK = false
 	return b.lib.check("rope", b.lib.rope(xt.ptr(), int32(n), int32(heads), int32(headDim), b.invFreqDev.ptr, bt.positions, b.stream.handle()))
 }
 
@@ -253,24 +297,23 @@ func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, 
 	if err := bt.checkTables(c); err != nil {
 		return err
 	}
+	b.noteCache(c)
 	if n == 0 {
 		return nil
 	}
+	o.halfOK = false
 	kc, vc := c.layer(layer)
 	st := b.stream.handle()
 	if err := b.lib.check("kv write", b.lib.kvWrite(kc, vc, kt.ptr(), vt.ptr(), int32(n), int32(kvw), bt.positions, bt.seqIndex,
 		bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
 		return err
 	}
-	// The longest context of the batch lets the kernel split it across blocks (flash-decoding); the
-	// workspace holds the splits' partial results until they are merged.
-	maxCtx := int32(0)
-	for _, p := range bt.m.Positions {
-		maxCtx = max(maxCtx, p+1)
-	}
+	// The longest context of the batch (rounded up, see PrepareBatch) lets the kernel split it across
+	// blocks (flash-decoding); the workspace holds the splits' partial results until they are merged.
+	maxCtx := int32(bt.maxCtx)
 	var ws *Buffer
 	if wsb := b.lib.attentionWorkspace(int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim), maxCtx); wsb > 0 {
-		if ws, err = b.alloc(int64(wsb)); err != nil {
+		if ws, err = b.scratch(int64(wsb)); err != nil {
 			return err
 		}
 		defer b.release(ws)
@@ -327,10 +370,11 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb comp
 		}
 	}
 	st := bt.tables[layer][m]
+	yt.halfOK = false
 	if !fits32(n, in, out) || in == 0 || out == 0 {
 		return fmt.Errorf("%w: sgmv of %d tokens %d -> %d", compute.ErrShape, n, in, out)
 	}
-	v, err := b.alloc(4 * int64(n) * int64(st.maxRank))
+	v, err := b.scratch(4 * int64(n) * int64(st.maxRank))
 	if err != nil {
 		return err
 	}

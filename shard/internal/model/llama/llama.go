@@ -29,6 +29,8 @@ type Model struct {
 	lmHead  compute.Tensor
 	layers  []layer
 	owned   []compute.Tensor
+	// graphs replays recorded steps on backends that can (CUDA graphs); nil elsewhere.
+	graphs compute.StepGraphs
 }
 
 var _ model.Model = (*Model)(nil)
@@ -76,6 +78,9 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 		info.BOS = bos[0]
 	}
 	m = &Model{be: be, cfg: cfg, info: info, invFreq: inv, layers: make([]layer, cfg.NumHiddenLayers)}
+	if g, ok := be.(compute.StepGrapher); ok {
+		m.graphs = g.NewStepGraphs()
+	}
 	defer func() {
 		if err != nil {
 			m.Close()
@@ -154,6 +159,9 @@ func (m *Model) Info() model.Info { return m.info }
 
 // Close implements model.Model.
 func (m *Model) Close() {
+	if m.graphs != nil {
+		m.graphs.Close()
+	}
 	for _, t := range m.owned {
 		m.be.Free(t)
 	}
@@ -191,8 +199,24 @@ func (m *Model) alloc(t int) (*scratch, func(), error) {
 	return s, free, nil
 }
 
-// Forward implements model.Model.
+// Forward implements model.Model. On a backend with step graphs, steps of a shape seen before replay
+// a recording of this same computation.
 func (m *Model) Forward(b compute.Batch, cache compute.KVCache) (compute.Tensor, error) {
+	if m.graphs != nil {
+		return m.graphs.Run(b, cache, func() (compute.Tensor, error) { return m.forward(b, cache) })
+	}
+	return m.forward(b, cache)
+}
+
+// GraphStats reports how the model's steps ran (zero without step graphs).
+func (m *Model) GraphStats() compute.GraphStats {
+	if m.graphs == nil {
+		return compute.GraphStats{}
+	}
+	return m.graphs.Stats()
+}
+
+func (m *Model) forward(b compute.Batch, cache compute.KVCache) (compute.Tensor, error) {
 	meta := b.Meta()
 	t := len(meta.Tokens)
 	if t == 0 {
