@@ -98,6 +98,25 @@ __global__ void silu_mul_kernel(float *out, __nv_bfloat16 *ob, const float *g, c
   }
 }
 
+// Grid (rows, column chunks of 256): copies row r's columns into the part they fall in.
+__global__ void split_cols_kernel(const float *p, int ldp, float *o0, int n0, float *o1, int n1, float *o2, int n2) {
+  const int r = blockIdx.x;
+  int c = blockIdx.y * blockDim.x + threadIdx.x;
+  if (c >= n0 + n1 + n2) return;
+  const float v = p[static_cast<size_t>(r) * ldp + c];
+  if (c < n0) {
+    o0[static_cast<size_t>(r) * n0 + c] = v;
+    return;
+  }
+  c -= n0;
+  if (c < n1) {
+    o1[static_cast<size_t>(r) * n1 + c] = v;
+    return;
+  }
+  c -= n1;
+  o2[static_cast<size_t>(r) * n2 + c] = v;
+}
+
 __global__ void f32_to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
@@ -128,13 +147,30 @@ __global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, 
   }
 }
 
+inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 __device__ __forceinline__ size_t slot(const int32_t *table, int j, int bs) {
   return static_cast<size_t>(table[j / bs]) * bs + j % bs;
 }
 
+// Grid (tokens, column chunks): each thread moves one 16-byte vector of k and of v (kvw % 4 == 0 and
+// 16-byte aligned rows; kv_write_scalar_kernel otherwise).
 __global__ void kv_write_kernel(float *kc, float *vc, const float *k, const float *v, int kvw,
                                 const int32_t *positions, const int32_t *seq_index, const int32_t *bt,
                                 const int32_t *bt_off, int bs) {
+  const int t = blockIdx.x;
+  const int i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (4 * i >= kvw) return;
+  const int32_t *table = bt + bt_off[seq_index[t]];
+  const size_t off = slot(table, positions[t], bs) * kvw;
+  const size_t src = static_cast<size_t>(t) * kvw;
+  reinterpret_cast<float4 *>(kc + off)[i] = reinterpret_cast<const float4 *>(k + src)[i];
+  reinterpret_cast<float4 *>(vc + off)[i] = reinterpret_cast<const float4 *>(v + src)[i];
+}
+
+__global__ void kv_write_scalar_kernel(float *kc, float *vc, const float *k, const float *v, int kvw,
+                                       const int32_t *positions, const int32_t *seq_index, const int32_t *bt,
+                                       const int32_t *bt_off, int bs) {
   const int t = blockIdx.x;
   const int32_t *table = bt + bt_off[seq_index[t]];
   const size_t off = slot(table, positions[t], bs) * kvw;
@@ -541,6 +577,37 @@ int lp_gemm(lp_blas blas, int dtype, float *out, const void *x, const void *w, i
                                 out, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n, int k,
+               int accumulate) {
+  if (blas == nullptr || tokens < 0 || n < 0 || k < 0 || ldo < n) return LP_ERR_INVALID;
+  cudaDataType_t ab;
+  switch (dtype) {
+    case LP_DTYPE_F32:
+      ab = CUDA_R_32F;
+      break;
+    case LP_DTYPE_BF16:
+      ab = CUDA_R_16BF;
+      break;
+    default:
+      return LP_ERR_UNSUPPORTED;
+  }
+  if (tokens == 0 || n == 0) return LP_OK;
+  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+  return blas_code(cublasGemmEx(blas->h, CUBLAS_OP_T, CUBLAS_OP_N, n, tokens, k, &alpha, w, ab, k, x, ab, k, &beta,
+                                out, CUDA_R_32F, ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2, int n2,
+                  lp_stream stream) {
+  if (p == nullptr || rows < 0 || n0 < 0 || n1 < 0 || n2 < 0 || n0 + n1 + n2 > ldp) return LP_ERR_INVALID;
+  if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
+  const int total = n0 + n1 + n2;
+  if (rows == 0 || total == 0) return LP_OK;
+  const dim3 grid(rows, (total + 255) / 256);
+  split_cols_kernel<<<grid, 256, 0, cs(stream)>>>(p, ldp, out0, n0, out1, n1, out2, n2);
+  return launched();
+}
+
 int lp_convert(int dst_dtype, void *dst, int src_dtype, const void *src, size_t n, lp_stream stream) {
   if (n == 0) return LP_OK;
   if (dst == nullptr || src == nullptr) return LP_ERR_INVALID;
@@ -620,8 +687,15 @@ int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, 
                 const int32_t *table_offsets, int block_size, lp_stream stream) {
   if (tokens < 0 || kv_width <= 0 || block_size <= 0) return LP_ERR_INVALID;
   if (tokens == 0) return LP_OK;
-  kv_write_kernel<<<tokens, 128, 0, cs(stream)>>>(k_cache, v_cache, k, v, kv_width, positions, seq_index,
+  const bool vec = kv_width % 4 == 0 && aligned16(k_cache) && aligned16(v_cache) && aligned16(k) && aligned16(v);
+  if (vec) {
+    const dim3 grid(tokens, (kv_width / 4 + 127) / 128);
+    kv_write_kernel<<<grid, 128, 0, cs(stream)>>>(k_cache, v_cache, k, v, kv_width, positions, seq_index,
                                                   block_tables, table_offsets, block_size);
+  } else {
+    kv_write_scalar_kernel<<<tokens, 128, 0, cs(stream)>>>(k_cache, v_cache, k, v, kv_width, positions, seq_index,
+                                                           block_tables, table_offsets, block_size);
+  }
   return launched();
 }
 

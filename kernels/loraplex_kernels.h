@@ -202,6 +202,17 @@ LP_API int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const floa
                               const void *const *b_ptrs, const int32_t *ranks, const float *scales,
                               const int32_t *tok_seg, int tokens, int max_rank, lp_stream stream);
 
+/* ABI 4: lp_gemm with a leading dimension for out (ldo >= n: out may be a column range of a wider
+ * matrix) and, when accumulate is non-zero, out += x W^T (cuBLAS beta = 1) instead of out = x W^T. */
+LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,
+                      int k, int accumulate);
+
+/* ABI 4: splits the columns of p float32 [rows, ldp] into up to three parts, in order:
+ * out0 [rows, n0] = p[:, 0:n0], out1 [rows, n1] = p[:, n0:n0+n1], out2 [rows, n2] = the next n2
+ * (n0 + n1 + n2 <= ldp; a part of width 0 is skipped). Unpacks a fused q/k/v or gate/up GEMM. */
+LP_API int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2,
+                         int n2, lp_stream stream);
+
 /* ABI 4: RMSNorm and SiLU-and-multiply that also write their result rounded to bf16 into out_bf16
  * (same shape), the input of the bf16 GEMM that follows, saving a conversion pass per GEMM. */
 LP_API int lp_rmsnorm_bf16(float *out, void *out_bf16, const float *x, const float *w, int rows, int d, float eps,
@@ -222,6 +233,9 @@ LP_API int lp_host_free(void *ptr);
 LP_API int lp_stream_wait_event(lp_stream stream, lp_event event);
 /* An event without timing, cheaper to record and wait on (cudaEventDisableTiming). */
 LP_API int lp_event_create_sync(lp_event *event);
+/* *done = 1 when the work before event's most recent record has completed (or it was never
+ * recorded), else 0; never waits (cudaEventQuery). */
+LP_API int lp_event_query(lp_event event, int *done);
 
 /*
  * ABI 4: sampling on the device, so logits never cross to the host. One call samples `rows` rows of

@@ -206,4 +206,15 @@ int lp_event_create_sync(lp_event *event) {
   return code(err);
 }
 
+int lp_event_query(lp_event event, int *done) {
+  if (event == nullptr || done == nullptr) return LP_ERR_INVALID;
+  cudaError_t e = cudaEventQuery(ce(event));
+  *done = e == cudaSuccess;
+  if (e == cudaErrorNotReady) {
+    cudaGetLastError();  // not an error: keep it from surfacing in a later launch check
+    return LP_OK;
+  }
+  return code(e);
+}
+
 }  // extern "C"

@@ -214,9 +214,12 @@ type Backend interface {
 	// Free releases a tensor's memory; the handle must not be used again.
 	Free(t Tensor)
 
-	// UploadAdapter copies an adapter's weights into backend memory.
+	// UploadAdapter copies an adapter's weights into backend memory; the adapter is ready for any
+	// call made after it returns. Unlike the other calls, UploadAdapter and FreeAdapter may be called
+	// from other goroutines (the adapter cache's loaders) concurrently with each other and with the
+	// step's calls.
 	UploadAdapter(w *AdapterWeights) (Adapter, error)
-	// FreeAdapter releases an adapter's memory.
+	// FreeAdapter releases an adapter's memory; calls already made that read it are unaffected.
 	FreeAdapter(a Adapter)
 	// NewKVCache allocates a paged KV cache.
 	NewKVCache(s KVShape) (KVCache, error)

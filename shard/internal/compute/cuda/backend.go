@@ -20,15 +20,19 @@ import (
 // stored in WeightDType and applied to float32 activations with float32 accumulation. With
 // WeightDType F32 every operation is float32 and the backend tracks the CPU backend to rounding.
 //
-// All work is queued on one stream in call order; calls that return data to the host (ToHost) or
-// take data from it (FromHost, UploadAdapter, PrepareBatch) wait for it. Device memory is recycled
-// through a pool of freed buffers of equal size, so a steady decode loop allocates nothing.
+// All work is queued on one stream in call order, except adapter uploads: UploadAdapter, which may
+// run concurrently with the step's calls, copies from pinned staging memory on a stream of its own
+// (upload.go) so that the copy and the step's kernels overlap. Calls that return data to the host
+// (ToHost) or take data from it (FromHost, UploadAdapter, PrepareBatch) wait for it. Device memory
+// is recycled through a pool of freed buffers of equal size, so a steady decode loop allocates
+// nothing.
 type Backend struct {
 	lib    *Lib
 	stream *Stream
 	blas   uintptr
 	wdt    DType
 	budget int64
+	up     *uploader // adapter uploads (upload.go): their stream, pinned staging buffers, events
 
 	// invFreq caches RoPE's inverse frequencies on the device (the model passes the same slice).
 	invFreqHost []float32
@@ -46,6 +50,7 @@ type Backend struct {
 	// stream meanwhile (an upload's event) would join the recording.
 	captureMu sync.Mutex
 	noGraphs  bool
+	noFusion  bool
 }
 
 var _ compute.Backend = (*Backend)(nil)
@@ -60,9 +65,14 @@ type Options struct {
 	MemoryBudget int64
 	// WeightDType is the storage of matrix and LoRA weights: BF16 (default) or F32.
 	WeightDType DType
+	// StagingBytes bounds the pinned host memory that stages adapter uploads (0:
+	// DefaultStagingBytes; at least 1 MiB otherwise).
+	StagingBytes int64
 	// NoStepGraphs turns off recording forward steps into CUDA graphs (graph.go): every step is
 	// enqueued op by op.
 	NoStepGraphs bool
+	// NoFusion turns off the fused projections (fused.go): every projection is its own GEMM.
+	NoFusion bool
 }
 
 // New opens the kernels library and returns a backend on the chosen device. It fails with
@@ -87,6 +97,12 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 	if o.MemoryBudget < 0 {
 		return nil, fmt.Errorf("cuda: negative memory budget %d", o.MemoryBudget)
 	}
+	switch {
+	case o.StagingBytes == 0:
+		o.StagingBytes = DefaultStagingBytes
+	case o.StagingBytes < minStagingBytes:
+		return nil, fmt.Errorf("cuda: upload staging of %d bytes: want 0 (the default) or at least %d", o.StagingBytes, minStagingBytes)
+	}
 	if err := lib.SetDevice(o.Device); err != nil {
 		return nil, err
 	}
@@ -94,21 +110,28 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs}
+	up, err := newUploader(lib, o.StagingBytes)
+	if err != nil {
+		_ = s.Close()
+		return nil, err
+	}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion}
+	b.up = up
 	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
+		_ = up.close()
 		_ = s.Close()
 		return nil, err
 	}
 	return b, nil
 }
 
-// Close releases the backend's stream, cuBLAS handle and pooled memory; tensors, adapters and caches
-// should be freed first.
+// Close releases the backend's streams, cuBLAS handle, pooled memory and upload staging memory;
+// tensors, adapters and caches should be freed first, and no upload may be running.
 func (b *Backend) Close() error {
 	if b.blas == 0 {
 		return nil
 	}
-	errs := []error{b.lib.Sync(b.stream), b.lib.check("blas destroy", b.lib.blasDestroy(b.blas))}
+	errs := []error{b.lib.Sync(b.stream), b.lib.check("blas destroy", b.lib.blasDestroy(b.blas)), b.up.close()}
 	b.blas = 0
 	if b.invFreqDev != nil {
 		b.release(b.invFreqDev)
@@ -434,10 +457,12 @@ type adapter struct {
 
 func (a *adapter) Bytes() int64 { return a.bytes }
 
-// UploadAdapter implements compute.Backend.
+// UploadAdapter implements compute.Backend. It may run concurrently with the step's calls: it copies
+// on its own stream and waits only for its own copies (upload.go).
 func (b *Backend) UploadAdapter(w *compute.AdapterWeights) (compute.Adapter, error) {
 	es := b.wdt.Size()
 	a := &adapter{layers: make([][compute.NumModules]*adapterProj, len(w.Layers))}
+	im := &adapterImage{dt: b.wdt} // the buffer's bytes: the weights, converted as they are staged
 	var size int64
 	for l, mods := range w.Layers {
 		for m, lw := range mods {
@@ -456,32 +481,12 @@ func (b *Backend) UploadAdapter(w *compute.AdapterWeights) (compute.Adapter, err
 			p.bOff = size
 			size = (size + int64(len(lw.B))*es + 15) &^ 15
 			a.layers[l][m] = p
+			im.parts = append(im.parts, imagePart{p.aOff, lw.A}, imagePart{p.bOff, lw.B})
 		}
 	}
-	host := make([]byte, size)
-	put := func(off int64, vals []float32) {
-		for i, v := range vals {
-			if b.wdt == F32 {
-				binary.LittleEndian.PutUint32(host[off+4*int64(i):], math.Float32bits(v))
-			} else {
-				binary.LittleEndian.PutUint16(host[off+2*int64(i):], BF16FromFloat32(v))
-			}
-		}
-	}
-	for l, mods := range w.Layers {
-		for m, lw := range mods {
-			if p := a.layers[l][m]; p != nil {
-				put(p.aOff, lw.A)
-				put(p.bOff, lw.B)
-			}
-		}
-	}
-	buf, err := b.alloc(size)
+	im.size = size
+	buf, err := b.upload(im)
 	if err != nil {
-		return nil, err
-	}
-	if err := CopyIn(buf, 0, host, b.stream); err != nil {
-		b.release(buf)
 		return nil, err
 	}
 	a.buf, a.bytes = buf, buf.size

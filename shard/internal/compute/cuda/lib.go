@@ -130,6 +130,8 @@ type Lib struct {
 		tokens, maxRank int32, s uintptr) int32
 
 	// ABI 4: pinned host memory, cross-stream ordering, sampling on the device.
+	gemmEx          func(h uintptr, dt int32, out uintptr, ldo int32, x, w uintptr, tokens, n, k, acc int32) int32
+	splitCols       func(p uintptr, rows, ldp int32, o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, s uintptr) int32
 	rmsNormBF16     func(out, outBF16, x, w uintptr, rows, d int32, eps float32, s uintptr) int32
 	siluMulBF16     func(out, outBF16, gate, up uintptr, n uintptr, s uintptr) int32
 	hostAlloc       func(p *uintptr, n uintptr) int32
@@ -138,6 +140,7 @@ type Lib struct {
 	eventCreateSync func(e *uintptr) int32
 	sampleWorkspace func(rows, vocab int32) uintptr
 	sample          func(logits uintptr, rows, vocab int32, params, seen, results, ws, wsBytes uintptr, s uintptr) int32
+	eventQuery      func(e uintptr, done *int32) int32
 }
 
 // Open loads the library at path (see LibraryPath), checks its ABI version and that a CUDA device is
@@ -198,6 +201,8 @@ func Open(path string) (*Lib, error) {
 		{&l.attentionWorkspace, "lp_attention_workspace"},
 		{&l.sgmvShrinkF32, "lp_sgmv_shrink_f32"},
 		{&l.sgmvExpandF32, "lp_sgmv_expand_f32"},
+		{&l.gemmEx, "lp_gemm_ex"},
+		{&l.splitCols, "lp_split_cols"},
 		{&l.rmsNormBF16, "lp_rmsnorm_bf16"},
 		{&l.siluMulBF16, "lp_silu_mul_bf16"},
 		{&l.hostAlloc, "lp_host_alloc"},
@@ -206,6 +211,7 @@ func Open(path string) (*Lib, error) {
 		{&l.eventCreateSync, "lp_event_create_sync"},
 		{&l.sampleWorkspace, "lp_sample_workspace"},
 		{&l.sample, "lp_sample"},
+		{&l.eventQuery, "lp_event_query"},
 	}
 	// The version first: a library of another ABI may lack (or redefine) the other symbols.
 	if sym, err := purego.Dlsym(h, "lp_abi_version"); err != nil {

@@ -217,3 +217,77 @@ func (g *Graph) Close() error {
 	g.h = 0
 	return err
 }
+
+// HostBuffer is page-locked (pinned) host memory. Copies from it to the device are truly
+// asynchronous, so it must not be written while a copy from it is queued.
+type HostBuffer struct {
+	lib  *Lib
+	p    unsafe.Pointer
+	size int64
+}
+
+// HostAlloc pins n bytes of host memory (contents undefined).
+func (l *Lib) HostAlloc(n int64) (*HostBuffer, error) {
+	if n <= 0 {
+		return nil, fmt.Errorf("cuda: pinned allocation of %d bytes", n)
+	}
+	var p unsafe.Pointer
+	if err := l.check(fmt.Sprintf("host alloc %d bytes", n), l.hostAlloc((*uintptr)(unsafe.Pointer(&p)), uintptr(n))); err != nil {
+		return nil, err
+	}
+	return &HostBuffer{lib: l, p: p, size: n}, nil
+}
+
+// Bytes is the buffer's memory; it must not be used after Free.
+func (h *HostBuffer) Bytes() []byte { return unsafe.Slice((*byte)(h.p), h.size) }
+
+// Size is the buffer's length in bytes.
+func (h *HostBuffer) Size() int64 { return h.size }
+
+// Free unpins and releases the memory (cudaFreeHost waits for the device).
+func (h *HostBuffer) Free() error {
+	if h.p == nil {
+		return ErrClosed
+	}
+	err := h.lib.check("host free", h.lib.hostFree(uintptr(h.p)))
+	h.p, h.size = nil, 0
+	return err
+}
+
+// CopyInAsync queues a copy of n bytes from src at srcOff to dst at dstOff on stream s and returns
+// at once: src's bytes must stay unchanged until the copy completes (record an event after it).
+func (l *Lib) CopyInAsync(dst *Buffer, dstOff int64, src *HostBuffer, srcOff, n int64, s *Stream) error {
+	if dst == nil || dst.ptr == 0 && dst.size != 0 || src == nil || src.p == nil {
+		return ErrClosed
+	}
+	if dstOff < 0 || srcOff < 0 || n < 0 || dstOff+n > dst.size || srcOff+n > src.size {
+		return fmt.Errorf("cuda: copy of %d bytes from offset %d of a %d-byte host buffer to offset %d of a %d-byte buffer", n, srcOff, src.size, dstOff, dst.size)
+	}
+	return l.check("memcpy h2d", l.memcpyH2D(dst.ptr+uintptr(dstOff), unsafe.Add(src.p, srcOff), uintptr(n), s.handle()))
+}
+
+// NewSyncEvent creates an event for ordering and completion only: no timing, cheaper to record and
+// to wait on.
+func (l *Lib) NewSyncEvent() (*Event, error) {
+	var h uintptr
+	if err := l.check("event create", l.eventCreateSync(&h)); err != nil {
+		return nil, err
+	}
+	return &Event{lib: l, h: h}, nil
+}
+
+// WaitEvent makes the work queued on s after this call wait until e's most recent record completes;
+// e may be recorded again as soon as it returns.
+func (l *Lib) WaitEvent(s *Stream, e *Event) error {
+	return l.check("stream wait event", l.streamWaitEvent(s.handle(), e.h))
+}
+
+// Done reports, without waiting, whether the work before e's most recent record has completed (true
+// for an event never recorded).
+func (e *Event) Done() (bool, error) {
+	var done int32
+	if err := e.lib.check("event query", e.lib.eventQuery(e.h, &done)); err != nil {
+		return false, err
+	}
+	return done != 0, nil
+}

@@ -79,18 +79,30 @@ func (b *Backend) halfOf(t *Tensor) (uintptr, error) {
 // matmul queues out [t, n] = x [t, k] W^T, rounding x to the weight dtype first when it is bf16
 // (xHalf, when not 0, is x already rounded).
 func (b *Backend) matmul(o *Tensor, x, xHalf uintptr, w *Tensor, t, n, k int) error {
+	o.halfOK = false
+	return b.matmulTo(o.ptr(), n, false, x, xHalf, w, t, n, k)
+}
+
+// matmulTo queues out [t, n] (row stride ldo) = x W^T, or += with acc.
+func (b *Backend) matmulTo(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *Tensor, t, n, k int) error {
 	if err := b.asWeight(w); err != nil {
 		return err
 	}
-	if !fits32(t, n, k) {
+	if !fits32(t, n, k, ldo) {
 		return fmt.Errorf("%w: matmul of %dx%d by %dx%d", compute.ErrShape, t, k, n, k)
 	}
-	o.halfOK = false
-	if w.dtype == BF16 && xHalf != 0 {
-		return b.lib.check("gemm", b.lib.gemm(b.blas, int32(BF16), o.ptr(), xHalf, w.ptr(), int32(t), int32(n), int32(k)))
+	a := int32(0)
+	if acc {
+		a = 1
+	}
+	gemm := func(dt DType, x uintptr) error {
+		return b.lib.check("gemm", b.lib.gemmEx(b.blas, int32(dt), out, int32(ldo), x, w.ptr(), int32(t), int32(n), int32(k), a))
 	}
 	if w.dtype == F32 {
-		return b.lib.check("gemm", b.lib.gemm(b.blas, int32(F32), o.ptr(), x, w.ptr(), int32(t), int32(n), int32(k)))
+		return gemm(F32, x)
+	}
+	if xHalf != 0 {
+		return gemm(BF16, xHalf)
 	}
 	xb, err := b.scratch(2 * int64(t) * int64(k))
 	if err != nil {
@@ -100,7 +112,7 @@ func (b *Backend) matmul(o *Tensor, x, xHalf uintptr, w *Tensor, t, n, k int) er
 	if err := b.lib.check("convert activations", b.lib.convert(int32(BF16), xb.ptr, int32(F32), x, uintptr(t*k), b.stream.handle())); err != nil {
 		return err
 	}
-	return b.lib.check("gemm", b.lib.gemm(b.blas, int32(w.dtype), o.ptr(), xb.ptr, w.ptr(), int32(t), int32(n), int32(k)))
+	return gemm(BF16, xb.ptr)
 }
 
 // MatMul implements compute.Backend.

@@ -16,6 +16,9 @@ import (
 type layer struct {
 	inNorm, postNorm compute.Tensor
 	proj             [compute.NumModules]compute.Tensor
+	// With a fusing backend: q, k, v packed into qkv and gate, up into gateUp (their proj entries
+	// are then nil).
+	qkv, gateUp compute.Tensor
 }
 
 // Model is a loaded Llama-family model.
@@ -31,6 +34,8 @@ type Model struct {
 	owned   []compute.Tensor
 	// graphs replays recorded steps on backends that can (CUDA graphs); nil elsewhere.
 	graphs compute.StepGraphs
+	// fuse runs the fused projections on backends that have them; nil elsewhere.
+	fuse compute.Fuser
 }
 
 var _ model.Model = (*Model)(nil)
@@ -139,7 +144,54 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 			}
 		}
 	}
+	if f, ok := be.(compute.Fuser); ok && f.Fuses() {
+		if err := m.pack(f); err != nil {
+			return nil, err
+		}
+	}
 	return m, nil
+}
+
+// pack concatenates each layer's q/k/v and gate/up weights for the fused projections.
+func (m *Model) pack(f compute.Fuser) error {
+	take := func(ly *layer, mods ...compute.Module) (compute.Tensor, error) {
+		ws := make([]compute.Tensor, len(mods))
+		for i, mod := range mods {
+			ws[i] = ly.proj[mod]
+		}
+		p, err := f.PackRows(ws...)
+		if err != nil {
+			return nil, err
+		}
+		for _, mod := range mods {
+			m.disown(ly.proj[mod])
+			ly.proj[mod] = nil
+		}
+		m.owned = append(m.owned, p)
+		return p, nil
+	}
+	for l := range m.layers {
+		ly := &m.layers[l]
+		var err error
+		if ly.qkv, err = take(ly, compute.ModQ, compute.ModK, compute.ModV); err != nil {
+			return err
+		}
+		if ly.gateUp, err = take(ly, compute.ModGate, compute.ModUp); err != nil {
+			return err
+		}
+	}
+	m.fuse = f
+	return nil
+}
+
+// disown forgets a tensor the backend freed (packed into another).
+func (m *Model) disown(t compute.Tensor) {
+	for i, o := range m.owned {
+		if o == t {
+			m.owned = append(m.owned[:i], m.owned[i+1:]...)
+			return
+		}
+	}
 }
 
 func equalShape(a, b []int) bool {
@@ -240,7 +292,15 @@ func (m *Model) forward(b compute.Batch, cache compute.KVCache) (compute.Tensor,
 	if err := be.Embed(s.x, m.embed, b); err != nil {
 		return nil, err
 	}
+	if m.fuse != nil {
+		if err := m.fusedLayers(b, cache, s, eps, scale); err != nil {
+			return nil, err
+		}
+	}
 	for l := range m.layers {
+		if m.fuse != nil {
+			break
+		}
 		ly := &m.layers[l]
 		steps := []func() error{
 			func() error { return be.RMSNorm(s.h, s.x, ly.inNorm, eps) },
@@ -277,4 +337,35 @@ func (m *Model) forward(b compute.Batch, cache compute.KVCache) (compute.Tensor,
 		return nil, err
 	}
 	return logits, nil
+}
+
+// fusedLayers runs the decoder layers with the backend's fused projections: the same computation as
+// the steps in forward, in fewer operations.
+func (m *Model) fusedLayers(b compute.Batch, cache compute.KVCache, s *scratch, eps, scale float32) error {
+	be, f, i := m.be, m.fuse, m.info
+	for l := range m.layers {
+		ly := &m.layers[l]
+		steps := []func() error{
+			func() error { return be.RMSNorm(s.h, s.x, ly.inNorm, eps) },
+			func() error {
+				return f.Project([]compute.Tensor{s.q, s.k, s.v}, s.h, ly.qkv, l, []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, b)
+			},
+			func() error { return be.RoPE(s.q, i.Heads, i.HeadDim, m.invFreq, b) },
+			func() error { return be.RoPE(s.k, i.KVHeads, i.HeadDim, m.invFreq, b) },
+			func() error { return be.Attention(s.attn, s.q, s.k, s.v, cache, l, scale, b) },
+			func() error { return f.ProjectAdd(s.x, s.attn, ly.proj[compute.ModO], l, compute.ModO, b) },
+			func() error { return be.RMSNorm(s.h, s.x, ly.postNorm, eps) },
+			func() error {
+				return f.Project([]compute.Tensor{s.gate, s.up}, s.h, ly.gateUp, l, []compute.Module{compute.ModGate, compute.ModUp}, b)
+			},
+			func() error { return be.SiLUMul(s.gate, s.gate, s.up) },
+			func() error { return f.ProjectAdd(s.x, s.gate, ly.proj[compute.ModDown], l, compute.ModDown, b) },
+		}
+		for _, st := range steps {
+			if err := st(); err != nil {
+				return fmt.Errorf("layer %d: %w", l, err)
+			}
+		}
+	}
+	return nil
 }

@@ -1,0 +1,147 @@
+package cuda
+
+import (
+	"fmt"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
+)
+
+// The fused projections of compute.Fuser: q/k/v and gate/up as one GEMM each over row-concatenated
+// weights (one weight stream, one launch, then lp_split_cols), and the o and down projections
+// accumulating into the residual stream in the GEMM (cuBLAS beta = 1) instead of a separate add.
+
+var _ compute.Fuser = (*Backend)(nil)
+
+// Fuses implements compute.Fuser.
+func (b *Backend) Fuses() bool { return !b.noFusion }
+
+// PackRows implements compute.Fuser. The parts must still be float32 (not yet used as weights).
+func (b *Backend) PackRows(ws ...compute.Tensor) (compute.Tensor, error) {
+	ts, err := tensors(ws...)
+	if err != nil {
+		return nil, err
+	}
+	if len(ts) == 0 {
+		return nil, fmt.Errorf("%w: pack of no weights", compute.ErrShape)
+	}
+	k, n := -1, 0
+	for _, t := range ts {
+		r, c := rows(t)
+		if len(t.shape) != 2 || t.dtype != F32 || (k >= 0 && c != k) {
+			return nil, fmt.Errorf("%w: pack of %v %v weight after width %d", compute.ErrShape, t.dtype, t.shape, k)
+		}
+		k, n = c, n+r
+	}
+	p, err := b.newTensor([]int{n, k}, false)
+	if err != nil {
+		return nil, err
+	}
+	off := uintptr(0)
+	for _, t := range ts {
+		sz := uintptr(4 * t.n)
+		if err := b.lib.check("pack weights", b.lib.memcpyD2D(p.ptr()+off, t.ptr(), sz, b.stream.handle())); err != nil {
+			b.Free(p)
+			return nil, err
+		}
+		off += sz
+	}
+	for _, w := range ws {
+		b.Free(w)
+	}
+	return p, nil
+}
+
+// Project implements compute.Fuser.
+func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int, mods []compute.Module, cb compute.Batch) error {
+	if len(outs) == 0 || len(outs) > 3 || len(mods) != len(outs) {
+		return fmt.Errorf("%w: projection into %d outputs for %d modules (1 to 3)", compute.ErrShape, len(outs), len(mods))
+	}
+	os, err := activations(outs...)
+	if err != nil {
+		return err
+	}
+	xs, err := activations(x)
+	if err != nil {
+		return err
+	}
+	ws, err := tensors(w)
+	if err != nil {
+		return err
+	}
+	xt, wt := xs[0], ws[0]
+	t, k := rows(xt)
+	n, wk := rows(wt)
+	widths := [3]int{}
+	sum := 0
+	for i, o := range os {
+		r, c := rows(o)
+		if r != t || o.buf.ptr == xt.buf.ptr {
+			return fmt.Errorf("%w: projection output %v for %d tokens (or aliasing the input)", compute.ErrShape, o.shape, t)
+		}
+		widths[i] = c
+		sum += c
+	}
+	if wk != k || sum != n || len(wt.shape) != 2 {
+		return fmt.Errorf("%w: projection %v x %v^T into widths %v", compute.ErrShape, xt.shape, wt.shape, widths[:len(os)])
+	}
+	var xHalf uintptr
+	if xt.halfOK {
+		xHalf = xt.half.ptr
+	}
+	if len(os) == 1 {
+		if err := b.matmul(os[0], xt.ptr(), xHalf, wt, t, n, k); err != nil {
+			return err
+		}
+	} else {
+		p, err := b.scratch(4 * int64(t) * int64(n))
+		if err != nil {
+			return err
+		}
+		defer b.release(p)
+		if err := b.matmulTo(p.ptr, n, false, xt.ptr(), xHalf, wt, t, n, k); err != nil {
+			return err
+		}
+		var ptr [3]uintptr
+		for i, o := range os {
+			ptr[i] = o.ptr()
+			o.halfOK = false
+		}
+		if err := b.lib.check("split columns", b.lib.splitCols(p.ptr, int32(t), int32(n), ptr[0], int32(widths[0]), ptr[1], int32(widths[1]),
+			ptr[2], int32(widths[2]), b.stream.handle())); err != nil {
+			return err
+		}
+	}
+	for i, o := range outs {
+		if err := b.SGMV(o, x, layer, mods[i], cb); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ProjectAdd implements compute.Fuser.
+func (b *Backend) ProjectAdd(out, x, w compute.Tensor, layer int, mod compute.Module, cb compute.Batch) error {
+	as, err := activations(out, x)
+	if err != nil {
+		return err
+	}
+	ws, err := tensors(w)
+	if err != nil {
+		return err
+	}
+	o, xt, wt := as[0], as[1], ws[0]
+	t, k := rows(xt)
+	n, wk := rows(wt)
+	if ot, on := rows(o); wk != k || ot != t || on != n || len(wt.shape) != 2 || o.buf.ptr == xt.buf.ptr {
+		return fmt.Errorf("%w: projection %v x %v^T added into %v", compute.ErrShape, xt.shape, wt.shape, o.shape)
+	}
+	var xHalf uintptr
+	if xt.halfOK {
+		xHalf = xt.half.ptr
+	}
+	o.halfOK = false
+	if err := b.matmulTo(o.ptr(), n, true, xt.ptr(), xHalf, wt, t, n, k); err != nil {
+		return err
+	}
+	return b.SGMV(out, x, layer, mod, cb)
+}

@@ -1,0 +1,106 @@
+package cuda
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
+	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
+)
+
+// TestFusedProjectionsMatchCPU checks Project (packed q/k/v and gate/up GEMMs, split, then LoRA) and
+// ProjectAdd (GEMM accumulating into the residual, then LoRA) against the CPU's MatMul, SGMV and Add.
+func TestFusedProjectionsMatchCPU(t *testing.T) {
+	for _, dt := range []DType{F32, BF16} {
+		t.Run(dt.String(), func(t *testing.T) {
+			p := &parity{t: t, g: newGPUBackend(t, Options{WeightDType: dt}), c: cpu.New(cpu.Options{}), dt: dt}
+			seed := rand.Uint64()
+			t.Logf("seed %d", seed)
+			testFused(p, rand.New(rand.NewPCG(seed, 11)))
+		})
+	}
+}
+
+func testFused(p *parity, r *rand.Rand) {
+	const tokens, hidden, kv, inter = 13, 64, 32, 96
+	widths := map[compute.Module][2]int{ // in, out
+		compute.ModQ: {hidden, hidden}, compute.ModK: {hidden, kv}, compute.ModV: {hidden, kv}, compute.ModO: {hidden, hidden},
+		compute.ModGate: {hidden, inter}, compute.ModUp: {hidden, inter}, compute.ModDown: {inter, hidden},
+	}
+	mk := func(name string, rank int, scale float32, mods ...compute.Module) (compute.Adapter, compute.Adapter) {
+		gw := &compute.AdapterWeights{Name: name, Layers: make([][compute.NumModules]*compute.LoRAWeights, 1)}
+		cw := &compute.AdapterWeights{Name: name, Layers: make([][compute.NumModules]*compute.LoRAWeights, 1)}
+		for _, m := range mods {
+			gw.Layers[0][m], cw.Layers[0][m] = loraWeights(r, rank, widths[m][0], widths[m][1], scale, p.dt)
+		}
+		ga, err := p.g.UploadAdapter(gw)
+		must(p.t, err)
+		ca, err := p.c.UploadAdapter(cw)
+		must(p.t, err)
+		p.t.Cleanup(func() { p.g.FreeAdapter(ga); p.c.FreeAdapter(ca) })
+		return ga, ca
+	}
+	ga, ca := mk("a", 8, 0.5, compute.ModQ, compute.ModK, compute.ModO, compute.ModUp)
+	gb2, cb2 := mk("b", 4, 2, compute.ModV, compute.ModGate, compute.ModDown)
+	meta := func(a, b compute.Adapter) *compute.BatchMeta {
+		return &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
+			Seqs:     []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}},
+			Segments: []compute.Segment{{Start: 0, End: 4, Adapter: a}, {Start: 4, End: 6}, {Start: 6, End: 13, Adapter: b}}}
+	}
+	gbt, err := p.g.PrepareBatch(meta(ga, gb2))
+	must(p.t, err)
+	cbt, err := p.c.PrepareBatch(meta(ca, cb2))
+	must(p.t, err)
+	// x as the GEMM reads it on the CPU (bf16-rounded on a bf16 backend); SGMV reads float32 x.
+	input := func(in int) (pair, compute.Tensor) {
+		xd := randVals(r, tokens*in, 1)
+		x := p.tensor(xd, tokens, in)
+		xg := x.c
+		if p.dt == BF16 {
+			xg = p.tensor(roundBF16(xd), tokens, in).c
+		}
+		return x, xg
+	}
+	for _, group := range [][]compute.Module{{compute.ModQ, compute.ModK, compute.ModV}, {compute.ModGate, compute.ModUp}, {compute.ModO}} {
+		in := widths[group[0]][0]
+		x, xg := input(in)
+		var gws, outs []compute.Tensor
+		var pairs []pair
+		for _, m := range group {
+			w := p.weight(randVals(r, widths[m][1]*in, 0.2), widths[m][1], in)
+			gws = append(gws, w.g)
+			o := p.tensor(randVals(r, tokens*widths[m][1], 1), tokens, widths[m][1]) // overwritten
+			outs, pairs = append(outs, o.g), append(pairs, o)
+			must(p.t, p.c.MatMul(o.c, xg, w.c))
+			must(p.t, p.c.SGMV(o.c, x.c, 0, m, cbt))
+		}
+		packed, err := p.g.PackRows(gws...)
+		must(p.t, err)
+		must(p.t, p.g.Project(outs, x.g, packed, 0, group, gbt))
+		for i, m := range group {
+			p.same(fmt.Sprintf("project %s", m), pairs[i], tolReduction)
+		}
+		p.same("project input", x, 0)
+		p.g.Free(packed)
+	}
+	for _, m := range []compute.Module{compute.ModO, compute.ModDown} {
+		in, out := widths[m][0], widths[m][1]
+		x, xg := input(in)
+		w := p.weight(randVals(r, out*in, 0.2), out, in)
+		res := p.tensor(randVals(r, tokens*out, 1), tokens, out)
+		tmp := p.tensor(make([]float32, tokens*out), tokens, out)
+		must(p.t, p.g.ProjectAdd(res.g, x.g, w.g, 0, m, gbt))
+		must(p.t, p.c.MatMul(tmp.c, xg, w.c))
+		must(p.t, p.c.SGMV(tmp.c, x.c, 0, m, cbt))
+		must(p.t, p.c.Add(res.c, res.c, tmp.c))
+		p.same(fmt.Sprintf("project-add %s", m), res, tolReduction)
+	}
+	// Mismatched widths are refused before any kernel runs.
+	x, _ := input(hidden)
+	w := p.weight(randVals(r, 2*hidden*hidden, 0.2), 2*hidden, hidden)
+	o := p.tensor(make([]float32, tokens*hidden), tokens, hidden)
+	if err := p.g.Project([]compute.Tensor{o.g}, x.g, w.g, 0, []compute.Module{compute.ModQ}, gbt); err == nil {
+		p.t.Error("project of a 128-row weight into one 64-wide output: no error")
+	}
+}
