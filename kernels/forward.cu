@@ -82,6 +82,49 @@ __global__ void rmsnorm_kernel(float *out, __nv_bfloat16 *ob, const float *x, co
   }
 }
 
+// rmsnorm_kernel for d % 4 == 0, 16-byte aligned rows and d <= 4 * RMS_VEC * blockDim.x: the row is
+// read once, with 16-byte loads, and kept in registers for the scaling pass.
+constexpr int RMS_VEC = 4;
+__global__ void rmsnorm_vec_kernel(float *out, __nv_bfloat16 *ob, const float *x, const float *w, int d, float eps) {
+  const int nv = d >> 2;
+  const float4 *xr = reinterpret_cast<const float4 *>(x + static_cast<size_t>(blockIdx.x) * d);
+  float4 v[RMS_VEC];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < RMS_VEC; j++) {
+    const int i = threadIdx.x + j * blockDim.x;
+    v[j] = i < nv ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+  }
+  __shared__ float red[32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
+  __syncthreads();
+  if (warp == 0) {
+    ss = lane < static_cast<int>(blockDim.x >> 5) ? red[lane] : 0.f;
+    ss = warp_sum(ss);
+    if (lane == 0) red[0] = ss;
+  }
+  __syncthreads();
+  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(red[0] / static_cast<float>(d) + eps)));
+  float4 *orow = reinterpret_cast<float4 *>(out + static_cast<size_t>(blockIdx.x) * d);
+  const float4 *wr = reinterpret_cast<const float4 *>(w);
+#pragma unroll
+  for (int j = 0; j < RMS_VEC; j++) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i >= nv) break;
+    const float4 g = wr[i];
+    const float4 y = make_float4(v[j].x * inv * g.x, v[j].y * inv * g.y, v[j].z * inv * g.z, v[j].w * inv * g.w);
+    orow[i] = y;
+    if (ob != nullptr) {
+      __nv_bfloat162 *brow = reinterpret_cast<__nv_bfloat162 *>(ob + static_cast<size_t>(blockIdx.x) * d);
+      brow[2 * i] = __floats2bfloat162_rn(y.x, y.y);
+      brow[2 * i + 1] = __floats2bfloat162_rn(y.z, y.w);
+    }
+  }
+}
+
 __global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
@@ -454,6 +497,21 @@ __global__ void attention_combine_kernel(float *out, const float *part, int head
   }
 }
 
+// The vector kernel when the shapes allow (rows may alias out: each block reads its row before it
+// writes it, and only its own row), else the scalar one.
+int rmsnorm_launch(float *out, __nv_bfloat16 *ob, const float *x, const float *w, int rows, int d, float eps,
+                   cudaStream_t s) {
+  const int threads = d <= 1024 * RMS_VEC ? 256 : 1024;
+  if (d % 4 == 0 && d <= 4 * RMS_VEC * threads && aligned16(out) && aligned16(x) && aligned16(w) &&
+      (ob == nullptr || (reinterpret_cast<uintptr_t>(ob) & 3) == 0)) {
+    const int t = min(threads, max(32, ((d / 4 + RMS_VEC - 1) / RMS_VEC + 31) / 32 * 32));
+    rmsnorm_vec_kernel<<<rows, t, 0, s>>>(out, ob, x, w, d, eps);
+  } else {
+    rmsnorm_kernel<<<rows, 256, 0, s>>>(out, ob, x, w, d, eps);
+  }
+  return launched();
+}
+
 int sm_count() {
   static int n = 0;
   if (n == 0) {
@@ -644,16 +702,14 @@ int lp_gather_rows(int dtype, float *out, const void *table, const int32_t *rows
 int lp_rmsnorm(float *out, const float *x, const float *w, int rows, int d, float eps, lp_stream stream) {
   if (rows < 0 || d <= 0) return LP_ERR_INVALID;
   if (rows == 0) return LP_OK;
-  rmsnorm_kernel<<<rows, 256, 0, cs(stream)>>>(out, nullptr, x, w, d, eps);
-  return launched();
+  return rmsnorm_launch(out, nullptr, x, w, rows, d, eps, cs(stream));
 }
 
 int lp_rmsnorm_bf16(float *out, void *out_bf16, const float *x, const float *w, int rows, int d, float eps,
                     lp_stream stream) {
   if (rows < 0 || d <= 0) return LP_ERR_INVALID;
   if (rows == 0) return LP_OK;
-  rmsnorm_kernel<<<rows, 256, 0, cs(stream)>>>(out, static_cast<__nv_bfloat16 *>(out_bf16), x, w, d, eps);
-  return launched();
+  return rmsnorm_launch(out, static_cast<__nv_bfloat16 *>(out_bf16), x, w, rows, d, eps, cs(stream));
 }
 
 int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream stream) {

@@ -84,9 +84,9 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 	if wk != k || sum != n || len(wt.shape) != 2 {
 		return fmt.Errorf("%w: projection %v x %v^T into widths %v", compute.ErrShape, xt.shape, wt.shape, widths[:len(os)])
 	}
-	var xHalf uintptr
-	if xt.halfOK {
-		xHalf = xt.half.ptr
+	xHalf, err := b.halfInput(xt)
+	if err != nil {
+		return err
 	}
 	if len(os) == 1 {
 		if err := b.matmul(os[0], xt.ptr(), xHalf, wt, t, n, k); err != nil {
@@ -135,9 +135,9 @@ func (b *Backend) ProjectAdd(out, x, w compute.Tensor, layer int, mod compute.Mo
 	if ot, on := rows(o); wk != k || ot != t || on != n || len(wt.shape) != 2 || o.buf.ptr == xt.buf.ptr {
 		return fmt.Errorf("%w: projection %v x %v^T added into %v", compute.ErrShape, xt.shape, wt.shape, o.shape)
 	}
-	var xHalf uintptr
-	if xt.halfOK {
-		xHalf = xt.half.ptr
+	xHalf, err := b.halfInput(xt)
+	if err != nil {
+		return err
 	}
 	o.halfOK = false
 	if err := b.matmulTo(o.ptr(), n, true, xt.ptr(), xHalf, wt, t, n, k); err != nil {

@@ -52,7 +52,7 @@ func testFused(p *parity, r *rand.Rand) {
 	must(p.t, err)
 	cbt, err := p.c.PrepareBatch(meta(ca, cb2))
 	must(p.t, err)
-	// x as the GEMM reads it on the CPU (bf16-rounded on a bf16 backend); SGMV reads float32 x.
+	// x as the GEMM and the LoRA shrink read it (bf16-rounded on a bf16 backend), for the CPU.
 	input := func(in int) (pair, compute.Tensor) {
 		xd := randVals(r, tokens*in, 1)
 		x := p.tensor(xd, tokens, in)
@@ -73,7 +73,7 @@ func testFused(p *parity, r *rand.Rand) {
 			o := p.tensor(randVals(r, tokens*widths[m][1], 1), tokens, widths[m][1]) // overwritten
 			outs, pairs = append(outs, o.g), append(pairs, o)
 			must(p.t, p.c.MatMul(o.c, xg, w.c))
-			must(p.t, p.c.SGMV(o.c, x.c, 0, m, cbt))
+			must(p.t, p.c.SGMV(o.c, xg, 0, m, cbt))
 		}
 		packed, err := p.g.PackRows(gws...)
 		must(p.t, err)
@@ -92,7 +92,7 @@ func testFused(p *parity, r *rand.Rand) {
 		tmp := p.tensor(make([]float32, tokens*out), tokens, out)
 		must(p.t, p.g.ProjectAdd(res.g, x.g, w.g, 0, m, gbt))
 		must(p.t, p.c.MatMul(tmp.c, xg, w.c))
-		must(p.t, p.c.SGMV(tmp.c, x.c, 0, m, cbt))
+		must(p.t, p.c.SGMV(tmp.c, xg, 0, m, cbt))
 		must(p.t, p.c.Add(res.c, res.c, tmp.c))
 		p.same(fmt.Sprintf("project-add %s", m), res, tolReduction)
 	}

@@ -76,6 +76,26 @@ func (b *Backend) halfOf(t *Tensor) (uintptr, error) {
 	return t.half.ptr, nil
 }
 
+// halfInput returns x rounded to bf16 on a bf16 backend (0 on a float32 one): its bf16 copy, made
+// now unless an op already wrote it. GEMMs and the LoRA shrink then read the same rounded values.
+func (b *Backend) halfInput(x *Tensor) (uintptr, error) {
+	if b.wdt != BF16 {
+		return 0, nil
+	}
+	if x.halfOK {
+		return x.half.ptr, nil
+	}
+	h, err := b.halfOf(x)
+	if err != nil {
+		return 0, err
+	}
+	if err := b.lib.check("convert activations", b.lib.convert(int32(BF16), h, int32(F32), x.ptr(), uintptr(x.n), b.stream.handle())); err != nil {
+		return 0, err
+	}
+	x.halfOK = true
+	return h, nil
+}
+
 // matmul queues out [t, n] = x [t, k] W^T, rounding x to the weight dtype first when it is bf16
 // (xHalf, when not 0, is x already rounded).
 func (b *Backend) matmul(o *Tensor, x, xHalf uintptr, w *Tensor, t, n, k int) error {
@@ -134,9 +154,9 @@ func (b *Backend) MatMul(out, x, w compute.Tensor) error {
 	if o.buf.ptr == xt.buf.ptr && o.n > 0 {
 		return fmt.Errorf("%w: matmul output aliases its input", compute.ErrShape)
 	}
-	var xHalf uintptr
-	if xt.halfOK {
-		xHalf = xt.half.ptr
+	xHalf, err := b.halfInput(xt)
+	if err != nil {
+		return err
 	}
 	return b.matmul(o, xt.ptr(), xHalf, wt, t, n, k)
 }
@@ -392,13 +412,19 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb comp
 	}
 	defer b.release(v)
 	h := b.stream.handle()
-	// Shrink on the float32 activations (bf16 weights widened in the kernel): rounding x to bf16 for
-	// the tuned bf16 shrink of sgmv.cu flipped a greedy token of the bf16 reference test.
-	if err := b.lib.check("sgmv shrink", b.lib.sgmvShrinkF32(int32(b.wdt), v.ptr, int32(st.maxRank), xt.ptr(), int32(in), st.aptr, st.ranks,
+	tuned := b.wdt == BF16 && bt.segContig && st.maxRank <= maxTunedRank
+	if tuned && xt.halfOK {
+		// The tuned shrink of sgmv.cu on the bf16 activations the projection's GEMM read (RMSNorm,
+		// SiLU-mul or the GEMM itself wrote them), as PEFT computes lora_A on a bf16 model.
+		if err := b.lib.check("sgmv shrink", b.lib.sgmvShrink(int32(BF16), v.ptr, int32(st.maxRank), xt.half.ptr, int32(in), st.aptr, bt.segStarts,
+			st.ranks, int32(len(bt.m.Segments)), int32(bt.maxSegLen), int32(st.maxRank), int32(in), h)); err != nil {
+			return err
+		}
+	} else if err := b.lib.check("sgmv shrink", b.lib.sgmvShrinkF32(int32(b.wdt), v.ptr, int32(st.maxRank), xt.ptr(), int32(in), st.aptr, st.ranks,
 		bt.tokSeg, int32(n), int32(st.maxRank), h)); err != nil {
 		return err
 	}
-	if b.wdt == BF16 && bt.segContig && st.maxRank <= maxTunedRank {
+	if tuned {
 		// The tuned expand of sgmv.cu (coalesced 16-byte loads of B, PDL), adding into float32 y.
 		return b.lib.check("sgmv expand", b.lib.sgmvExpandY32(int32(BF16), yt.ptr(), int32(out), v.ptr, int32(st.maxRank), st.bptr, bt.segStarts,
 			st.ranks, st.scales, int32(len(bt.m.Segments)), int32(bt.maxSegLen), int32(st.maxRank), int32(out), h))

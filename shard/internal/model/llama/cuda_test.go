@@ -658,22 +658,75 @@ func TestCUDAOpBreakdown(t *testing.T) {
 		w := tensor(n, kk)
 		return func() error { return be.MatMul(out, x, w) }
 	}
+	// The fused projections the model runs on this backend, base only and with 32 distinct rank-16
+	// adapters on all seven projections (one 1-token segment each).
+	info := model.Info{Hidden: hidden, Intermediate: inter, Heads: heads, KVHeads: kvHeads, HeadDim: hd, Layers: 1}
+	ameta := *meta
+	ameta.Segments = nil
+	for i := range batch {
+		aw := &compute.AdapterWeights{Name: fmt.Sprint(i), Layers: make([][compute.NumModules]*compute.LoRAWeights, 1)}
+		for mod := range compute.NumModules {
+			in, out := info.ModuleDims(mod)
+			rw.shapes["a"], rw.shapes["b"] = []int{16, in}, []int{out, 16}
+			a, _ := rw.Float32("a")
+			bb, _ := rw.Float32("b")
+			aw.Layers[0][mod] = &compute.LoRAWeights{Rank: 16, In: in, Out: out, Scale: 2, A: a, B: bb}
+		}
+		ad, err := be.UploadAdapter(aw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { be.FreeAdapter(ad) })
+		ameta.Segments = append(ameta.Segments, compute.Segment{Start: i, End: i + 1, Adapter: ad})
+	}
+	ab, err := be.PrepareBatch(&ameta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qkvW, err := be.PackRows(tensorOwned(t, be, rw, heads*hd, hidden), tensorOwned(t, be, rw, kvHeads*hd, hidden), tensorOwned(t, be, rw, kvHeads*hd, hidden))
+	if err != nil {
+		t.Fatal(err)
+	}
+	guW, err := be.PackRows(tensorOwned(t, be, rw, inter, hidden), tensorOwned(t, be, rw, inter, hidden))
+	if err != nil {
+		t.Fatal(err)
+	}
+	oW, downW := tensor(hidden, heads*hd), tensor(hidden, inter)
+	qkvMods, guMods := []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, []compute.Module{compute.ModGate, compute.ModUp}
+	project := func(bt compute.Batch) []op {
+		return []op{
+			{"project q/k/v [32x2048]x[4096x2048]^T + split", layers, 2 * hidden * (heads + 2*kvHeads) * hd, func() error {
+				return be.Project([]compute.Tensor{q, k, v}, xh, qkvW, 0, qkvMods, bt)
+			}},
+			{"project-add o [32x2048]x[2048x2048]^T", layers, 2 * hidden * heads * hd, func() error { return be.ProjectAdd(xh, o, oW, 0, compute.ModO, bt) }},
+			{"project gate/up [32x2048]x[11264x2048]^T + split", layers, 2 * 2 * hidden * inter, func() error {
+				return be.Project([]compute.Tensor{gate, up}, xh, guW, 0, guMods, bt)
+			}},
+			{"project-add down [32x5632]x[2048x5632]^T", layers, 2 * hidden * inter, func() error { return be.ProjectAdd(xh, gate, downW, 0, compute.ModDown, bt) }},
+		}
+	}
 	lmOut := tensor(batch, vocab)
 	lm := tensor(vocab, hidden)
 	ops := []op{
-		{"matmul q [32x2048]x[2048x2048]^T", layers, 2 * hidden * heads * hd, mm(heads*hd, hidden, xh, q)},
-		{"matmul k [32x2048]x[1024x2048]^T", 2 * layers, 2 * hidden * kvHeads * hd, mm(kvHeads*hd, hidden, xh, k)},
-		{"matmul o [32x2048]x[2048x2048]^T", layers, 2 * hidden * heads * hd, mm(hidden, heads*hd, o, xh)},
-		{"matmul gate [32x2048]x[5632x2048]^T", 2 * layers, 2 * hidden * inter, mm(inter, hidden, xh, xi)},
-		{"matmul down [32x5632]x[2048x5632]^T", layers, 2 * hidden * inter, mm(hidden, inter, xi, xh)},
+		{"matmul q [32x2048]x[2048x2048]^T (unfused)", 0, 2 * hidden * heads * hd, mm(heads*hd, hidden, xh, q)},
+		{"matmul k [32x2048]x[1024x2048]^T (unfused)", 0, 2 * hidden * kvHeads * hd, mm(kvHeads*hd, hidden, xh, k)},
+		{"matmul gate [32x2048]x[5632x2048]^T (unfused)", 0, 2 * hidden * inter, mm(inter, hidden, xh, xi)},
+	}
+	ops = append(ops, project(b)...)
+	ops = append(ops, []op{
 		{"lm_head rows [32x2048]x[32000x2048]^T", 1, 2 * hidden * vocab, func() error { return be.MatMulRows(lmOut, xh, lm, b) }},
 		{"attention (kv write + attend), context 144", layers, 0, func() error { return be.Attention(o, q, k, v, cache, 0, 0.088, b) }},
 		{"rmsnorm [32x2048]", 2*layers + 1, 0, func() error { return be.RMSNorm(xh, xh, norm, 1e-5) }},
 		{"rope q [32x16x128]", layers, 0, func() error { return be.RoPE(q, heads, hd, inv, b) }},
 		{"rope k [32x8x128]", layers, 0, func() error { return be.RoPE(k, kvHeads, hd, inv, b) }},
-		{"add [32x2048]", 2 * layers, 0, func() error { return be.Add(xh, xh, xh) }},
 		{"silu-mul [32x5632]", layers, 0, func() error { return be.SiLUMul(gate, gate, up) }},
+	}...)
+	withAdapters := project(ab)
+	for i := range withAdapters {
+		withAdapters[i].name += ", 32 adapters"
+		withAdapters[i].perStep = 0
 	}
+	ops = append(ops, withAdapters...)
 	bw := copyBandwidth(t, be.Lib())
 	var total time.Duration
 	for _, o := range ops {
@@ -685,7 +738,18 @@ func TestCUDAOpBreakdown(t *testing.T) {
 		}
 		t.Log(line)
 	}
-	t.Logf("sum over a decode step: %v", total)
+	t.Logf("sum over a decode step (ops with a per-step count): %v", total)
+}
+
+// tensorOwned is a random float32 [n, k] tensor whose memory the caller hands on (to PackRows).
+func tensorOwned(t *testing.T, be *cuda.Backend, rw *randWeights, n, k int) compute.Tensor {
+	rw.shapes["x"] = []int{n, k}
+	d, _ := rw.Float32("x")
+	x, err := be.FromHost(d, n, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return x
 }
 
 var cudaE2E = flag.String("cuda.e2e", "", "directory written by scripts/bench_e2e_peft.py (model/, adapters/aNN/, prompts.json): run the end-to-end benchmark on it")

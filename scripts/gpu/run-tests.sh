@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs the GPU tests and benchmarks on a machine with nvcc and a GPU, from test binaries built
+# elsewhere (no Go needed here):
+#   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go test -c -o .devrun/cuda.test ./shard/internal/compute/cuda/
+#   (the same for ./shard/internal/model/llama/ into .devrun/llama.test)
+# Usage: scripts/gpu/run-tests.sh [tests|bench|e2e|8b|all]... ; output in $OUT (or /tmp/gpu-out).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+cd "$root/kernels" && make -j8 GENCODE='-gencode arch=compute_90a,code=sm_90a' NVCCFLAGS='-O3 -std=c++17 -lineinfo' >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+export LORAPLEX_KERNELS=$root/kernels/libloraplex_kernels.so
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+cuda() { (cd "$root/shard/internal/compute/cuda" && "$root/.devrun/cuda.test" "$@"); }
+llama() { (cd "$root/shard/internal/model/llama" && "$root/.devrun/llama.test" "$@"); }
+rc=0
+for what in "${@:-tests}"; do
+  case $what in
+    tests)
+      cuda -test.v -test.count=1 -test.run 'TestBackend|TestSGMVRandom|TestBF16|TestF16|TestDeviceAndNVML|TestFused|TestUpload(AdapterReadBack|AdapterConcurrent|OverlapsCompute)|TestSample' >"$out/cuda-tests.log" 2>&1 || rc=1
+      grep -E '^(--- |FAIL|ok|PASS)' "$out/cuda-tests.log" | grep -v '^--- PASS' | tail -30
+      llama -test.v -test.count=1 -test.run 'TestCUDAMatchesReference|TestCUDAStepGraphsMatchEager' >"$out/llama-tests.log" 2>&1 || rc=1
+      grep -E '^(--- |FAIL|ok|PASS)|worst logit|graph stats|steps:' "$out/llama-tests.log" | tail -30
+      ;;
+    bench)
+      llama -test.v -test.count=1 -test.run 'TestCUDADecodeBench' -cuda.bench >"$out/decode-bench.log" 2>&1 || rc=1
+      grep -E 'decode step|FAIL|copy bandwidth' "$out/decode-bench.log" | tail -20
+      ;;
+    upload)
+      cuda -test.v -test.count=1 -test.run '^TestUploadBench$' -upload.bench >"$out/upload-bench.log" 2>&1 || rc=1
+      tail -30 "$out/upload-bench.log"
+      ;;
+    e2e)
+      [ -d /tmp/e2e ] || python3 "$root/scripts/bench_e2e_peft.py" /tmp/e2e >"$out/peft.log" 2>&1 || rc=1
+      tail -12 "$out/peft.log"
+      llama -test.v -test.count=1 -test.run 'TestCUDAE2E' -cuda.e2e=/tmp/e2e >"$out/e2e.log" 2>&1 || rc=1
+      grep -E 'E2E|FAIL|loaded' "$out/e2e.log" | tail -20
+      ;;
+    8b)
+      llama -test.v -test.count=1 -test.run 'TestCUDADecode8B' -cuda.bench8b >"$out/8b.log" 2>&1 || rc=1
+      grep -E '8B|FAIL' "$out/8b.log" | tail -10
+      ;;
+  esac
+done
+exit $rc
