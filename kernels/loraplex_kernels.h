@@ -202,6 +202,36 @@ LP_API int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const floa
                               const void *const *b_ptrs, const int32_t *ranks, const float *scales,
                               const int32_t *tok_seg, int tokens, int max_rank, lp_stream stream);
 
+/*
+ * ABI 4: grouped SGMV for the projections of one packed GEMM (q/k/v or gate/up): the modules share
+ * the input x and the batch's segments, and each has its own per-segment tables (ptrs: A for shrink,
+ * B for expand; ranks; scales, expand only), all in device memory. One launch covers every
+ * (module, segment): shrink writes module m's v[t, v_off[m] : v_off[m] + r] and expand adds
+ * scale * v[t, v_off[m] : ...] B^T into y[t, y_off[m] : y_off[m] + cols[m]] (y float32, the packed
+ * GEMM output before it is split). max_rank bounds every module's ranks. The struct itself is read
+ * on the host during the call.
+ */
+#define LP_SGMV_GROUP 3
+
+typedef struct lp_sgmv_group {
+  int32_t modules;  /* 1 .. LP_SGMV_GROUP */
+  int32_t num_segs; /* segments per module, equal to the call's num_segs */
+  int32_t cols[LP_SGMV_GROUP];
+  int32_t y_off[LP_SGMV_GROUP];
+  int32_t v_off[LP_SGMV_GROUP];
+  int32_t reserved;
+  const void *ptrs[LP_SGMV_GROUP]; /* each a device array: void*[num_segs] */
+  const int32_t *ranks[LP_SGMV_GROUP];
+  const float *scales[LP_SGMV_GROUP];
+} lp_sgmv_group; /* 120 bytes */
+
+LP_API int lp_sgmv_shrink_group(int dtype, float *v, int ldv, const void *x, int ldx, const lp_sgmv_group *g,
+                                const int32_t *seg_starts, int num_segs, int max_seg_len, int max_rank,
+                                int in_features, lp_stream stream);
+LP_API int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *v, int ldv, const lp_sgmv_group *g,
+                                    const int32_t *seg_starts, int num_segs, int max_seg_len, int max_rank,
+                                    lp_stream stream);
+
 /* ABI 4: lp_gemm with a leading dimension for out (ldo >= n: out may be a column range of a wider
  * matrix) and, when accumulate is non-zero, out += x W^T (cuBLAS beta = 1) instead of out = x W^T. */
 LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,

@@ -115,14 +115,23 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-template <typename T>
+// With G, blockIdx.x enumerates (module, segment) pairs of a projection group (lp_sgmv_group): the
+// module's tables replace a_ptrs and ranks and its ranks land at column v_off of v.
+template <typename T, bool G = false>
 __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
     sgmv_shrink_kernel(float *__restrict__ v, int ldv, const T *__restrict__ x, int ldx,
                        const void *const *__restrict__ a_ptrs, const int32_t *__restrict__ seg_starts,
-                       const int32_t *__restrict__ ranks, int max_rank, int K) {
+                       const int32_t *__restrict__ ranks, int max_rank, int K, lp_sgmv_group g) {
   constexpr int RB = SHRINK_RB, TT = SHRINK_TT, W = SHRINK_WARPS;
   pdl_launch_dependents();
-  const int s = blockIdx.x;
+  int s = blockIdx.x;
+  if (G) {
+    const int m = s / g.num_segs;
+    s -= m * g.num_segs;
+    a_ptrs = static_cast<const void *const *>(g.ptrs[m]);
+    ranks = g.ranks[m];
+    v += g.v_off[m];
+  }
   const T *A = static_cast<const T *>(a_ptrs[s]);
   const int r = min(ranks[s], max_rank);
   const int j0 = blockIdx.y * RB;
@@ -265,17 +274,30 @@ __device__ __forceinline__ __nv_bfloat16 y_from_f<__nv_bfloat16>(float v) { retu
 template <>
 __device__ __forceinline__ __half y_from_f<__half>(float v) { return __float2half_rn(v); }
 
-template <typename T, typename Y = T>
+// With G, blockIdx.x enumerates (module, segment) pairs of a projection group (lp_sgmv_group): the
+// module's tables and width replace b_ptrs, ranks, scales and N, and it reads v from column v_off
+// and adds into y from column y_off.
+template <typename T, typename Y = T, bool G = false>
 __global__ void __launch_bounds__(EXPAND_THREADS, 4)
     sgmv_expand_kernel(Y *__restrict__ y, int ldy, const float *__restrict__ v, int ldv,
                        const void *const *__restrict__ b_ptrs, const int32_t *__restrict__ seg_starts,
                        const int32_t *__restrict__ ranks, const float *__restrict__ scales, int max_rank,
-                       int N) {
+                       int N, lp_sgmv_group g) {
   constexpr int TT = EXPAND_TT, NPT = EXPAND_NPT, J = EXPAND_J;
   // The next shrink (launched as this kernel's programmatic dependent) may start its weight loads
   // now; it waits for this grid's completion before touching v or x.
   pdl_launch_dependents();
-  const int s = blockIdx.x;
+  int s = blockIdx.x;
+  if (G) {
+    const int m = s / g.num_segs;
+    s -= m * g.num_segs;
+    b_ptrs = static_cast<const void *const *>(g.ptrs[m]);
+    ranks = g.ranks[m];
+    scales = g.scales[m];
+    v += g.v_off[m];
+    y += g.y_off[m];
+    N = g.cols[m];
+  }
   const T *B = static_cast<const T *>(b_ptrs[s]);
   const int r = min(ranks[s], max_rank);
   const int seg_end = seg_starts[s + 1];
@@ -484,9 +506,10 @@ int g_pdl = 1;
 
 // launch_expand starts expand as a programmatic dependent of the previous kernel in the stream, so
 // its blocks can prefetch B while shrink finishes; where the attribute is refused it launches plainly.
-template <typename T, typename Y = T>
+template <typename T, typename Y = T, bool G = false>
 int launch_expand(dim3 grid, cudaStream_t st, Y *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
-                  const int32_t *seg_starts, const int32_t *ranks, const float *scales, int max_rank, int n) {
+                  const int32_t *seg_starts, const int32_t *ranks, const float *scales, int max_rank, int n,
+                  const lp_sgmv_group &g = lp_sgmv_group{}) {
   if (g_pdl) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
@@ -498,22 +521,23 @@ int launch_expand(dim3 grid, cudaStream_t st, Y *y, int ldy, const float *v, int
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, sgmv_expand_kernel<T, Y>, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
-                           n) == cudaSuccess)
+    if (cudaLaunchKernelEx(&cfg, sgmv_expand_kernel<T, Y, G>, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales,
+                           max_rank, n, g) == cudaSuccess)
       return LP_OK;
     cudaGetLastError();
   }
-  sgmv_expand_kernel<T, Y><<<grid, EXPAND_THREADS, 0, st>>>(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
-                                                          n);
+  sgmv_expand_kernel<T, Y, G><<<grid, EXPAND_THREADS, 0, st>>>(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales,
+                                                             max_rank, n, g);
   return launch_status();
 }
 
 // launch_shrink starts shrink as a programmatic dependent of the previous kernel too: its blocks load
 // their rows of A while that kernel (typically the previous layer's expand) finishes, and wait for
 // it before reading x or writing v; where the attribute is refused it launches plainly.
-template <typename T>
+template <typename T, bool G = false>
 int launch_shrink(dim3 grid, cudaStream_t st, float *v, int ldv, const T *x, int ldx, const void *const *a_ptrs,
-                  const int32_t *seg_starts, const int32_t *ranks, int max_rank, int k) {
+                  const int32_t *seg_starts, const int32_t *ranks, int max_rank, int k,
+                  const lp_sgmv_group &g = lp_sgmv_group{}) {
   if (g_pdl) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
@@ -525,12 +549,12 @@ int launch_shrink(dim3 grid, cudaStream_t st, float *v, int ldv, const T *x, int
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, sgmv_shrink_kernel<T>, v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k) ==
-        cudaSuccess)
+    if (cudaLaunchKernelEx(&cfg, sgmv_shrink_kernel<T, G>, v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k,
+                           g) == cudaSuccess)
       return LP_OK;
     cudaGetLastError();
   }
-  sgmv_shrink_kernel<T><<<grid, SHRINK_WARPS * 32, 0, st>>>(v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k);
+  sgmv_shrink_kernel<T, G><<<grid, SHRINK_WARPS * 32, 0, st>>>(v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k, g);
   return launch_status();
 }
 
@@ -634,6 +658,67 @@ extern "C" int lp_sgmv_expand_y32(int wdtype, float *y, int ldy, const float *v,
     case LP_DTYPE_F16:
       return launch_expand<__half, float>(grid, st, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
                                           out_features);
+    default:
+      return LP_ERR_INVALID;
+  }
+}
+
+// Grouped forms (ABI 4): one launch for the projections of a packed GEMM (q/k/v, gate/up).
+static int group_check(const lp_sgmv_group *g, int num_segs, int max_rank) {
+  if (g == nullptr || g->modules < 1 || g->modules > LP_SGMV_GROUP || g->num_segs != num_segs) return LP_ERR_INVALID;
+  for (int m = 0; m < g->modules; m++)
+    if (g->ptrs[m] == nullptr || g->ranks[m] == nullptr || g->v_off[m] < 0 || g->y_off[m] < 0 || g->cols[m] < 0)
+      return LP_ERR_INVALID;
+  return max_rank < 0 || max_rank > LP_MAX_RANK ? LP_ERR_INVALID : LP_OK;
+}
+
+extern "C" int lp_sgmv_shrink_group(int dtype, float *v, int ldv, const void *x, int ldx, const lp_sgmv_group *g,
+                                    const int32_t *seg_starts, int num_segs, int max_seg_len, int max_rank,
+                                    int in_features, lp_stream stream) {
+  if (const int rc = group_check(g, num_segs, max_rank); rc != LP_OK) return rc;
+  if (max_seg_len < 0 || in_features < 0 || ldx < in_features) return LP_ERR_INVALID;
+  for (int m = 0; m < g->modules; m++)
+    if (g->v_off[m] + max_rank > ldv) return LP_ERR_INVALID;
+  if (num_segs == 0 || max_seg_len == 0 || max_rank == 0) return LP_OK;
+  if (v == nullptr || x == nullptr || seg_starts == nullptr) return LP_ERR_INVALID;
+  const dim3 grid(num_segs * g->modules, ceil_div(max_rank, SHRINK_RB), ceil_div(max_seg_len, SHRINK_TT));
+  if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case LP_DTYPE_BF16:
+      return launch_shrink<__nv_bfloat16, true>(grid, st, v, ldv, static_cast<const __nv_bfloat16 *>(x), ldx, nullptr,
+                                                seg_starts, nullptr, max_rank, in_features, *g);
+    case LP_DTYPE_F16:
+      return launch_shrink<__half, true>(grid, st, v, ldv, static_cast<const __half *>(x), ldx, nullptr, seg_starts,
+                                         nullptr, max_rank, in_features, *g);
+    default:
+      return LP_ERR_INVALID;
+  }
+}
+
+extern "C" int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *v, int ldv,
+                                        const lp_sgmv_group *g, const int32_t *seg_starts, int num_segs,
+                                        int max_seg_len, int max_rank, lp_stream stream) {
+  if (const int rc = group_check(g, num_segs, max_rank); rc != LP_OK) return rc;
+  int widest = 0;
+  for (int m = 0; m < g->modules; m++) {
+    if (g->scales[m] == nullptr || g->y_off[m] + g->cols[m] > ldy || g->v_off[m] + max_rank > ldv)
+      return LP_ERR_INVALID;
+    widest = std::max(widest, g->cols[m]);
+  }
+  if (max_seg_len < 0) return LP_ERR_INVALID;
+  if (num_segs == 0 || max_seg_len == 0 || max_rank == 0 || widest == 0) return LP_OK;
+  if (y == nullptr || v == nullptr || seg_starts == nullptr) return LP_ERR_INVALID;
+  const dim3 grid = expand_grid(num_segs * g->modules, max_seg_len, max_rank, widest);
+  if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  switch (wdtype) {
+    case LP_DTYPE_BF16:
+      return launch_expand<__nv_bfloat16, float, true>(grid, st, y, ldy, v, ldv, nullptr, seg_starts, nullptr, nullptr,
+                                                       max_rank, widest, *g);
+    case LP_DTYPE_F16:
+      return launch_expand<__half, float, true>(grid, st, y, ldy, v, ldv, nullptr, seg_starts, nullptr, nullptr,
+                                                max_rank, widest, *g);
     default:
       return LP_ERR_INVALID;
   }

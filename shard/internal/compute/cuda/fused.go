@@ -68,6 +68,10 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 	if err != nil {
 		return err
 	}
+	bt, err := asBatch(cb)
+	if err != nil {
+		return err
+	}
 	xt, wt := xs[0], ws[0]
 	t, k := rows(xt)
 	n, wk := rows(wt)
@@ -101,6 +105,10 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 		if err := b.matmulTo(p.ptr, n, false, xt.ptr(), xHalf, wt, t, n, k); err != nil {
 			return err
 		}
+		applied, err := b.groupLoRA(p.ptr, n, widths[:len(os)], xHalf, k, layer, mods, bt)
+		if err != nil {
+			return err
+		}
 		var ptr [3]uintptr
 		for i, o := range os {
 			ptr[i] = o.ptr()
@@ -109,6 +117,9 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 		if err := b.lib.check("split columns", b.lib.splitCols(p.ptr, int32(t), int32(n), ptr[0], int32(widths[0]), ptr[1], int32(widths[1]),
 			ptr[2], int32(widths[2]), b.stream.handle())); err != nil {
 			return err
+		}
+		if applied {
+			return nil
 		}
 	}
 	for i, o := range outs {
@@ -144,4 +155,70 @@ func (b *Backend) ProjectAdd(out, x, w compute.Tensor, layer int, mod compute.Mo
 		return err
 	}
 	return b.SGMV(out, x, layer, mod, cb)
+}
+
+// sgmvGroup mirrors lp_sgmv_group (kernels/loraplex_kernels.h), 120 bytes.
+type sgmvGroup struct {
+	modules, numSegs    int32
+	cols, yOff, vOff    [3]int32
+	_                   int32
+	ptrs, ranks, scales [3]uintptr
+}
+
+// groupLoRA adds the LoRA updates of mods into the packed GEMM output p [t, n] (module i at the
+// columns after widths[:i]) with one grouped shrink and one grouped expand over all the modules
+// (sgmv.cu). It reports false, having done nothing, where the tuned kernels do not apply (float32
+// weights, no bf16 input, segments out of order, ranks past LP_MAX_RANK): the caller then applies
+// the updates module by module after the split.
+func (b *Backend) groupLoRA(p uintptr, n int, widths []int, xHalf uintptr, in, layer int, mods []compute.Module, bt *batch) (bool, error) {
+	if layer < 0 || len(bt.tables) <= layer {
+		return layer >= 0, nil // no adapter of the batch reaches this layer
+	}
+	var g sgmvGroup
+	var aptr [3]uintptr
+	off, rank := 0, 0
+	for i, m := range mods {
+		st := bt.tables[layer][m]
+		if st.maxRank > 0 {
+			if err := bt.checkAdapters(layer, m, in, widths[i]); err != nil {
+				return false, err
+			}
+			j := g.modules
+			g.cols[j], g.yOff[j] = int32(widths[i]), int32(off)
+			aptr[j], g.ptrs[j], g.ranks[j], g.scales[j] = st.aptr, st.bptr, st.ranks, st.scales
+			rank = max(rank, st.maxRank)
+			g.modules++
+		}
+		off += widths[i]
+	}
+	if g.modules == 0 {
+		return true, nil
+	}
+	if b.wdt != BF16 || !bt.segContig || xHalf == 0 || rank > maxTunedRank {
+		return false, nil
+	}
+	t := len(bt.m.Tokens)
+	ldv := int(g.modules) * rank
+	for j := range g.modules {
+		g.vOff[j] = j * int32(rank)
+	}
+	g.numSegs = int32(len(bt.m.Segments))
+	v, err := b.scratch(4 * int64(t) * int64(ldv))
+	if err != nil {
+		return false, err
+	}
+	defer b.release(v)
+	h := b.stream.handle()
+	bptr := g.ptrs
+	g.ptrs = aptr
+	if err := b.lib.check("sgmv shrink (group)", b.lib.sgmvShrinkGroup(int32(BF16), v.ptr, int32(ldv), xHalf, int32(in), &g, bt.segStarts,
+		g.numSegs, int32(bt.maxSegLen), int32(rank), int32(in), h)); err != nil {
+		return false, err
+	}
+	g.ptrs = bptr
+	if err := b.lib.check("sgmv expand (group)", b.lib.sgmvExpandGroupY32(int32(BF16), p, int32(n), v.ptr, int32(ldv), &g, bt.segStarts,
+		g.numSegs, int32(bt.maxSegLen), int32(rank), h)); err != nil {
+		return false, err
+	}
+	return true, nil
 }

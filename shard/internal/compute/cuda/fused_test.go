@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"testing"
+	"unsafe"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
@@ -102,5 +103,13 @@ func testFused(p *parity, r *rand.Rand) {
 	o := p.tensor(make([]float32, tokens*hidden), tokens, hidden)
 	if err := p.g.Project([]compute.Tensor{o.g}, x.g, w.g, 0, []compute.Module{compute.ModQ}, gbt); err == nil {
 		p.t.Error("project of a 128-row weight into one 64-wide output: no error")
+	}
+}
+
+// TestSGMVGroupLayout pins the Go mirror of lp_sgmv_group to the C layout (120 bytes, pointers at 48).
+func TestSGMVGroupLayout(t *testing.T) {
+	var g sgmvGroup
+	if n, off := unsafe.Sizeof(g), unsafe.Offsetof(g.ptrs); n != 120 || off != 48 {
+		t.Fatalf("sgmvGroup is %d bytes with ptrs at %d; lp_sgmv_group is 120 with ptrs at 48", n, off)
 	}
 }

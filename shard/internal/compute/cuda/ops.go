@@ -385,21 +385,8 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb comp
 	if layer >= len(bt.tables) || bt.tables[layer][m].maxRank == 0 {
 		return nil
 	}
-	for i, a := range bt.segAd {
-		if a == nil {
-			continue
-		}
-		sg := bt.m.Segments[i]
-		if a.layers == nil {
-			// Skipping would silently serve the base model to the adapter's requests.
-			return fmt.Errorf("%w: segment [%d,%d) has a freed adapter", compute.ErrBackend, sg.Start, sg.End)
-		}
-		if layer >= len(a.layers) || a.layers[layer][m] == nil || sg.End == sg.Start {
-			continue
-		}
-		if p := a.layers[layer][m]; p.in != in || p.out != out {
-			return fmt.Errorf("%w: adapter at layer %d %s is %dx%d, projection is %dx%d", compute.ErrShape, layer, m, p.in, p.out, in, out)
-		}
+	if err := bt.checkAdapters(layer, m, in, out); err != nil {
+		return err
 	}
 	st := bt.tables[layer][m]
 	yt.halfOK = false
@@ -431,4 +418,26 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb comp
 	}
 	return b.lib.check("sgmv expand", b.lib.sgmvExpandF32(int32(b.wdt), yt.ptr(), int32(out), v.ptr, int32(st.maxRank), st.bptr, st.ranks,
 		st.scales, bt.tokSeg, int32(n), int32(st.maxRank), h))
+}
+
+// checkAdapters verifies that every segment's adapter is live and that its weights for (layer, m)
+// fit a projection of in -> out features.
+func (bt *batch) checkAdapters(layer int, m compute.Module, in, out int) error {
+	for i, a := range bt.segAd {
+		if a == nil {
+			continue
+		}
+		sg := bt.m.Segments[i]
+		if a.layers == nil {
+			// Skipping would silently serve the base model to the adapter's requests.
+			return fmt.Errorf("%w: segment [%d,%d) has a freed adapter", compute.ErrBackend, sg.Start, sg.End)
+		}
+		if layer >= len(a.layers) || a.layers[layer][m] == nil || sg.End == sg.Start {
+			continue
+		}
+		if p := a.layers[layer][m]; p.in != in || p.out != out {
+			return fmt.Errorf("%w: adapter at layer %d %s is %dx%d, projection is %dx%d", compute.ErrShape, layer, m, p.in, p.out, in, out)
+		}
+	}
+	return nil
 }

@@ -1,6 +1,7 @@
 package llama_test
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -10,14 +11,19 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/loraplex/loraplex/pkg/safetensors"
 	"github.com/loraplex/loraplex/pkg/tinyllama"
+	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
 	"github.com/loraplex/loraplex/shard/internal/compute/cuda"
+	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
 )
@@ -39,8 +45,12 @@ type gpuPrecision struct {
 var gpuPrecisions = []gpuPrecision{
 	// float32 throughout (cuBLAS without TF32): only the order of summation differs from the CPU.
 	{cuda.F32, 2e-4, 1e-3},
-	// bf16 weights and GEMM inputs, float32 accumulation, activations and KV cache.
-	{cuda.BF16, 3e-2, 0.05},
+	// bf16 weights and GEMM and LoRA-shrink inputs, float32 accumulation, activations and KV cache.
+	// Logits then differ from the float64 reference by up to about 0.2 (1.8e-2 of max|ref| ~ 11 on
+	// the shipped model), so greedy tokens are compared only where the reference's margin exceeds
+	// that: below it the choice is rounding noise (qv-r8 prompt 2, token 20, margin 0.083, flips
+	// with the LoRA shrink reading bf16 activations as PEFT's does on a bf16 model).
+	{cuda.BF16, 3e-2, 0.25},
 }
 
 func gpuBackend(t testing.TB, dt cuda.DType) *cuda.Backend {
@@ -951,4 +961,134 @@ func TestCUDAStepGraphsMatchEager(t *testing.T) {
 	if es := e.m.(interface{ GraphStats() compute.GraphStats }).GraphStats(); es.Replayed != 0 || es.Recorded != 0 {
 		t.Errorf("backend without step graphs recorded some: %+v", es)
 	}
+}
+
+// mapSource serves preloaded adapters to the engine (the E2E benchmark loads them before timing, as
+// PEFT does).
+type mapSource map[string]compute.Adapter
+
+func (s mapSource) Acquire(_ context.Context, id string) (compute.Adapter, func(), error) {
+	a, ok := s[id]
+	if !ok {
+		return nil, nil, fmt.Errorf("adapter %q not loaded", id)
+	}
+	return a, func() {}, nil
+}
+
+// idTokenizer is a tokenizer whose vocab spells token i as "t<i>": the E2E model is random and
+// its prompts are ids, but the engine decodes what it streams.
+func idTokenizer(t *testing.T, vocab int) *tokenizer.Tokenizer {
+	v := make(map[string]int, vocab)
+	for i := range vocab {
+		v[fmt.Sprintf("t%d ", i)] = i
+	}
+	data, err := json.Marshal(map[string]any{"model": map[string]any{"type": "BPE", "vocab": v, "merges": []string{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk, err := tokenizer.Parse(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tk
+}
+
+// TestCUDAEngineE2E is the end-to-end benchmark as the shard serves: the saved random Llama and PEFT
+// adapters of scripts/bench_e2e_peft.py on the CUDA backend behind the engine (continuous batching,
+// paged KV cache, step graphs, sampling on the device), 32 concurrent requests of 128 prompt tokens
+// and 64 forced new tokens (greedy), base only and 1/8/32 distinct adapters.
+func TestCUDAEngineE2E(t *testing.T) {
+	if *cudaE2E == "" {
+		t.Skip("benchmark: run with -cuda.e2e=DIR (scripts/bench_e2e_peft.py writes DIR)")
+	}
+	be := gpuBackend(t, cuda.BF16)
+	bw := copyBandwidth(t, be.Lib())
+	dir := *cudaE2E
+	m := loadModel(t, filepath.Join(dir, "model"), be)
+	info := m.Info()
+	var prompts [][]int
+	data, err := os.ReadFile(filepath.Join(dir, "prompts.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &prompts); err != nil {
+		t.Fatal(err)
+	}
+	src := mapSource{}
+	for i := 0; ; i++ {
+		ad := filepath.Join(dir, "adapters", fmt.Sprintf("a%02d", i))
+		if _, err := os.Stat(ad); err != nil {
+			break
+		}
+		src[fmt.Sprintf("a%02d", i)] = loadAdapter(t, be, info, ad)
+	}
+	const newTokens = 64
+	batch := len(prompts)
+	opts := engine.DefaultOptions()
+	opts.MaxSeqs, opts.MaxBatchTokens, opts.MaxAdaptersPerStep = batch, batch*len(prompts[0]), batch
+	opts.KVBlocks = batch * ((len(prompts[0])+newTokens)/opts.BlockSize + 2)
+	e, err := engine.New(opts, be, m, idTokenizer(t, info.VocabSize), src, zap.NewNop(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	wb := matmulWeightBytes(info, 2)
+	var adBytes int64
+	for mod := range compute.NumModules {
+		in, out := info.ModuleDims(mod)
+		adBytes += 2 * 16 * int64(in+out) * int64(info.Layers)
+	}
+	run := func(n int) (total, decodeStep time.Duration, first []int) {
+		var wg sync.WaitGroup
+		steps := make([]time.Duration, batch)
+		var toks [][]int = make([][]int, batch)
+		start := time.Now()
+		for i := range batch {
+			r := &engine.Request{ID: fmt.Sprint(i), Prompt: prompts[i], MaxNewTokens: newTokens, IgnoreEOS: true}
+			if n > 0 {
+				r.AdapterID = fmt.Sprintf("a%02d", i*n/batch)
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := e.Submit(context.Background(), r, func(ev engine.Event) error {
+					for _, tk := range ev.Tokens {
+						toks[i] = append(toks[i], tk.ID)
+					}
+					if ev.Done {
+						steps[i] = (ev.Timings.Total - ev.Timings.TTFT) / time.Duration(newTokens-1)
+					}
+					return nil
+				})
+				if err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		total = time.Since(start)
+		for i := range toks {
+			if len(toks[i]) != newTokens {
+				t.Fatalf("request %d: %d tokens, want %d", i, len(toks[i]), newTokens)
+			}
+		}
+		slices.Sort(steps)
+		return total, steps[len(steps)/2], toks[0][:8]
+	}
+	run(len(src)) // warm-up: weights convert, step shapes are recorded
+	var base time.Duration
+	for _, n := range []int{0, 1, 8, 32} {
+		if n > len(src) {
+			continue
+		}
+		total, step, first := run(n)
+		if n == 0 {
+			base = step
+		}
+		ideal := time.Duration(float64(wb) / (bw * 1e9) * 1e9)
+		adIdeal := time.Duration(float64(int64(n)*adBytes) / (bw * 1e9) * 1e9)
+		t.Logf("engine E2E %2d adapters: %d x (%d prompt + %d new) in %v = %.0f generated tokens/s; decode time per token (median request) %v (+%v over base); floors: weights %v (%.2fx), distinct adapters %v; first tokens %v",
+			n, batch, len(prompts[0]), newTokens, total, float64(batch*newTokens)/total.Seconds(), step, step-base, ideal, float64(step)/float64(ideal), adIdeal, first)
+	}
+	t.Logf("engine E2E step graphs: %+v", m.(interface{ GraphStats() compute.GraphStats }).GraphStats())
 }
