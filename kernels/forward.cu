@@ -589,6 +589,84 @@ __global__ void sgmv_expand_f32_kernel(float *y, int out, const float *v, int ld
   y[static_cast<size_t>(t) * out + o] += sum * scales[s];
 }
 
+
+// GEMV for decode batches of at most GEMV_MAX_T tokens: out[t, n] (+)= sum_k x[t, k] W[n, k] with W
+// and x bf16, float32 accumulation. One warp per output row; each lane streams 16-byte chunks of
+// the row (four loads in flight, bypassing L1) and reads the matching x chunks (small, cached). The
+// N output rows are split over up to three destinations in order (a packed q/k/v or gate/up weight
+// writing its parts straight into their tensors).
+constexpr int GEMV_MAX_T = 8;
+constexpr int GEMV_WARPS = 8;
+
+struct GemvOut {
+  float *p[3];
+  int cols[3];
+};
+
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+  const __nv_bfloat162 *wp = reinterpret_cast<const __nv_bfloat162 *>(&w);
+  const __nv_bfloat162 *xp = reinterpret_cast<const __nv_bfloat162 *>(&x);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const float2 a = __bfloat1622float2(wp[i]), b = __bfloat1622float2(xp[i]);
+    s = fmaf(a.x, b.x, s);
+    s = fmaf(a.y, b.y, s);
+  }
+  return s;
+}
+
+__device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <int T>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_bf16_kernel(const __nv_bfloat16 *__restrict__ w, const __nv_bfloat16 *__restrict__ x, int K, int N,
+                     GemvOut o, int accumulate) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * GEMV_WARPS + warp;
+  if (n >= N) return;
+  const int kv = K >> 3;
+  const uint4 *wr = reinterpret_cast<const uint4 *>(w + static_cast<size_t>(n) * K);
+  const uint4 *xr = reinterpret_cast<const uint4 *>(x);
+  float a[T];
+#pragma unroll
+  for (int t = 0; t < T; t++) a[t] = 0.f;
+  int i = lane;
+  for (; i + 96 < kv; i += 128) {
+    const uint4 w0 = ld_stream(wr + i), w1 = ld_stream(wr + i + 32), w2 = ld_stream(wr + i + 64),
+                w3 = ld_stream(wr + i + 96);
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+      const uint4 *xt = xr + static_cast<size_t>(t) * kv;
+      a[t] += dot8(w0, __ldg(xt + i)) + dot8(w1, __ldg(xt + i + 32)) + dot8(w2, __ldg(xt + i + 64)) +
+              dot8(w3, __ldg(xt + i + 96));
+    }
+  }
+  for (; i < kv; i += 32) {
+    const uint4 w0 = ld_stream(wr + i);
+#pragma unroll
+    for (int t = 0; t < T; t++) a[t] += dot8(w0, __ldg(xr + static_cast<size_t>(t) * kv + i));
+  }
+#pragma unroll
+  for (int t = 0; t < T; t++) a[t] = warp_sum(a[t]);
+  if (lane != 0) return;
+  int part = 0, col = n;
+  while (part < 2 && col >= o.cols[part]) col -= o.cols[part++];
+  float *dst = o.p[part];
+  const int cols = o.cols[part];
+#pragma unroll
+  for (int t = 0; t < T; t++) {
+    float *d = dst + static_cast<size_t>(t) * cols + col;
+    *d = accumulate ? *d + a[t] : a[t];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -653,6 +731,36 @@ int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, cons
   const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
   return blas_code(cublasGemmEx(blas->h, CUBLAS_OP_T, CUBLAS_OP_N, n, tokens, k, &alpha, w, ab, k, x, ab, k, &beta,
                                 out, CUDA_R_32F, ldo, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
+                 int tokens, int k, int accumulate, lp_stream stream) {
+  if (tokens < 0 || k < 0 || n0 < 0 || n1 < 0 || n2 < 0 || x == nullptr || w == nullptr) return LP_ERR_INVALID;
+  if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
+  if (tokens > GEMV_MAX_T || k % 8 != 0 || !aligned16(x) || !aligned16(w)) return LP_ERR_UNSUPPORTED;
+  const int n = n0 + n1 + n2;
+  if (tokens == 0 || n == 0) return LP_OK;
+  GemvOut o{{out0, out1, out2}, {n0, n1, n2}};
+  const dim3 grid((n + GEMV_WARPS - 1) / GEMV_WARPS);
+  const auto *wb = static_cast<const __nv_bfloat16 *>(w);
+  const auto *xb = static_cast<const __nv_bfloat16 *>(x);
+  cudaStream_t s = cs(stream);
+  switch (tokens) {
+#define LP_GEMV_CASE(T) \
+  case T:               \
+    gemv_bf16_kernel<T><<<grid, GEMV_WARPS * 32, 0, s>>>(wb, xb, k, n, o, accumulate); \
+    break;
+    LP_GEMV_CASE(1)
+    LP_GEMV_CASE(2)
+    LP_GEMV_CASE(3)
+    LP_GEMV_CASE(4)
+    LP_GEMV_CASE(5)
+    LP_GEMV_CASE(6)
+    LP_GEMV_CASE(7)
+    LP_GEMV_CASE(8)
+#undef LP_GEMV_CASE
+  }
+  return launched();
 }
 
 int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2, int n2,

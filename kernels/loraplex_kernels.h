@@ -237,6 +237,14 @@ LP_API int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *
 LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,
                       int k, int accumulate);
 
+/* ABI 4: matrix-vector products for decode batches: out (+)= x W^T for tokens <= 8, x bf16
+ * [tokens, k], W bf16 [n0+n1+n2, k] row-major, float32 accumulation, rows of W split over up to three
+ * float32 outputs out_i [tokens, n_i] in order (a packed q/k/v weight writes q, k and v); with
+ * accumulate, out_i += instead of =. LP_ERR_UNSUPPORTED (nothing queued) for more than 8 tokens, k not
+ * a multiple of 8 or x, w not 16-byte aligned: use lp_gemm_ex then. */
+LP_API int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
+                        int tokens, int k, int accumulate, lp_stream stream);
+
 /* ABI 4: splits the columns of p float32 [rows, ldp] into up to three parts, in order:
  * out0 [rows, n0] = p[:, 0:n0], out1 [rows, n1] = p[:, n0:n0+n1], out2 [rows, n2] = the next n2
  * (n0 + n1 + n2 <= ldp; a part of width 0 is skipped). Unpacks a fused q/k/v or gate/up GEMM. */

@@ -92,11 +92,25 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 	if err != nil {
 		return err
 	}
+	if err := b.asWeight(wt); err != nil {
+		return err
+	}
+	var direct bool // small steps: the GEMV writes each part into its output
+	if len(os) > 1 && xHalf != 0 {
+		ptrs := make([]uintptr, len(os))
+		for i, o := range os {
+			ptrs[i] = o.ptr()
+			o.halfOK = false
+		}
+		if direct, err = b.gemv(ptrs, widths[:len(os)], xHalf, wt, t, k, false); err != nil {
+			return err
+		}
+	}
 	if len(os) == 1 {
 		if err := b.matmul(os[0], xt.ptr(), xHalf, wt, t, n, k); err != nil {
 			return err
 		}
-	} else {
+	} else if !direct {
 		p, err := b.scratch(4 * int64(t) * int64(n))
 		if err != nil {
 			return err

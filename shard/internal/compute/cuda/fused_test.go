@@ -18,13 +18,17 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			p := &parity{t: t, g: newGPUBackend(t, Options{WeightDType: dt}), c: cpu.New(cpu.Options{}), dt: dt}
 			seed := rand.Uint64()
 			t.Logf("seed %d", seed)
-			testFused(p, rand.New(rand.NewPCG(seed, 11)))
+			r := rand.New(rand.NewPCG(seed, 11))
+			// 13 tokens: cuBLAS, the packed output split; 3 tokens: the GEMV writing each part.
+			for _, tokens := range []int{13, 3} {
+				t.Run(fmt.Sprint(tokens), func(t *testing.T) { p.t = t; testFused(p, r, tokens) })
+			}
 		})
 	}
 }
 
-func testFused(p *parity, r *rand.Rand) {
-	const tokens, hidden, kv, inter = 13, 64, 32, 96
+func testFused(p *parity, r *rand.Rand, tokens int) {
+	const hidden, kv, inter = 64, 32, 96
 	widths := map[compute.Module][2]int{ // in, out
 		compute.ModQ: {hidden, hidden}, compute.ModK: {hidden, kv}, compute.ModV: {hidden, kv}, compute.ModO: {hidden, hidden},
 		compute.ModGate: {hidden, inter}, compute.ModUp: {hidden, inter}, compute.ModDown: {inter, hidden},
@@ -47,7 +51,7 @@ func testFused(p *parity, r *rand.Rand) {
 	meta := func(a, b compute.Adapter) *compute.BatchMeta {
 		return &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
 			Seqs:     []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}},
-			Segments: []compute.Segment{{Start: 0, End: 4, Adapter: a}, {Start: 4, End: 6}, {Start: 6, End: 13, Adapter: b}}}
+			Segments: []compute.Segment{{Start: 0, End: tokens / 3, Adapter: a}, {Start: tokens / 3, End: 2 * tokens / 3}, {Start: 2 * tokens / 3, End: tokens, Adapter: b}}}
 	}
 	gbt, err := p.g.PrepareBatch(meta(ga, gb2))
 	must(p.t, err)

@@ -76,6 +76,35 @@ func (b *Backend) halfOf(t *Tensor) (uintptr, error) {
 	return t.half.ptr, nil
 }
 
+// errUnsupported is LP_ERR_UNSUPPORTED: a valid call the library does not implement.
+const errUnsupported = -2
+
+// maxGEMVTokens is the largest step lp_gemv_bf16 takes; larger ones use cuBLAS.
+const maxGEMVTokens = 8
+
+// gemv queues out_i (+)= x W^T for a bf16 weight whose rows split over outs (widths ns) when the step
+// is small enough for lp_gemv_bf16 (at most maxGEMVTokens rows: a decode batch, streaming the weight
+// at close to copy bandwidth where cuBLAS does not); false when it does not apply.
+func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k int, acc bool) (bool, error) {
+	if t > maxGEMVTokens || len(outs) > 3 || w.dtype != BF16 {
+		return false, nil
+	}
+	var o [3]uintptr
+	var n [3]int32
+	for i := range outs {
+		o[i], n[i] = outs[i], int32(ns[i])
+	}
+	a := int32(0)
+	if acc {
+		a = 1
+	}
+	rc := b.lib.gemv(o[0], n[0], o[1], n[1], o[2], n[2], xHalf, w.ptr(), int32(t), int32(k), a, b.stream.handle())
+	if rc == errUnsupported {
+		return false, nil
+	}
+	return true, b.lib.check("gemv", rc)
+}
+
 // halfInput returns x rounded to bf16 on a bf16 backend (0 on a float32 one): its bf16 copy, made
 // now unless an op already wrote it. GEMMs and the LoRA shrink then read the same rounded values.
 func (b *Backend) halfInput(x *Tensor) (uintptr, error) {
@@ -122,6 +151,11 @@ func (b *Backend) matmulTo(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *
 		return gemm(F32, x)
 	}
 	if xHalf != 0 {
+		if ldo == n {
+			if ok, err := b.gemv([]uintptr{out}, []int{n}, xHalf, w, t, k, acc); ok || err != nil {
+				return err
+			}
+		}
 		return gemm(BF16, xHalf)
 	}
 	xb, err := b.scratch(2 * int64(t) * int64(k))
