@@ -174,19 +174,24 @@ __global__ void bf16_to_f32_kernel(float *dst, const __nv_bfloat16 *src, size_t 
 
 // One block per token; the angle is formed in float32 (as Hugging Face does) and its cosine and
 // sine taken in double, then rounded, as the CPU backend does.
+// Grid (tokens, head groups of ROPE_HEADS): a thread owns one frequency i, computes its angle's cosine
+// and sine once (in double, as the CPU backend does) and rotates pair i of each head of its group.
+constexpr int ROPE_HEADS = 4;
 __global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, const int32_t *positions) {
   const int half = hd / 2;
   const float p = static_cast<float>(positions[blockIdx.x]);
   float *row = x + static_cast<size_t>(blockIdx.x) * heads * hd;
-  for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
-    const int h = idx / half, i = idx % half;
+  const int h0 = blockIdx.y * ROPE_HEADS, h1 = min(heads, h0 + ROPE_HEADS);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
     const float ang = p * inv_freq[i];
     const float c = static_cast<float>(cos(static_cast<double>(ang)));
     const float s = static_cast<float>(sin(static_cast<double>(ang)));
-    float *v = row + h * hd;
-    const float x1 = v[i], x2 = v[i + half];
-    v[i] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
-    v[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    for (int h = h0; h < h1; h++) {
+      float *v = row + h * hd;
+      const float x1 = v[i], x2 = v[i + half];
+      v[i] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+      v[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    }
   }
 }
 
@@ -842,7 +847,8 @@ int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq
             lp_stream stream) {
   if (tokens < 0 || heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) return LP_ERR_INVALID;
   if (tokens == 0) return LP_OK;
-  rope_kernel<<<tokens, 256, 0, cs(stream)>>>(x, heads, head_dim, inv_freq, positions);
+  const dim3 grid(tokens, (heads + ROPE_HEADS - 1) / ROPE_HEADS);
+  rope_kernel<<<grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream)>>>(x, heads, head_dim, inv_freq, positions);
   return launched();
 }
 

@@ -147,6 +147,7 @@ func (e *QueueFullError) Unwrap() error { return ErrQueueFull }
 type Engine struct {
 	opts     Options
 	be       compute.Backend
+	sampler  compute.Sampler // be, when it samples where the logits live; nil: sample on the host
 	model    model.Model
 	info     model.Info
 	tok      *tokenizer.Tokenizer
@@ -194,6 +195,7 @@ func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokeniz
 		blocks: kvcache.NewAllocator(opts.KVBlocks, opts.BlockSize), queue: newFairQueue(),
 		wake: make(chan struct{}, 1), stopped: make(chan struct{}),
 	}
+	e.sampler, _ = be.(compute.Sampler)
 	if e.metrics, err = newMetrics(meter, e); err != nil {
 		be.FreeKVCache(cache)
 		return nil, err
@@ -593,14 +595,13 @@ func (e *Engine) step() error {
 	if len(sampled) == 0 {
 		return nil
 	}
-	v := e.info.VocabSize
-	host := make([]float32, len(sampled)*v)
-	if err := e.be.ToHost(logits, host); err != nil {
+	choices, err := e.sample(logits, sampled)
+	if err != nil {
 		return err
 	}
 	done := map[*sequence]bool{}
 	for i, s := range sampled {
-		if s.advance(host[i*v : (i+1)*v]) {
+		if s.advance(choices[i]) {
 			done[s] = true
 			e.metrics.finished(s)
 		}
@@ -620,6 +621,29 @@ func (e *Engine) step() error {
 	e.running = kept
 	e.setRunning()
 	return nil
+}
+
+// sample draws the next token of each sequence from its row of logits: on the backend when it
+// implements compute.Sampler, so only the tokens cross to the host, else on the host. Both give the
+// same tokens (sampling.Choose is the backends' reference).
+func (e *Engine) sample(logits compute.Tensor, seqs []*sequence) ([]sampling.Choice, error) {
+	if e.sampler != nil {
+		rows := make([]compute.SampleRow, len(seqs))
+		for i, s := range seqs {
+			rows[i] = s.sampler.NextRow()
+		}
+		return e.sampler.Sample(logits, rows)
+	}
+	v := e.info.VocabSize
+	host := make([]float32, len(seqs)*v)
+	if err := e.be.ToHost(logits, host); err != nil {
+		return nil, err
+	}
+	out := make([]sampling.Choice, len(seqs))
+	for i, s := range seqs {
+		out[i] = s.sampler.Sample(host[i*v : (i+1)*v])
+	}
+	return out, nil
 }
 
 // setRunning publishes the running batch's size and distinct adapters for Stats.

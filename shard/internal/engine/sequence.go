@@ -63,9 +63,8 @@ func newSequence(ctx context.Context, r *Request, maxNew int, ad compute.Adapter
 	return s
 }
 
-// advance samples the next token from logits and reports whether the sequence is finished.
-func (s *sequence) advance(logits []float32) bool {
-	c := s.sampler.Sample(logits)
+// advance appends the token the step drew for the sequence and reports whether it is finished.
+func (s *sequence) advance(c sampling.Choice) bool {
 	s.sampler.Observe(c.ID)
 	s.tokens = append(s.tokens, c.ID)
 	now := time.Now()

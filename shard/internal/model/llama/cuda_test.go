@@ -616,7 +616,14 @@ func TestCUDAOpBreakdown(t *testing.T) {
 		t.Skip("benchmark: run with -cuda.bench")
 	}
 	be := gpuBackend(t, cuda.BF16)
-	const batch, ctx, hidden, inter, heads, kvHeads, hd, vocab, layers = 32, 144, 2048, 5632, 16, 8, 128, 32000, 16
+	t.Run("2048x16-batch32", func(t *testing.T) { opBreakdown(t, be, breakdownShape{32, 144, 2048, 5632, 16, 8, 128, 32000, 16}) })
+	t.Run("8B-batch1", func(t *testing.T) { opBreakdown(t, be, breakdownShape{1, 144, 4096, 14336, 32, 8, 128, 128256, 32}) })
+}
+
+type breakdownShape struct{ batch, ctx, hidden, inter, heads, kvHeads, hd, vocab, layers int }
+
+func opBreakdown(t *testing.T, be *cuda.Backend, sh breakdownShape) {
+	batch, ctx, hidden, inter, heads, kvHeads, hd, vocab, layers := sh.batch, sh.ctx, sh.hidden, sh.inter, sh.heads, sh.kvHeads, sh.hd, sh.vocab, sh.layers
 	rw := &randWeights{shapes: map[string][]int{}, seed: 3}
 	tensor := func(shape ...int) compute.Tensor {
 		rw.shapes["x"] = shape
@@ -638,7 +645,7 @@ func TestCUDAOpBreakdown(t *testing.T) {
 		}
 		meta.Seqs = append(meta.Seqs, compute.SeqMeta{BlockTable: tb, ContextLen: ctx})
 		meta.Tokens = append(meta.Tokens, int32(i))
-		meta.Positions = append(meta.Positions, ctx-1)
+		meta.Positions = append(meta.Positions, int32(ctx-1))
 		meta.SeqIndex = append(meta.SeqIndex, int32(i))
 		meta.LogitRows = append(meta.LogitRows, int32(i))
 	}
@@ -656,7 +663,7 @@ func TestCUDAOpBreakdown(t *testing.T) {
 	up, gate, norm := tensor(batch, inter), tensor(batch, inter), tensor(hidden)
 	inv := make([]float32, hd/2)
 	for i := range inv {
-		inv[i] = float32(1 / math.Pow(10000, float64(2*i)/hd))
+		inv[i] = float32(1 / math.Pow(10000, float64(2*i)/float64(hd)))
 	}
 	type op struct {
 		name    string
@@ -672,8 +679,12 @@ func TestCUDAOpBreakdown(t *testing.T) {
 	// adapters on all seven projections (one 1-token segment each).
 	info := model.Info{Hidden: hidden, Intermediate: inter, Heads: heads, KVHeads: kvHeads, HeadDim: hd, Layers: 1}
 	ameta := *meta
+	adapters := batch >= 32
 	ameta.Segments = nil
 	for i := range batch {
+		if !adapters {
+			break
+		}
 		aw := &compute.AdapterWeights{Name: fmt.Sprint(i), Layers: make([][compute.NumModules]*compute.LoRAWeights, 1)}
 		for mod := range compute.NumModules {
 			in, out := info.ModuleDims(mod)
@@ -689,9 +700,11 @@ func TestCUDAOpBreakdown(t *testing.T) {
 		t.Cleanup(func() { be.FreeAdapter(ad) })
 		ameta.Segments = append(ameta.Segments, compute.Segment{Start: i, End: i + 1, Adapter: ad})
 	}
-	ab, err := be.PrepareBatch(&ameta)
-	if err != nil {
-		t.Fatal(err)
+	ab := b
+	if adapters {
+		if ab, err = be.PrepareBatch(&ameta); err != nil {
+			t.Fatal(err)
+		}
 	}
 	qkvW, err := be.PackRows(tensorOwned(t, be, rw, heads*hd, hidden), tensorOwned(t, be, rw, kvHeads*hd, hidden), tensorOwned(t, be, rw, kvHeads*hd, hidden))
 	if err != nil {
@@ -705,33 +718,36 @@ func TestCUDAOpBreakdown(t *testing.T) {
 	qkvMods, guMods := []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, []compute.Module{compute.ModGate, compute.ModUp}
 	project := func(bt compute.Batch) []op {
 		return []op{
-			{"project q/k/v [32x2048]x[4096x2048]^T + split", layers, 2 * hidden * (heads + 2*kvHeads) * hd, func() error {
+			{"project q/k/v + split", layers, int64(2 * hidden * (heads + 2*kvHeads) * hd), func() error {
 				return be.Project([]compute.Tensor{q, k, v}, xh, qkvW, 0, qkvMods, bt)
 			}},
-			{"project-add o [32x2048]x[2048x2048]^T", layers, 2 * hidden * heads * hd, func() error { return be.ProjectAdd(xh, o, oW, 0, compute.ModO, bt) }},
-			{"project gate/up [32x2048]x[11264x2048]^T + split", layers, 2 * 2 * hidden * inter, func() error {
+			{"project-add o", layers, int64(2 * hidden * heads * hd), func() error { return be.ProjectAdd(xh, o, oW, 0, compute.ModO, bt) }},
+			{"project gate/up + split", layers, int64(2 * 2 * hidden * inter), func() error {
 				return be.Project([]compute.Tensor{gate, up}, xh, guW, 0, guMods, bt)
 			}},
-			{"project-add down [32x5632]x[2048x5632]^T", layers, 2 * hidden * inter, func() error { return be.ProjectAdd(xh, gate, downW, 0, compute.ModDown, bt) }},
+			{"project-add down", layers, int64(2 * hidden * inter), func() error { return be.ProjectAdd(xh, gate, downW, 0, compute.ModDown, bt) }},
 		}
 	}
 	lmOut := tensor(batch, vocab)
 	lm := tensor(vocab, hidden)
 	ops := []op{
-		{"matmul q [32x2048]x[2048x2048]^T (unfused)", 0, 2 * hidden * heads * hd, mm(heads*hd, hidden, xh, q)},
-		{"matmul k [32x2048]x[1024x2048]^T (unfused)", 0, 2 * hidden * kvHeads * hd, mm(kvHeads*hd, hidden, xh, k)},
-		{"matmul gate [32x2048]x[5632x2048]^T (unfused)", 0, 2 * hidden * inter, mm(inter, hidden, xh, xi)},
+		{"matmul q (unfused)", 0, int64(2 * hidden * heads * hd), mm(heads*hd, hidden, xh, q)},
+		{"matmul k (unfused)", 0, int64(2 * hidden * kvHeads * hd), mm(kvHeads*hd, hidden, xh, k)},
+		{"matmul gate (unfused)", 0, int64(2 * hidden * inter), mm(inter, hidden, xh, xi)},
 	}
 	ops = append(ops, project(b)...)
 	ops = append(ops, []op{
-		{"lm_head rows [32x2048]x[32000x2048]^T", 1, 2 * hidden * vocab, func() error { return be.MatMulRows(lmOut, xh, lm, b) }},
-		{"attention (kv write + attend), context 144", layers, 0, func() error { return be.Attention(o, q, k, v, cache, 0, 0.088, b) }},
-		{"rmsnorm [32x2048]", 2*layers + 1, 0, func() error { return be.RMSNorm(xh, xh, norm, 1e-5) }},
-		{"rope q [32x16x128]", layers, 0, func() error { return be.RoPE(q, heads, hd, inv, b) }},
-		{"rope k [32x8x128]", layers, 0, func() error { return be.RoPE(k, kvHeads, hd, inv, b) }},
-		{"silu-mul [32x5632]", layers, 0, func() error { return be.SiLUMul(gate, gate, up) }},
+		{"lm_head rows", 1, int64(2 * hidden * vocab), func() error { return be.MatMulRows(lmOut, xh, lm, b) }},
+		{"attention (kv write + attend)", layers, 0, func() error { return be.Attention(o, q, k, v, cache, 0, 0.088, b) }},
+		{"rmsnorm", 2*layers + 1, 0, func() error { return be.RMSNorm(xh, xh, norm, 1e-5) }},
+		{"rope q", layers, 0, func() error { return be.RoPE(q, heads, hd, inv, b) }},
+		{"rope k", layers, 0, func() error { return be.RoPE(k, kvHeads, hd, inv, b) }},
+		{"silu-mul", layers, 0, func() error { return be.SiLUMul(gate, gate, up) }},
 	}...)
 	withAdapters := project(ab)
+	if !adapters {
+		withAdapters = nil
+	}
 	for i := range withAdapters {
 		withAdapters[i].name += ", 32 adapters"
 		withAdapters[i].perStep = 0
