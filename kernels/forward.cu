@@ -195,6 +195,45 @@ __global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, 
   }
 }
 
+// RoPE on q and k and the KV cache write in one pass: grid (tokens, head groups of ROPE_HEADS over the
+// heads of q then those of k); a thread owns frequency i. For a k head it also writes the rotated k
+// and v pair into the cache slot of the token's position. Same arithmetic as rope_kernel and
+// kv_write_kernel.
+__global__ void rope_kv_write_kernel(float *q, float *k, const float *v, float *kc, float *vc, int heads, int kv_heads,
+                                     int hd, const float *inv_freq, const int32_t *positions,
+                                     const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs) {
+  const int half = hd / 2, t = blockIdx.x;
+  const int pos = positions[t];
+  const float p = static_cast<float>(pos);
+  const int h0 = blockIdx.y * ROPE_HEADS, h1 = min(heads + kv_heads, h0 + ROPE_HEADS);
+  const int kvw = kv_heads * hd;
+  const int32_t *table = bt + bt_off[seq_index[t]];
+  const size_t dst = (static_cast<size_t>(table[pos / bs]) * bs + pos % bs) * kvw;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float ang = p * inv_freq[i];
+    const float c = static_cast<float>(cos(static_cast<double>(ang)));
+    const float s = static_cast<float>(sin(static_cast<double>(ang)));
+    for (int h = h0; h < h1; h++) {
+      const bool isk = h >= heads;
+      const int hh = isk ? h - heads : h;
+      float *row = isk ? k + static_cast<size_t>(t) * kvw + hh * hd : q + static_cast<size_t>(t) * heads * hd + hh * hd;
+      const float x1 = row[i], x2 = row[i + half];
+      const float y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+      const float y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+      row[i] = y1;
+      row[i + half] = y2;
+      if (isk) {
+        const size_t o = dst + hh * hd;
+        const float *vr = v + static_cast<size_t>(t) * kvw + hh * hd;
+        kc[o + i] = y1;
+        kc[o + i + half] = y2;
+        vc[o + i] = vr[i];
+        vc[o + i + half] = vr[i + half];
+      }
+    }
+  }
+}
+
 inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 __device__ __forceinline__ size_t slot(const int32_t *table, int j, int bs) {
@@ -849,6 +888,20 @@ int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq
   if (tokens == 0) return LP_OK;
   const dim3 grid(tokens, (heads + ROPE_HEADS - 1) / ROPE_HEADS);
   rope_kernel<<<grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream)>>>(x, heads, head_dim, inv_freq, positions);
+  return launched();
+}
+
+int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *v_cache, int tokens, int heads,
+                     int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
+                     const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
+                     int block_size, lp_stream stream) {
+  if (tokens < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || block_size <= 0)
+    return LP_ERR_INVALID;
+  if (tokens == 0) return LP_OK;
+  const dim3 grid(tokens, (heads + kv_heads + ROPE_HEADS - 1) / ROPE_HEADS);
+  rope_kv_write_kernel<<<grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream)>>>(
+      q, k, v, k_cache, v_cache, heads, kv_heads, head_dim, inv_freq, positions, seq_index, block_tables,
+      table_offsets, block_size);
   return launched();
 }
 

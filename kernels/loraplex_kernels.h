@@ -237,6 +237,13 @@ LP_API int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *
 LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,
                       int k, int accumulate);
 
+/* ABI 4: lp_rope on q [tokens, heads*head_dim] and on k [tokens, kv_heads*head_dim], then
+ * lp_kv_write of the rotated k and of v, in one kernel (same results as the three calls). */
+LP_API int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *v_cache, int tokens, int heads,
+                            int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
+                            const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
+                            int block_size, lp_stream stream);
+
 /* ABI 4: matrix-vector products for decode batches: out (+)= x W^T for tokens <= 8, x bf16
  * [tokens, k], W bf16 [n0+n1+n2, k] row-major, float32 accumulation, rows of W split over up to three
  * float32 outputs out_i [tokens, n_i] in order (a packed q/k/v weight writes q, k and v); with

@@ -275,7 +275,7 @@ func testRoPE(p *parity, r *rand.Rand) {
 // different lengths, then a decode, a prefill continuation and a decode, on two layers.
 func testAttention(p *parity, r *rand.Rand) {
 	for _, c := range []struct{ heads, kvHeads, hd int }{{6, 2, 16}, {4, 1, 40}, {8, 8, 128}} {
-		shape := compute.KVShape{Layers: 2, NumBlocks: 40, BlockSize: 4, KVHeads: c.kvHeads, HeadDim: c.hd}
+		shape := compute.KVShape{Layers: 3, NumBlocks: 40, BlockSize: 4, KVHeads: c.kvHeads, HeadDim: c.hd}
 		gc, err := p.g.NewKVCache(shape)
 		must(p.t, err)
 		cc, err := p.c.NewKVCache(shape)
@@ -316,6 +316,23 @@ func testAttention(p *parity, r *rand.Rand) {
 				must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
 				p.same(fmt.Sprintf("attention %d/%d heads of %d, step %d, layer %d", c.heads, c.kvHeads, c.hd, step, layer), out, tolReduction)
 			}
+			// Layer 2: RoPEAttention (RoPE and the KV write in one kernel) against RoPE, RoPE, Attention.
+			inv := make([]float32, c.hd/2)
+			for i := range inv {
+				inv[i] = float32(1 / math.Pow(10000, float64(2*i)/float64(c.hd)))
+			}
+			q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
+			k := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
+			v := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
+			out := p.tensor(make([]float32, tk*qw), tk, qw)
+			must(p.t, p.g.RoPEAttention(out.g, q.g, k.g, v.g, inv, gc, 2, scale, gb))
+			must(p.t, p.c.RoPE(q.c, c.heads, c.hd, inv, cb))
+			must(p.t, p.c.RoPE(k.c, c.kvHeads, c.hd, inv, cb))
+			must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, 2, scale, cb))
+			name := fmt.Sprintf("rope attention %d/%d heads of %d, step %d", c.heads, c.kvHeads, c.hd, step)
+			p.same(name+" q", q, tolElementwise)
+			p.same(name+" k", k, tolElementwise)
+			p.same(name, out, tolReduction)
 		}
 		// A block outside the cache is refused before any kernel runs.
 		bad := &compute.BatchMeta{Tokens: []int32{1}, Positions: []int32{0}, SeqIndex: []int32{0},

@@ -282,9 +282,19 @@ func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, 
 	if n != len(bt.m.Positions) || heads <= 0 || headDim <= 0 || w != heads*headDim || headDim%2 != 0 || len(invFreq) != half || !fits32(n) {
 		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions, %d frequencies", compute.ErrShape, xt.shape, heads, headDim, len(bt.m.Positions), len(invFreq))
 	}
+	inv, err := b.invFreq(invFreq)
+	if err != nil {
+		return err
+	}
+	xt.halfOK = false
+	return b.lib.check("rope", b.lib.rope(xt.ptr(), int32(n), int32(heads), int32(headDim), inv, bt.positions, b.stream.handle()))
+}
+
+// invFreq returns RoPE's inverse frequencies on the device, uploading them when they change.
+func (b *Backend) invFreq(invFreq []float32) (uintptr, error) {
 	if !slices.Equal(b.invFreqHost, invFreq) || b.invFreqDev == nil {
 		if b.isCapturing() {
-			return errNotCapturable
+			return 0, errNotCapturable
 		}
 		if b.invFreqDev != nil {
 			b.release(b.invFreqDev)
@@ -292,16 +302,15 @@ func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, 
 		}
 		buf, err := b.alloc(4 * int64(len(invFreq)))
 		if err != nil {
-			return err
+			return 0, err
 		}
 		if err := CopyIn(buf, 0, invFreq, b.stream); err != nil {
 			b.release(buf)
-			return err
+			return 0, err
 		}
 		b.invFreqDev, b.invFreqHost = buf, slices.Clone(invFreq)
 	}
-	xt.halfOK = false
-	return b.lib.check("rope", b.lib.rope(xt.ptr(), int32(n), int32(heads), int32(headDim), b.invFreqDev.ptr, bt.positions, b.stream.handle()))
+	return b.invFreqDev.ptr, nil
 }
 
 // checkTables verifies, once per (batch, cache), that every block a token reads is in the cache, so
@@ -330,6 +339,20 @@ func (bt *batch) checkTables(c *kvCache) error {
 
 // Attention implements compute.Backend.
 func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, layer int, scale float32, cb compute.Batch) error {
+	return b.attention(out, q, k, v, nil, cache, layer, scale, cb)
+}
+
+// RoPEAttention implements compute.Fuser: RoPE on q and k, the KV cache write and attention, with the
+// first two in one kernel (lp_rope_kv_write).
+func (b *Backend) RoPEAttention(out, q, k, v compute.Tensor, invFreq []float32, cache compute.KVCache, layer int, scale float32, cb compute.Batch) error {
+	if invFreq == nil {
+		return fmt.Errorf("%w: rope attention without frequencies", compute.ErrShape)
+	}
+	return b.attention(out, q, k, v, invFreq, cache, layer, scale, cb)
+}
+
+// attention queues the KV write (with RoPE on q and k first when invFreq is set) and attention.
+func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cache compute.KVCache, layer int, scale float32, cb compute.Batch) error {
 	bt, err := asBatch(cb)
 	if err != nil {
 		return err
@@ -370,7 +393,20 @@ func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, 
 	o.halfOK = false
 	kc, vc := c.layer(layer)
 	st := b.stream.handle()
-	if err := b.lib.check("kv write", b.lib.kvWrite(kc, vc, kt.ptr(), vt.ptr(), int32(n), int32(kvw), bt.positions, bt.seqIndex,
+	if invFreq != nil {
+		if len(invFreq) != s.HeadDim/2 || s.HeadDim%2 != 0 {
+			return fmt.Errorf("%w: rope with %d frequencies for head dim %d", compute.ErrShape, len(invFreq), s.HeadDim)
+		}
+		inv, err := b.invFreq(invFreq)
+		if err != nil {
+			return err
+		}
+		qt.halfOK, kt.halfOK = false, false
+		if err := b.lib.check("rope + kv write", b.lib.ropeKVWrite(qt.ptr(), kt.ptr(), vt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
+			inv, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
+			return err
+		}
+	} else if err := b.lib.check("kv write", b.lib.kvWrite(kc, vc, kt.ptr(), vt.ptr(), int32(n), int32(kvw), bt.positions, bt.seqIndex,
 		bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
 		return err
 	}

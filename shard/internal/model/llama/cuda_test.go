@@ -738,10 +738,11 @@ func opBreakdown(t *testing.T, be *cuda.Backend, sh breakdownShape) {
 	ops = append(ops, project(b)...)
 	ops = append(ops, []op{
 		{"lm_head rows", 1, int64(2 * hidden * vocab), func() error { return be.MatMulRows(lmOut, xh, lm, b) }},
-		{"attention (kv write + attend)", layers, 0, func() error { return be.Attention(o, q, k, v, cache, 0, 0.088, b) }},
+		{"attention (kv write + attend), unfused", 0, 0, func() error { return be.Attention(o, q, k, v, cache, 0, 0.088, b) }},
+		{"rope q + k, kv write, attention (fused)", layers, 0, func() error { return be.RoPEAttention(o, q, k, v, inv, cache, 0, 0.088, b) }},
 		{"rmsnorm", 2*layers + 1, 0, func() error { return be.RMSNorm(xh, xh, norm, 1e-5) }},
-		{"rope q", layers, 0, func() error { return be.RoPE(q, heads, hd, inv, b) }},
-		{"rope k", layers, 0, func() error { return be.RoPE(k, kvHeads, hd, inv, b) }},
+		{"rope q, unfused", 0, 0, func() error { return be.RoPE(q, heads, hd, inv, b) }},
+		{"rope k, unfused", 0, 0, func() error { return be.RoPE(k, kvHeads, hd, inv, b) }},
 		{"silu-mul", layers, 0, func() error { return be.SiLUMul(gate, gate, up) }},
 	}...)
 	withAdapters := project(ab)

@@ -342,7 +342,7 @@ func (m *Model) forward(b compute.Batch, cache compute.KVCache) (compute.Tensor,
 // fusedLayers runs the decoder layers with the backend's fused projections: the same computation as
 // the steps in forward, in fewer operations.
 func (m *Model) fusedLayers(b compute.Batch, cache compute.KVCache, s *scratch, eps, scale float32) error {
-	be, f, i := m.be, m.fuse, m.info
+	be, f := m.be, m.fuse
 	for l := range m.layers {
 		ly := &m.layers[l]
 		steps := []func() error{
@@ -350,9 +350,7 @@ func (m *Model) fusedLayers(b compute.Batch, cache compute.KVCache, s *scratch, 
 			func() error {
 				return f.Project([]compute.Tensor{s.q, s.k, s.v}, s.h, ly.qkv, l, []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, b)
 			},
-			func() error { return be.RoPE(s.q, i.Heads, i.HeadDim, m.invFreq, b) },
-			func() error { return be.RoPE(s.k, i.KVHeads, i.HeadDim, m.invFreq, b) },
-			func() error { return be.Attention(s.attn, s.q, s.k, s.v, cache, l, scale, b) },
+			func() error { return f.RoPEAttention(s.attn, s.q, s.k, s.v, m.invFreq, cache, l, scale, b) },
 			func() error { return f.ProjectAdd(s.x, s.attn, ly.proj[compute.ModO], l, compute.ModO, b) },
 			func() error { return be.RMSNorm(s.h, s.x, ly.postNorm, eps) },
 			func() error {
