@@ -3,7 +3,7 @@
 # elsewhere (no Go needed here):
 #   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go test -c -o .devrun/cuda.test ./shard/internal/compute/cuda/
 #   (the same for ./shard/internal/model/llama/ into .devrun/llama.test)
-# Usage: scripts/gpu/run-tests.sh [tests|bench|e2e|8b|all]... ; output in $OUT (or /tmp/gpu-out).
+# Usage: scripts/gpu/run-tests.sh [tests|bench|breakdown|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/gpu-out}
@@ -26,6 +26,14 @@ for what in "${@:-tests}"; do
       llama -test.v -test.count=1 -test.run 'TestCUDADecodeBench' -cuda.bench >"$out/decode-bench.log" 2>&1 || rc=1
       grep -E 'decode step|FAIL|copy bandwidth' "$out/decode-bench.log" | tail -20
       ;;
+    breakdown)
+      llama -test.v -test.count=1 -test.run 'TestCUDAOpBreakdown' -cuda.bench >"$out/breakdown.log" 2>&1 || rc=1
+      grep -E 'cuda_test|RUN|FAIL' "$out/breakdown.log" | tail -50
+      ;;
+    smoke)
+      OUT=$out timeout 240 bash "$root/scripts/gpusmoke/check.sh" >"$out/smoke.log" 2>&1 || rc=1
+      grep -E 'held-out|exit|ttft' "$out/smoke.log"
+      ;;
     upload)
       cuda -test.v -test.count=1 -test.run '^TestUploadBench$' -upload.bench >"$out/upload-bench.log" 2>&1 || rc=1
       tail -30 "$out/upload-bench.log"
@@ -33,7 +41,7 @@ for what in "${@:-tests}"; do
     e2e)
       [ -d /tmp/e2e ] || python3 "$root/scripts/bench_e2e_peft.py" /tmp/e2e >"$out/peft.log" 2>&1 || rc=1
       tail -12 "$out/peft.log"
-      llama -test.v -test.count=1 -test.run 'TestCUDAE2E' -cuda.e2e=/tmp/e2e >"$out/e2e.log" 2>&1 || rc=1
+      llama -test.v -test.count=1 -test.run 'TestCUDAE2E|TestCUDAEngineE2E' -cuda.e2e=/tmp/e2e >"$out/e2e.log" 2>&1 || rc=1
       grep -E 'E2E|FAIL|loaded' "$out/e2e.log" | tail -20
       ;;
     8b)
