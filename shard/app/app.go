@@ -56,11 +56,21 @@ type Config struct {
 	MemoryBudget int64
 	// GPUMemoryFraction of the free device memory becomes the budget when MemoryBudget is 0 (cuda).
 	GPUMemoryFraction float64
-	Engine            engine.Options
-	GRPC              grpcserver.Options
-	Limits            genreq.Limits
+	// CUDA tunes the cuda backend: step graphs, fused projections, pinned staging for adapter uploads.
+	CUDA   CUDAOptions
+	Engine engine.Options
+	GRPC   grpcserver.Options
+	Limits genreq.Limits
 	// Telemetry instruments the shard (set by main; nil: no traces or metrics).
 	Telemetry *telemetry.Providers
+}
+
+// CUDAOptions are the cuda backend's switches (the defaults are the fast paths; turning one off is
+// for comparisons and for working around a fault).
+type CUDAOptions struct {
+	StepGraphs   bool
+	Fusion       bool
+	StagingBytes int64
 }
 
 // DefaultConfig returns the defaults.
@@ -68,6 +78,7 @@ func DefaultConfig() Config {
 	return Config{
 		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Discovery: discovery.DefaultOptions(),
 		Engine: autoKV(engine.DefaultOptions()), GPUMemoryFraction: 0.9, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
+		CUDA: CUDAOptions{StepGraphs: true, Fusion: true},
 	}
 }
 
@@ -92,6 +103,9 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Int64Var(&c.Engine.KVCacheBytes, "kv-cache-bytes", c.Engine.KVCacheBytes,
 		"KV cache size; 0 sizes it from the device: on cuda, a share of the memory NVML reports free after the weights and the adapter tier, on cpu 64 MiB")
 	fs.Float64Var(&c.GPUMemoryFraction, "gpu-memory-fraction", c.GPUMemoryFraction, "share of the GPU's free memory the shard may use when -memory-budget is 0 (cuda)")
+	fs.BoolVar(&c.CUDA.StepGraphs, "cuda-step-graphs", c.CUDA.StepGraphs, "record decode steps in CUDA graphs and replay them (cuda)")
+	fs.BoolVar(&c.CUDA.Fusion, "cuda-fusion", c.CUDA.Fusion, "fused projections: packed q/k/v and gate/up GEMMs, residual adds in the GEMM, RoPE with the KV write (cuda)")
+	fs.Int64Var(&c.CUDA.StagingBytes, "cuda-staging-bytes", c.CUDA.StagingBytes, "pinned host memory for staging adapter uploads (cuda; 0: 256 MiB)")
 	fs.IntVar(&c.Engine.BlockSize, "kv-block-size", c.Engine.BlockSize, "positions per KV cache block")
 	fs.IntVar(&c.Engine.DefaultMaxNewTokens, "default-max-new-tokens", c.Engine.DefaultMaxNewTokens, "max_new_tokens when a request leaves it 0")
 	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "address routers dial and Consul checks (default: the listen address)")
@@ -119,6 +133,9 @@ func (c *Config) Validate() error {
 	}
 	if err := eo.Validate(); err != nil {
 		return err
+	}
+	if c.CUDA.StagingBytes < 0 {
+		return fmt.Errorf("shard: -cuda-staging-bytes %d must not be negative", c.CUDA.StagingBytes)
 	}
 	if !(c.GPUMemoryFraction > 0 && c.GPUMemoryFraction <= 1) {
 		return fmt.Errorf("shard: -gpu-memory-fraction %v must be in (0, 1]", c.GPUMemoryFraction)
@@ -227,7 +244,8 @@ func (s *Shard) load() (err error) {
 				log.Info("GPU memory budget from NVML", zap.String("gpu", info.Name), zap.Uint64("free", info.Free), zap.Int64("budget", budget))
 			}
 		}
-		be, err := cuda.New(cuda.Options{MemoryBudget: budget})
+		be, err := cuda.New(cuda.Options{MemoryBudget: budget, NoStepGraphs: !cfg.CUDA.StepGraphs, NoFusion: !cfg.CUDA.Fusion,
+			StagingBytes: cfg.CUDA.StagingBytes})
 		if err != nil {
 			return fmt.Errorf("shard: -backend cuda: %w (build kernels/ with nvcc; set %s to the library's path or put %s next to the binary)",
 				err, cuda.LibraryEnv, cuda.LibraryName)

@@ -6,7 +6,10 @@ import (
 	"io"
 	"net"
 	"regexp"
+	"slices"
 	"strconv"
+	"strings"
+	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -162,4 +165,47 @@ func containerEnv(c corev1.Container, podName string) map[string]string {
 		}
 	}
 	return env
+}
+
+// TestShardCUDAArgs checks the CUDA backend's switches reach the shard: on by default, settable from
+// values, and absent with the cpu backend.
+func TestShardCUDAArgs(t *testing.T) {
+	for _, c := range []struct {
+		name          string
+		set           []string
+		backend       string
+		graphs, fused bool
+		staging       int64
+	}{
+		{"defaults", nil, "cuda", true, true, 0},
+		{"switched off", []string{"shard.cuda.stepGraphs=false", "shard.cuda.fusion=false", "shard.cuda.stagingBytes=67108864"}, "cuda", false, false, 64 << 20},
+		{"cpu", []string{"shard.backend=cpu", "shard.cuda.stepGraphs=false"}, "cpu", true, true, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			o := render(t, "", nil, c.set...)
+			found := false
+			for _, p := range pods(t, o) {
+				if p.component != "shard" {
+					continue
+				}
+				found = true
+				ct := p.spec.Containers[0]
+				a, err := parseArgs("shard", ct, containerEnv(ct, p.names[0]))
+				if err != nil {
+					t.Fatal(err)
+				}
+				s := a.shard
+				if s.Backend != c.backend || s.CUDA.StepGraphs != c.graphs || s.CUDA.Fusion != c.fused || s.CUDA.StagingBytes != c.staging {
+					t.Errorf("shard parsed -backend %s, cuda %+v; want %s, graphs %v, fusion %v, staging %d (args %v)",
+						s.Backend, s.CUDA, c.backend, c.graphs, c.fused, c.staging, ct.Args)
+				}
+				if c.backend == "cpu" && slices.ContainsFunc(ct.Args, func(a string) bool { return strings.HasPrefix(a, "-cuda-") }) {
+					t.Errorf("cpu shard gets cuda flags: %v", ct.Args)
+				}
+			}
+			if !found {
+				t.Fatal("no shard workload rendered")
+			}
+		})
+	}
 }
