@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <utility>
 
 #include "loraplex_kernels.h"
 
@@ -39,6 +40,50 @@ inline unsigned elem_blocks(size_t n) {
   return static_cast<unsigned>(b < 65535 ? (b == 0 ? 1 : b) : 65535);
 }
 
+// Programmatic dependent launch (Hopper): every kernel here is launched with it (launch_k), so in a
+// stream or a recorded graph the next kernel's blocks are scheduled while this one drains. Each
+// kernel therefore starts with pdl_enter: wait until the kernels before it have completed and their
+// writes are visible (griddepcontrol.wait), then let its own dependents launch. Only reads of memory
+// no kernel writes (weights) may come before the wait. Both are no-ops before sm_90 and for plain
+// launches; lp_set_pdl(0) turns the attribute off.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_enter() {
+  pdl_wait();
+  pdl_launch_dependents();
+}
+
+int g_fwd_pdl = 1;
+
+template <typename... KArgs, typename... Args>
+void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args &&...args) {
+  if (g_fwd_pdl) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...) == cudaSuccess) return;
+    cudaGetLastError();  // refused: launch plainly
+  }
+  kernel<<<grid, block, smem, s>>>(std::forward<Args>(args)...);
+}
+
 __device__ __forceinline__ float ld(const float *p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
 
@@ -50,6 +95,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 template <typename T>
 __global__ void gather_rows_kernel(float *out, const T *table, const int32_t *rows, int width) {
+  pdl_enter();
   const size_t src = static_cast<size_t>(rows[blockIdx.x]) * width;
   float *o = out + static_cast<size_t>(blockIdx.x) * width;
   for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = ld(table, src + i);
@@ -58,6 +104,7 @@ __global__ void gather_rows_kernel(float *out, const T *table, const int32_t *ro
 // out may alias x: each thread rereads its own elements after the reduction, before writing them.
 // ob, when not NULL, also receives the result rounded to bf16 (the next GEMM's input).
 __global__ void rmsnorm_kernel(float *out, __nv_bfloat16 *ob, const float *x, const float *w, int d, float eps) {
+  pdl_enter();
   const float *xr = x + static_cast<size_t>(blockIdx.x) * d;
   float *orow = out + static_cast<size_t>(blockIdx.x) * d;
   float ss = 0.f;
@@ -86,6 +133,7 @@ __global__ void rmsnorm_kernel(float *out, __nv_bfloat16 *ob, const float *x, co
 // read once, with 16-byte loads, and kept in registers for the scaling pass.
 constexpr int RMS_VEC = 4;
 __global__ void rmsnorm_vec_kernel(float *out, __nv_bfloat16 *ob, const float *x, const float *w, int d, float eps) {
+  pdl_enter();
   const int nv = d >> 2;
   const float4 *xr = reinterpret_cast<const float4 *>(x + static_cast<size_t>(blockIdx.x) * d);
   float4 v[RMS_VEC];
@@ -126,12 +174,14 @@ __global__ void rmsnorm_vec_kernel(float *out, __nv_bfloat16 *ob, const float *x
 }
 
 __global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
+  pdl_enter();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     out[i] = a[i] + b[i];
 }
 
 __global__ void silu_mul_kernel(float *out, __nv_bfloat16 *ob, const float *g, const float *u, size_t n) {
+  pdl_enter();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     const float gv = g[i];
@@ -143,6 +193,7 @@ __global__ void silu_mul_kernel(float *out, __nv_bfloat16 *ob, const float *g, c
 
 // Grid (rows, column chunks of 256): copies row r's columns into the part they fall in.
 __global__ void split_cols_kernel(const float *p, int ldp, float *o0, int n0, float *o1, int n1, float *o2, int n2) {
+  pdl_enter();
   const int r = blockIdx.x;
   int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= n0 + n1 + n2) return;
@@ -161,12 +212,14 @@ __global__ void split_cols_kernel(const float *p, int ldp, float *o0, int n0, fl
 }
 
 __global__ void f32_to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
+  pdl_enter();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     dst[i] = __float2bfloat16_rn(src[i]);
 }
 
 __global__ void bf16_to_f32_kernel(float *dst, const __nv_bfloat16 *src, size_t n) {
+  pdl_enter();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     dst[i] = __bfloat162float(src[i]);
@@ -178,6 +231,7 @@ __global__ void bf16_to_f32_kernel(float *dst, const __nv_bfloat16 *src, size_t 
 // and sine once (in double, as the CPU backend does) and rotates pair i of each head of its group.
 constexpr int ROPE_HEADS = 4;
 __global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, const int32_t *positions) {
+  pdl_enter();
   const int half = hd / 2;
   const float p = static_cast<float>(positions[blockIdx.x]);
   float *row = x + static_cast<size_t>(blockIdx.x) * heads * hd;
@@ -202,6 +256,7 @@ __global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, 
 __global__ void rope_kv_write_kernel(float *q, float *k, const float *v, float *kc, float *vc, int heads, int kv_heads,
                                      int hd, const float *inv_freq, const int32_t *positions,
                                      const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs) {
+  pdl_enter();
   const int half = hd / 2, t = blockIdx.x;
   const int pos = positions[t];
   const float p = static_cast<float>(pos);
@@ -245,6 +300,7 @@ __device__ __forceinline__ size_t slot(const int32_t *table, int j, int bs) {
 __global__ void kv_write_kernel(float *kc, float *vc, const float *k, const float *v, int kvw,
                                 const int32_t *positions, const int32_t *seq_index, const int32_t *bt,
                                 const int32_t *bt_off, int bs) {
+  pdl_enter();
   const int t = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
   if (4 * i >= kvw) return;
@@ -258,6 +314,7 @@ __global__ void kv_write_kernel(float *kc, float *vc, const float *k, const floa
 __global__ void kv_write_scalar_kernel(float *kc, float *vc, const float *k, const float *v, int kvw,
                                        const int32_t *positions, const int32_t *seq_index, const int32_t *bt,
                                        const int32_t *bt_off, int bs) {
+  pdl_enter();
   const int t = blockIdx.x;
   const int32_t *table = bt + bt_off[seq_index[t]];
   const size_t off = slot(table, positions[t], bs) * kvw;
@@ -278,6 +335,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention_kernel(float *out, const float *q, const float *kc, const float *vc, int heads, int kv_heads,
                      int hd, float scale, const int32_t *positions, const int32_t *seq_index,
                      const int32_t *bt, const int32_t *bt_off, int bs) {
+  pdl_enter();
   const int t = blockIdx.x, h = blockIdx.y;
   const int kvh = h / (heads / kv_heads);
   const int kvw = kv_heads * hd, qw = heads * hd;
@@ -366,6 +424,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     flash_attention_kernel(float *out, float *part, const float *q, const float *kc, const float *vc, int heads,
                            int kv_heads, int hd, float scale, const int32_t *positions, const int32_t *seq_index,
                            const int32_t *bt, const int32_t *bt_off, int bs, int chunk, int splits) {
+  pdl_enter();
   const int t = blockIdx.x;
   const int G = heads / kv_heads;
   const int groups = G / GB;
@@ -522,6 +581,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
 
 // Merges the splits' partials of one (token, head).
 __global__ void attention_combine_kernel(float *out, const float *part, int heads, int hd, int splits) {
+  pdl_enter();
   const int t = blockIdx.x, h = blockIdx.y;
   const float *pr = part + (static_cast<size_t>(t) * heads + h) * splits * (hd + 4);
   float M = -INFINITY;
@@ -549,9 +609,9 @@ int rmsnorm_launch(float *out, __nv_bfloat16 *ob, const float *x, const float *w
   if (d % 4 == 0 && d <= 4 * RMS_VEC * threads && aligned16(out) && aligned16(x) && aligned16(w) &&
       (ob == nullptr || (reinterpret_cast<uintptr_t>(ob) & 3) == 0)) {
     const int t = min(threads, max(32, ((d / 4 + RMS_VEC - 1) / RMS_VEC + 31) / 32 * 32));
-    rmsnorm_vec_kernel<<<rows, t, 0, s>>>(out, ob, x, w, d, eps);
+    launch_k(rmsnorm_vec_kernel, rows, t, 0, s, out, ob, x, w, d, eps);
   } else {
-    rmsnorm_kernel<<<rows, 256, 0, s>>>(out, ob, x, w, d, eps);
+    launch_k(rmsnorm_kernel, rows, 256, 0, s, out, ob, x, w, d, eps);
   }
   return launched();
 }
@@ -601,6 +661,7 @@ constexpr int SGMV_RANK_ROWS = 8;  // shrink: rank rows per block, one warp each
 template <typename W>
 __global__ void sgmv_shrink_f32_kernel(float *v, int ldv, const float *x, int in, const void *const *a_ptrs,
                                        const int32_t *ranks, const int32_t *tok_seg) {
+  pdl_enter();
   const int t = blockIdx.x;
   const int s = tok_seg[t];
   if (s < 0) return;
@@ -619,6 +680,7 @@ __global__ void sgmv_shrink_f32_kernel(float *v, int ldv, const float *x, int in
 template <typename W>
 __global__ void sgmv_expand_f32_kernel(float *y, int out, const float *v, int ldv, const void *const *b_ptrs,
                                        const int32_t *ranks, const float *scales, const int32_t *tok_seg) {
+  pdl_enter();
   const int t = blockIdx.x;
   const int s = tok_seg[t];
   if (s < 0) return;
@@ -682,14 +744,24 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 #pragma unroll
   for (int t = 0; t < T; t++) a[t] = 0.f;
   int i = lane;
+  // The weights are never written by kernels: the first chunks stream in before waiting for the
+  // kernel that writes x, and each iteration requests the next chunks before using the current ones.
+  uint4 w0, w1, w2, w3;
+  if (i + 96 < kv) {
+    w0 = ld_stream(wr + i), w1 = ld_stream(wr + i + 32), w2 = ld_stream(wr + i + 64), w3 = ld_stream(wr + i + 96);
+  }
+  pdl_enter();
   for (; i + 96 < kv; i += 128) {
-    const uint4 w0 = ld_stream(wr + i), w1 = ld_stream(wr + i + 32), w2 = ld_stream(wr + i + 64),
-                w3 = ld_stream(wr + i + 96);
+    const uint4 c0 = w0, c1 = w1, c2 = w2, c3 = w3;
+    if (i + 224 < kv) {
+      w0 = ld_stream(wr + i + 128), w1 = ld_stream(wr + i + 160), w2 = ld_stream(wr + i + 192),
+      w3 = ld_stream(wr + i + 224);
+    }
 #pragma unroll
     for (int t = 0; t < T; t++) {
       const uint4 *xt = xr + static_cast<size_t>(t) * kv;
-      a[t] += dot8(w0, __ldg(xt + i)) + dot8(w1, __ldg(xt + i + 32)) + dot8(w2, __ldg(xt + i + 64)) +
-              dot8(w3, __ldg(xt + i + 96));
+      a[t] += dot8(c0, __ldg(xt + i)) + dot8(c1, __ldg(xt + i + 32)) + dot8(c2, __ldg(xt + i + 64)) +
+              dot8(c3, __ldg(xt + i + 96));
     }
   }
   for (; i < kv; i += 32) {
@@ -792,7 +864,7 @@ int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, 
   switch (tokens) {
 #define LP_GEMV_CASE(T) \
   case T:               \
-    gemv_bf16_kernel<T><<<grid, GEMV_WARPS * 32, 0, s>>>(wb, xb, k, n, o, accumulate); \
+    launch_k(gemv_bf16_kernel<T>, grid, GEMV_WARPS * 32, 0, s, wb, xb, k, n, o, accumulate); \
     break;
     LP_GEMV_CASE(1)
     LP_GEMV_CASE(2)
@@ -807,6 +879,11 @@ int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, 
   return launched();
 }
 
+int lp_set_pdl(int enabled) {
+  g_fwd_pdl = enabled != 0;
+  return LP_OK;
+}
+
 int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2, int n2,
                   lp_stream stream) {
   if (p == nullptr || rows < 0 || n0 < 0 || n1 < 0 || n2 < 0 || n0 + n1 + n2 > ldp) return LP_ERR_INVALID;
@@ -814,7 +891,7 @@ int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float 
   const int total = n0 + n1 + n2;
   if (rows == 0 || total == 0) return LP_OK;
   const dim3 grid(rows, (total + 255) / 256);
-  split_cols_kernel<<<grid, 256, 0, cs(stream)>>>(p, ldp, out0, n0, out1, n1, out2, n2);
+  launch_k(split_cols_kernel, grid, 256, 0, cs(stream), p, ldp, out0, n0, out1, n1, out2, n2);
   return launched();
 }
 
@@ -822,10 +899,10 @@ int lp_convert(int dst_dtype, void *dst, int src_dtype, const void *src, size_t 
   if (n == 0) return LP_OK;
   if (dst == nullptr || src == nullptr) return LP_ERR_INVALID;
   if (dst_dtype == LP_DTYPE_BF16 && src_dtype == LP_DTYPE_F32) {
-    f32_to_bf16_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(static_cast<__nv_bfloat16 *>(dst),
+    launch_k(f32_to_bf16_kernel, elem_blocks(n), 256, 0, cs(stream), static_cast<__nv_bfloat16 *>(dst),
                                                               static_cast<const float *>(src), n);
   } else if (dst_dtype == LP_DTYPE_F32 && src_dtype == LP_DTYPE_BF16) {
-    bf16_to_f32_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(static_cast<float *>(dst),
+    launch_k(bf16_to_f32_kernel, elem_blocks(n), 256, 0, cs(stream), static_cast<float *>(dst),
                                                               static_cast<const __nv_bfloat16 *>(src), n);
   } else {
     return LP_ERR_UNSUPPORTED;
@@ -839,10 +916,10 @@ int lp_gather_rows(int dtype, float *out, const void *table, const int32_t *rows
   if (num_rows == 0 || width == 0) return LP_OK;
   switch (dtype) {
     case LP_DTYPE_F32:
-      gather_rows_kernel<<<num_rows, 256, 0, cs(stream)>>>(out, static_cast<const float *>(table), rows, width);
+      launch_k(gather_rows_kernel<float>, num_rows, 256, 0, cs(stream), out, static_cast<const float *>(table), rows, width);
       break;
     case LP_DTYPE_BF16:
-      gather_rows_kernel<<<num_rows, 256, 0, cs(stream)>>>(out, static_cast<const __nv_bfloat16 *>(table), rows,
+      launch_k(gather_rows_kernel<__nv_bfloat16>, num_rows, 256, 0, cs(stream), out, static_cast<const __nv_bfloat16 *>(table), rows,
                                                            width);
       break;
     default:
@@ -866,19 +943,19 @@ int lp_rmsnorm_bf16(float *out, void *out_bf16, const float *x, const float *w, 
 
 int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream stream) {
   if (n == 0) return LP_OK;
-  add_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, a, b, n);
+  launch_k(add_kernel, elem_blocks(n), 256, 0, cs(stream), out, a, b, n);
   return launched();
 }
 
 int lp_silu_mul(float *out, const float *gate, const float *up, size_t n, lp_stream stream) {
   if (n == 0) return LP_OK;
-  silu_mul_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, nullptr, gate, up, n);
+  launch_k(silu_mul_kernel, elem_blocks(n), 256, 0, cs(stream), out, nullptr, gate, up, n);
   return launched();
 }
 
 int lp_silu_mul_bf16(float *out, void *out_bf16, const float *gate, const float *up, size_t n, lp_stream stream) {
   if (n == 0) return LP_OK;
-  silu_mul_kernel<<<elem_blocks(n), 256, 0, cs(stream)>>>(out, static_cast<__nv_bfloat16 *>(out_bf16), gate, up, n);
+  launch_k(silu_mul_kernel, elem_blocks(n), 256, 0, cs(stream), out, static_cast<__nv_bfloat16 *>(out_bf16), gate, up, n);
   return launched();
 }
 
@@ -887,7 +964,7 @@ int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq
   if (tokens < 0 || heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) return LP_ERR_INVALID;
   if (tokens == 0) return LP_OK;
   const dim3 grid(tokens, (heads + ROPE_HEADS - 1) / ROPE_HEADS);
-  rope_kernel<<<grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream)>>>(x, heads, head_dim, inv_freq, positions);
+  launch_k(rope_kernel, grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream), x, heads, head_dim, inv_freq, positions);
   return launched();
 }
 
@@ -899,7 +976,7 @@ int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *
     return LP_ERR_INVALID;
   if (tokens == 0) return LP_OK;
   const dim3 grid(tokens, (heads + kv_heads + ROPE_HEADS - 1) / ROPE_HEADS);
-  rope_kv_write_kernel<<<grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream)>>>(
+  launch_k(rope_kv_write_kernel, grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream), 
       q, k, v, k_cache, v_cache, heads, kv_heads, head_dim, inv_freq, positions, seq_index, block_tables,
       table_offsets, block_size);
   return launched();
@@ -913,10 +990,10 @@ int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, 
   const bool vec = kv_width % 4 == 0 && aligned16(k_cache) && aligned16(v_cache) && aligned16(k) && aligned16(v);
   if (vec) {
     const dim3 grid(tokens, (kv_width / 4 + 127) / 128);
-    kv_write_kernel<<<grid, 128, 0, cs(stream)>>>(k_cache, v_cache, k, v, kv_width, positions, seq_index,
+    launch_k(kv_write_kernel, grid, 128, 0, cs(stream), k_cache, v_cache, k, v, kv_width, positions, seq_index,
                                                   block_tables, table_offsets, block_size);
   } else {
-    kv_write_scalar_kernel<<<tokens, 128, 0, cs(stream)>>>(k_cache, v_cache, k, v, kv_width, positions, seq_index,
+    launch_k(kv_write_scalar_kernel, tokens, 128, 0, cs(stream), k_cache, v_cache, k, v, kv_width, positions, seq_index,
                                                            block_tables, table_offsets, block_size);
   }
   return launched();
@@ -958,7 +1035,7 @@ int lp_attention(float *out, const float *q, const float *k_cache, const float *
     const int gb = flash_gb(heads, kv_heads);
     const dim3 grid(tokens, heads / gb, splits);
 #define LP_FA(NV, GB)                                                                                          \
-  flash_attention_kernel<NV, GB><<<grid, FA_WARPS * 32, 0, s>>>(out, part, q, k_cache, v_cache, heads, kv_heads, \
+  launch_k(flash_attention_kernel<NV, GB>, grid, FA_WARPS * 32, 0, s, out, part, q, k_cache, v_cache, heads, kv_heads, \
                                                                 head_dim, scale, positions, seq_index,          \
                                                                 block_tables, table_offsets, block_size, chunk, \
                                                                 splits)
@@ -981,13 +1058,13 @@ int lp_attention(float *out, const float *q, const float *k_cache, const float *
     if (splits > 1) {
       int c = launched();
       if (c != LP_OK) return c;
-      attention_combine_kernel<<<dim3(tokens, heads), 128, 0, s>>>(out, part, heads, head_dim, splits);
+      launch_k(attention_combine_kernel, dim3(tokens, heads), 128, 0, s, out, part, heads, head_dim, splits);
     }
     return launched();
   }
   const dim3 grid(tokens, heads);
 #define LP_ATT(DPL)                                                                                     \
-  attention_kernel<DPL><<<grid, ATT_WARPS * 32, 0, s>>>(out, q, k_cache, v_cache, heads, kv_heads, head_dim, \
+  launch_k(attention_kernel<DPL>, grid, ATT_WARPS * 32, 0, s, out, q, k_cache, v_cache, heads, kv_heads, head_dim, \
                                                         scale, positions, seq_index, block_tables,         \
                                                         table_offsets, block_size)
   if (head_dim <= 32)
@@ -1009,11 +1086,11 @@ int lp_sgmv_shrink_f32(int wdtype, float *v, int ldv, const float *x, int in_fea
   const dim3 grid(tokens, (max_rank + SGMV_RANK_ROWS - 1) / SGMV_RANK_ROWS);
   switch (wdtype) {
     case LP_DTYPE_F32:
-      sgmv_shrink_f32_kernel<float><<<grid, SGMV_RANK_ROWS * 32, 0, cs(stream)>>>(v, ldv, x, in_features, a_ptrs,
+      launch_k(sgmv_shrink_f32_kernel<float>, grid, SGMV_RANK_ROWS * 32, 0, cs(stream), v, ldv, x, in_features, a_ptrs,
                                                                                 ranks, tok_seg);
       break;
     case LP_DTYPE_BF16:
-      sgmv_shrink_f32_kernel<__nv_bfloat16><<<grid, SGMV_RANK_ROWS * 32, 0, cs(stream)>>>(
+      launch_k(sgmv_shrink_f32_kernel<__nv_bfloat16>, grid, SGMV_RANK_ROWS * 32, 0, cs(stream), 
           v, ldv, x, in_features, a_ptrs, ranks, tok_seg);
       break;
     default:
@@ -1030,11 +1107,11 @@ int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const float *v, i
   const dim3 grid(tokens, (out_features + 255) / 256);
   switch (wdtype) {
     case LP_DTYPE_F32:
-      sgmv_expand_f32_kernel<float><<<grid, 256, 0, cs(stream)>>>(y, out_features, v, ldv, b_ptrs, ranks, scales,
+      launch_k(sgmv_expand_f32_kernel<float>, grid, 256, 0, cs(stream), y, out_features, v, ldv, b_ptrs, ranks, scales,
                                                                   tok_seg);
       break;
     case LP_DTYPE_BF16:
-      sgmv_expand_f32_kernel<__nv_bfloat16><<<grid, 256, 0, cs(stream)>>>(y, out_features, v, ldv, b_ptrs, ranks,
+      launch_k(sgmv_expand_f32_kernel<__nv_bfloat16>, grid, 256, 0, cs(stream), y, out_features, v, ldv, b_ptrs, ranks,
                                                                           scales, tok_seg);
       break;
     default:

@@ -237,6 +237,12 @@ LP_API int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *
 LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,
                       int k, int accumulate);
 
+/* ABI 4: whether the forward-pass kernels (this file's functions from lp_gemm on, not cuBLAS) are
+ * launched as programmatic dependents of the kernel before them, so the next kernel's blocks are
+ * scheduled while the last one drains (each waits for its predecessors before touching their
+ * results). On by default; a process-wide switch. */
+LP_API int lp_set_pdl(int enabled);
+
 /* ABI 4: lp_rope on q [tokens, heads*head_dim] and on k [tokens, kv_heads*head_dim], then
  * lp_kv_write of the rotated k and of v, in one kernel (same results as the three calls). */
 LP_API int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *v_cache, int tokens, int heads,

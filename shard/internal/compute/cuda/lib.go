@@ -134,6 +134,7 @@ type Lib struct {
 		nseg, maxLen, maxRank, in int32, s uintptr) int32
 	sgmvExpandGroupY32 func(wdt int32, y uintptr, ldy int32, v uintptr, ldv int32, g *sgmvGroup, starts uintptr,
 		nseg, maxLen, maxRank int32, s uintptr) int32
+	setPDL          func(enabled int32) int32
 	ropeKVWrite     func(q, k, v, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, invFreq, positions, seqIndex, tables, offsets uintptr, blockSize int32, s uintptr) int32
 	gemv            func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, s uintptr) int32
 	gemmEx          func(h uintptr, dt int32, out uintptr, ldo int32, x, w uintptr, tokens, n, k, acc int32) int32
@@ -209,6 +210,7 @@ func Open(path string) (*Lib, error) {
 		{&l.sgmvExpandF32, "lp_sgmv_expand_f32"},
 		{&l.sgmvShrinkGroup, "lp_sgmv_shrink_group"},
 		{&l.sgmvExpandGroupY32, "lp_sgmv_expand_group_y32"},
+		{&l.setPDL, "lp_set_pdl"},
 		{&l.ropeKVWrite, "lp_rope_kv_write"},
 		{&l.gemv, "lp_gemv_bf16"},
 		{&l.gemmEx, "lp_gemm_ex"},

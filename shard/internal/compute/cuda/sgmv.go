@@ -246,6 +246,16 @@ func (l *Lib) SetPDL(enabled bool) error {
 	return l.check("sgmv set pdl", l.sgmvSetPDL(v))
 }
 
+// SetForwardPDL switches programmatic dependent launch for the forward-pass kernels (lp_set_pdl; on
+// by default): each kernel's blocks are scheduled while the one before it drains.
+func (l *Lib) SetForwardPDL(enabled bool) error {
+	v := int32(0)
+	if enabled {
+		v = 1
+	}
+	return l.check("set pdl", l.setPDL(v))
+}
+
 // SGMVShrink queues v[t, 0:r] = x[t, 0:in] A^T for the rows of every segment with an adapter.
 // x is dtype [tokens, ldx]; v is float32 [tokens, ldv] with ldv >= t.MaxRank().
 func (l *Lib) SGMVShrink(dt DType, v *Buffer, ldv int, x *Buffer, ldx, in int, t *SegmentTable, s *Stream) error {

@@ -902,9 +902,16 @@ func TestCUDADecode8B(t *testing.T) {
 	t.Logf("8B-shaped random llama loaded in %v", time.Since(start))
 	wb := matmulWeightBytes(m.Info(), 2)
 	ideal := time.Duration(float64(wb) / (bw * 1e9) * 1e9)
-	st := decodeTiming(t, be, m, 1, 128, 32)
-	t.Logf("8B-shaped llama (hidden 4096, 32 layers, inter 14336, 32/8 heads, vocab 128256), bf16 weights %.2f GB, batch 1, prompt 128: decode step %v (host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth (%.0f GB/s) = %v; ratio %.2fx (graph %.2fx)",
-		float64(wb)/1e9, st.device, st.host, st.withCopy, st.graph, bw, ideal, float64(st.device)/float64(ideal), float64(st.graph)/float64(ideal))
+	for _, pdl := range []bool{true, false, true} {
+		// The step graphs are recorded anew for each setting (the launch attribute is recorded).
+		if err := be.Lib().SetForwardPDL(pdl); err != nil {
+			t.Fatal(err)
+		}
+		m.ResetGraphs()
+		st := decodeTiming(t, be, m, 1, 128, 32)
+		t.Logf("8B-shaped llama (hidden 4096, 32 layers, inter 14336, 32/8 heads, vocab 128256), bf16 weights %.2f GB, batch 1, prompt 128, programmatic dependent launch %v: decode step %v (host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth (%.0f GB/s) = %v; ratio %.2fx (graph %.2fx)",
+			float64(wb)/1e9, pdl, st.device, st.host, st.withCopy, st.graph, bw, ideal, float64(st.device)/float64(ideal), float64(st.graph)/float64(ideal))
+	}
 }
 
 // TestCUDAStepGraphsMatchEager runs the same mixed-adapter token streams on two bf16 backends, one

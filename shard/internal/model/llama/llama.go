@@ -260,6 +260,14 @@ func (m *Model) Forward(b compute.Batch, cache compute.KVCache) (compute.Tensor,
 	return m.forward(b, cache)
 }
 
+// ResetGraphs drops the recorded steps (later steps record anew), for comparisons of launch settings.
+func (m *Model) ResetGraphs() {
+	if g, ok := m.be.(compute.StepGrapher); ok && m.graphs != nil {
+		m.graphs.Close()
+		m.graphs = g.NewStepGraphs()
+	}
+}
+
 // GraphStats reports how the model's steps ran (zero without step graphs).
 func (m *Model) GraphStats() compute.GraphStats {
 	if m.graphs == nil {
