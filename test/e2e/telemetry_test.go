@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
@@ -32,12 +33,21 @@ func TestTraceCrossesRouterToShard(t *testing.T) {
 		Prompt: &loraplexv1.GenerateRequest_Text{Text: "def f():"}, Stopping: &loraplexv1.StoppingCriteria{MaxNewTokens: 3}}); err != nil {
 		t.Fatal(err)
 	}
-	spans := exp.GetSpans()
-	byName := map[string][]tracetest.SpanStub{}
-	for _, s := range spans {
-		byName[s.Name] = append(byName[s.Name], s)
-	}
+	// The server spans end after their response is sent, so the client may return before the last
+	// one is exported: wait for them (bounded).
 	const method = "loraplex.v1.GenerationService/Generate"
+	var spans tracetest.SpanStubs
+	byName := map[string][]tracetest.SpanStub{}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		spans = exp.GetSpans()
+		clear(byName)
+		for _, s := range spans {
+			byName[s.Name] = append(byName[s.Name], s)
+		}
+		if len(byName[method]) >= 3 || time.Now().After(deadline) {
+			break
+		}
+	}
 	var server []tracetest.SpanStub
 	for _, s := range byName[method] {
 		server = append(server, s)
