@@ -31,7 +31,7 @@ for what in "${@:-tests}"; do
       grep -E 'cuda_test|RUN|FAIL' "$out/breakdown.log" | tail -50
       ;;
     smoke)
-      OUT=$out timeout 240 bash "$root/scripts/gpusmoke/check.sh" >"$out/smoke.log" 2>&1 || rc=1
+      (cd "$root" && OUT=$out timeout 240 bash scripts/gpusmoke/check.sh) >"$out/smoke.log" 2>&1 || rc=1
       grep -E 'held-out|exit|ttft' "$out/smoke.log"
       ;;
     upload)
