@@ -542,21 +542,10 @@ func TestCUDADecodeBench(t *testing.T) {
 		}
 	}
 
-	cfg, err := llama.ParseConfig([]byte(`{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
+	m, wb, ideal := randomLlama(t, be, bw, `{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
 		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
-		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	m, err := llama.New(cfg, newRandWeights(cfg), be)
-	if err != nil {
-		t.Fatal(err)
-	}
+		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
 	defer m.Close()
-	t.Logf("random llama loaded in %v", time.Since(start))
-	wb := matmulWeightBytes(m.Info(), 2)
-	ideal := time.Duration(float64(wb) / (bw * 1e9) * 1e9)
 	for _, batch := range []int{1, 32} {
 		st := decodeTiming(t, be, m, batch, 128, 32)
 		t.Logf("random llama (hidden 2048, 16 layers, inter 5632, 16/8 heads, vocab 32000), bf16 weights %.2f GB, batch %d, prompt 128: prefill %v; decode step %v (logits on device; host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth = %v; ratio %.2fx (graph %.2fx)",
@@ -768,6 +757,24 @@ func opBreakdown(t *testing.T, be *cuda.Backend, sh breakdownShape) {
 	t.Logf("sum over a decode step (ops with a per-step count): %v", total)
 }
 
+// randomLlama builds a Llama of the given config.json with random bf16-scale weights on be, and
+// returns it with its matrix weight bytes (bf16) and their time at copy bandwidth bw (GB/s).
+func randomLlama(t *testing.T, be *cuda.Backend, bw float64, config string) (*llama.Model, int64, time.Duration) {
+	t.Helper()
+	cfg, err := llama.ParseConfig([]byte(config))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	m, err := llama.New(cfg, newRandWeights(cfg), be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("random llama (hidden %d, %d layers) loaded in %v", cfg.HiddenSize, cfg.NumHiddenLayers, time.Since(start))
+	wb := matmulWeightBytes(m.Info(), 2)
+	return m, wb, time.Duration(float64(wb) / (bw * 1e9) * 1e9)
+}
+
 // tensorOwned is a random float32 [n, k] tensor whose memory the caller hands on (to PackRows).
 func tensorOwned(t *testing.T, be *cuda.Backend, rw *randWeights, n, k int) compute.Tensor {
 	rw.shapes["x"] = []int{n, k}
@@ -887,21 +894,10 @@ func TestCUDADecode8B(t *testing.T) {
 	}
 	be := gpuBackend(t, cuda.BF16)
 	bw := copyBandwidth(t, be.Lib())
-	cfg, err := llama.ParseConfig([]byte(`{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
+	m, wb, ideal := randomLlama(t, be, bw, `{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
 		"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":8192,"rms_norm_eps":1e-5,
-		"rope_theta":500000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	m, err := llama.New(cfg, newRandWeights(cfg), be)
-	if err != nil {
-		t.Fatal(err)
-	}
+		"rope_theta":500000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
 	defer m.Close()
-	t.Logf("8B-shaped random llama loaded in %v", time.Since(start))
-	wb := matmulWeightBytes(m.Info(), 2)
-	ideal := time.Duration(float64(wb) / (bw * 1e9) * 1e9)
 	for _, pdl := range []bool{true, false, true} {
 		// The step graphs are recorded anew for each setting (the launch attribute is recorded).
 		if err := be.Lib().SetForwardPDL(pdl); err != nil {
