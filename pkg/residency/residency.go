@@ -1,20 +1,32 @@
 // Package residency defines the record a shard publishes about itself (which adapters it holds in
-// which tier, how loaded it is) and its codec. Shards write it to Consul KV under
+// which tier, how loaded it is) and its wire codec. Shards write it to Consul KV under
 // loraplex/residency/<shard-id>; routers read every record to route each request to the shard most
-// likely to hold its adapter. The record carries a schema version so routers and shards of
-// different releases can coexist: decoders accept any record with the same major version and ignore
-// fields they do not know. Imported by the shard (publisher), the router (picker) and tools.
+// likely to hold its adapter. Imported by the shard's publisher (pkg/discovery), the router's picker
+// and tools.
+//
+// Compatibility: the record carries a major schema version ("schema") and a minor one ("minor").
+// Readers accept every record of their major version, whatever its minor, and ignore fields they do
+// not know; a new major is for changes old readers must refuse. Minor 1 (this release) lists
+// adapters in per-tier arrays with a shared size table, about id length + 6 bytes per adapter, so a
+// shard with 10,000 adapters of ids up to about 40 bytes fits Consul's 512 KiB value limit. Readers
+// of minor 0 (the previous release, which know only the "adapters" list) still read a minor-1
+// record's load, capacity and draining fields and route on load alone until they are upgraded; this
+// release reads both forms.
 package residency
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
+	"slices"
+	"strings"
 )
 
-// Schema is the record format version this code writes. Readers accept the same major version.
+// Schema is the record's major version: readers accept records of this major only.
 const Schema = 1
+
+// SchemaMinor is the minor version this code writes; readers accept any minor of their major.
+const SchemaMinor = 1
 
 // KeyPrefix is the Consul KV prefix holding one record per shard.
 const KeyPrefix = "loraplex/residency/"
@@ -48,20 +60,54 @@ type Adapter struct {
 
 // Record is what a shard publishes.
 type Record struct {
-	Schema  int    `json:"schema"`
-	ShardID string `json:"shard"`
-	Addr    string `json:"addr"`
+	// Schema is the major version the record was written with (Encode sets it).
+	Schema  int
+	ShardID string
+	Addr    string
 	// Seq increases with every record a shard process publishes; Epoch identifies the process, so
 	// a restarted shard's records are not mistaken for stale ones.
-	Seq   uint64 `json:"seq"`
-	Epoch string `json:"epoch"`
-	// UnixMillis is when the record was made.
-	UnixMillis int64 `json:"ts"`
+	Seq   uint64
+	Epoch string
+	// UnixMillis is when the record was made, on the shard's clock.
+	UnixMillis int64
 
+	Adapters []Adapter
+	Loading  []string
+	// Truncated is set when the shard held more adapters than fit in a record: loading and
+	// host-tier entries were left out first, then device entries. A router must not conclude from
+	// a truncated record that the shard lacks an adapter.
+	Truncated bool
+	// DeviceFreeBytes is the device adapter budget not used now.
+	DeviceFreeBytes int64
+	DeviceBudget    int64
+	QueueDepth      int
+	Running         int
+	MaxSeqs         int
+	KVFreeBlocks    int
+	KVTotalBlocks   int
+	Draining        bool
+}
+
+// wire is the JSON form. The load fields keep the names and presence of minor 0 so readers of
+// the previous release read them.
+type wire struct {
+	Schema     int    `json:"schema"`
+	Minor      int    `json:"minor,omitempty"`
+	ShardID    string `json:"shard"`
+	Addr       string `json:"addr"`
+	Seq        uint64 `json:"seq"`
+	Epoch      string `json:"epoch"`
+	UnixMillis int64  `json:"ts"`
+
+	// Adapters is minor 0's list, read but no longer written.
 	Adapters []Adapter `json:"adapters,omitempty"`
-	Loading  []string  `json:"loading,omitempty"`
-	// DeviceFreeBytes is the device adapter budget not used (including evictable adapters' bytes is
-	// the picker's business: this is what is free now).
+	// Sizes is the table of distinct adapter sizes the tiers' Size entries index.
+	Sizes     []int64  `json:"sizes,omitempty"`
+	Device    *tier    `json:"dev,omitempty"`
+	Host      *tier    `json:"host,omitempty"`
+	Loading   []string `json:"loading,omitempty"`
+	Truncated bool     `json:"trunc,omitempty"`
+
 	DeviceFreeBytes int64 `json:"dev_free"`
 	DeviceBudget    int64 `json:"dev_budget"`
 	QueueDepth      int   `json:"queue"`
@@ -72,43 +118,191 @@ type Record struct {
 	Draining        bool  `json:"draining,omitempty"`
 }
 
-// Encode serializes a record (adapters sorted by id for stable output).
-func Encode(r *Record) ([]byte, error) {
-	c := *r
-	c.Schema = Schema
-	c.Adapters = append([]Adapter(nil), r.Adapters...)
-	sort.Slice(c.Adapters, func(i, j int) bool { return c.Adapters[i].ID < c.Adapters[j].ID })
-	b, err := json.Marshal(&c)
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > MaxRecordBytes {
-		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrInvalid, len(b), MaxRecordBytes)
-	}
-	return b, nil
+// tier lists one tier's adapters in parallel arrays, sorted by id. Rank and Version are left out
+// when every entry's is zero.
+type tier struct {
+	IDs     []string `json:"ids"`
+	Size    []int    `json:"sz"`
+	Rank    []int    `json:"r,omitempty"`
+	Version []string `json:"v,omitempty"`
 }
 
-// Decode parses and checks a record.
+// Encode serializes a record. A record too large for MaxRecordBytes is truncated (loading, then
+// host, then device entries left out, Truncated set) rather than refused, so a shard with too many
+// adapters still publishes its load; the caller can read Truncated off the decoded record or
+// compare counts.
+func Encode(r *Record) ([]byte, error) {
+	dev, host := split(r.Adapters)
+	loading := r.Loading
+	truncated := r.Truncated
+	for {
+		b, err := json.Marshal(toWire(r, dev, host, loading, truncated))
+		if err != nil {
+			return nil, err
+		}
+		if len(b) <= MaxRecordBytes {
+			return b, nil
+		}
+		// Leave out about the excess, by the mean entry size, plus a margin; loading first, then
+		// host, then device entries (the last ids in order).
+		n := len(dev) + len(host) + len(loading)
+		if n == 0 {
+			return nil, fmt.Errorf("%w: %d bytes without adapters, limit %d", ErrInvalid, len(b), MaxRecordBytes)
+		}
+		drop := (len(b)-MaxRecordBytes)/max(1, len(b)/n) + 16
+		truncated = true
+		switch {
+		case len(loading) > 0:
+			loading = loading[:max(0, len(loading)-drop)]
+		case len(host) > 0:
+			host = host[:max(0, len(host)-drop)]
+		default:
+			dev = dev[:max(0, len(dev)-drop)]
+		}
+	}
+}
+
+// split sorts a copy of the adapters by id and splits it by tier.
+func split(all []Adapter) (dev, host []Adapter) {
+	for _, a := range all {
+		if a.Tier == TierDevice {
+			dev = append(dev, a)
+		} else {
+			host = append(host, a)
+		}
+	}
+	byID := func(a, b Adapter) int { return strings.Compare(a.ID, b.ID) }
+	slices.SortFunc(dev, byID)
+	slices.SortFunc(host, byID)
+	return dev, host
+}
+
+func toWire(r *Record, dev, host []Adapter, loading []string, truncated bool) *wire {
+	w := &wire{
+		Schema: Schema, Minor: SchemaMinor, ShardID: r.ShardID, Addr: r.Addr, Seq: r.Seq, Epoch: r.Epoch,
+		UnixMillis: r.UnixMillis, Loading: loading, Truncated: truncated,
+		DeviceFreeBytes: r.DeviceFreeBytes, DeviceBudget: r.DeviceBudget, QueueDepth: r.QueueDepth,
+		Running: r.Running, MaxSeqs: r.MaxSeqs, KVFreeBlocks: r.KVFreeBlocks, KVTotalBlocks: r.KVTotalBlocks,
+		Draining: r.Draining,
+	}
+	sizes := map[int64]int{}
+	w.Device = w.tier(dev, sizes)
+	w.Host = w.tier(host, sizes)
+	return w
+}
+
+// tier encodes adapters, adding their sizes to the record's table.
+func (w *wire) tier(as []Adapter, sizes map[int64]int) *tier {
+	if len(as) == 0 {
+		return nil
+	}
+	t := &tier{IDs: make([]string, len(as)), Size: make([]int, len(as))}
+	var ranked, versioned bool
+	for i, a := range as {
+		t.IDs[i] = a.ID
+		k, ok := sizes[a.Bytes]
+		if !ok {
+			k = len(w.Sizes)
+			sizes[a.Bytes] = k
+			w.Sizes = append(w.Sizes, a.Bytes)
+		}
+		t.Size[i] = k
+		ranked = ranked || a.Rank != 0
+		versioned = versioned || a.Version != ""
+	}
+	if ranked {
+		t.Rank = make([]int, len(as))
+		for i, a := range as {
+			t.Rank[i] = a.Rank
+		}
+	}
+	if versioned {
+		t.Version = make([]string, len(as))
+		for i, a := range as {
+			t.Version[i] = a.Version
+		}
+	}
+	return t
+}
+
+// Compatible reports whether a reader of this build accepts a record written with schema major.
+func Compatible(major int) bool { return major == Schema }
+
+// Decode parses and checks a record of any minor version of this major.
 func Decode(b []byte) (*Record, error) {
 	if len(b) > MaxRecordBytes {
 		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrInvalid, len(b), MaxRecordBytes)
 	}
-	var r Record
-	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	var w wire
+	if err := json.Unmarshal(b, &w); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
-	if r.Schema != Schema {
-		return nil, fmt.Errorf("%w: %d (this build reads %d)", ErrSchema, r.Schema, Schema)
+	if !Compatible(w.Schema) {
+		return nil, fmt.Errorf("%w: major %d (this build reads %d)", ErrSchema, w.Schema, Schema)
 	}
-	if r.ShardID == "" || r.Addr == "" {
+	if w.ShardID == "" || w.Addr == "" {
 		return nil, fmt.Errorf("%w: shard id and address are required", ErrInvalid)
 	}
+	r := &Record{
+		Schema: w.Schema, ShardID: w.ShardID, Addr: w.Addr, Seq: w.Seq, Epoch: w.Epoch, UnixMillis: w.UnixMillis,
+		Loading: w.Loading, Truncated: w.Truncated, DeviceFreeBytes: w.DeviceFreeBytes, DeviceBudget: w.DeviceBudget,
+		QueueDepth: w.QueueDepth, Running: w.Running, MaxSeqs: w.MaxSeqs, KVFreeBlocks: w.KVFreeBlocks,
+		KVTotalBlocks: w.KVTotalBlocks, Draining: w.Draining,
+	}
+	n := len(w.Adapters)
+	for _, t := range []*tier{w.Device, w.Host} {
+		if t != nil {
+			n += len(t.IDs)
+		}
+	}
+	r.Adapters = make([]Adapter, 0, n)
+	for _, a := range w.Adapters {
+		if a.Tier != TierDevice && a.Tier != TierHost {
+			return nil, fmt.Errorf("%w: adapter %q: tier %q", ErrInvalid, a.ID, a.Tier)
+		}
+		r.Adapters = append(r.Adapters, a)
+	}
+	for _, x := range []struct {
+		t    *tier
+		tier Tier
+		name string
+	}{{w.Device, TierDevice, "dev"}, {w.Host, TierHost, "host"}} {
+		if err := x.t.decode(x.name, x.tier, w.Sizes, &r.Adapters); err != nil {
+			return nil, err
+		}
+	}
 	for _, a := range r.Adapters {
-		if a.ID == "" || (a.Tier != TierDevice && a.Tier != TierHost) || a.Bytes < 0 {
+		if a.ID == "" || a.Bytes < 0 {
 			return nil, fmt.Errorf("%w: adapter entry %+v", ErrInvalid, a)
 		}
 	}
-	return &r, nil
+	return r, nil
+}
+
+// decode appends the tier's adapters after checking its arrays agree.
+func (t *tier) decode(name string, tr Tier, sizes []int64, out *[]Adapter) error {
+	if t == nil {
+		return nil
+	}
+	n := len(t.IDs)
+	if len(t.Size) != n || (t.Rank != nil && len(t.Rank) != n) || (t.Version != nil && len(t.Version) != n) {
+		return fmt.Errorf("%w: %s: %d ids but %d sizes, %d ranks, %d versions", ErrInvalid, name, n, len(t.Size), len(t.Rank), len(t.Version))
+	}
+	for i, id := range t.IDs {
+		k := t.Size[i]
+		if k < 0 || k >= len(sizes) {
+			return fmt.Errorf("%w: %s: adapter %q: size index %d, table has %d", ErrInvalid, name, id, k, len(sizes))
+		}
+		a := Adapter{ID: id, Tier: tr, Bytes: sizes[k]}
+		if t.Rank != nil {
+			a.Rank = t.Rank[i]
+		}
+		if t.Version != nil {
+			a.Version = t.Version[i]
+		}
+		*out = append(*out, a)
+	}
+	return nil
 }
 
 // Tier returns where the record's shard holds an adapter ("" when it does not).
@@ -123,10 +317,5 @@ func (r *Record) Tier(adapterID string) Tier {
 
 // IsLoading reports whether the shard is loading the adapter.
 func (r *Record) IsLoading(adapterID string) bool {
-	for _, id := range r.Loading {
-		if id == adapterID {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(r.Loading, adapterID)
 }
