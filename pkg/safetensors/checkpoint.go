@@ -81,7 +81,7 @@ func (o Options) OpenCheckpoint(dir string) (*Checkpoint, error) {
 }
 
 func (o Options) openInRoot(root *os.Root, name string) (*File, error) {
-	fh, err := root.Open(name)
+	fh, err := OpenRegularIn(root, name)
 	if err != nil {
 		return nil, err
 	}

@@ -47,34 +47,75 @@ func (d DType) Size() int {
 // in dst, which must hold exactly len(src)/dt.Size() elements. F16, BF16 and
 // F32 convert exactly; F64 rounds to the nearest float32.
 func DecodeFloat32(dt DType, src []byte, dst []float32) error {
+	_, err := decodeFloat32(dt, src, dst, false)
+	return err
+}
+
+// DecodeFiniteFloat32 is DecodeFloat32 that fails with ErrNonFinite, naming
+// the element, on a NaN or infinity, or an F64 value that overflows float32.
+// The check rides in the conversion loop: one test of the exponent bits.
+func DecodeFiniteFloat32(dt DType, src []byte, dst []float32) error {
+	bad, err := decodeFloat32(dt, src, dst, true)
+	if err != nil || bad < 0 {
+		return err
+	}
+	what := "infinite"
+	if v := dst[bad]; v != v {
+		what = "NaN"
+	} else if dt == F64 && !math.IsInf(math.Float64frombits(binary.LittleEndian.Uint64(src[8*bad:])), 0) {
+		what = "beyond the float32 range"
+	}
+	return fmt.Errorf("%w: element %d of %d is %s", ErrNonFinite, bad, len(dst), what)
+}
+
+// decodeFloat32 converts src into dst; with finite set it stops at the first
+// non-finite result and returns its index (else -1).
+func decodeFloat32(dt DType, src []byte, dst []float32, finite bool) (int, error) {
 	size := dt.Size()
 	switch dt {
 	case F32, F16, BF16, F64:
 	default:
-		return fmt.Errorf("%w: %s to F32", ErrUnsupportedDType, dt)
+		return -1, fmt.Errorf("%w: %s to F32", ErrUnsupportedDType, dt)
 	}
 	if len(src)%size != 0 || len(src)/size != len(dst) {
-		return fmt.Errorf("%w: %d bytes of %s for %d elements", ErrSizeMismatch, len(src), dt, len(dst))
+		return -1, fmt.Errorf("%w: %d bytes of %s for %d elements", ErrSizeMismatch, len(src), dt, len(dst))
 	}
+	// An all-ones exponent is NaN or infinity in every one of these formats.
 	switch dt {
 	case F32:
 		for i := range dst {
-			dst[i] = math.Float32frombits(binary.LittleEndian.Uint32(src[4*i:]))
+			b := binary.LittleEndian.Uint32(src[4*i:])
+			dst[i] = math.Float32frombits(b)
+			if finite && b&0x7f800000 == 0x7f800000 {
+				return i, nil
+			}
 		}
 	case BF16:
 		for i := range dst {
-			dst[i] = BF16ToFloat32(binary.LittleEndian.Uint16(src[2*i:]))
+			h := binary.LittleEndian.Uint16(src[2*i:])
+			dst[i] = BF16ToFloat32(h)
+			if finite && h&0x7f80 == 0x7f80 {
+				return i, nil
+			}
 		}
 	case F16:
 		for i := range dst {
-			dst[i] = F16ToFloat32(binary.LittleEndian.Uint16(src[2*i:]))
+			h := binary.LittleEndian.Uint16(src[2*i:])
+			dst[i] = F16ToFloat32(h)
+			if finite && h&0x7c00 == 0x7c00 {
+				return i, nil
+			}
 		}
 	case F64:
 		for i := range dst {
-			dst[i] = float32(math.Float64frombits(binary.LittleEndian.Uint64(src[8*i:])))
+			v := float32(math.Float64frombits(binary.LittleEndian.Uint64(src[8*i:])))
+			dst[i] = v
+			if finite && math.Float32bits(v)&0x7f800000 == 0x7f800000 {
+				return i, nil
+			}
 		}
 	}
-	return nil
+	return -1, nil
 }
 
 // EncodeFloat32 encodes v as little-endian F32, F16 or BF16 (rounding to

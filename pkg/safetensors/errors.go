@@ -29,6 +29,15 @@ var (
 	ErrNotFound = errors.New("safetensors: tensor not found")
 	// ErrUnsupportedDType means a conversion that the dtype does not allow.
 	ErrUnsupportedDType = errors.New("safetensors: unsupported dtype for conversion")
+	// ErrTooManyTensors means the header declares more tensors than
+	// Options.MaxTensors.
+	ErrTooManyTensors = errors.New("safetensors: too many tensors")
+	// ErrNotRegular means a path names a FIFO, device, socket or folder
+	// rather than a regular file.
+	ErrNotRegular = errors.New("safetensors: not a regular file")
+	// ErrNonFinite means a NaN or infinite value, or one that overflows
+	// float32, where finite values are required.
+	ErrNonFinite = errors.New("safetensors: non-finite value")
 	// ErrClosed means the file was used after Close.
 	ErrClosed = errors.New("safetensors: file closed")
 	// ErrInvalidTensor means a tensor handed to Write is malformed.

@@ -14,13 +14,11 @@
 package safetensors
 
 import (
-	"bytes"
 	"cmp"
+	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"math"
 	"math/bits"
@@ -28,12 +26,18 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"unicode/utf8"
 )
 
 // DefaultMaxHeaderSize is the header length limit used when
 // Options.MaxHeaderSize is zero.
 const DefaultMaxHeaderSize = 100 << 20
+
+// DefaultMaxTensors is the tensor count limit used when Options.MaxTensors
+// is zero. The largest single checkpoint files hold a few thousand tensors;
+// the limit only bounds what a hostile header can make the parser allocate.
+const DefaultMaxTensors = 1 << 16
 
 // metadataKey is the reserved header key holding free-form string metadata.
 const metadataKey = "__metadata__"
@@ -43,6 +47,10 @@ type Options struct {
 	// MaxHeaderSize bounds the JSON header length in bytes; zero means
 	// DefaultMaxHeaderSize.
 	MaxHeaderSize int64
+	// MaxTensors bounds the number of tensors in the header; zero means
+	// DefaultMaxTensors. Parsing stops at the first tensor over the limit,
+	// so its cost is bounded by the limit, not by the header size.
+	MaxTensors int
 }
 
 // TensorInfo describes one tensor of a file.
@@ -87,9 +95,10 @@ func OpenFile(f *os.File) (*File, error) { return Options{}.OpenFile(f) }
 // Parse validates an in-memory safetensors file with default Options.
 func Parse(data []byte) (*File, error) { return Options{}.Parse(data) }
 
-// Open memory-maps the file at path read-only and validates it.
+// Open memory-maps the file at path read-only and validates it. Only a
+// regular file is read: a FIFO or device fails at once with ErrNotRegular.
 func (o Options) Open(path string) (*File, error) {
-	f, err := os.Open(path)
+	f, err := OpenRegular(path)
 	if err != nil {
 		return nil, err
 	}
@@ -105,9 +114,17 @@ func (o Options) Open(path string) (*File, error) {
 // ownership of f: the caller may close f as soon as OpenFile returns; the
 // mapping lives until File.Close. Use it for files opened through an os.Root.
 func (o Options) OpenFile(f *os.File) (*File, error) {
+	return o.OpenFileContext(context.Background(), f)
+}
+
+// OpenFileContext is OpenFile whose header parse stops when ctx ends.
+func (o Options) OpenFileContext(ctx context.Context, f *os.File) (*File, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%w: %s is %s", ErrNotRegular, f.Name(), describeMode(st.Mode()))
 	}
 	size := st.Size()
 	if size < 8 {
@@ -120,7 +137,7 @@ func (o Options) OpenFile(f *os.File) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("safetensors: map %s: %w", f.Name(), err)
 	}
-	sf, err := o.parse(data, unmap)
+	sf, err := o.parse(ctx, data, unmap)
 	if err != nil {
 		if unmap != nil {
 			_ = unmap(data)
@@ -132,12 +149,16 @@ func (o Options) OpenFile(f *os.File) (*File, error) {
 
 // Parse validates data as a safetensors file. The File refers to data
 // without copying it, so data must not change while the File is in use.
-func (o Options) Parse(data []byte) (*File, error) { return o.parse(data, nil) }
+func (o Options) Parse(data []byte) (*File, error) { return o.parse(context.Background(), data, nil) }
 
-func (o Options) parse(data []byte, unmap func([]byte) error) (*File, error) {
+func (o Options) parse(ctx context.Context, data []byte, unmap func([]byte) error) (*File, error) {
 	limit := o.MaxHeaderSize
 	if limit <= 0 {
 		limit = DefaultMaxHeaderSize
+	}
+	maxTensors := o.MaxTensors
+	if maxTensors <= 0 {
+		maxTensors = DefaultMaxTensors
 	}
 	if len(data) < 8 {
 		return nil, fmt.Errorf("%w: %d bytes, need at least 8 for the header length", ErrTruncated, len(data))
@@ -153,7 +174,7 @@ func (o Options) parse(data []byte, unmap func([]byte) error) (*File, error) {
 	bufStart := int64(8 + n)
 	bufLen := int64(len(data)) - bufStart
 
-	tensors, metadata, err := parseHeader(header)
+	tensors, metadata, err := parseHeader(ctx, header, maxTensors)
 	if err != nil {
 		return nil, err
 	}
@@ -221,7 +242,14 @@ func (f *File) Bytes(name string) ([]byte, error) {
 
 // Float32 returns a new slice holding the named tensor converted to float32
 // (from F32, F16 or BF16 exactly; from F64 rounded).
-func (f *File) Float32(name string) ([]float32, error) {
+func (f *File) Float32(name string) ([]float32, error) { return f.float32(name, false) }
+
+// FiniteFloat32 is Float32 that refuses, with ErrNonFinite naming the
+// tensor and the element, a NaN or infinity in the tensor or an F64 value
+// beyond the float32 range. The check is part of the conversion loop.
+func (f *File) FiniteFloat32(name string) ([]float32, error) { return f.float32(name, true) }
+
+func (f *File) float32(name string, finite bool) ([]float32, error) {
 	b, err := f.Bytes(name)
 	if err != nil {
 		return nil, err
@@ -233,15 +261,64 @@ func (f *File) Float32(name string) ([]float32, error) {
 		return nil, fmt.Errorf("%w: tensor %q is %s, want F32, F16, BF16 or F64", ErrUnsupportedDType, name, dt)
 	}
 	out := make([]float32, len(b)/dt.Size())
-	if err := DecodeFloat32(dt, b, out); err != nil {
+	decode := DecodeFloat32
+	if finite {
+		decode = DecodeFiniteFloat32
+	}
+	if err := decode(dt, b, out); err != nil {
 		return nil, fmt.Errorf("tensor %q: %w", name, err)
 	}
 	return out, nil
 }
 
+// OpenRegular opens path for reading only if it is a regular file: a FIFO
+// would block the open (and every read) until a writer comes, a device
+// could stream forever. The open does not block (O_NONBLOCK) and the
+// opened file is checked again, so a swap between the checks is caught.
+func OpenRegular(path string) (*os.File, error) {
+	return openRegular(path, func(flag int) (*os.File, error) { return os.OpenFile(path, flag, 0) })
+}
+
+// OpenRegularIn is OpenRegular for a name resolved inside root.
+func OpenRegularIn(root *os.Root, name string) (*os.File, error) {
+	return openRegular(name, func(flag int) (*os.File, error) { return root.OpenFile(name, flag, 0) })
+}
+
+func openRegular(name string, open func(flag int) (*os.File, error)) (*os.File, error) {
+	f, err := open(os.O_RDONLY | syscall.O_NONBLOCK)
+	if err != nil {
+		return nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("%w: %s is %s", ErrNotRegular, name, describeMode(st.Mode()))
+	}
+	return f, nil
+}
+
+func describeMode(m os.FileMode) string {
+	switch {
+	case m&os.ModeNamedPipe != 0:
+		return "a named pipe (FIFO)"
+	case m&os.ModeDevice != 0:
+		return "a device"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	case m.IsDir():
+		return "a folder"
+	}
+	return "not a regular file (mode " + m.String() + ")"
+}
+
 // parseHeader decodes the JSON header. Offsets in the returned tensors are
-// relative to the data buffer.
-func parseHeader(header []byte) ([]TensorInfo, map[string]string, error) {
+// relative to the data buffer. It stops at the first tensor beyond
+// maxTensors and when ctx ends.
+func parseHeader(ctx context.Context, header []byte, maxTensors int) ([]TensorInfo, map[string]string, error) {
 	if !utf8.Valid(header) {
 		return nil, nil, fmt.Errorf("%w: header is not valid UTF-8", ErrInvalidHeader)
 	}
@@ -253,6 +330,14 @@ func parseHeader(header []byte) ([]TensorInfo, map[string]string, error) {
 	err := eachMember(header, func(key string, raw json.RawMessage) error {
 		if key == metadataKey {
 			return parseMetadata(raw, metadata)
+		}
+		if len(tensors) >= maxTensors {
+			return fmt.Errorf("%w: the header declares more than %d tensors (limit MaxTensors=%d)", ErrTooManyTensors, maxTensors, maxTensors)
+		}
+		if len(tensors)%1024 == 1023 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 		}
 		t, err := parseTensorEntry(key, raw)
 		if err != nil {
@@ -275,13 +360,28 @@ func parseMetadata(raw json.RawMessage, into map[string]string) error {
 		return fmt.Errorf("%w: %s must be an object of strings, got %s", ErrInvalidHeader, metadataKey, abbreviate(raw))
 	}
 	return eachMember(raw, func(k string, v json.RawMessage) error {
-		var s string
-		if len(v) == 0 || v[0] != '"' || json.Unmarshal(v, &s) != nil {
+		s, ok := stringValue(v)
+		if !ok {
 			return fmt.Errorf("%w: %s[%q] must be a string, got %s", ErrInvalidHeader, metadataKey, k, abbreviate(v))
 		}
 		into[k] = s
 		return nil
 	})
+}
+
+// dtypes interns the dtype strings, so a header's thousands of dtypes cost no allocation.
+var dtypes = []DType{F64, F32, F16, BF16, F8E4M3, F8E5M2, I64, I32, I16, I8, U64, U32, U16, U8, Bool}
+
+func parseDType(raw []byte) (DType, bool) {
+	if len(raw) >= 2 && raw[0] == '"' && raw[len(raw)-1] == '"' {
+		for _, d := range dtypes {
+			if string(raw[1:len(raw)-1]) == string(d) {
+				return d, true
+			}
+		}
+	}
+	s, ok := stringValue(raw)
+	return DType(s), ok
 }
 
 func parseTensorEntry(name string, raw json.RawMessage) (TensorInfo, error) {
@@ -293,37 +393,44 @@ func parseTensorEntry(name string, raw json.RawMessage) (TensorInfo, error) {
 		return t, fmt.Errorf("%w: tensor %q: entry must be an object, got %s", ErrInvalidHeader, name, abbreviate(raw))
 	}
 	var haveDType, haveShape, haveOffsets bool
-	var offsets []int64
+	var offsets [2]int64
+	nOffsets := 0
 	err := eachMember(raw, func(field string, v json.RawMessage) error {
 		switch field {
 		case "dtype":
-			var s string
-			if len(v) == 0 || v[0] != '"' || json.Unmarshal(v, &s) != nil {
+			d, ok := parseDType(v)
+			if !ok {
 				return fmt.Errorf("%w: tensor %q: dtype must be a string, got %s", ErrInvalidHeader, name, abbreviate(v))
 			}
-			t.DType, haveDType = DType(s), true
+			t.DType, haveDType = d, true
 		case "shape":
-			dims, err := parseIntArray(v)
-			if err != nil {
-				return fmt.Errorf("%w: tensor %q: shape: %v", ErrInvalidShape, name, err)
-			}
-			t.Shape = make([]int, len(dims))
-			for i, d := range dims {
+			t.Shape = make([]int, 0, 2)
+			err := eachInt(v, func(i int, d int64) error {
 				if d < 0 {
-					return fmt.Errorf("%w: tensor %q: dimension %d is negative (%d)", ErrInvalidShape, name, i, d)
+					return fmt.Errorf("dimension %d is negative (%d)", i, d)
 				}
 				if d > math.MaxInt {
-					return fmt.Errorf("%w: tensor %q: dimension %d is too large (%d)", ErrInvalidShape, name, i, d)
+					return fmt.Errorf("dimension %d is too large (%d)", i, d)
 				}
-				t.Shape[i] = int(d)
+				t.Shape = append(t.Shape, int(d))
+				return nil
+			})
+			if err != nil {
+				return fmt.Errorf("%w: tensor %q: %w", ErrInvalidShape, name, err)
 			}
 			haveShape = true
 		case "data_offsets":
-			o, err := parseIntArray(v)
+			err := eachInt(v, func(i int, o int64) error {
+				if i < len(offsets) {
+					offsets[i] = o
+				}
+				nOffsets = i + 1
+				return nil
+			})
 			if err != nil {
-				return fmt.Errorf("%w: tensor %q: %v", ErrInvalidOffsets, name, err)
+				return fmt.Errorf("%w: tensor %q: %w", ErrInvalidOffsets, name, err)
 			}
-			offsets, haveOffsets = o, true
+			haveOffsets = true
 		default:
 			return fmt.Errorf("%w: tensor %q: unknown field %q", ErrInvalidHeader, name, field)
 		}
@@ -344,8 +451,8 @@ func parseTensorEntry(name string, raw json.RawMessage) (TensorInfo, error) {
 	if size == 0 {
 		return t, fmt.Errorf("%w: tensor %q: %q", ErrUnknownDType, name, t.DType)
 	}
-	if len(offsets) != 2 {
-		return t, fmt.Errorf("%w: tensor %q: need [begin, end], got %d values", ErrInvalidOffsets, name, len(offsets))
+	if nOffsets != 2 {
+		return t, fmt.Errorf("%w: tensor %q: need [begin, end], got %d values", ErrInvalidOffsets, name, nOffsets)
 	}
 	begin, end := offsets[0], offsets[1]
 	if begin < 0 || end < 0 {
@@ -406,69 +513,6 @@ func checkLayout(tensors []TensorInfo, bufLen int64) error {
 		}
 	}
 	return nil
-}
-
-// eachMember walks the members of the JSON object in data in file order,
-// refusing duplicate keys and anything after the closing brace but
-// whitespace. fn receives each value undecoded.
-func eachMember(data []byte, fn func(key string, value json.RawMessage) error) error {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	tok, err := dec.Token()
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrInvalidHeader, err)
-	}
-	if d, ok := tok.(json.Delim); !ok || d != '{' {
-		return fmt.Errorf("%w: expected a JSON object, got %s", ErrInvalidHeader, abbreviate(data))
-	}
-	seen := map[string]bool{}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return fmt.Errorf("%w: %v", ErrInvalidHeader, err)
-		}
-		key, ok := tok.(string)
-		if !ok {
-			return fmt.Errorf("%w: object key is not a string", ErrInvalidHeader)
-		}
-		if seen[key] {
-			return fmt.Errorf("%w: duplicate key %q", ErrInvalidHeader, key)
-		}
-		seen[key] = true
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return fmt.Errorf("%w: value of %q: %v", ErrInvalidHeader, key, err)
-		}
-		if err := fn(key, raw); err != nil {
-			return err
-		}
-	}
-	if _, err := dec.Token(); err != nil { // the closing brace
-		return fmt.Errorf("%w: %v", ErrInvalidHeader, err)
-	}
-	if tok, err := dec.Token(); err == nil {
-		return fmt.Errorf("%w: unexpected %v after the header object", ErrInvalidHeader, tok)
-	} else if !errors.Is(err, io.EOF) {
-		return fmt.Errorf("%w: after the header object: %v", ErrInvalidHeader, err)
-	}
-	return nil
-}
-
-// parseIntArray decodes a JSON array of integers written without fraction
-// or exponent.
-func parseIntArray(raw json.RawMessage) ([]int64, error) {
-	var elems []json.RawMessage
-	if len(raw) == 0 || raw[0] != '[' || json.Unmarshal(raw, &elems) != nil {
-		return nil, fmt.Errorf("want an array of integers, got %s", abbreviate(raw))
-	}
-	out := make([]int64, len(elems))
-	for i, e := range elems {
-		v, err := strconv.ParseInt(string(e), 10, 64)
-		if err != nil {
-			return nil, fmt.Errorf("element %d: want an integer that fits in int64, got %s", i, abbreviate(e))
-		}
-		out[i] = v
-	}
-	return out, nil
 }
 
 // abbreviate quotes at most 40 bytes of a JSON fragment for error messages.
