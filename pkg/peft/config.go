@@ -520,7 +520,7 @@ func eachMember(data []byte, fn func(key string, value json.RawMessage) error) e
 	dec := json.NewDecoder(bytes.NewReader(data))
 	tok, err := dec.Token()
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrInvalidConfig, err)
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
 	if d, ok := tok.(json.Delim); !ok || d != '{' {
 		return fmt.Errorf("%w: expected a JSON object, got %s", ErrInvalidConfig, abbreviate(data))
@@ -529,7 +529,7 @@ func eachMember(data []byte, fn func(key string, value json.RawMessage) error) e
 	for dec.More() {
 		tok, err := dec.Token()
 		if err != nil {
-			return fmt.Errorf("%w: %v", ErrInvalidConfig, err)
+			return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 		}
 		key, ok := tok.(string)
 		if !ok {
@@ -541,19 +541,19 @@ func eachMember(data []byte, fn func(key string, value json.RawMessage) error) e
 		seen[key] = true
 		var raw json.RawMessage
 		if err := dec.Decode(&raw); err != nil {
-			return fmt.Errorf("%w: value of %q: %v", ErrInvalidConfig, key, err)
+			return fmt.Errorf("%w: value of %q: %w", ErrInvalidConfig, key, err)
 		}
 		if err := fn(key, raw); err != nil {
 			return err
 		}
 	}
 	if _, err := dec.Token(); err != nil {
-		return fmt.Errorf("%w: %v", ErrInvalidConfig, err)
+		return fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 	}
 	if tok, err := dec.Token(); err == nil {
 		return fmt.Errorf("%w: unexpected %v after the object", ErrInvalidConfig, tok)
 	} else if !errors.Is(err, io.EOF) {
-		return fmt.Errorf("%w: after the object: %v", ErrInvalidConfig, err)
+		return fmt.Errorf("%w: after the object: %w", ErrInvalidConfig, err)
 	}
 	return nil
 }

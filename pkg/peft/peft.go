@@ -10,10 +10,12 @@
 package peft
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -32,6 +34,15 @@ const (
 
 // maxConfigSize bounds adapter_config.json; real ones are about 1 KiB.
 const maxConfigSize = 1 << 20
+
+// A weights file holds at most one A and one B per (layer, projection) of the base model: 1,120
+// tensors for an 80-layer model adapting all seven projections. Its header gets headerBytesPerTensor
+// for each (PEFT writes about 130 bytes per entry) plus headerSlack for metadata, so a header
+// declaring a million empty tensors is refused after reading at most a few thousand.
+const (
+	headerBytesPerTensor = 1 << 10
+	headerSlack          = 64 << 10
+)
 
 // Module is a projection inside a decoder layer that can carry LoRA weights.
 type Module string
@@ -141,7 +152,10 @@ type Adapter struct {
 
 // Load reads the adapter in dir. Files are opened through an os.Root, so
 // symlinks cannot lead outside dir.
-func Load(dir string, opts Options) (*Adapter, error) {
+func Load(dir string, opts Options) (*Adapter, error) { return LoadContext(context.Background(), dir, opts) }
+
+// LoadContext is Load that stops when ctx ends.
+func LoadContext(ctx context.Context, dir string, opts Options) (*Adapter, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
@@ -153,7 +167,7 @@ func Load(dir string, opts Options) (*Adapter, error) {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidAdapter, err)
 	}
 	defer root.Close()
-	a, err := load(root, opts)
+	a, err := load(ctx, root, opts)
 	if err != nil {
 		return nil, fmt.Errorf("adapter %s: %w", dir, err)
 	}
@@ -171,12 +185,12 @@ func (s slot) String() string { return s.module.FullName(s.layer) }
 
 type pair struct{ a, b string } // tensor names
 
-func load(root *os.Root, opts Options) (*Adapter, error) {
+func load(ctx context.Context, root *os.Root, opts Options) (*Adapter, error) {
 	cfg, err := readConfig(root)
 	if err != nil {
 		return nil, err
 	}
-	st, err := openWeights(root)
+	st, err := openWeights(ctx, root, opts.Model)
 	if err != nil {
 		return nil, err
 	}
@@ -221,14 +235,22 @@ func load(root *os.Root, opts Options) (*Adapter, error) {
 		}
 		for _, t := range []safetensors.TensorInfo{ai, bi} {
 			switch t.DType {
-			case safetensors.F32, safetensors.F16, safetensors.BF16:
+			case safetensors.F32, safetensors.F16, safetensors.BF16, safetensors.F64:
 			default:
-				return nil, fmt.Errorf("%w: tensor %q is %s, want F32, F16 or BF16", ErrInvalidAdapter, t.Name, t.DType)
+				return nil, fmt.Errorf("%w: tensor %q is %s, want F32, F16, BF16 or F64", ErrInvalidAdapter, t.Name, t.DType)
 			}
+		}
+		sc := scaling(rank, alpha, cfg.UseRSLoRA)
+		if math.IsInf(float64(sc), 0) || math.IsNaN(float64(sc)) {
+			field := "lora_alpha"
+			if alpha != cfg.LoraAlpha {
+				field = "alpha_pattern"
+			}
+			return nil, fmt.Errorf("%w: %s %g with rank %d gives %s a scaling of %g, beyond float32", ErrInvalidConfig, field, alpha, rank, s, sc)
 		}
 		total += 4 * int64(rank) * int64(in+out)
 		maxRank = max(maxRank, rank)
-		plan = append(plan, planned{slot: s, p: p, rank: rank, scaling: scaling(rank, alpha, cfg.UseRSLoRA)})
+		plan = append(plan, planned{slot: s, p: p, rank: rank, scaling: sc})
 	}
 	if opts.MaxBytes > 0 && total > opts.MaxBytes {
 		return nil, fmt.Errorf("%w: %d bytes of weights, above the limit MaxBytes=%d", ErrTooLarge, total, opts.MaxBytes)
@@ -239,12 +261,16 @@ func load(root *os.Root, opts Options) (*Adapter, error) {
 		a.Layers[i] = map[Module]*LoRA{}
 	}
 	for _, pl := range plan {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
 		dims := opts.Model.Dims[pl.slot.module]
 		l := &LoRA{Rank: pl.rank, Scaling: pl.scaling, In: dims[0], Out: dims[1]}
-		if l.A, err = st.Float32(pl.p.a); err != nil {
+		// A NaN or infinity would make every token of the adapter's requests NaN logits.
+		if l.A, err = st.FiniteFloat32(pl.p.a); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidAdapter, err)
 		}
-		if l.B, err = st.Float32(pl.p.b); err != nil {
+		if l.B, err = st.FiniteFloat32(pl.p.b); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidAdapter, err)
 		}
 		a.Layers[pl.slot.layer][pl.slot.module] = l
@@ -253,7 +279,7 @@ func load(root *os.Root, opts Options) (*Adapter, error) {
 }
 
 func readConfig(root *os.Root) (*Config, error) {
-	f, err := root.Open(ConfigFileName)
+	f, err := safetensors.OpenRegularIn(root, ConfigFileName)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: missing %s", ErrInvalidAdapter, ConfigFileName)
 	}
@@ -275,8 +301,8 @@ func readConfig(root *os.Root) (*Config, error) {
 	return cfg, nil
 }
 
-func openWeights(root *os.Root) (*safetensors.File, error) {
-	f, err := root.Open(WeightsFileName)
+func openWeights(ctx context.Context, root *os.Root, model ModelShape) (*safetensors.File, error) {
+	f, err := safetensors.OpenRegularIn(root, WeightsFileName)
 	if errors.Is(err, fs.ErrNotExist) {
 		if _, berr := root.Stat(pickleFileName); berr == nil {
 			return nil, fmt.Errorf("%w: found only %s; only safetensors weights are supported (pickle files are never loaded)",
@@ -288,7 +314,11 @@ func openWeights(root *os.Root) (*safetensors.File, error) {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidAdapter, err)
 	}
 	defer f.Close()
-	st, err := safetensors.OpenFile(f)
+	maxTensors := 2 * model.NumLayers * len(Modules())
+	st, err := safetensors.Options{MaxTensors: maxTensors, MaxHeaderSize: headerSlack + headerBytesPerTensor*int64(maxTensors)}.OpenFileContext(ctx, f)
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return nil, err
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrInvalidAdapter, WeightsFileName, err)
 	}

@@ -1,6 +1,7 @@
 package peft
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -56,8 +57,8 @@ func OpenStore(root string) (*Store, error) {
 // Close releases the root folder.
 func (s *Store) Close() error { return s.root.Close() }
 
-// Load validates id and loads the adapter in <root>/<id>/.
-func (s *Store) Load(id string, opts Options) (*Adapter, error) {
+// Load validates id and loads the adapter in <root>/<id>/; it stops when ctx ends.
+func (s *Store) Load(ctx context.Context, id string, opts Options) (*Adapter, error) {
 	if err := ValidateID(id); err != nil {
 		return nil, err
 	}
@@ -79,10 +80,30 @@ func (s *Store) Load(id string, opts Options) (*Adapter, error) {
 		return nil, fmt.Errorf("%w: adapter_id %q: %w", ErrInvalidAdapter, id, err)
 	}
 	defer sub.Close()
-	a, err := load(sub, opts)
+	a, err := load(ctx, sub, opts)
 	if err != nil {
 		return nil, fmt.Errorf("adapter %q: %w", id, err)
 	}
 	a.Name = id
 	return a, nil
+}
+
+// Stamp fingerprints the files of adapter id (size, modification time and
+// mode of its config and weights) without opening them, so a caller can
+// tell cheaply whether an adapter changed since it last failed. Missing
+// files are part of the stamp; it never blocks on a FIFO.
+func (s *Store) Stamp(id string) string {
+	if ValidateID(id) != nil {
+		return ""
+	}
+	var b []byte
+	for _, name := range []string{ConfigFileName, WeightsFileName} {
+		fi, err := s.root.Stat(id + "/" + name)
+		if err != nil {
+			b = append(b, "-;"...)
+			continue
+		}
+		b = fmt.Appendf(b, "%d:%d:%o;", fi.Size(), fi.ModTime().UnixNano(), fi.Mode())
+	}
+	return string(b)
 }

@@ -1,6 +1,7 @@
 package peft
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -82,7 +83,7 @@ func TestStore(t *testing.T) {
 	opts := Options{Model: tiny}
 
 	for _, id := range []string{"good", "alias"} {
-		a, err := s.Load(id, opts)
+		a, err := s.Load(context.Background(), id, opts)
 		if err != nil {
 			t.Fatalf("Load(%q): %v", id, err)
 		}
@@ -107,7 +108,7 @@ func TestStore(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.id, func(t *testing.T) {
-			a, err := s.Load(tt.id, opts)
+			a, err := s.Load(context.Background(), tt.id, opts)
 			if err == nil {
 				t.Fatalf("Load(%q) succeeded: %+v", tt.id, a.Config)
 			}
@@ -116,7 +117,7 @@ func TestStore(t *testing.T) {
 			}
 		})
 	}
-	if _, err := s.Load("good", Options{}); !errors.Is(err, ErrInvalidOptions) {
+	if _, err := s.Load(context.Background(), "good", Options{}); !errors.Is(err, ErrInvalidOptions) {
 		t.Errorf("Load with zero Options: got %v, want ErrInvalidOptions", err)
 	}
 }
