@@ -152,7 +152,9 @@ type Adapter struct {
 
 // Load reads the adapter in dir. Files are opened through an os.Root, so
 // symlinks cannot lead outside dir.
-func Load(dir string, opts Options) (*Adapter, error) { return LoadContext(context.Background(), dir, opts) }
+func Load(dir string, opts Options) (*Adapter, error) {
+	return LoadContext(context.Background(), dir, opts)
+}
 
 // LoadContext is Load that stops when ctx ends.
 func LoadContext(ctx context.Context, dir string, opts Options) (*Adapter, error) {
