@@ -36,8 +36,9 @@ func (a *adminAuth) check(ctx context.Context, method string) error {
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	for _, v := range md.Get("authorization") {
-		tok, ok := strings.CutPrefix(v, "Bearer ")
-		if !ok {
+		// RFC 7235: the scheme is case-insensitive.
+		scheme, tok, ok := strings.Cut(v, " ")
+		if !ok || !strings.EqualFold(scheme, "bearer") {
 			continue
 		}
 		got := sha256.Sum256([]byte(tok))

@@ -66,9 +66,13 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.UintVar(&o.MaxConcurrentStreams, "grpc-max-streams", o.MaxConcurrentStreams, "concurrent streams per connection")
 	fs.DurationVar(&o.KeepaliveMinTime, "grpc-keepalive-min-time", o.KeepaliveMinTime, "shortest client keepalive ping interval allowed")
 	fs.BoolVar(&o.Reflection, "grpc-reflection", o.Reflection, "serve gRPC reflection")
-	fs.StringVar(&o.AdminTokenFile, "admin-token-file", o.AdminTokenFile, "file holding the bearer token admin RPCs require (empty: admin RPCs are open)")
 	o.TLS.AddFlags(fs)
 	fs.StringVar(&o.HealthListen, "health-listen", o.HealthListen, "also serve grpc.health.v1 in plaintext on this address (for kubelet probes and Consul checks when -tls-cert is set)")
+}
+
+// AddAdminFlags registers -admin-token-file, for a binary that serves admin RPCs (the shard).
+func (o *Options) AddAdminFlags(fs *flag.FlagSet) {
+	fs.StringVar(&o.AdminTokenFile, "admin-token-file", o.AdminTokenFile, "file holding the bearer token admin RPCs require (empty: admin RPCs are open)")
 }
 
 // Validate checks the options.
@@ -110,9 +114,14 @@ func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, 
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: o.KeepaliveMinTime, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: o.KeepaliveTime, Timeout: o.KeepaliveTimeout}),
 	}, extra...)
+	if o.AdminToken == "" && len(o.AdminMethods) > 0 {
+		log.Warn("admin RPCs are open to every client: set -admin-token-file", zap.Strings("methods", o.AdminMethods))
+	}
 	auth := newAdminAuth(o.AdminToken, o.AdminMethods)
-	unary := []grpc.UnaryServerInterceptor{recoverUnary(log), logUnary(log)}
-	stream := []grpc.StreamServerInterceptor{recoverStream(log), logStream(log)}
+	utf8c := newUTF8Codec()
+	opts = append(opts, grpc.ForceServerCodecV2(utf8c))
+	unary := []grpc.UnaryServerInterceptor{recoverUnary(log), logUnary(log), utf8c.unary()}
+	stream := []grpc.StreamServerInterceptor{recoverStream(log), logStream(log), utf8c.stream()}
 	if o.Ready != nil {
 		unary = append(unary, gateUnary(o.Ready))
 		stream = append(stream, gateStream(o.Ready))

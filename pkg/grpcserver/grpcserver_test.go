@@ -16,7 +16,10 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -95,7 +98,10 @@ func TestAdminToken(t *testing.T) {
 		{"wrong token", []string{"authorization", "Bearer nope"}, codes.Unauthenticated},
 		{"token prefix", []string{"authorization", "Bearer s3c"}, codes.Unauthenticated},
 		{"no scheme", []string{"authorization", "s3cret"}, codes.Unauthenticated},
+		{"other scheme", []string{"authorization", "Basic s3cret"}, codes.Unauthenticated},
 		{"right token", []string{"authorization", "Bearer s3cret"}, codes.OK},
+		{"lowercase scheme", []string{"authorization", "bearer s3cret"}, codes.OK}, // RFC 7235: case-insensitive
+		{"uppercase scheme", []string{"authorization", "BEARER s3cret"}, codes.OK},
 	} {
 		cctx := ctx
 		if c.md != nil {
@@ -108,6 +114,28 @@ func TestAdminToken(t *testing.T) {
 	}
 	if _, err := cl.ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{}); err != nil {
 		t.Errorf("open method needs no token: %v", err)
+	}
+}
+
+// TestOpenAdminWarns: a server with admin methods and no token says so once at start, at warn level.
+func TestOpenAdminWarns(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		token string
+		want  int
+	}{{"open", "", 1}, {"guarded", "s3cret", 0}} {
+		core, logs := observer.New(zapcore.WarnLevel)
+		o := grpcserver.DefaultOptions()
+		o.AdminToken = c.token
+		o.AdminMethods = []string{loraplexv1.AdaptersService_LoadAdapter_FullMethodName}
+		s, _, err := grpcserver.New(o, zap.New(core))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Stop()
+		if n := logs.FilterLevelExact(zapcore.WarnLevel).Len(); n != c.want {
+			t.Errorf("%s: %d warnings, want %d", c.name, n, c.want)
+		}
 	}
 }
 

@@ -111,6 +111,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "address routers dial and Consul checks (default: the listen address)")
 	c.Discovery.AddFlags(fs)
 	c.GRPC.AddFlags(fs)
+	c.GRPC.AddAdminFlags(fs)
+	c.Limits.AddFlags(fs)
 }
 
 // Validate checks the configuration.
@@ -132,6 +134,9 @@ func (c *Config) Validate() error {
 		eo.KVCacheBytes = 1 // sized from the device at load
 	}
 	if err := eo.Validate(); err != nil {
+		return err
+	}
+	if err := server.ValidateLimits(c.Limits); err != nil {
 		return err
 	}
 	if c.CUDA.StagingBytes < 0 {

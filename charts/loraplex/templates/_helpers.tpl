@@ -84,11 +84,8 @@ app.kubernetes.io/component: shard
 {{- end }}
 {{- end -}}
 
-{{/* Flags both binaries take: admin token, metrics. */}}
+{{/* Flags both binaries take: metrics. */}}
 {{- define "loraplex.commonArgs" -}}
-{{- if .Values.adminToken.existingSecret }}
-- -admin-token-file=/etc/loraplex/admin-token/{{ .Values.adminToken.key }}
-{{- end }}
 {{- if .Values.metrics.enabled }}
 - -metrics-listen=:{{ .Values.metrics.port }}
 {{- end }}
@@ -105,11 +102,6 @@ app.kubernetes.io/component: shard
 {{- if and .Values.consul.enabled .Values.consul.acl.existingSecret }}
 - name: consul-token
   mountPath: /etc/loraplex/consul-token
-  readOnly: true
-{{- end }}
-{{- if .Values.adminToken.existingSecret }}
-- name: admin-token
-  mountPath: /etc/loraplex/admin-token
   readOnly: true
 {{- end }}
 {{- end -}}
@@ -130,6 +122,24 @@ app.kubernetes.io/component: shard
     secretName: {{ .Values.consul.acl.existingSecret }}
     defaultMode: 0440
 {{- end }}
+{{- end -}}
+
+{{/* The shard's admin RPCs (adapter load/unload/pin) and their token: the router has none. */}}
+{{- define "loraplex.adminTokenArgs" -}}
+{{- if .Values.adminToken.existingSecret }}
+- -admin-token-file=/etc/loraplex/admin-token/{{ .Values.adminToken.key }}
+{{- end }}
+{{- end -}}
+
+{{- define "loraplex.adminTokenVolumeMounts" -}}
+{{- if .Values.adminToken.existingSecret }}
+- name: admin-token
+  mountPath: /etc/loraplex/admin-token
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "loraplex.adminTokenVolumes" -}}
 {{- if .Values.adminToken.existingSecret }}
 - name: admin-token
   secret:
