@@ -1,4 +1,4 @@
-# Shard image: the CUDA kernels and a cgo build (go-nvml) on the CUDA runtime base, running as a
+# Shard image: the CUDA kernels and a cgo build with NVML (-tags nvml, go-nvml) on the CUDA runtime base, running as a
 # nonroot user (65532). Build from the repository root:
 #   docker build -f docker/shard.Dockerfile -t loraplex/shard:dev .
 # The kernels and the Go binary are built on the devel image of the same Ubuntu release as the
@@ -22,7 +22,7 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=1 GOOS=linux go build -trimpath -ldflags="-s -w" -o /out/shard ./shard
+RUN CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations GOOS=linux go build -tags nvml -trimpath -ldflags="-s -w" -o /out/shard ./shard
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}
 RUN groupadd --gid 65532 nonroot \

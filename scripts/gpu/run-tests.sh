@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the GPU tests and benchmarks on a machine with nvcc and a GPU, from test binaries built
 # elsewhere (no Go needed here):
-#   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go test -c -o .devrun/cuda.test ./shard/internal/compute/cuda/
+#   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go test -tags nvml -c -o .devrun/cuda.test ./shard/internal/compute/cuda/
 #   (the same for ./shard/internal/model/llama/ into .devrun/llama.test)
 # Usage: scripts/gpu/run-tests.sh [tests|bench|breakdown|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
 set -uo pipefail

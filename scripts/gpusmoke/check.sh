@@ -1,7 +1,7 @@
 #!/bin/bash
 # Serves the demo model on the GPU (-backend cuda) and checks it through gRPC: held-out accuracy of
 # every adapter, NVML metrics, SIGTERM. Build first, here (no GPU needed):
-#   CGO_ENABLED=1 go build -ldflags "-s -w" -o .devrun/shard ./shard
+#   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go build -tags nvml -ldflags "-s -w" -o .devrun/shard ./shard
 #   go build -ldflags "-s -w" -o .devrun/client ./scripts/gpusmoke
 # then on the GPU machine, from the repository root: OUT=/tmp/out bash scripts/gpusmoke/check.sh
 set -o pipefail
