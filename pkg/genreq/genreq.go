@@ -1,20 +1,28 @@
-// Package genreq validates loraplex.v1 generation requests against the limits that do not depend
-// on the model (sizes, counts, ranges). The router checks them before routing and the shard checks
-// them again, adding the model's own limits (vocabulary, context). Every error names the field and
-// the limit. Imported by router, shard and tools.
+// Package genreq holds the limits of loraplex.v1 generation requests and their one validator. The
+// router runs Validate (the limits that do not depend on the model: sizes, counts, ranges) before
+// routing; a shard runs Validate and then ValidateForModel (vocabulary, context, KV cache) once, at
+// its gRPC edge, and everything behind that edge trusts the result. Both binaries take the limits as
+// flags (Limits.AddFlags). Every error names the field and the limit. Imported by router, shard and
+// tools.
 package genreq
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"math"
+	"strconv"
 	"unicode/utf8"
 
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 )
 
-// ErrInvalid marks a request that breaks a limit; the message names the field.
-var ErrInvalid = errors.New("invalid request")
+// Errors: ErrInvalid marks a request that breaks a limit (the message names the field and the
+// limit); ErrInvalidLimits a configuration whose limits make no sense.
+var (
+	ErrInvalid       = errors.New("invalid request")
+	ErrInvalidLimits = errors.New("invalid request limits")
+)
 
 // Request is what GenerateRequest and GenerateStreamRequest have in common.
 type Request interface {
@@ -32,7 +40,9 @@ var (
 	_ Request = (*loraplexv1.GenerateStreamRequest)(nil)
 )
 
-// Limits bound what a client controls.
+// Limits bound what a client controls. The router and the shards each take them from their flags;
+// a shard's limits should be at least the routers' (a request the router passes and the shard refuses
+// still fails with INVALID_ARGUMENT, only later).
 type Limits struct {
 	MaxRequestIDBytes    int
 	MaxAdapterIDBytes    int
@@ -55,6 +65,63 @@ func DefaultLimits() Limits {
 		MaxNewTokens: 4096, MaxStopSequences: 8, MaxStopSequenceLen: 64, MaxStopTokenIDs: 32, MaxTopK: 1000,
 		MaxTopLogprobs: 5, MaxTemperature: 100, MaxRepetitionPenalty: 10,
 	}
+}
+
+// AddFlags registers one flag per limit.
+func (l *Limits) AddFlags(fs *flag.FlagSet) {
+	fs.IntVar(&l.MaxRequestIDBytes, "max-request-id-bytes", l.MaxRequestIDBytes, "limit: bytes of a request_id")
+	fs.IntVar(&l.MaxAdapterIDBytes, "max-adapter-id-bytes", l.MaxAdapterIDBytes, "limit: bytes of an adapter_id")
+	fs.IntVar(&l.MaxPromptBytes, "max-prompt-bytes", l.MaxPromptBytes, "limit: bytes of a text prompt")
+	fs.IntVar(&l.MaxPromptTokens, "max-prompt-tokens", l.MaxPromptTokens, "limit: ids of a token_ids prompt")
+	fs.IntVar(&l.MaxNewTokens, "max-new-tokens", l.MaxNewTokens, "limit: stopping.max_new_tokens (the model's context bounds it too)")
+	fs.IntVar(&l.MaxStopSequences, "max-stop-sequences", l.MaxStopSequences, "limit: entries of stopping.stop_sequences")
+	fs.IntVar(&l.MaxStopSequenceLen, "max-stop-sequence-bytes", l.MaxStopSequenceLen, "limit: bytes of one stop sequence")
+	fs.IntVar(&l.MaxStopTokenIDs, "max-stop-token-ids", l.MaxStopTokenIDs, "limit: entries of stopping.stop_token_ids")
+	fs.IntVar(&l.MaxTopK, "max-top-k", l.MaxTopK, "limit: sampling.top_k")
+	fs.IntVar(&l.MaxTopLogprobs, "max-top-logprobs", l.MaxTopLogprobs, "limit: output.top_logprobs (a shard takes at most what its backend reports, 8)")
+	fs.Var((*float32Value)(&l.MaxTemperature), "max-temperature", "limit: sampling.temperature")
+	fs.Var((*float32Value)(&l.MaxRepetitionPenalty), "max-repetition-penalty", "limit: sampling.repetition_penalty")
+}
+
+// float32Value is a flag.Value for a float32 limit.
+type float32Value float32
+
+func (f *float32Value) String() string { return strconv.FormatFloat(float64(*f), 'g', -1, 32) }
+
+func (f *float32Value) Set(s string) error {
+	v, err := strconv.ParseFloat(s, 32)
+	if err != nil {
+		return err
+	}
+	*f = float32Value(v)
+	return nil
+}
+
+// Validate checks the limits themselves: a prompt and a new token must be possible, nothing is
+// negative and the float limits are finite.
+func (l Limits) Validate() error {
+	for _, c := range []struct {
+		flag     string
+		v, least int
+	}{
+		{"max-request-id-bytes", l.MaxRequestIDBytes, 0}, {"max-adapter-id-bytes", l.MaxAdapterIDBytes, 0},
+		{"max-prompt-bytes", l.MaxPromptBytes, 1}, {"max-prompt-tokens", l.MaxPromptTokens, 1}, {"max-new-tokens", l.MaxNewTokens, 1},
+		{"max-stop-sequences", l.MaxStopSequences, 0}, {"max-stop-sequence-bytes", l.MaxStopSequenceLen, 1},
+		{"max-stop-token-ids", l.MaxStopTokenIDs, 0}, {"max-top-k", l.MaxTopK, 0}, {"max-top-logprobs", l.MaxTopLogprobs, 0},
+	} {
+		if c.v < c.least {
+			return fmt.Errorf("%w: -%s = %d, must be at least %d", ErrInvalidLimits, c.flag, c.v, c.least)
+		}
+	}
+	for _, c := range []struct {
+		flag string
+		v    float32
+	}{{"max-temperature", l.MaxTemperature}, {"max-repetition-penalty", l.MaxRepetitionPenalty}} {
+		if badFloat(c.v) || c.v < 0 {
+			return fmt.Errorf("%w: -%s = %v, must be finite and at least 0", ErrInvalidLimits, c.flag, c.v)
+		}
+	}
+	return nil
 }
 
 func invalid(field string, format string, args ...any) error {
@@ -84,7 +151,7 @@ func ValidAdapterID(id string, maxBytes int) error {
 
 func badFloat(f float32) bool { return math.IsNaN(float64(f)) || math.IsInf(float64(f), 0) }
 
-// Validate checks a request against the limits.
+// Validate checks a request against the limits that do not depend on the model.
 func Validate(r Request, l Limits) error {
 	if n := len(r.GetRequestId()); n > l.MaxRequestIDBytes {
 		return invalid("request_id", "is %d bytes, limit %d", n, l.MaxRequestIDBytes)
@@ -138,6 +205,54 @@ func Validate(r Request, l Limits) error {
 	}
 	if n := int(r.GetOutput().GetTopLogprobs()); n > l.MaxTopLogprobs {
 		return invalid("output.top_logprobs", "= %d, limit %d", n, l.MaxTopLogprobs)
+	}
+	return nil
+}
+
+// Model is what a shard knows of the model it serves, for ValidateForModel.
+type Model struct {
+	VocabSize int
+	// ContextTokens is the model's context length; CacheTokens the positions the shard's KV cache
+	// holds. A sequence (prompt plus new tokens) must fit in both.
+	ContextTokens, CacheTokens int
+}
+
+// MaxSequenceTokens is the most positions one sequence may hold.
+func (m Model) MaxSequenceTokens() int { return min(m.ContextTokens, m.CacheTokens) }
+
+// ValidateForModel checks what depends on the served model, after Validate: token ids below the
+// vocabulary, and a prompt of promptTokens tokens (after tokenization) plus stopping.max_new_tokens
+// within the context and the KV cache. A prompt must leave room for one new token, which is what a
+// request that leaves max_new_tokens 0 gets at least.
+func ValidateForModel(r Request, promptTokens int, m Model) error {
+	for i, id := range r.GetTokenIds().GetIds() {
+		if int64(id) >= int64(m.VocabSize) {
+			return invalid(fmt.Sprintf("token_ids[%d]", i), "= %d, must be below the vocabulary size %d", id, m.VocabSize)
+		}
+	}
+	for i, id := range r.GetStopping().GetStopTokenIds() {
+		if int64(id) >= int64(m.VocabSize) {
+			return invalid(fmt.Sprintf("stopping.stop_token_ids[%d]", i), "= %d, must be below the vocabulary size %d", id, m.VocabSize)
+		}
+	}
+	if promptTokens == 0 {
+		return invalid("text", "encodes to no tokens")
+	}
+	maxNew := int(r.GetStopping().GetMaxNewTokens())
+	limit, what := m.ContextTokens, "the model context"
+	if m.CacheTokens < limit {
+		limit, what = m.CacheTokens, "the KV cache"
+	}
+	switch {
+	case maxNew == 0 && promptTokens >= limit:
+		field := "text"
+		if r.GetTokenIds() != nil {
+			field = "token_ids"
+		}
+		return invalid(field, "is %d tokens: it leaves no room for a new token in %s of %d tokens", promptTokens, what, limit)
+	case promptTokens+maxNew > limit:
+		return invalid("stopping.max_new_tokens", "= %d: with a prompt of %d tokens it exceeds %s of %d tokens",
+			maxNew, promptTokens, what, limit)
 	}
 	return nil
 }

@@ -2,7 +2,10 @@ package genreq
 
 import (
 	"errors"
+	"flag"
+	"fmt"
 	"math"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -179,5 +182,129 @@ func TestValidAdapterID(t *testing.T) {
 	}
 	if err := ValidAdapterID("abcd", 3); err == nil || !strings.Contains(err.Error(), "limit 3") {
 		t.Errorf("4 bytes with limit 3: %v", err)
+	}
+}
+
+// TestAddFlagsCoversEveryLimit sets every flag AddFlags registers to a new value and expects each to
+// land in its own field, and every field of Limits to have a flag: a limit added later without a
+// flag fails here.
+func TestAddFlagsCoversEveryLimit(t *testing.T) {
+	l := DefaultLimits()
+	fs := flag.NewFlagSet("x", flag.ContinueOnError)
+	l.AddFlags(fs)
+	var args []string
+	n := 0
+	fs.VisitAll(func(f *flag.Flag) {
+		n++
+		args = append(args, fmt.Sprintf("-%s=%d", f.Name, 1000+n))
+	})
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	v := reflect.ValueOf(l)
+	if v.NumField() != n {
+		t.Errorf("Limits has %d fields, AddFlags registers %d flags", v.NumField(), n)
+	}
+	seen := map[float64]string{}
+	for i := range v.NumField() {
+		var x float64
+		switch f := v.Field(i); f.Kind() {
+		case reflect.Int:
+			x = float64(f.Int())
+		case reflect.Float32:
+			x = f.Float()
+		}
+		name := v.Type().Field(i).Name
+		if x <= 1000 {
+			t.Errorf("%s = %v: no flag set it", name, x)
+		} else if other, dup := seen[x]; dup {
+			t.Errorf("%s and %s took the same flag", name, other)
+		}
+		seen[x] = name
+	}
+	if err := l.Validate(); err != nil {
+		t.Errorf("limits from flags: %v", err)
+	}
+}
+
+func TestLimitsValidate(t *testing.T) {
+	if err := DefaultLimits().Validate(); err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	nan := float32(math.NaN())
+	cases := []struct {
+		name string
+		edit func(l *Limits)
+		flag string
+	}{
+		{"no prompt bytes", func(l *Limits) { l.MaxPromptBytes = 0 }, "-max-prompt-bytes"},
+		{"no new tokens", func(l *Limits) { l.MaxNewTokens = 0 }, "-max-new-tokens"},
+		{"negative top_k", func(l *Limits) { l.MaxTopK = -1 }, "-max-top-k"},
+		{"negative top_logprobs", func(l *Limits) { l.MaxTopLogprobs = -1 }, "-max-top-logprobs"},
+		{"NaN temperature", func(l *Limits) { l.MaxTemperature = nan }, "-max-temperature"},
+		{"negative penalty", func(l *Limits) { l.MaxRepetitionPenalty = -1 }, "-max-repetition-penalty"},
+	}
+	for _, c := range cases {
+		l := DefaultLimits()
+		c.edit(&l)
+		if err := l.Validate(); !errors.Is(err, ErrInvalidLimits) || !strings.Contains(err.Error(), c.flag) {
+			t.Errorf("%s: %v, want ErrInvalidLimits naming %s", c.name, err, c.flag)
+		}
+	}
+}
+
+// TestValidateForModel: the checks that depend on the model, each naming the field and the limit
+// (vocabulary 1024, context 1024, KV cache 512 positions unless a case says otherwise).
+func TestValidateForModel(t *testing.T) {
+	m := Model{VocabSize: 1024, ContextTokens: 1024, CacheTokens: 512}
+	ids := func(v ...uint32) *loraplexv1.GenerateRequest {
+		r := valid()
+		r.Prompt = &loraplexv1.GenerateRequest_TokenIds{TokenIds: &loraplexv1.TokenIds{Ids: v}}
+		return r
+	}
+	withMaxNew := func(r *loraplexv1.GenerateRequest, n uint32) *loraplexv1.GenerateRequest {
+		r.Stopping.MaxNewTokens = n
+		return r
+	}
+	cases := []struct {
+		name   string
+		r      *loraplexv1.GenerateRequest
+		tokens int
+		m      Model
+		want   []string // nil: accepted
+	}{
+		{"fits", withMaxNew(valid(), 100), 12, m, nil},
+		{"fills the cache exactly", withMaxNew(valid(), 500), 12, m, nil},
+		{"default max_new leaves one token", withMaxNew(valid(), 0), 511, m, nil},
+		{"ids at the vocabulary edge", ids(0, 1023), 2, m, nil},
+		{"id past the vocabulary", ids(0, 5, 1024), 3, m, []string{"token_ids[2]", "1024", "vocabulary"}},
+		{"stop id past the vocabulary", func() *loraplexv1.GenerateRequest {
+			r := valid()
+			r.Stopping.StopTokenIds = []uint32{7, 4096}
+			return r
+		}(), 3, m, []string{"stopping.stop_token_ids[1]", "4096", "vocabulary size 1024"}},
+		{"text of no tokens", valid(), 0, m, []string{"text", "no tokens"}},
+		{"over the KV cache", withMaxNew(valid(), 501), 12, m, []string{"stopping.max_new_tokens", "501", "12", "KV cache", "512"}},
+		{"over the context", withMaxNew(valid(), 1020), 13, Model{VocabSize: 1024, ContextTokens: 1024, CacheTokens: 4096},
+			[]string{"stopping.max_new_tokens", "1020", "13", "model context", "1024"}},
+		{"prompt fills the cache", withMaxNew(ids(1, 2), 0), 512, m, []string{"token_ids", "512", "no room", "KV cache"}},
+	}
+	for _, c := range cases {
+		err := ValidateForModel(c.r, c.tokens, c.m)
+		if c.want == nil {
+			if err != nil {
+				t.Errorf("%s: %v", c.name, err)
+			}
+			continue
+		}
+		if !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s: %v, want ErrInvalid", c.name, err)
+			continue
+		}
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: %q does not mention %q", c.name, err, w)
+			}
+		}
 	}
 }

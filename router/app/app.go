@@ -73,6 +73,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	c.Picker.AddFlags(fs)
 	c.GRPC.AddFlags(fs)
 	c.ShardTLS.AddFlags(fs, "shard-")
+	c.Limits.AddFlags(fs)
 }
 
 // Validate checks the configuration.
@@ -95,6 +96,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.Picker.Validate(); err != nil {
+		return err
+	}
+	if err := c.Limits.Validate(); err != nil {
 		return err
 	}
 	return c.GRPC.Validate()

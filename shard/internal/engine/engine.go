@@ -23,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
+	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/kvcache"
@@ -30,10 +31,10 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/sampling"
 )
 
-// Errors returned by Submit.
+// Errors returned by New and Submit. Requests reach Submit validated (the shard's server runs
+// genreq once); ErrInvalid from Submit is a request that skipped that validation, a bug.
 var (
 	ErrQueueFull = errors.New("engine: queue full")
-	ErrTooLong   = errors.New("engine: request exceeds the model context")
 	ErrClosed    = errors.New("engine: shutting down")
 	ErrInvalid   = errors.New("engine: invalid request")
 )
@@ -94,6 +95,13 @@ type Event struct {
 type AdapterSource interface {
 	// Acquire returns the adapter and a release function; it may load the adapter first.
 	Acquire(ctx context.Context, id string) (compute.Adapter, func(), error)
+}
+
+// TierReporter is an optional capability of an AdapterSource: where an adapter is before Acquire, for
+// the acquire span ("device" is a hit; "host" means a copy to the device; "none" a load from the
+// store first).
+type TierReporter interface {
+	TierOf(id string) string
 }
 
 // Options configure the engine.
@@ -207,6 +215,11 @@ func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokeniz
 // Info describes the served model.
 func (e *Engine) Info() model.Info { return e.info }
 
+// Model is what request validation needs to know of the served model and this engine's KV cache.
+func (e *Engine) Model() genreq.Model {
+	return genreq.Model{VocabSize: e.info.VocabSize, ContextTokens: e.info.MaxContext, CacheTokens: e.blocks.Total() * e.opts.BlockSize}
+}
+
 // Close stops admitting, fails queued and running sequences with ErrClosed and frees the cache.
 func (e *Engine) Close() {
 	e.mu.Lock()
@@ -252,30 +265,20 @@ func (e *Engine) signal() {
 // first error emit returns.
 func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error) error {
 	arrived := time.Now()
-	if len(r.Prompt) == 0 {
-		return fmt.Errorf("%w: prompt is empty", ErrInvalid)
+	// The server validated the request against the model (genreq.ValidateForModel with Model); these
+	// cheap checks only keep a caller that skipped it from corrupting the batch or the KV cache.
+	room := e.Model().MaxSequenceTokens() - len(r.Prompt)
+	maxNew := r.MaxNewTokens
+	if len(r.Prompt) == 0 || maxNew < 0 || room <= 0 || maxNew > room {
+		return fmt.Errorf("%w: prompt of %d tokens, max_new_tokens %d, room for %d positions", ErrInvalid, len(r.Prompt), maxNew, len(r.Prompt)+room)
 	}
 	for _, id := range r.Prompt {
 		if id < 0 || id >= e.info.VocabSize {
 			return fmt.Errorf("%w: prompt token id %d outside the vocabulary of %d", ErrInvalid, id, e.info.VocabSize)
 		}
 	}
-	maxNew := r.MaxNewTokens
-	if maxNew < 0 {
-		return fmt.Errorf("%w: max_new_tokens %d is negative", ErrInvalid, maxNew)
-	}
-	room := e.info.MaxContext - len(r.Prompt)
-	if room <= 0 || maxNew > room {
-		return fmt.Errorf("%w: prompt of %d tokens plus max_new_tokens %d exceeds the context of %d", ErrTooLong, len(r.Prompt), maxNew, e.info.MaxContext)
-	}
 	if maxNew == 0 {
 		maxNew = min(e.opts.DefaultMaxNewTokens, room)
-	}
-	if need := e.blocks.BlocksFor(len(r.Prompt) + maxNew); need > e.blocks.Total() {
-		return fmt.Errorf("%w: prompt of %d tokens plus %d new needs %d KV blocks, the cache has %d", ErrTooLong, len(r.Prompt), maxNew, need, e.blocks.Total())
-	}
-	if err := r.Sampling.Validate(); err != nil {
-		return fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 
 	// Admission control counts requests waiting for an adapter load too, and answers at once.
@@ -296,9 +299,7 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	release := func() {}
 	if r.AdapterID != "" {
 		attrs := []attribute.KeyValue{attribute.String("adapter.id", r.AdapterID)}
-		if t, ok := e.adapters.(interface{ TierOf(string) string }); ok {
-			// Where the adapter was found: "device" is a hit; "host" means a copy to the device;
-			// "none" a load from the store first.
+		if t, ok := e.adapters.(TierReporter); ok {
 			attrs = append(attrs, attribute.String("adapter.tier", t.TierOf(r.AdapterID)))
 		}
 		actx, span := tracer(ctx).Start(ctx, "adapter.acquire", trace.WithAttributes(attrs...))

@@ -28,6 +28,9 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/sampling"
 )
 
+// The adapter cache tells the engine where an adapter is, for the acquire span.
+var _ engine.TierReporter = (*adapters.Cache)(nil)
+
 // env is an engine on the embedded tiny model with the shipped adapters, on the CPU backend.
 type env struct {
 	e     *engine.Engine
@@ -665,9 +668,15 @@ func TestQueueTimingEndsAtFirstStep(t *testing.T) {
 	}
 }
 
+// TestInvalidRequests: the server validates requests (genreq); the engine still refuses, with
+// ErrInvalid and without emitting, what would corrupt its batch or KV cache, and the adapter source's
+// own errors pass through.
 func TestInvalidRequests(t *testing.T) {
 	v := newEnv(t, opts(func(o *engine.Options) { o.KVBlocks, o.BlockSize = 8, 16 }), 4) // 128 positions
-	vocab, maxCtx := v.info.VocabSize, v.info.MaxContext
+	vocab := v.info.VocabSize
+	if m := v.e.Model(); m.VocabSize != vocab || m.ContextTokens != v.info.MaxContext || m.CacheTokens != 128 || m.MaxSequenceTokens() != 128 {
+		t.Fatalf("Model() = %+v, want vocabulary %d, context %d, 128 cache positions", m, vocab, v.info.MaxContext)
+	}
 	cases := []struct {
 		name string
 		r    engine.Request
@@ -677,11 +686,8 @@ func TestInvalidRequests(t *testing.T) {
 		{"negative token", engine.Request{Prompt: []int{0, -1}}, engine.ErrInvalid},
 		{"token past vocab", engine.Request{Prompt: []int{0, vocab}}, engine.ErrInvalid},
 		{"negative max_new_tokens", engine.Request{Prompt: []int{0}, MaxNewTokens: -1}, engine.ErrInvalid},
-		{"bad sampling", engine.Request{Prompt: []int{0}, MaxNewTokens: 1, Sampling: sampling.Params{TopP: 2}}, engine.ErrInvalid},
-		{"bad sampling wraps its cause", engine.Request{Prompt: []int{0}, MaxNewTokens: 1, Sampling: sampling.Params{Temperature: -1}}, sampling.ErrInvalid},
-		{"prompt fills the context", engine.Request{Prompt: make([]int, maxCtx)}, engine.ErrTooLong},
-		{"prompt plus max_new over the context", engine.Request{Prompt: make([]int, maxCtx-10), MaxNewTokens: 11}, engine.ErrTooLong},
-		{"over the KV cache", engine.Request{Prompt: make([]int, 100), MaxNewTokens: 29}, engine.ErrTooLong},
+		{"prompt fills the KV cache", engine.Request{Prompt: make([]int, 128)}, engine.ErrInvalid},
+		{"over the KV cache", engine.Request{Prompt: make([]int, 100), MaxNewTokens: 29}, engine.ErrInvalid},
 		{"unknown adapter", engine.Request{AdapterID: "missing", Prompt: []int{0}, MaxNewTokens: 1}, peft.ErrNotFound},
 		{"adapter id with a path", engine.Request{AdapterID: "../adapters/qv-r8", Prompt: []int{0}, MaxNewTokens: 1}, peft.ErrInvalidID},
 	}
@@ -692,9 +698,13 @@ func TestInvalidRequests(t *testing.T) {
 			t.Errorf("%s: %v (emit called: %v), want %v", c.name, err, called, c.want)
 		}
 	}
-	// At the limits it is accepted: 100 + 28 positions fill the 8 blocks exactly.
+	// At the limits it is accepted: 100 + 28 positions fill the 8 blocks exactly, and the default
+	// max_new_tokens (256) is capped by the cache, not refused.
 	if res := v.mustRun(t, &engine.Request{Prompt: make([]int, 100), MaxNewTokens: 28, IgnoreEOS: true}); len(res.ids) != 28 {
 		t.Errorf("at the KV limit: %d tokens", len(res.ids))
+	}
+	if res := v.mustRun(t, &engine.Request{Prompt: make([]int, 120), IgnoreEOS: true}); len(res.ids) != 8 {
+		t.Errorf("default max_new_tokens with 8 positions left: %d tokens", len(res.ids))
 	}
 	v.checkIdle(t)
 }

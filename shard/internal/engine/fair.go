@@ -65,13 +65,6 @@ func (q *fairQueue) pop() *sequence {
 	return s
 }
 
-// skip passes the turn to the next adapter without admitting anyone.
-func (q *fairQueue) skip() {
-	if len(q.ring) > 0 {
-		q.next = (q.next + 1) % len(q.ring)
-	}
-}
-
 // remove takes out every sequence for which drop reports true and returns them.
 func (q *fairQueue) remove(drop func(*sequence) bool) []*sequence {
 	var out []*sequence

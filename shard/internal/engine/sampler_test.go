@@ -2,6 +2,7 @@ package engine_test
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -93,5 +94,44 @@ func TestSamplerPathMatchesHostPath(t *testing.T) {
 				t.Fatalf("%s %+v token %d: host %+v, Sampler %+v", r.ID, r.Sampling, j, h[j], d[j])
 			}
 		}
+	}
+}
+
+// TestTinyTemperatureIsGreedy: requests at temperatures below sampling.GreedyBelow (1e-30, 1e-38)
+// decode greedily on both sampling paths, with the greedy request's tokens, logprobs and
+// alternatives, every one finite (dividing by such a temperature gave -Inf, or -2.6e29 for special
+// tokens).
+func TestTinyTemperatureIsGreedy(t *testing.T) {
+	v := newEnv(t, opts(nil), 8)
+	prompt := v.ref.Base[0].PromptIDs
+	for name, be := range map[string]compute.Backend{"sampler": v.be, "host": hostSampling{v.be}} {
+		e, err := engine.New(opts(nil), be, v.model, v.tok, v.cache, zap.NewNop(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ev := *v
+		ev.e = e
+		run := func(temp float32) result {
+			return ev.mustRun(t, &engine.Request{AdapterID: "qv-r8", Prompt: prompt, MaxNewTokens: 12, IgnoreEOS: true, IncludeSpecial: true,
+				Sampling: sampling.Params{Temperature: temp, Seed: 9, TopLogprobs: 5}})
+		}
+		greedy := run(0)
+		for _, temp := range []float32{1e-30, 1e-38} {
+			got := run(temp)
+			if !slices.Equal(got.ids, greedy.ids) {
+				t.Errorf("%s T=%v: %v, greedy %v", name, temp, got.ids, greedy.ids)
+			}
+			for j, tk := range got.tokens {
+				for _, lp := range append([]sampling.Alt{{ID: tk.ID, Logprob: tk.Logprob}}, tk.Top...) {
+					if math.IsInf(float64(lp.Logprob), 0) || math.IsNaN(float64(lp.Logprob)) || lp.Logprob < -1000 {
+						t.Errorf("%s T=%v token %d: logprob %v of id %d", name, temp, j, lp.Logprob, lp.ID)
+					}
+				}
+				if j < len(greedy.tokens) && (tk.Logprob != greedy.tokens[j].Logprob || !slices.Equal(tk.Top, greedy.tokens[j].Top)) {
+					t.Errorf("%s T=%v token %d: %+v, greedy %+v", name, temp, j, tk, greedy.tokens[j])
+				}
+			}
+		}
+		e.Close()
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,7 +12,9 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	"go.uber.org/zap"
 
+	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/engine"
+	"github.com/loraplex/loraplex/shard/internal/model"
 )
 
 // TestPreemptionKeepsResults: six sequences whose caches together need more than twice the KV
@@ -101,41 +102,64 @@ func TestFairnessBoundsWaiting(t *testing.T) {
 	t.Logf("victim started %d-th of %d", at+1, len(order))
 }
 
-// TestAdapterCapPerStep: with at most one adapter per step, requests for three adapters never share
-// the running batch, yet all finish.
-func TestAdapterCapPerStep(t *testing.T) {
-	v := newEnv(t, opts(func(o *engine.Options) { o.MaxAdaptersPerStep, o.MaxSeqs = 1, 6 }), 8)
-	var maxSeen atomic.Int64
-	stop := make(chan struct{})
-	watched := make(chan struct{})
-	go func() {
-		defer close(watched)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if n := int64(v.e.Stats().AdaptersRunning); n > maxSeen.Load() {
-				maxSeen.Store(n)
-			}
-			time.Sleep(50 * time.Microsecond)
+// capCheck wraps a model and checks every step the engine runs: its segments hold at most limit
+// distinct adapters (the base model, a nil adapter, is free).
+type capCheck struct {
+	model.Model
+	t     *testing.T
+	limit int
+	mu    sync.Mutex
+	most  int                      // most distinct adapters in one step
+	seen  map[compute.Adapter]bool // every adapter that ran
+	steps int
+}
+
+func (c *capCheck) Forward(b compute.Batch, cache compute.KVCache) (compute.Tensor, error) {
+	step := map[compute.Adapter]bool{}
+	for _, sg := range b.Meta().Segments {
+		if sg.Adapter != nil {
+			step[sg.Adapter] = true
 		}
-	}()
+	}
+	c.mu.Lock()
+	c.steps++
+	c.most = max(c.most, len(step))
+	for a := range step {
+		c.seen[a] = true
+	}
+	c.mu.Unlock()
+	if len(step) > c.limit {
+		c.t.Errorf("a step ran %d distinct adapters, cap %d", len(step), c.limit)
+	}
+	return c.Model.Forward(b, cache)
+}
+
+// TestAdapterCapPerStep: with at most one adapter per step, requests for three adapters (and the
+// base model) never share a forward step, as the model itself sees each batch, yet all finish.
+func TestAdapterCapPerStep(t *testing.T) {
+	v := newEnv(t, opts(nil), 8)
+	check := &capCheck{Model: v.model, t: t, limit: 1, seen: map[compute.Adapter]bool{}}
+	e, err := engine.New(opts(func(o *engine.Options) { o.MaxAdaptersPerStep, o.MaxSeqs = 1, 6 }), v.be, check, v.tok, v.cache, zap.NewNop(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ev := *v
+	ev.e = e
 	var wg sync.WaitGroup
 	for i := range 9 {
 		wg.Go(func() {
-			v.mustRun(t, &engine.Request{AdapterID: []string{"qv-r8", "mlp-r4-patterns", "ko-r32-layers"}[i%3], Prompt: []int{0, 9, 10}, MaxNewTokens: 20, IgnoreEOS: true})
+			ev.mustRun(t, &engine.Request{AdapterID: []string{"qv-r8", "mlp-r4-patterns", "ko-r32-layers"}[i%3], Prompt: []int{0, 9, 10}, MaxNewTokens: 20, IgnoreEOS: true})
 		})
 	}
-	wg.Go(func() { v.mustRun(t, &engine.Request{Prompt: []int{0, 11}, MaxNewTokens: 20, IgnoreEOS: true}) })
+	wg.Go(func() { ev.mustRun(t, &engine.Request{Prompt: []int{0, 11}, MaxNewTokens: 20, IgnoreEOS: true}) })
 	wg.Wait()
-	close(stop)
-	<-watched
-	if m := maxSeen.Load(); m != 1 {
-		t.Fatalf("saw %d distinct adapters in the running batch, cap is 1", m)
+	check.mu.Lock()
+	defer check.mu.Unlock()
+	if check.most != 1 || len(check.seen) != 3 {
+		t.Errorf("%d steps ran at most %d adapters each, %d adapters in all; want 1 per step and all 3 run", check.steps, check.most, len(check.seen))
 	}
-	v.checkIdle(t)
+	ev.checkIdle(t)
 }
 
 // TestQueueFullRetryHint: a request over the queue limit is refused at once with a retry delay.

@@ -10,8 +10,6 @@
 package sampling
 
 import (
-	"errors"
-	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -19,22 +17,14 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/compute"
 )
 
-// MaxTopLogprobs bounds the alternatives a request may ask for.
-const MaxTopLogprobs = 5
+// GreedyBelow is the temperature under which a request decodes greedily. Dividing logits by a
+// smaller one overflows float32 (logprobs of -Inf, or -1e29 for special tokens) and means greedy
+// anyway; peers (vLLM) draw the same line. Such rows reach the backend as temperature 0, so every
+// Sampler treats them alike and reports the logprobs of the untempered distribution.
+const GreedyBelow = 1e-5
 
-// Every backend reports at least the alternatives a request may ask for.
-var _ [compute.MaxTopLogprobs - MaxTopLogprobs]struct{}
-
-// Limits on parameters, checked by Params.Validate.
-const (
-	MaxTemperature       = 100
-	MaxRepetitionPenalty = 10
-)
-
-// ErrInvalid marks parameters outside their limits.
-var ErrInvalid = errors.New("sampling: invalid parameter")
-
-// Params are a request's sampling parameters (zero value: greedy).
+// Params are a request's sampling parameters (zero value: greedy). The shard's server builds them
+// from a request that genreq validated; nothing here checks them again.
 type Params struct {
 	Temperature       float32
 	TopP              float32
@@ -44,30 +34,9 @@ type Params struct {
 	TopLogprobs       int
 }
 
-// Validate checks every parameter against its limit and names the field that fails.
-func (p Params) Validate() error {
-	bad := func(field string, v any, rule string) error {
-		return fmt.Errorf("%w: %s = %v, %s", ErrInvalid, field, v, rule)
-	}
-	switch {
-	case isNaN(p.Temperature) || p.Temperature < 0 || p.Temperature > MaxTemperature:
-		return bad("sampling.temperature", p.Temperature, fmt.Sprintf("must be in [0, %d]", MaxTemperature))
-	case isNaN(p.TopP) || p.TopP < 0 || p.TopP > 1:
-		return bad("sampling.top_p", p.TopP, "must be in [0, 1]")
-	case p.TopK < 0:
-		return bad("sampling.top_k", p.TopK, "must be >= 0")
-	case isNaN(p.RepetitionPenalty) || p.RepetitionPenalty < 0 || p.RepetitionPenalty > MaxRepetitionPenalty:
-		return bad("sampling.repetition_penalty", p.RepetitionPenalty, fmt.Sprintf("must be in [0, %d]", MaxRepetitionPenalty))
-	case p.TopLogprobs < 0 || p.TopLogprobs > MaxTopLogprobs:
-		return bad("output.top_logprobs", p.TopLogprobs, fmt.Sprintf("must be in [0, %d]", MaxTopLogprobs))
-	}
-	return nil
-}
-
-func isNaN(f float32) bool { return f != f }
-
-// Greedy reports whether the parameters select the most likely token.
-func (p Params) Greedy() bool { return p.Temperature == 0 }
+// Greedy reports whether the parameters select the most likely token (temperature 0, or below
+// GreedyBelow).
+func (p Params) Greedy() bool { return p.Temperature < GreedyBelow }
 
 func (p Params) penalized() bool { return p.RepetitionPenalty != 0 && p.RepetitionPenalty != 1 }
 
@@ -106,12 +75,12 @@ func New(p Params, history []int) *Sampler {
 // sampler's set: it is valid until the next Observe.
 func (s *Sampler) NextRow() compute.SampleRow {
 	p := s.p
-	r := compute.SampleRow{Temperature: p.Temperature, TopP: p.TopP, TopK: p.TopK, TopLogprobs: p.TopLogprobs}
+	r := compute.SampleRow{TopP: p.TopP, TopK: p.TopK, TopLogprobs: p.TopLogprobs}
 	if p.penalized() {
 		r.RepetitionPenalty, r.Seen = p.RepetitionPenalty, s.seen
 	}
 	if !p.Greedy() {
-		r.U = s.rng.Float64()
+		r.Temperature, r.U = p.Temperature, s.rng.Float64()
 	}
 	return r
 }

@@ -1,53 +1,13 @@
 package sampling
 
 import (
-	"errors"
 	"math"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"testing"
-)
 
-func TestValidate(t *testing.T) {
-	nan, inf := float32(math.NaN()), float32(math.Inf(1))
-	cases := []struct {
-		name  string
-		p     Params
-		field string // "" when valid
-	}{
-		{"zero is greedy", Params{}, ""},
-		{"typical", Params{Temperature: 0.8, TopP: 0.95, TopK: 50, Seed: 7, RepetitionPenalty: 1.1, TopLogprobs: 3}, ""},
-		{"at the limits", Params{Temperature: MaxTemperature, TopP: 1, RepetitionPenalty: MaxRepetitionPenalty, TopLogprobs: MaxTopLogprobs}, ""},
-		{"temperature negative", Params{Temperature: -0.01}, "sampling.temperature"},
-		{"temperature high", Params{Temperature: MaxTemperature + 1}, "sampling.temperature"},
-		{"temperature NaN", Params{Temperature: nan}, "sampling.temperature"},
-		{"temperature Inf", Params{Temperature: inf}, "sampling.temperature"},
-		{"temperature -Inf", Params{Temperature: -inf}, "sampling.temperature"},
-		{"top_p negative", Params{TopP: -0.1}, "sampling.top_p"},
-		{"top_p high", Params{TopP: 1.5}, "sampling.top_p"},
-		{"top_p NaN", Params{TopP: nan}, "sampling.top_p"},
-		{"top_p Inf", Params{TopP: inf}, "sampling.top_p"},
-		{"top_k negative", Params{TopK: -1}, "sampling.top_k"},
-		{"penalty negative", Params{RepetitionPenalty: -1}, "sampling.repetition_penalty"},
-		{"penalty high", Params{RepetitionPenalty: MaxRepetitionPenalty + 0.5}, "sampling.repetition_penalty"},
-		{"penalty NaN", Params{RepetitionPenalty: nan}, "sampling.repetition_penalty"},
-		{"penalty Inf", Params{RepetitionPenalty: inf}, "sampling.repetition_penalty"},
-		{"top_logprobs negative", Params{TopLogprobs: -1}, "output.top_logprobs"},
-		{"top_logprobs high", Params{TopLogprobs: MaxTopLogprobs + 1}, "output.top_logprobs"},
-	}
-	for _, c := range cases {
-		err := c.p.Validate()
-		switch {
-		case c.field == "" && err != nil:
-			t.Errorf("%s: %v", c.name, err)
-		case c.field != "" && err == nil:
-			t.Errorf("%s: accepted", c.name)
-		case c.field != "" && (!errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.field)):
-			t.Errorf("%s: %v should wrap ErrInvalid and name %s", c.name, err, c.field)
-		}
-	}
-}
+	"github.com/loraplex/loraplex/shard/internal/compute"
+)
 
 // logSoftmax is the float64 reference.
 func logSoftmax(logits []float32) []float64 {
@@ -103,11 +63,11 @@ func TestGreedyIsArgmaxFirstOnTies(t *testing.T) {
 func TestLogprobsAreLogSoftmax(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
 	for _, temp := range []float32{0, 1, 0.5, 2} {
-		logits := randomLogits(r, MaxTopLogprobs) // small vocabulary: Top lists every token
-		p := Params{Temperature: temp, TopLogprobs: MaxTopLogprobs, Seed: 3}
+		logits := randomLogits(r, compute.MaxTopLogprobs) // small vocabulary: Top lists every token
+		p := Params{Temperature: temp, TopLogprobs: compute.MaxTopLogprobs, Seed: 3}
 		c := sample(p, logits)
-		if len(c.Top) != MaxTopLogprobs {
-			t.Fatalf("T=%v: %d alternatives, want %d", temp, len(c.Top), MaxTopLogprobs)
+		if len(c.Top) != compute.MaxTopLogprobs {
+			t.Fatalf("T=%v: %d alternatives, want %d", temp, len(c.Top), compute.MaxTopLogprobs)
 		}
 		scaled := slices.Clone(logits)
 		if temp != 0 {
@@ -158,7 +118,7 @@ func TestTopLogprobsCountAndOrder(t *testing.T) {
 		}
 		return 0
 	})
-	for k := 0; k <= MaxTopLogprobs; k++ {
+	for k := 0; k <= compute.MaxTopLogprobs; k++ {
 		c := sample(Params{TopLogprobs: k}, logits)
 		if len(c.Top) != k {
 			t.Fatalf("top_logprobs %d: got %d", k, len(c.Top))
@@ -201,21 +161,32 @@ func TestTemperatureScalesLogprob(t *testing.T) {
 	}
 }
 
-// A temperature that Validate accepts but that overflows logits/T must still pick the best token.
-func TestTinyTemperature(t *testing.T) {
-	p := Params{Temperature: 1e-40, Seed: 1}
-	if err := p.Validate(); err != nil {
-		t.Fatal(err)
+// TestTinyTemperatureIsGreedy: a temperature below GreedyBelow (down to the smallest float32) decodes
+// greedily and reports the untempered logprobs, all finite; dividing by it would give -Inf or -1e29
+// logprobs. From GreedyBelow up the row is sampled at its temperature.
+func TestTinyTemperatureIsGreedy(t *testing.T) {
+	r := rand.New(rand.NewPCG(11, 12))
+	logits := randomLogits(r, 50)
+	logits[7] = 40 // far above the rest: (x - max) / T overflows for tiny T
+	greedy := sample(Params{TopLogprobs: 5}, logits)
+	for _, temp := range []float32{9.9e-6, 1e-10, 1e-30, 1e-38, 1e-45} {
+		p := Params{Temperature: temp, TopLogprobs: 5, Seed: 1, TopP: 0.9, TopK: 3}
+		s := New(p, nil)
+		if row := s.NextRow(); row.Temperature != 0 || row.U != 0 {
+			t.Errorf("T=%v: row %+v, want a greedy row (temperature 0, no draw)", temp, row)
+		}
+		c := sample(p, logits)
+		if c.ID != greedy.ID || c.Logprob != greedy.Logprob || !slices.Equal(c.Top, greedy.Top) {
+			t.Errorf("T=%v: %+v, greedy %+v", temp, c, greedy)
+		}
+		for _, a := range append([]Alt{{ID: c.ID, Logprob: c.Logprob}}, c.Top...) {
+			if math.IsInf(float64(a.Logprob), 0) || math.IsNaN(float64(a.Logprob)) || a.Logprob < -100 {
+				t.Errorf("T=%v: logprob %v of token %d", temp, a.Logprob, a.ID)
+			}
+		}
 	}
-	logits := []float32{1, 5, 3, -2}
-	for range 20 {
-		c := New(p, nil).Sample(slices.Clone(logits))
-		if c.ID != 1 {
-			t.Fatalf("T=1e-40 drew %d, want the argmax 1", c.ID)
-		}
-		if math.IsNaN(float64(c.Logprob)) || c.Logprob < -1e-6 {
-			t.Fatalf("logprob %v, want ~0", c.Logprob)
-		}
+	if row := New(Params{Temperature: GreedyBelow, Seed: 1}, nil).NextRow(); row.Temperature != GreedyBelow {
+		t.Errorf("T=GreedyBelow: row %+v, want it sampled at its temperature", row)
 	}
 }
 

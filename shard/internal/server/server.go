@@ -23,6 +23,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
+	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/sampling"
 )
@@ -42,40 +43,30 @@ func NewGeneration(eng *engine.Engine, tok *tokenizer.Tokenizer, limits genreq.L
 	return &Generation{eng: eng, tok: tok, limits: limits, shardID: shardID, log: log}
 }
 
-// request validates a generation request and converts it for the engine.
+// request validates a generation request, once for the whole shard (genreq: the limits, then the
+// model's vocabulary, context and KV cache), and converts it for the engine, which trusts it.
 func (g *Generation) request(r genreq.Request) (*engine.Request, error) {
 	if err := genreq.Validate(r, g.limits); err != nil {
 		return nil, err
 	}
-	info := g.eng.Info()
 	var prompt []int
 	if ids := r.GetTokenIds(); ids != nil {
 		prompt = make([]int, len(ids.GetIds()))
 		for i, id := range ids.GetIds() {
-			if int(id) >= info.VocabSize {
-				return nil, fmt.Errorf("%w: token_ids[%d] = %d, must be below the vocabulary size %d", genreq.ErrInvalid, i, id, info.VocabSize)
-			}
 			prompt[i] = int(id)
 		}
 	} else {
 		var err error
 		if prompt, err = g.tok.Encode(r.GetText(), true); err != nil {
-			return nil, fmt.Errorf("%w: text: %v", genreq.ErrInvalid, err)
+			return nil, fmt.Errorf("%w: text: %w", genreq.ErrInvalid, err)
 		}
-		if len(prompt) == 0 {
-			return nil, fmt.Errorf("%w: text encodes to no tokens", genreq.ErrInvalid)
-		}
+	}
+	if err := genreq.ValidateForModel(r, len(prompt), g.eng.Model()); err != nil {
+		return nil, err
 	}
 	st := r.GetStopping()
-	if n, room := len(prompt), info.MaxContext-int(st.GetMaxNewTokens()); n > room || n >= info.MaxContext {
-		return nil, fmt.Errorf("%w: prompt of %d tokens plus stopping.max_new_tokens %d exceeds the model context of %d tokens",
-			genreq.ErrInvalid, n, st.GetMaxNewTokens(), info.MaxContext)
-	}
 	stopIDs := make([]int, len(st.GetStopTokenIds()))
 	for i, id := range st.GetStopTokenIds() {
-		if int(id) >= info.VocabSize {
-			return nil, fmt.Errorf("%w: stopping.stop_token_ids[%d] = %d, must be below the vocabulary size %d", genreq.ErrInvalid, i, id, info.VocabSize)
-		}
 		stopIDs[i] = int(id)
 	}
 	s := r.GetSampling()
@@ -88,9 +79,6 @@ func (g *Generation) request(r genreq.Request) (*engine.Request, error) {
 	} else {
 		p.Seed = randomSeed()
 	}
-	if err := p.Validate(); err != nil {
-		return nil, fmt.Errorf("%w: %v", genreq.ErrInvalid, err)
-	}
 	id := r.GetRequestId()
 	if id == "" {
 		id = newRequestID()
@@ -100,6 +88,18 @@ func (g *Generation) request(r genreq.Request) (*engine.Request, error) {
 		MaxNewTokens: int(st.GetMaxNewTokens()), StopTokenIDs: stopIDs, StopSequences: st.GetStopSequences(),
 		IgnoreEOS: st.GetIgnoreEos(), IncludeSpecial: r.GetOutput().GetIncludeSpecialTokens(),
 	}, nil
+}
+
+// ValidateLimits checks a shard's request limits: genreq's own checks, and no more alternatives per
+// token than a backend's Sampler reports.
+func ValidateLimits(l genreq.Limits) error {
+	if err := l.Validate(); err != nil {
+		return err
+	}
+	if l.MaxTopLogprobs > compute.MaxTopLogprobs {
+		return fmt.Errorf("%w: -max-top-logprobs = %d, a shard reports at most %d", genreq.ErrInvalidLimits, l.MaxTopLogprobs, compute.MaxTopLogprobs)
+	}
+	return nil
 }
 
 func randomSeed() uint64 {
@@ -248,8 +248,7 @@ func Code(err error) codes.Code {
 		return codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded
-	case errors.Is(err, genreq.ErrInvalid), errors.Is(err, engine.ErrInvalid), errors.Is(err, engine.ErrTooLong),
-		errors.Is(err, peft.ErrInvalidID):
+	case errors.Is(err, genreq.ErrInvalid), errors.Is(err, peft.ErrInvalidID):
 		return codes.InvalidArgument
 	case errors.Is(err, peft.ErrNotFound), errors.Is(err, adapters.ErrUnknown):
 		return codes.NotFound
