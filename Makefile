@@ -5,10 +5,10 @@ export PATH := $(PATH):$(GOBIN)
 .PHONY: run dev test test-short lint proto proto-check tools build bench fixtures
 
 run:            ## router + 2 CPU shards on the embedded model; sends one request per adapter and exits
-	go run ./cmd/loraplex dev --demo
+	go run ./cmd/loraplex-dev --demo
 
 dev:            ## the same cluster, kept serving until Ctrl-C
-	go run ./cmd/loraplex dev
+	go run ./cmd/loraplex-dev
 
 test:           ## vet, then all tests with the race detector (builds Consul once for the discovery tests)
 	go vet ./...
@@ -20,7 +20,7 @@ test-short:
 	go test -count=1 ./...
 
 build:
-	go build -o bin/ ./router ./shard ./cmd/loraplex
+	go build -o bin/ ./router ./shard ./cmd/loraplex ./cmd/loraplex-dev
 
 lint: tools     ## gofmt, vet, buf lint
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'))" || (gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'); exit 1)

@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/loraplex/loraplex/cmd/internal/cmdline"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 )
 
@@ -23,7 +24,7 @@ func (c *cli) adapters(args []string) error {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" {
 		fmt.Fprintf(c.stderr, "Usage: loraplex adapters %s\n", adaptersSynopsis)
 		if len(args) == 0 {
-			return fmt.Errorf("%w: adapters needs a subcommand: list, load, unload, pin or unpin", errUsage)
+			return fmt.Errorf("%w: adapters needs a subcommand: list, load, unload, pin or unpin", cmdline.ErrUsage)
 		}
 		return nil
 	}
@@ -34,7 +35,7 @@ func (c *cli) adapters(args []string) error {
 	case "load", "unload", "pin", "unpin":
 		return c.adaptersAdmin(sub, args)
 	}
-	return fmt.Errorf("%w: unknown adapters subcommand %q; want list, load, unload, pin or unpin", errUsage, sub)
+	return fmt.Errorf("%w: unknown adapters subcommand %q; want list, load, unload, pin or unpin", cmdline.ErrUsage, sub)
 }
 
 func (c *cli) listAdapters(o *conn) (*loraplexv1.ListAdaptersResponse, error) {
@@ -43,12 +44,12 @@ func (c *cli) listAdapters(o *conn) (*loraplexv1.ListAdaptersResponse, error) {
 		return nil, err
 	}
 	defer cc.Close()
-	ctx, cancel, err := o.context(false)
+	ctx, cancel, err := o.context()
 	if err != nil {
 		return nil, err
 	}
 	defer cancel()
-	resp, err := loraplexv1.NewAdaptersServiceClient(cc).ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{})
+	resp, err := loraplexv1.NewAdaptersServiceClient(cc).ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{}, o.callOptions()...)
 	if err != nil {
 		return nil, o.explain(err)
 	}
@@ -59,12 +60,12 @@ func (c *cli) adaptersList(args []string) error {
 	fs := c.newFlagSet("adapters list", "[flags]")
 	o := c.connFlags(fs, 10*time.Second)
 	asJSON := fs.Bool("json", false, "print the ListAdapters response as JSON (protojson)")
-	pos, err := parseArgs(fs, args)
+	pos, err := cmdline.ParseArgs(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) > 0 {
-		return fmt.Errorf("%w: adapters list takes no arguments (got %q)", errUsage, pos)
+		return fmt.Errorf("%w: adapters list takes no arguments (got %q)", cmdline.ErrUsage, pos)
 	}
 	resp, err := c.listAdapters(o)
 	if err != nil {
@@ -171,16 +172,17 @@ func bytesString(n uint64) string {
 func (c *cli) adaptersAdmin(verb string, args []string) error {
 	fs := c.newFlagSet("adapters "+verb, "[flags] ADAPTER_ID")
 	o := c.connFlags(fs, 30*time.Second)
+	o.adminFlags(fs)
 	tier := "device"
 	if verb == "load" {
 		fs.StringVar(&tier, "tier", tier, "tier to load into: device or host")
 	}
-	pos, err := parseArgs(fs, args)
+	pos, err := cmdline.ParseArgs(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
-		return fmt.Errorf("%w: adapters %s takes one ADAPTER_ID (got %d arguments)", errUsage, verb, len(pos))
+		return fmt.Errorf("%w: adapters %s takes one ADAPTER_ID (got %d arguments)", cmdline.ErrUsage, verb, len(pos))
 	}
 	id := pos[0]
 	var ptier loraplexv1.Tier
@@ -190,14 +192,14 @@ func (c *cli) adaptersAdmin(verb string, args []string) error {
 	case "host":
 		ptier = loraplexv1.Tier_TIER_HOST
 	default:
-		return fmt.Errorf("%w: --tier %q: want device or host", errUsage, tier)
+		return fmt.Errorf("%w: --tier %q: want device or host", cmdline.ErrUsage, tier)
 	}
 	cc, err := o.dial()
 	if err != nil {
 		return err
 	}
 	defer cc.Close()
-	ctx, cancel, err := o.context(true)
+	ctx, cancel, err := o.context()
 	if err != nil {
 		return err
 	}
@@ -207,18 +209,18 @@ func (c *cli) adaptersAdmin(verb string, args []string) error {
 	switch verb {
 	case "load":
 		var r *loraplexv1.LoadAdapterResponse
-		if r, err = cl.LoadAdapter(ctx, &loraplexv1.LoadAdapterRequest{AdapterId: id, Tier: ptier}); err == nil {
+		if r, err = cl.LoadAdapter(ctx, &loraplexv1.LoadAdapterRequest{AdapterId: id, Tier: ptier}, o.callOptions()...); err == nil {
 			info = r.GetAdapter()
 		}
 	case "pin":
 		var r *loraplexv1.PinAdapterResponse
-		if r, err = cl.PinAdapter(ctx, &loraplexv1.PinAdapterRequest{AdapterId: id}); err == nil {
+		if r, err = cl.PinAdapter(ctx, &loraplexv1.PinAdapterRequest{AdapterId: id}, o.callOptions()...); err == nil {
 			info = r.GetAdapter()
 		}
 	case "unload":
-		_, err = cl.UnloadAdapter(ctx, &loraplexv1.UnloadAdapterRequest{AdapterId: id})
+		_, err = cl.UnloadAdapter(ctx, &loraplexv1.UnloadAdapterRequest{AdapterId: id}, o.callOptions()...)
 	case "unpin":
-		_, err = cl.UnpinAdapter(ctx, &loraplexv1.UnpinAdapterRequest{AdapterId: id})
+		_, err = cl.UnpinAdapter(ctx, &loraplexv1.UnpinAdapterRequest{AdapterId: id}, o.callOptions()...)
 	}
 	if err != nil {
 		return o.explain(err)
@@ -237,12 +239,12 @@ func (c *cli) adaptersAdmin(verb string, args []string) error {
 func (c *cli) shards(args []string) error {
 	fs := c.newFlagSet("shards", "[flags]   (--addr is the router)")
 	o := c.connFlags(fs, 10*time.Second)
-	pos, err := parseArgs(fs, args)
+	pos, err := cmdline.ParseArgs(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) > 0 {
-		return fmt.Errorf("%w: shards takes no arguments (got %q)", errUsage, pos)
+		return fmt.Errorf("%w: shards takes no arguments (got %q)", cmdline.ErrUsage, pos)
 	}
 	resp, err := c.listAdapters(o)
 	if err != nil {

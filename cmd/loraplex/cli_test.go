@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"image/png"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"testing"
 
@@ -16,7 +19,10 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/loraplex/loraplex/cmd/internal/cmdline"
+	"github.com/loraplex/loraplex/cmd/internal/devcluster"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	routerapp "github.com/loraplex/loraplex/router/app"
 	shardapp "github.com/loraplex/loraplex/shard/app"
 )
 
@@ -24,7 +30,7 @@ const testToken = "s3cret-admin"
 
 // cluster is a dev cluster shared by the tests: shard-0 has open admin RPCs, shard-1 needs
 // testToken.
-var cluster *devCluster
+var cluster *devcluster.Cluster
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "loraplex-cli-test-")
@@ -32,8 +38,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	cluster, err = startDev(devOptions{dir: dir, shards: 2, routerAddr: "127.0.0.1:0",
-		shard: func(i int, cfg *shardapp.Config) {
+	cluster, err = devcluster.Start(devcluster.Options{Dir: dir, Shards: 2, RouterAddr: "127.0.0.1:0",
+		Shard: func(i int, cfg *shardapp.Config) {
 			if i == 1 {
 				cfg.GRPC.AdminToken = testToken
 			}
@@ -43,7 +49,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
-	cluster.stop()
+	cluster.Stop()
 	os.RemoveAll(dir)
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
@@ -76,8 +82,8 @@ func mustRun(t *testing.T, env map[string]string, stdin string, args ...string) 
 	return r
 }
 
-func routerAddr() string     { return cluster.router.Addr() }
-func shardAddr(i int) string { return cluster.shards[i].Addr() }
+func routerAddr() string     { return cluster.Router.Addr() }
+func shardAddr(i int) string { return cluster.Shards[i].Addr() }
 
 func TestGenerateStreamsTextAndFinishLine(t *testing.T) {
 	r := mustRun(t, nil, "", "generate", "def main(argv):", "--addr", routerAddr(), "--adapter", "reverse", "--max-new-tokens", "8", "--ignore-eos")
@@ -264,17 +270,20 @@ func TestHelpfulErrors(t *testing.T) {
 		usage bool
 		want  []string
 	}{
-		{[]string{"frobnicate"}, true, []string{`unknown command "frobnicate"`, "generate, adapters, shards, bench, dev"}},
+		{[]string{"frobnicate"}, true, []string{`unknown command "frobnicate"`, "generate, adapters, shards, bench, version"}},
 		{[]string{"adapters", "frob"}, true, []string{`unknown adapters subcommand "frob"`, "list, load, unload, pin or unpin"}},
 		{[]string{"adapters"}, true, []string{"needs a subcommand"}},
 		{[]string{"adapters", "pin", "--addr", routerAddr()}, true, []string{"one ADAPTER_ID"}},
 		{[]string{"generate", "--nope", "x"}, true, []string{"flag provided but not defined: -nope"}},
-		{[]string{"generate", "--addr", closed, "hello"}, false, []string{"cannot reach " + closed, "connection refused", "loraplex dev"}},
+		{[]string{"generate", "--addr", closed, "hello"}, false, []string{"cannot reach " + closed, "connection refused", "go run ./cmd/loraplex-dev"}},
 		{[]string{"shards", "--addr", closed}, false, []string{"cannot reach " + closed}},
 		{[]string{"generate", "--addr", routerAddr(), "--adapter", "no-such-adapter", "hi"}, false, []string{"NotFound", "no-such-adapter"}},
 		{[]string{"generate", "--addr", routerAddr(), "--adapter", "bad/id", "hi"}, false, []string{"InvalidArgument", "bad/id"}},
 		{[]string{"bench", "--addr", closed, "--requests", "2", "--adapter-list", "reverse", "--out", ""}, false, []string{"cannot reach " + closed}},
 		{[]string{"bench", "--rate", "0"}, true, []string{"--rate"}},
+		{[]string{"dev", "--demo"}, true, []string{"go run ./cmd/loraplex-dev"}},
+		{[]string{"bench", "--compare"}, true, []string{"go run ./cmd/loraplex-dev compare"}},
+		{[]string{"version", "extra"}, true, []string{"version takes no arguments"}},
 	}
 	for _, c := range cases {
 		r := runCLI(nil, "", c.args...)
@@ -282,7 +291,7 @@ func TestHelpfulErrors(t *testing.T) {
 			t.Errorf("%v: no error", c.args)
 			continue
 		}
-		if got := errors.Is(r.err, errUsage); got != c.usage {
+		if got := errors.Is(r.err, cmdline.ErrUsage); got != c.usage {
 			t.Errorf("%v: usage error %v, want %v (%v)", c.args, got, c.usage, r.err)
 		}
 		for _, w := range c.want {
@@ -364,29 +373,140 @@ func checkPNG(t *testing.T, path string) {
 	}
 }
 
-func TestBenchCompareRunsEachRouting(t *testing.T) {
-	dir := t.TempDir()
-	out := filepath.Join(dir, "cmp.json")
-	r := mustRun(t, nil, "", "bench", "--compare", "--shards", "2", "--routings", "affinity,round-robin", "--adapters", "6",
-		"--device-adapters", "2", "--requests", "10", "--rate", "80", "--max-new-tokens", "3", "--prompt-tokens", "8", "--out", out, "--quiet")
-	if !strings.Contains(r.stdout, "| affinity |") || !strings.Contains(r.stdout, "| round-robin |") {
-		t.Errorf("no comparison table:\n%s", r.stdout)
-	}
-	var rep benchReport
-	b, err := os.ReadFile(out)
+// freeAddr returns an address nothing listens on.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := json.Unmarshal(b, &rep); err != nil {
+	defer lis.Close()
+	return lis.Addr().String()
+}
+
+// A router that answers while its only shard is down is reachable: the CLI reports the router's
+// status, not that the router cannot be reached.
+func TestGenerateThroughARouterWhoseShardIsDown(t *testing.T) {
+	cfg := routerapp.DefaultConfig()
+	cfg.Listen, cfg.Shards = "127.0.0.1:0", []string{"shard-gone=" + freeAddr(t)}
+	router, err := routerapp.Start(cfg, zap.NewNop())
+	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Runs) != 2 {
-		t.Fatalf("%d runs", len(rep.Runs))
-	}
-	for _, run := range rep.Runs {
-		if run.Completed != 10 || run.CacheCounters == nil || run.CacheCounters.Hits+run.CacheCounters.Loads != 10 || len(run.Shards) != 2 {
-			t.Errorf("%s: completed %d, counters %+v, shards %v, errors %v", run.Name, run.Completed, run.CacheCounters, run.Shards, run.ErrorCases)
+	defer router.Stop(t.Context())
+	for _, args := range [][]string{
+		{"generate", "--addr", router.Addr(), "hello"},
+		{"bench", "--addr", router.Addr(), "--requests", "2", "--rate", "100", "--adapter-list", "reverse", "--out", "", "--quiet"},
+	} {
+		r := runCLI(nil, "", args...)
+		if args[0] == "bench" {
+			// bench reports the failures in its summary rather than failing.
+			if r.err != nil || !strings.Contains(r.stdout, "errors Unavailable 2") {
+				t.Errorf("%v: %v\n%s", args, r.err, r.stdout)
+			}
+			continue
+		}
+		if r.err == nil {
+			t.Fatalf("%v: no error", args)
+		}
+		if msg := r.err.Error(); strings.Contains(msg, "cannot reach") || !strings.Contains(msg, router.Addr()+" answered Unavailable: ") {
+			t.Errorf("%v: got %q, want the router's own status", args, msg)
 		}
 	}
-	checkPNG(t, filepath.Join(dir, "cmp.png"))
+}
+
+// promptTokens is the prompt token count of generate's finish line.
+func promptTokens(t *testing.T, r cliRun) int {
+	t.Helper()
+	var n int
+	i := strings.Index(r.stderr, "finish: ")
+	if i < 0 {
+		t.Fatalf("no finish line:\n%s", r.stderr)
+	}
+	line := r.stderr[i:]
+	j := strings.Index(line, " · ")
+	if _, err := fmt.Sscanf(line[j+len(" · "):], "%d prompt", &n); err != nil {
+		t.Fatalf("finish line %q: %v", line, err)
+	}
+	return n
+}
+
+func TestGenerateStripsOneTrailingNewlineFromStdin(t *testing.T) {
+	tokens := func(stdin string, args ...string) int {
+		return promptTokens(t, mustRun(t, nil, stdin, append([]string{"generate", "--addr", routerAddr(), "--max-new-tokens", "1"}, args...)...))
+	}
+	bare, withNL := tokens("", "hello there"), tokens("", "hello there\n")
+	if bare == withNL {
+		t.Fatalf("the tokenizer counts \"hello there\" and \"hello there\\n\" alike (%d): the test cannot tell", bare)
+	}
+	for stdin, want := range map[string]int{"hello there": bare, "hello there\n": bare, "hello there\r\n": bare, "hello there\n\n": withNL} {
+		if got := tokens(stdin); got != want {
+			t.Errorf("stdin %q: %d prompt tokens, want %d", stdin, got, want)
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	r := mustRun(t, nil, "", "version")
+	if !strings.HasPrefix(r.stdout, "loraplex ") || !strings.Contains(r.stdout, runtime.Version()) {
+		t.Errorf("version printed %q", r.stdout)
+	}
+	platform := runtime.GOOS + "/" + runtime.GOARCH
+	cases := []struct {
+		bi   *debug.BuildInfo
+		ok   bool
+		want string
+	}{
+		{nil, false, "loraplex unknown, " + runtime.Version() + " " + platform},
+		{&debug.BuildInfo{GoVersion: "go1.99.1", Main: debug.Module{Version: "v1.2.3"}}, true, "loraplex v1.2.3, go1.99.1 " + platform},
+		{&debug.BuildInfo{GoVersion: "go1.99.1", Main: debug.Module{Version: "(devel)"}, Settings: []debug.BuildSetting{
+			{Key: "vcs.revision", Value: "abc123"}, {Key: "vcs.time", Value: "2026-12-01T10:00:00Z"}, {Key: "vcs.modified", Value: "true"}}},
+			true, "loraplex (devel), revision abc123 (modified), committed 2026-12-01T10:00:00Z, go1.99.1 " + platform},
+	}
+	for _, c := range cases {
+		if got := versionLine(c.bi, c.ok); got != c.want {
+			t.Errorf("got %q, want %q", got, c.want)
+		}
+	}
+}
+
+// Only the commands that change a shard's cache take the admin token.
+func TestAdminTokenFlagsOnlyOnAdminCommands(t *testing.T) {
+	cases := []struct {
+		cmd   []string
+		admin bool
+	}{
+		{[]string{"generate"}, false}, {[]string{"shards"}, false}, {[]string{"bench"}, false}, {[]string{"adapters", "list"}, false},
+		{[]string{"adapters", "load"}, true}, {[]string{"adapters", "unload"}, true}, {[]string{"adapters", "pin"}, true}, {[]string{"adapters", "unpin"}, true},
+	}
+	for _, c := range cases {
+		help := runCLI(nil, "", append(c.cmd, "-h")...)
+		if !errors.Is(help.err, flag.ErrHelp) {
+			t.Fatalf("%v -h: %v", c.cmd, help.err)
+		}
+		if got := strings.Contains(help.stderr, "-token-file"); got != c.admin {
+			t.Errorf("%v -h lists the token flags: %v, want %v\n%s", c.cmd, got, c.admin, help.stderr)
+		}
+		if !c.admin {
+			r := runCLI(nil, "", append(c.cmd, "--token", "x")...)
+			if !errors.Is(r.err, cmdline.ErrUsage) || !strings.Contains(r.err.Error(), "flag provided but not defined: -token") {
+				t.Errorf("%v --token: %v", c.cmd, r.err)
+			}
+		}
+	}
+}
+
+// Without --out, bench writes under bench-results/<time>/ (git-ignored), not into the working folder.
+func TestBenchDefaultsToAResultsFolder(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	r := mustRun(t, nil, "", "bench", "--addr", routerAddr(), "--requests", "2", "--rate", "100", "--adapter-list", "reverse", "--max-new-tokens", "2", "--quiet")
+	jsons, _ := filepath.Glob(filepath.Join("bench-results", "*", "bench.json"))
+	pngs, _ := filepath.Glob(filepath.Join("bench-results", "*", "bench.png"))
+	if len(jsons) != 1 || len(pngs) != 1 || !strings.Contains(r.stdout, "wrote "+jsons[0]) {
+		t.Errorf("bench-results holds %v and %v; output:\n%s", jsons, pngs, r.stdout)
+	}
+	if top, _ := filepath.Glob("bench.*"); len(top) > 0 {
+		t.Errorf("bench wrote %v into the working folder", top)
+	}
 }

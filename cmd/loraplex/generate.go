@@ -12,6 +12,7 @@ import (
 
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/loraplex/loraplex/cmd/internal/cmdline"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 )
 
@@ -95,27 +96,28 @@ func (c *cli) generate(args []string) error {
 	var g generateRequestFlags
 	g.addFlags(fs)
 	asJSON := fs.Bool("json", false, "print each stream message as JSON (protojson), one per line")
-	pos, err := parseArgs(fs, args)
+	pos, err := cmdline.ParseArgs(fs, args)
 	if err != nil {
 		return err
 	}
 	var prompt string
 	switch {
 	case len(pos) > 1:
-		return fmt.Errorf("%w: generate takes one PROMPT argument (quote it); got %d", errUsage, len(pos))
+		return fmt.Errorf("%w: generate takes one PROMPT argument (quote it); got %d", cmdline.ErrUsage, len(pos))
 	case len(pos) == 1 && pos[0] != "-":
 		prompt = pos[0]
 	case isTerminal(c.stdin):
-		return fmt.Errorf("%w: give a PROMPT argument or pipe one on stdin", errUsage)
+		return fmt.Errorf("%w: give a PROMPT argument or pipe one on stdin", cmdline.ErrUsage)
 	default:
 		b, err := io.ReadAll(c.stdin)
 		if err != nil {
 			return fmt.Errorf("reading the prompt from stdin: %w", err)
 		}
-		prompt = string(b)
+		// The newline that ends the piped line is not part of the prompt (echo, heredocs).
+		prompt = trimNewline(string(b))
 	}
 	if prompt == "" {
-		return fmt.Errorf("%w: give a PROMPT argument or pipe one on stdin", errUsage)
+		return fmt.Errorf("%w: give a PROMPT argument or pipe one on stdin", cmdline.ErrUsage)
 	}
 
 	cc, err := o.dial()
@@ -123,13 +125,13 @@ func (c *cli) generate(args []string) error {
 		return err
 	}
 	defer cc.Close()
-	ctx, cancel, err := o.context(false)
+	ctx, cancel, err := o.context()
 	if err != nil {
 		return err
 	}
 	defer cancel()
 	start := time.Now()
-	st, err := loraplexv1.NewGenerationServiceClient(cc).GenerateStream(ctx, g.request(prompt))
+	st, err := loraplexv1.NewGenerationServiceClient(cc).GenerateStream(ctx, g.request(prompt), o.callOptions()...)
 	if err != nil {
 		return o.explain(err)
 	}
@@ -187,6 +189,14 @@ func (c *cli) generate(args []string) error {
 	}
 	fmt.Fprintln(c.stderr, finishLine(last, firstAt, time.Since(start)))
 	return nil
+}
+
+// trimNewline drops one trailing "\n" or "\r\n".
+func trimNewline(s string) string {
+	if t, ok := strings.CutSuffix(s, "\r\n"); ok {
+		return t
+	}
+	return strings.TrimSuffix(s, "\n")
 }
 
 func isTerminal(r io.Reader) bool {

@@ -1,17 +1,17 @@
-// Command loraplex is the Loraplex command-line tool: `generate` streams a completion, `adapters`
-// lists and manages a shard's adapter cache, `shards` shows the router's view of who holds what,
-// `bench` drives a router with an open-loop load and reports latency, throughput and adapter hit
-// rates, and `dev` runs a local cluster (a router and shards on the CPU) serving the embedded tiny
-// model and its adapters.
+// Command loraplex is the Loraplex client: `generate` streams a completion, `adapters` lists and
+// manages a shard's adapter cache, `shards` shows the router's view of who holds what, `bench`
+// drives a router with an open-loop load and reports latency, throughput and adapter hit rates, and
+// `version` says what was built. It links no server code: the local cluster it talks to in
+// development is cmd/loraplex-dev (cmd/deps_test.go checks the split).
 package main
 
 import (
-	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
+
+	"github.com/loraplex/loraplex/cmd/internal/cmdline"
 )
 
 // cli is one invocation: its streams and environment (tests substitute them).
@@ -30,22 +30,23 @@ var commands = []command{
 	{"generate", "[flags] PROMPT", "stream a completion (PROMPT or stdin) through a router or shard", (*cli).generate},
 	{"adapters", "list|load|unload|pin|unpin", "list adapters, or manage a shard's adapter cache", (*cli).adapters},
 	{"shards", "[flags]", "the router's view of which shard holds which adapters", (*cli).shards},
-	{"bench", "[flags]", "open-loop load against a router; --compare runs the local routing comparison", (*cli).bench},
-	{"dev", "[flags]", "run a local router + CPU shards on the embedded model", func(c *cli, args []string) error {
-		return runDev(args, c.stdout)
-	}},
+	{"bench", "[flags]", "open-loop load against a router: latency, throughput, adapter hit rates", (*cli).bench},
+	{"version", "", "the module version, VCS revision and Go version of this binary", (*cli).version},
 }
 
-// errUsage marks errors for which the usage was printed; main exits 2 on them.
-var errUsage = errors.New("usage")
+const prog = "loraplex"
+
+// devHint says how to start a local cluster to talk to.
+const devHint = "go run ./cmd/loraplex-dev"
 
 func usage() string {
 	var b strings.Builder
-	b.WriteString("loraplex: multi-LoRA LLM serving\n\nUsage:\n")
+	b.WriteString("loraplex: multi-LoRA LLM serving, the client\n\nUsage:\n")
 	for _, c := range commands {
 		fmt.Fprintf(&b, "  loraplex %-8s %-28s %s\n", c.name, c.args, c.summary)
 	}
-	b.WriteString("\nRun `loraplex COMMAND -h` for a command's flags. Client commands talk to --addr (default " + defaultAddr + ").\n")
+	b.WriteString("\nRun `loraplex COMMAND -h` for a command's flags. Client commands talk to --addr (default " + cmdline.DefaultAddr + ").\n")
+	b.WriteString("A local cluster to talk to: `" + devHint + "` (router + CPU shards on the embedded demo model).\n")
 	return b.String()
 }
 
@@ -61,33 +62,24 @@ func commandNames() string {
 func (c *cli) run(args []string) error {
 	if len(args) == 0 {
 		fmt.Fprint(c.stderr, usage())
-		return errUsage
+		return cmdline.ErrUsage
 	}
 	switch args[0] {
 	case "-h", "--help", "help":
 		fmt.Fprint(c.stdout, usage())
 		return nil
+	case "dev":
+		return fmt.Errorf("%w: the local cluster is its own binary now, so this client stays light: %s [--demo]", cmdline.ErrUsage, devHint)
 	}
 	for _, cmd := range commands {
 		if cmd.name == args[0] {
 			return cmd.run(c, args[1:])
 		}
 	}
-	return fmt.Errorf("%w: unknown command %q; the commands are %s (loraplex help)", errUsage, args[0], commandNames())
+	return fmt.Errorf("%w: unknown command %q; the commands are %s (loraplex help)", cmdline.ErrUsage, args[0], commandNames())
 }
 
 func main() {
 	c := &cli{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
-	err := c.run(os.Args[1:])
-	switch {
-	case err == nil, errors.Is(err, flag.ErrHelp):
-	case errors.Is(err, errUsage):
-		if err != errUsage {
-			fmt.Fprintln(os.Stderr, "loraplex:", strings.TrimPrefix(err.Error(), errUsage.Error()+": "))
-		}
-		os.Exit(2)
-	default:
-		fmt.Fprintln(os.Stderr, "loraplex:", err)
-		os.Exit(1)
-	}
+	cmdline.Exit(prog, c.run(os.Args[1:]))
 }

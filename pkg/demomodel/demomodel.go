@@ -3,13 +3,12 @@
 // input in a visibly different, checkable way: reverse the word order, spell digits as words, wrap it
 // in a fixed letter template, say each word twice. Prompts are "<input> =>"; the completion ends with
 // the end-of-sequence token. scripts/train_demo.py made all of it on a GPU with transformers +
-// PEFT; heldout.json holds inputs never seen in training with every task's expected output.
-// The dev cluster and `loraplex bench` serve it. Importable by tools and tests.
+// PEFT. loraplex-dev (cmd/loraplex-dev) and the tests serve it; demomodeltest holds the held-out
+// set that checks it. Importable by tools and tests, never by the loraplex client.
 package demomodel
 
 import (
 	"embed"
-	"encoding/json"
 	"fmt"
 	"io/fs"
 	"os"
@@ -17,7 +16,7 @@ import (
 	"sort"
 )
 
-//go:embed model adapters heldout.json
+//go:embed model adapters
 var files embed.FS
 
 // Adapters lists the shipped adapters, sorted.
@@ -59,24 +58,4 @@ func Extract(dir string) (modelDir, adapterRoot string, err error) {
 		return "", "", fmt.Errorf("demomodel: extract to %s: %w", dir, err)
 	}
 	return filepath.Join(dir, "model"), filepath.Join(dir, "adapters"), nil
-}
-
-// HeldOut are inputs never seen in training and each task's expected output ("echo" is the base
-// model's task; the others are adapter names).
-type HeldOut struct {
-	Inputs   []string            `json:"inputs"`
-	Expected map[string][]string `json:"expected"`
-}
-
-// LoadHeldOut parses the shipped held-out set.
-func LoadHeldOut() (*HeldOut, error) {
-	data, err := files.ReadFile("heldout.json")
-	if err != nil {
-		return nil, err
-	}
-	var h HeldOut
-	if err := json.Unmarshal(data, &h); err != nil {
-		return nil, fmt.Errorf("demomodel: heldout.json: %w", err)
-	}
-	return &h, nil
 }

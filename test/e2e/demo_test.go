@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/loraplex/loraplex/pkg/demomodel"
+	"github.com/loraplex/loraplex/pkg/demomodel/demomodeltest"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 )
@@ -26,7 +27,7 @@ func TestDemoAdaptersDoTheirTasks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	held, err := demomodel.LoadHeldOut()
+	held, err := demomodeltest.LoadHeldOut()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package main
+package bench
 
 import (
 	"fmt"
@@ -15,12 +15,12 @@ import (
 
 // writeChart draws the report as a PNG: the TTFT and end-to-end latency CDFs of each run, and the
 // requests each shard served per run.
-func writeChart(path string, rep *benchReport) error {
-	ttft, err := cdfPlot(rep, "TTFT CDF", "time to first token (ms)", func(r requestResult) float64 { return r.TTFTMs })
+func writeChart(path string, rep *Report) error {
+	ttft, err := cdfPlot(rep, "TTFT CDF", "time to first token (ms)", func(r Result) float64 { return r.TTFTMs })
 	if err != nil {
 		return err
 	}
-	e2e, err := cdfPlot(rep, "End-to-end latency CDF", "end-to-end latency (ms)", func(r requestResult) float64 { return r.E2EMs })
+	e2e, err := cdfPlot(rep, "End-to-end latency CDF", "end-to-end latency (ms)", func(r Result) float64 { return r.E2EMs })
 	if err != nil {
 		return err
 	}
@@ -48,7 +48,7 @@ func writeChart(path string, rep *benchReport) error {
 	return f.Close()
 }
 
-func cdfPlot(rep *benchReport, title, xlabel string, value func(requestResult) float64) (*plot.Plot, error) {
+func cdfPlot(rep *Report, title, xlabel string, value func(Result) float64) (*plot.Plot, error) {
 	p := plot.New()
 	p.Title.Text = title
 	p.X.Label.Text = xlabel
@@ -89,7 +89,7 @@ func cdfPlot(rep *benchReport, title, xlabel string, value func(requestResult) f
 	return p, nil
 }
 
-func shardBars(rep *benchReport) (*plot.Plot, error) {
+func shardBars(rep *Report) (*plot.Plot, error) {
 	p := plot.New()
 	p.Title.Text = "Requests per shard"
 	p.Y.Label.Text = "requests"

@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -19,6 +21,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/loraplex/loraplex/cmd/internal/bench"
+	"github.com/loraplex/loraplex/cmd/internal/cmdline"
+	"github.com/loraplex/loraplex/cmd/internal/devcluster"
 	"github.com/loraplex/loraplex/pkg/demomodel"
 	"github.com/loraplex/loraplex/pkg/telemetry"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
@@ -26,7 +31,7 @@ import (
 	shardapp "github.com/loraplex/loraplex/shard/app"
 )
 
-// compareOptions shape the local clusters of bench --compare.
+// compareOptions shape the local clusters of compare.
 type compareOptions struct {
 	Shards         int      `json:"shards"`
 	Routings       []string `json:"routings"`
@@ -47,24 +52,64 @@ func defaultCompareOptions() compareOptions {
 }
 
 func (o *compareOptions) addFlags(fs *flag.FlagSet) {
-	fs.IntVar(&o.Shards, "shards", o.Shards, "--compare: shards per cluster")
-	fs.StringVar(&o.routings, "routings", o.routings, "--compare: router -routing policies to compare, comma-separated")
-	fs.Float64Var(&o.DeviceAdapters, "device-adapters", o.DeviceAdapters, "--compare: each shard's device tier budget, in adapters of the mean size")
-	fs.Int64Var(&o.HostBytes, "host-bytes", o.HostBytes, "--compare: each shard's host tier budget in bytes")
-	fs.IntVar(&o.MaxSeqs, "max-seqs", o.MaxSeqs, "--compare: sequences in each shard's running batch")
-	fs.StringVar(&o.Consul, "consul", o.Consul, "--compare: Consul agent address; shards register there and routers watch it (default: a static shard list)")
-	fs.StringVar(&o.dir, "dir", "", "--compare: work folder for the model and the adapter copies (default: a temporary folder, removed after)")
+	fs.IntVar(&o.Shards, "shards", o.Shards, "shards per cluster")
+	fs.StringVar(&o.routings, "routings", o.routings, "router -routing policies to compare, comma-separated")
+	fs.Float64Var(&o.DeviceAdapters, "device-adapters", o.DeviceAdapters, "each shard's device tier budget, in adapters of the mean size")
+	fs.Int64Var(&o.HostBytes, "host-bytes", o.HostBytes, "each shard's host tier budget in bytes")
+	fs.IntVar(&o.MaxSeqs, "max-seqs", o.MaxSeqs, "sequences in each shard's running batch")
+	fs.StringVar(&o.Consul, "consul", o.Consul, "Consul agent address; shards register there and routers watch it (default: a static shard list)")
+	fs.StringVar(&o.dir, "dir", "", "work folder for the model and the adapter copies (default: a temporary folder, removed after)")
 }
 
-// applyDefaults sets the comparison's load where the command line left it: 20 req/s for 25 s per
-// policy, about 80 s in all.
-func (o *compareOptions) applyDefaults(s *benchSpec, set map[string]bool) {
-	if !set["rate"] {
-		s.Rate = 20
+const compareAbout = `Replays one seeded open-loop trace (the load flags of loraplex bench) against a fresh cluster per
+--routings policy, in this process: --shards CPU shards on the embedded demo model and a router with
+that -routing, adapter ids that are copies of the shipped adapters, a device budget of
+--device-adapters adapters per shard, no host tier. The hit rate comes from the shards' own cache
+counters. Alone, it runs 24 adapters, 20 req/s for 25 s per policy (about 80 s on two cores):
+
+  go run ./cmd/loraplex-dev compare`
+
+// compareFlags are compare's own flags besides the load spec.
+type compareFlags struct {
+	out   bench.Output
+	poll  time.Duration
+	quiet bool
+	cmp   compareOptions
+}
+
+func compare(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cmdline.NewFlagSet(stderr, prog, "compare", "[flags]", compareAbout)
+	spec := bench.DefaultSpec()
+	spec.SetLoad(20, 25*time.Second)
+	spec.AddFlags(fs)
+	cf := compareFlags{out: bench.Output{JSON: "bench-results/TIME/routing.json"}, cmp: defaultCompareOptions()}
+	cf.out.AddFlags(fs)
+	fs.DurationVar(&cf.poll, "poll", 250*time.Millisecond, "how often the router's ListAdapters is sampled for the hit rate estimate (0: before and after only)")
+	fs.BoolVar(&cf.quiet, "quiet", false, "no progress lines")
+	cf.cmp.addFlags(fs)
+	pos, err := cmdline.ParseArgs(fs, args)
+	if err != nil {
+		return err
 	}
-	if !set["duration"] {
-		s.duration = 25 * time.Second
+	if len(pos) > 0 {
+		return fmt.Errorf("%w: compare takes no arguments (got %q)", cmdline.ErrUsage, pos)
 	}
+	if err := spec.Validate(); err != nil {
+		return fmt.Errorf("%w: compare: %v", cmdline.ErrUsage, err)
+	}
+	cf.out.Resolve(time.Now())
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var progress io.Writer = stderr
+	if cf.quiet {
+		progress = nil
+	}
+	rep, err := runCompare(ctx, spec, cf, progress)
+	if err != nil {
+		return err
+	}
+	printCompareTable(stdout, rep)
+	return cf.out.Write(stdout, rep)
 }
 
 // compareCluster is what the report records about the clusters.
@@ -75,18 +120,18 @@ type compareCluster struct {
 
 // runCompare replays one trace against a fresh local cluster per routing policy: the same shards,
 // adapter store and budgets, cold caches, only the router's -routing differs.
-func runCompare(ctx context.Context, spec benchSpec, bo benchOptions, progress io.Writer) (*benchReport, error) {
-	o := bo.cmp
+func runCompare(ctx context.Context, spec bench.Spec, cf compareFlags, progress io.Writer) (*bench.Report, error) {
+	o := cf.cmp
 	for _, r := range strings.Split(o.routings, ",") {
 		if r = strings.TrimSpace(r); r != "" {
 			o.Routings = append(o.Routings, r)
 		}
 	}
 	if o.Shards < 1 || len(o.Routings) == 0 || !(o.DeviceAdapters > 0) || o.HostBytes < 0 || o.MaxSeqs < 1 {
-		return nil, fmt.Errorf("%w: bench --compare: want --shards >= 1, --routings, --device-adapters > 0, --host-bytes >= 0, --max-seqs >= 1", errUsage)
+		return nil, fmt.Errorf("%w: compare: want --shards >= 1, --routings, --device-adapters > 0, --host-bytes >= 0, --max-seqs >= 1", cmdline.ErrUsage)
 	}
 	if len(spec.Adapters) == 0 {
-		return nil, fmt.Errorf("%w: bench --compare needs adapter ids (--adapters N)", errUsage)
+		return nil, fmt.Errorf("%w: compare needs adapter ids (--adapters N)", cmdline.ErrUsage)
 	}
 	dir := o.dir
 	if dir == "" {
@@ -102,7 +147,7 @@ func runCompare(ctx context.Context, spec benchSpec, bo benchOptions, progress i
 			fmt.Fprintf(progress, format, args...)
 		}
 	}
-	say("bench --compare: extracting the embedded model and making %d adapter ids from the %d shipped adapters in %s...\n",
+	say("compare: extracting the embedded model and making %d adapter ids from the %d shipped adapters in %s...\n",
 		len(spec.Adapters), len(demomodel.Adapters()), dir)
 	modelDir, shipped, err := demomodel.Extract(filepath.Join(dir, "demomodel"))
 	if err != nil {
@@ -122,13 +167,13 @@ func runCompare(ctx context.Context, spec benchSpec, bo benchOptions, progress i
 	for i, id := range spec.Adapters {
 		o.AdapterSources = append(o.AdapterSources, id+"="+demomodel.Adapters()[i%len(demomodel.Adapters())])
 	}
-	trace := makeTrace(spec)
+	trace := bench.MakeTrace(spec)
 	if len(trace) == 0 {
-		return nil, errors.New("bench: the trace is empty: raise --rate or --duration")
+		return nil, errors.New("compare: the trace is empty: raise --rate or --duration")
 	}
-	say("bench --compare: %d shards, device budget %s each (about %.3g adapters), host budget %s; trace of %d requests over %v\n",
-		o.Shards, bytesString(uint64(o.DeviceBytes)), o.DeviceAdapters, bytesString(uint64(o.HostBytes)), len(trace), trace[len(trace)-1].At.Round(time.Millisecond))
-	rep := &benchReport{Tool: "loraplex bench --compare", Started: time.Now(), Spec: spec, Trace: len(trace),
+	say("compare: %d shards, device budget %d bytes each (about %.3g adapters), host budget %d bytes; trace of %d requests over %v\n",
+		o.Shards, o.DeviceBytes, o.DeviceAdapters, o.HostBytes, len(trace), trace[len(trace)-1].At.Round(time.Millisecond))
+	rep := &bench.Report{Tool: "loraplex-dev compare", Started: time.Now(), Spec: spec, Trace: len(trace),
 		Cluster: compareCluster{compareOptions: o, Model: "embedded demo Llama (pkg/demomodel), CPU backend, router and shards in one process with the load generator"}}
 	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewDevelopmentEncoderConfig()), zapcore.AddSync(io.Discard), zap.ErrorLevel))
 	if progress != nil {
@@ -138,23 +183,23 @@ func runCompare(ctx context.Context, spec benchSpec, bo benchOptions, progress i
 		if ctx.Err() != nil {
 			break
 		}
-		run, err := compareOne(ctx, routing, dir, root, modelDir, o, spec, trace, bo.poll, log, progress)
+		run, err := compareOne(ctx, routing, dir, root, modelDir, o, spec, trace, cf.poll, log, progress)
 		if err != nil {
-			return nil, fmt.Errorf("bench --compare: %s: %w", routing, err)
+			return nil, fmt.Errorf("compare: %s: %w", routing, err)
 		}
 		rep.Runs = append(rep.Runs, run)
 	}
 	return rep, nil
 }
 
-func compareOne(ctx context.Context, routing, dir, root, modelDir string, o compareOptions, spec benchSpec, trace []traceItem,
-	poll time.Duration, log *zap.Logger, progress io.Writer) (benchRun, error) {
+func compareOne(ctx context.Context, routing, dir, root, modelDir string, o compareOptions, spec bench.Spec, trace []bench.Item,
+	poll time.Duration, log *zap.Logger, progress io.Writer) (bench.Run, error) {
 	readers := make([]*sdkmetric.ManualReader, o.Shards)
 	// Each run registers under its own service and key prefix so it never sees another's shards.
 	service := fmt.Sprintf("loraplex-bench-%d-%s", os.Getpid(), routing)
 	keyPrefix := "loraplex-bench/" + service + "/"
-	c, err := startDev(devOptions{dir: filepath.Join(dir, "demomodel"), shards: o.Shards, routerAddr: "127.0.0.1:0", adapterDir: root,
-		shard: func(i int, cfg *shardapp.Config) {
+	c, err := devcluster.Start(devcluster.Options{Dir: filepath.Join(dir, "demomodel"), Shards: o.Shards, RouterAddr: "127.0.0.1:0", AdapterDir: root,
+		Shard: func(i int, cfg *shardapp.Config) {
 			cfg.ModelDir = modelDir
 			cfg.Cache.DeviceBytes, cfg.Cache.HostBytes = o.DeviceBytes, o.HostBytes
 			cfg.Engine.MaxSeqs = o.MaxSeqs
@@ -165,7 +210,7 @@ func compareOne(ctx context.Context, routing, dir, root, modelDir string, o comp
 			}
 			cfg.Telemetry = &telemetry.Providers{Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(readers[i]))}
 		},
-		router: func(cfg *routerapp.Config) {
+		Router: func(cfg *routerapp.Config) {
 			cfg.Routing = routing
 			if o.Consul != "" {
 				cfg.Shards, cfg.Discovery.Addr, cfg.Discovery.Service, cfg.Discovery.KeyPrefix = nil, o.Consul, service, keyPrefix
@@ -173,18 +218,18 @@ func compareOne(ctx context.Context, routing, dir, root, modelDir string, o comp
 		},
 	}, log)
 	if err != nil {
-		return benchRun{}, err
+		return bench.Run{}, err
 	}
-	defer c.stop()
+	defer c.Stop()
 	if o.Consul != "" {
 		if err := waitForShards(ctx, c, o.Shards); err != nil {
-			return benchRun{}, err
+			return bench.Run{}, err
 		}
 	}
-	addr := c.router.Addr()
+	addr := c.Router.Addr()
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return benchRun{}, err
+		return bench.Run{}, err
 	}
 	defer cc.Close()
 	list := func() (*loraplexv1.ListAdaptersResponse, error) {
@@ -192,52 +237,52 @@ func compareOne(ctx context.Context, routing, dir, root, modelDir string, o comp
 		defer cancel()
 		return loraplexv1.NewAdaptersServiceClient(cc).ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{})
 	}
-	tracker := newListTracker()
+	tracker := bench.NewTracker()
 	before, err := list()
 	if err != nil {
-		return benchRun{}, err
+		return bench.Run{}, err
 	}
-	tracker.observe(before, true)
+	tracker.Observe(before, true)
 	countersBefore := readCacheCounters(ctx, c, readers)
 	if progress != nil {
-		fmt.Fprintf(progress, "bench --compare: routing %s on %s...\n", routing, addr)
+		fmt.Fprintf(progress, "compare: routing %s on %s...\n", routing, addr)
 	}
 	stop := make(chan struct{})
 	polled := make(chan struct{})
 	go func() {
 		defer close(polled)
-		pollAdapters(list, tracker, poll, stop)
+		bench.Poll(list, tracker, poll, stop)
 	}()
-	results, wall := runTrace(ctx, loraplexv1.NewGenerationServiceClient(cc), routing, trace, spec, progress)
+	results, wall := bench.Replay(ctx, loraplexv1.NewGenerationServiceClient(cc), routing, trace, spec, progress)
 	close(stop)
 	<-polled
 	var ids []string
-	for _, s := range c.shards {
+	for _, s := range c.Shards {
 		ids = append(ids, s.ID())
 	}
-	run := newRun(routing, addr, results, wall, ids)
+	run := bench.NewRun(routing, addr, results, wall, ids)
 	run.Routing = routing
-	run.Cache = newCacheReport("router ListAdapters deltas (sampled every "+poll.String()+")", tracker.shards)
+	run.Cache = tracker.Report("router ListAdapters deltas (sampled every " + poll.String() + ")")
 	after := readCacheCounters(ctx, c, readers)
 	for id, b := range countersBefore {
 		a := after[id]
 		a.DeviceHits, a.HostHits, a.Loads = a.DeviceHits-b.DeviceHits, a.HostHits-b.HostHits, a.Loads-b.Loads
 	}
-	run.CacheCounters = newCacheReport("shard cache counters", after)
+	run.CacheCounters = bench.NewCacheReport("shard cache counters", after)
 	if progress != nil {
-		printRun(progress, spec, run)
+		bench.PrintRun(progress, spec, run)
 	}
 	return run, nil
 }
 
 // waitForShards waits until the router's view (from Consul) holds n shards.
-func waitForShards(ctx context.Context, c *devCluster, n int) error {
+func waitForShards(ctx context.Context, c *devcluster.Cluster, n int) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	for len(c.router.Shards()) < n {
+	for len(c.Router.Shards()) < n {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("the router saw %d of %d shards in Consul after 30s", len(c.router.Shards()), n)
+			return fmt.Errorf("the router saw %d of %d shards in Consul after 30s", len(c.Router.Shards()), n)
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -246,10 +291,10 @@ func waitForShards(ctx context.Context, c *devCluster, n int) error {
 
 // readCacheCounters reads each shard's adapter cache counters (loraplex.adapters.hits per tier and
 // loraplex.adapters.misses) from its meter.
-func readCacheCounters(ctx context.Context, c *devCluster, readers []*sdkmetric.ManualReader) map[string]*shardCache {
-	out := map[string]*shardCache{}
-	for i, s := range c.shards {
-		sc := &shardCache{Shard: s.ID()}
+func readCacheCounters(ctx context.Context, c *devcluster.Cluster, readers []*sdkmetric.ManualReader) map[string]*bench.ShardCache {
+	out := map[string]*bench.ShardCache{}
+	for i, s := range c.Shards {
+		sc := &bench.ShardCache{Shard: s.ID()}
 		out[s.ID()] = sc
 		var rm metricdata.ResourceMetrics
 		if err := readers[i].Collect(ctx, &rm); err != nil {
@@ -309,7 +354,7 @@ func copyAdapters(shipped, root string, ids []string) ([]int64, error) {
 }
 
 // printCompareTable prints the comparison as a Markdown table.
-func printCompareTable(w io.Writer, rep *benchReport) {
+func printCompareTable(w io.Writer, rep *bench.Report) {
 	fmt.Fprintf(w, "\n| routing | requests | errors | adapter hit rate | hit rate, ListAdapters estimate | TTFT p50 / p90 / p99 (ms) | E2E p50 / p99 (ms) | throughput (req/s) | output tokens/s | shard load max/mean | requests per shard |\n")
 	fmt.Fprintf(w, "|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range rep.Runs {

@@ -1,8 +1,6 @@
-package main
+package bench
 
 import (
-	"flag"
-	"io"
 	"math"
 	"math/rand/v2"
 	"reflect"
@@ -11,29 +9,6 @@ import (
 
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 )
-
-func TestParseArgsInterleaved(t *testing.T) {
-	cases := []struct {
-		args    []string
-		pos     []string
-		adapter string
-	}{
-		{[]string{"hello"}, []string{"hello"}, ""},
-		{[]string{"hello", "--adapter", "a"}, []string{"hello"}, "a"},
-		{[]string{"--adapter", "a", "x", "y"}, []string{"x", "y"}, "a"},
-		{[]string{"--adapter", "a", "--", "--not-a-flag", "z"}, []string{"--not-a-flag", "z"}, "a"},
-		{nil, nil, ""},
-	}
-	for _, c := range cases {
-		fs := flag.NewFlagSet("t", flag.ContinueOnError)
-		fs.SetOutput(io.Discard)
-		adapter := fs.String("adapter", "", "")
-		pos, err := parseArgs(fs, c.args)
-		if err != nil || !reflect.DeepEqual(pos, c.pos) || *adapter != c.adapter {
-			t.Errorf("%q: got %q %q %v, want %q %q", c.args, pos, *adapter, err, c.pos, c.adapter)
-		}
-	}
-}
 
 func TestIntRange(t *testing.T) {
 	for in, want := range map[string]intRange{"7": {7, 7}, "3-9": {3, 9}, " 4 - 5 ": {4, 5}} {
@@ -73,12 +48,12 @@ func TestZipfFollowsItsWeights(t *testing.T) {
 }
 
 func TestTraceIsSeededAndPoisson(t *testing.T) {
-	s := defaultBenchSpec()
+	s := DefaultSpec()
 	s.Rate, s.duration, s.adapterCount = 50, 100*time.Second, 10
-	if err := s.validate(); err != nil {
+	if err := s.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	a, b := makeTrace(s), makeTrace(s)
+	a, b := MakeTrace(s), MakeTrace(s)
 	if !reflect.DeepEqual(a, b) {
 		t.Fatal("the same seed gave different traces")
 	}
@@ -91,11 +66,11 @@ func TestTraceIsSeededAndPoisson(t *testing.T) {
 		}
 	}
 	s.Seed++
-	if reflect.DeepEqual(makeTrace(s), a) {
+	if reflect.DeepEqual(MakeTrace(s), a) {
 		t.Error("another seed gave the same trace")
 	}
 	s.Requests = 17
-	if got := len(makeTrace(s)); got != 17 {
+	if got := len(MakeTrace(s)); got != 17 {
 		t.Errorf("--requests 17 gave %d", got)
 	}
 }
@@ -121,29 +96,29 @@ func TestListTrackerCountsGrowthAndNewEntries(t *testing.T) {
 	ad := func(id, shard string, loads, hits uint64) *loraplexv1.AdapterInfo {
 		return &loraplexv1.AdapterInfo{AdapterId: id, ShardId: shard, Tier: loraplexv1.Tier_TIER_DEVICE, Loads: loads, Hits: hits}
 	}
-	tr := newListTracker()
-	tr.observe(snap(ad("a", "s0", 1, 10), ad("b", "s1", 1, 3)), true)
-	tr.observe(snap(ad("a", "s0", 1, 14), ad("b", "s1", 1, 3), ad("c", "s1", 1, 2)), false) // a +4 hits; c new
-	tr.observe(snap(ad("a", "s0", 1, 1)), false)                                            // a reloaded: counts restart
-	rep := newCacheReport("test", tr.shards)
+	tr := NewTracker()
+	tr.Observe(snap(ad("a", "s0", 1, 10), ad("b", "s1", 1, 3)), true)
+	tr.Observe(snap(ad("a", "s0", 1, 14), ad("b", "s1", 1, 3), ad("c", "s1", 1, 2)), false) // a +4 hits; c new
+	tr.Observe(snap(ad("a", "s0", 1, 1)), false)                                            // a reloaded: counts restart
+	rep := NewCacheReport("test", tr.shards)
 	if rep.Hits != 4+2+1 || rep.Loads != 1+1 {
 		t.Errorf("hits %d loads %d, want 7 and 2", rep.Hits, rep.Loads)
 	}
 	if math.Abs(rep.HitRate-7.0/9) > 1e-9 || rep.Tiers["device"].Hits != 7 {
 		t.Errorf("%+v", rep)
 	}
-	if got := tr.shardIDs(); !reflect.DeepEqual(got, []string{"s0", "s1"}) {
+	if got := tr.ShardIDs(); !reflect.DeepEqual(got, []string{"s0", "s1"}) {
 		t.Errorf("shards %v", got)
 	}
 }
 
 func TestNewRunCountsShardsAndErrors(t *testing.T) {
-	rs := []requestResult{
+	rs := []Result{
 		{Shard: "s0", TTFTMs: 1, E2EMs: 3, TPOTMs: 1, OutputTokens: 3, PromptTokens: 5},
 		{Shard: "s0", TTFTMs: 2, E2EMs: 4, TPOTMs: 1, OutputTokens: 3, PromptTokens: 5},
 		{Error: "NotFound", ErrorMessage: "no adapter"},
 	}
-	run := newRun("x", "addr", rs, 2*time.Second, []string{"s0", "s1"})
+	run := NewRun("x", "addr", rs, 2*time.Second, []string{"s0", "s1"})
 	if run.Completed != 2 || run.Errors["NotFound"] != 1 || run.ErrorCases["NotFound"] != "no adapter" {
 		t.Errorf("%+v", run)
 	}
@@ -152,5 +127,46 @@ func TestNewRunCountsShardsAndErrors(t *testing.T) {
 	}
 	if run.Throughput.RequestsPerS != 1 || run.Throughput.OutputTokensPerS != 3 || run.Throughput.TotalTokensPerS != 8 {
 		t.Errorf("%+v", run.Throughput)
+	}
+}
+
+func TestOutputResolve(t *testing.T) {
+	now := time.Date(2026, 12, 3, 9, 30, 5, 0, time.FixedZone("CET", 3600))
+	cases := []struct {
+		json, chart         string
+		wantJSON, wantChart string
+	}{
+		{DefaultOut, "", "bench-results/20261203-083005/bench.json", "bench-results/20261203-083005/bench.png"},
+		{"r/x.json", "", "r/x.json", "r/x.png"},
+		{"r/x.json", "none", "r/x.json", ""},
+		{"", "", "", ""},
+		{"none", "c.png", "", "c.png"},
+	}
+	for _, c := range cases {
+		o := Output{JSON: c.json, Chart: c.chart}
+		o.Resolve(now)
+		if o.JSON != c.wantJSON || o.Chart != c.wantChart {
+			t.Errorf("%q %q: got %q %q, want %q %q", c.json, c.chart, o.JSON, o.Chart, c.wantJSON, c.wantChart)
+		}
+	}
+}
+
+func TestUnreachableOnlyWhenNoRequestReachedTheServer(t *testing.T) {
+	refused := Result{Error: "Unavailable", ErrorMessage: "connection refused"}
+	answered := Result{Error: "Unavailable", ErrorMessage: "shard-0: connection refused", reached: true}
+	cases := []struct {
+		rs   []Result
+		want bool
+	}{
+		{nil, false},
+		{[]Result{refused, refused}, true},
+		{[]Result{refused, answered}, false},
+		{[]Result{refused, {Error: "Canceled"}}, false},
+		{[]Result{{reached: true}}, false},
+	}
+	for i, c := range cases {
+		if got := Unreachable(c.rs); got != c.want {
+			t.Errorf("case %d: %v, want %v", i, got, c.want)
+		}
 	}
 }
