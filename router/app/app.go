@@ -1,7 +1,7 @@
 // Package app assembles a router: the shard view (static list or Consul watch), the picker pipeline
 // over it, the proxy that relays to shards, and the gRPC server with health and reflection. The
-// router binary and the dev cluster (cmd/loraplex) call it. The router links no compute, model or
-// CUDA code (test/repo enforces it).
+// router binary and the dev cluster (cmd/internal/devcluster) call it. The router links no
+// compute, model or CUDA code (test/repo enforces it).
 package app
 
 import (
