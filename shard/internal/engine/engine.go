@@ -110,8 +110,11 @@ type Options struct {
 	MaxBatchTokens int // tokens per forward step (prefill chunks + decodes); at least MaxSeqs
 	// MaxAdaptersPerStep caps the distinct adapters in the running batch (the base model is free).
 	MaxAdaptersPerStep int
-	MaxQueue           int // requests waiting for an adapter load or for admission
-	BlockSize          int // KV positions per block
+	MaxQueue           int // requests waiting for admission (their adapter on the device)
+	// MaxWaitingPerAdapter bounds the requests waiting for one adapter's load (0: 64). They do not
+	// count against MaxQueue, so a load that never finishes turns away only its own adapter's requests.
+	MaxWaitingPerAdapter int
+	BlockSize            int // KV positions per block
 	// KVCacheBytes sizes the KV cache; KVBlocks, when set, overrides it with a block count.
 	KVCacheBytes        int64
 	KVBlocks            int
@@ -122,14 +125,14 @@ type Options struct {
 
 // DefaultOptions suit the CPU backend and small models.
 func DefaultOptions() Options {
-	return Options{MaxSeqs: 32, MaxBatchTokens: 512, MaxAdaptersPerStep: 16, MaxQueue: 256, BlockSize: 16,
+	return Options{MaxSeqs: 32, MaxBatchTokens: 512, MaxAdaptersPerStep: 16, MaxQueue: 256, MaxWaitingPerAdapter: 64, BlockSize: 16,
 		KVCacheBytes: 64 << 20, DefaultMaxNewTokens: 256, RetryAfter: 100 * time.Millisecond}
 }
 
 // Validate checks the options.
 func (o Options) Validate() error {
 	if o.MaxSeqs <= 0 || o.MaxBatchTokens <= 0 || o.MaxAdaptersPerStep <= 0 || o.MaxQueue <= 0 || o.BlockSize <= 0 ||
-		(o.KVBlocks <= 0 && o.KVCacheBytes <= 0) || o.DefaultMaxNewTokens <= 0 || o.RetryAfter < 0 {
+		(o.KVBlocks <= 0 && o.KVCacheBytes <= 0) || o.DefaultMaxNewTokens <= 0 || o.RetryAfter < 0 || o.MaxWaitingPerAdapter < 0 {
 		return fmt.Errorf("%w: engine options must be positive: %+v", ErrInvalid, o)
 	}
 	if o.MaxBatchTokens < o.MaxSeqs {
@@ -138,13 +141,19 @@ func (o Options) Validate() error {
 	return nil
 }
 
-// QueueFullError turns a request away at once; RetryAfter is the suggested delay.
+// QueueFullError turns a request away at once; RetryAfter is the suggested delay. Adapter is set when
+// only that adapter's requests are turned away (too many wait for its load).
 type QueueFullError struct {
+	Adapter        string
 	Waiting, Limit int
 	RetryAfter     time.Duration
 }
 
 func (e *QueueFullError) Error() string {
+	if e.Adapter != "" {
+		return fmt.Sprintf("engine: adapter %s: %d requests already wait for its load (limit %d per adapter, -max-waiting-per-adapter)",
+			e.Adapter, e.Waiting, e.Limit)
+	}
 	return fmt.Sprintf("engine: queue full: %d requests waiting (limit %d)", e.Waiting, e.Limit)
 }
 
@@ -166,12 +175,13 @@ type Engine struct {
 
 	metrics *metrics
 
-	mu      sync.Mutex
-	queue   *fairQueue
-	loading int // requests waiting for their adapter, counted against MaxQueue
-	closed  bool
-	wake    chan struct{}
-	stopped chan struct{}
+	mu       sync.Mutex
+	queue    *fairQueue
+	loading  map[string]int // requests waiting for each adapter's Acquire, bounded per adapter
+	loadingN int            // their sum
+	closed   bool
+	wake     chan struct{}
+	stopped  chan struct{}
 
 	// owned by the step loop; running is in admission order (oldest first)
 	running     []*sequence
@@ -187,6 +197,9 @@ func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokeniz
 		return nil, err
 	}
 	info := m.Info()
+	if opts.MaxWaitingPerAdapter == 0 {
+		opts.MaxWaitingPerAdapter = DefaultOptions().MaxWaitingPerAdapter
+	}
 	if opts.KVBlocks <= 0 {
 		per := info.KVShape(1, opts.BlockSize).Bytes()
 		opts.KVBlocks = int(opts.KVCacheBytes / per)
@@ -200,7 +213,7 @@ func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokeniz
 	}
 	e := &Engine{
 		opts: opts, be: be, model: m, info: info, tok: tok, adapters: src, log: log, cache: cache,
-		blocks: kvcache.NewAllocator(opts.KVBlocks, opts.BlockSize), queue: newFairQueue(),
+		blocks: kvcache.NewAllocator(opts.KVBlocks, opts.BlockSize), queue: newFairQueue(), loading: map[string]int{},
 		wake: make(chan struct{}, 1), stopped: make(chan struct{}),
 	}
 	e.sampler, _ = be.(compute.Sampler)
@@ -247,7 +260,7 @@ type Stats struct {
 // Stats reports queue depth, running sequences and KV blocks.
 func (e *Engine) Stats() Stats {
 	e.mu.Lock()
-	q, l := e.queue.len(), e.loading
+	q, l := e.queue.len(), e.loadingN
 	e.mu.Unlock()
 	return Stats{Queued: q, Loading: l, Running: int(e.runningN.Load()), FreeBlocks: e.blocks.Free(),
 		TotalBlocks: e.blocks.Total(), AdaptersRunning: int(e.adaptersN.Load()), Preemptions: e.preemptions.Load()}
@@ -281,17 +294,22 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 		maxNew = min(e.opts.DefaultMaxNewTokens, room)
 	}
 
-	// Admission control counts requests waiting for an adapter load too, and answers at once.
+	// Admission control answers at once. Requests waiting for their adapter's load are bounded per
+	// adapter and not counted against MaxQueue: an adapter whose load hangs or crawls must not turn
+	// away the base model and the other adapters.
 	e.mu.Lock()
-	switch waiting := e.queue.len() + e.loading; {
+	switch waiting, loading := e.queue.len(), e.loading[r.AdapterID]; {
 	case e.closed:
 		e.mu.Unlock()
 		return ErrClosed
 	case waiting >= e.opts.MaxQueue:
 		e.mu.Unlock()
 		return &QueueFullError{Waiting: waiting, Limit: e.opts.MaxQueue, RetryAfter: e.opts.RetryAfter}
+	case r.AdapterID != "" && loading >= e.opts.MaxWaitingPerAdapter:
+		e.mu.Unlock()
+		return &QueueFullError{Adapter: r.AdapterID, Waiting: loading, Limit: e.opts.MaxWaitingPerAdapter, RetryAfter: e.opts.RetryAfter}
 	}
-	e.loading++
+	e.waitingForAdapterLocked(r.AdapterID, 1)
 	e.mu.Unlock()
 
 	// The load (if any) runs in the adapter cache; only this caller waits for it, never the step loop.
@@ -309,7 +327,7 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 			span.SetStatus(codes.Error, err.Error())
 			span.End()
 			e.mu.Lock()
-			e.loading--
+			e.waitingForAdapterLocked(r.AdapterID, -1)
 			e.mu.Unlock()
 			return err
 		}
@@ -322,7 +340,7 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	s := newSequence(ctx, r, maxNew, ad, release, arrived, e)
 
 	e.mu.Lock()
-	e.loading--
+	e.waitingForAdapterLocked(r.AdapterID, -1)
 	if e.closed {
 		e.mu.Unlock()
 		release()
@@ -335,6 +353,19 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	err := s.relay(emit, cancel)
 	s.traceSteps(ctx)
 	return err
+}
+
+// waitingForAdapterLocked counts the requests in the adapter's Acquire (none for the base model).
+func (e *Engine) waitingForAdapterLocked(id string, d int) {
+	if id == "" {
+		return
+	}
+	e.loadingN += d
+	if n := e.loading[id] + d; n > 0 {
+		e.loading[id] = n
+	} else {
+		delete(e.loading, id)
+	}
 }
 
 // loop is the step loop: admit, step, repeat; sleep when idle.
