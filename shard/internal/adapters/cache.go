@@ -4,19 +4,23 @@
 // sequence, loading it if needed in the background: concurrent acquires share one load, a load never
 // blocks the engine's step loop, eviction (a pluggable Policy: LRU, scan-resistant segmented LRU, or frequency-based LFU with decay, the default)
 // only touches unpinned adapters and the budgets are never exceeded. A failed load fails only the
-// requests waiting for that adapter and is remembered briefly. Residency changes are reported as
-// events for the distributed layer. Imported by the shard's engine wiring and servers.
+// requests waiting for that adapter and is remembered with a backoff per adapter (doubling up to
+// minutes, reset when its files change or by an explicit load). Every load has a deadline and is
+// cancelled by Unload. Residency changes are reported as events for the distributed layer. Imported
+// by the shard's engine wiring and servers.
 package adapters
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"go.opentelemetry.io/otel/metric"
 	"sort"
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
+
+	"github.com/loraplex/loraplex/pkg/eviction"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 )
 
@@ -27,6 +31,13 @@ var (
 	ErrTooLarge = errors.New("adapters: adapter larger than the tier budget")
 	ErrUnknown  = errors.New("adapters: adapter not resident")
 	ErrClosed   = errors.New("adapters: cache closed")
+	// ErrPinnedFull means the device tier cannot make room because pinned adapters hold it: waiting
+	// does not help until an operator unpins one. It is an ErrNoSpace.
+	ErrPinnedFull = fmt.Errorf("%w: the device tier is held by pinned adapters", ErrNoSpace)
+	// ErrLoadTimeout means a load did not finish within Options.LoadTimeout.
+	ErrLoadTimeout = errors.New("adapters: load timed out")
+	// ErrLoadCancelled means Unload cancelled the load a request was waiting for.
+	ErrLoadCancelled = errors.New("adapters: load cancelled")
 )
 
 // Tier is where an adapter is resident.
@@ -90,9 +101,16 @@ type Options struct {
 	DeviceBytes int64
 	HostBytes   int64 // 0: host copies are not kept after upload
 	Policy      string
-	// FailureTTL is how long a failed load is answered from memory.
-	FailureTTL time.Duration
-	// SpaceWait is how long a load waits for pinned adapters to free device space.
+	// FailureTTL is how long a failed load is answered from memory after its first failure; each
+	// further failure of the same files doubles it, up to MaxFailureBackoff.
+	FailureTTL        time.Duration
+	MaxFailureBackoff time.Duration
+	// Stamp fingerprints an adapter's files cheaply (no open); a remembered failure is forgotten when
+	// the stamp changes. nil: failures are forgotten only when their backoff ends.
+	Stamp func(id string) string
+	// LoadTimeout bounds each load from the store to the device tier (0: one minute).
+	LoadTimeout time.Duration
+	// SpaceWait is how long a load waits for sequences to release device space.
 	SpaceWait time.Duration
 	// OnEvent receives residency changes in order, outside the cache lock.
 	OnEvent func(Event)
@@ -104,15 +122,19 @@ type Options struct {
 
 // DefaultOptions are sized for the CPU backend.
 func DefaultOptions() Options {
-	return Options{DeviceBytes: 512 << 20, HostBytes: 1 << 30, Policy: "lfu", FailureTTL: 5 * time.Second, SpaceWait: 10 * time.Second}
+	return Options{DeviceBytes: 512 << 20, HostBytes: 1 << 30, Policy: "lfu", FailureTTL: 5 * time.Second,
+		MaxFailureBackoff: 5 * time.Minute, LoadTimeout: time.Minute, SpaceWait: 10 * time.Second}
 }
 
 // Validate checks the options.
 func (o Options) Validate() error {
-	if o.DeviceBytes <= 0 || o.HostBytes < 0 || o.FailureTTL < 0 || o.SpaceWait < 0 {
+	if o.DeviceBytes <= 0 || o.HostBytes < 0 || o.FailureTTL < 0 || o.MaxFailureBackoff < 0 || o.SpaceWait < 0 {
 		return fmt.Errorf("adapters: budgets and durations must not be negative and the device budget must be positive: %+v", o)
 	}
-	_, err := NewPolicy(o.Policy, 1)
+	if o.LoadTimeout < 0 {
+		return fmt.Errorf("adapters: the load timeout (-adapter-load-timeout) must not be negative, got %v", o.LoadTimeout)
+	}
+	_, err := eviction.New(o.Policy, 1)
 	return err
 }
 
@@ -131,6 +153,7 @@ type entry struct {
 	waiters int
 
 	loading chan struct{} // non-nil while a load or promotion is in flight
+	cancel  context.CancelCauseFunc
 	loadErr error
 
 	pins     int
@@ -155,8 +178,8 @@ type Cache struct {
 
 	mu         sync.Mutex
 	entries    map[string]*entry
-	devPolicy  Policy
-	hostPolicy Policy
+	devPolicy  eviction.Policy
+	hostPolicy eviction.Policy
 	devUsed    int64
 	hostUsed   int64
 	failures   map[string]failure
@@ -168,9 +191,13 @@ type Cache struct {
 	emitMu sync.Mutex // orders event delivery
 }
 
+// failure is a remembered load failure: answered until until, then retried; a retry that fails
+// again on unchanged files doubles delay.
 type failure struct {
 	err   error
 	until time.Time
+	delay time.Duration
+	stamp string
 }
 
 // New returns a cache over the backend.
@@ -181,8 +208,12 @@ func New(be compute.Backend, load Loader, o Options) (*Cache, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	dp, _ := NewPolicy(o.Policy, o.DeviceBytes)
-	hp, _ := NewPolicy(o.Policy, o.HostBytes)
+	o.MaxFailureBackoff = max(o.MaxFailureBackoff, o.FailureTTL)
+	if o.LoadTimeout == 0 {
+		o.LoadTimeout = DefaultOptions().LoadTimeout
+	}
+	dp, _ := eviction.New(o.Policy, o.DeviceBytes)
+	hp, _ := eviction.New(o.Policy, o.HostBytes)
 	c := &Cache{
 		be: be, load: load, opts: o, entries: map[string]*entry{}, devPolicy: dp, hostPolicy: hp,
 		failures: map[string]failure{}, spaceFreed: make(chan struct{}),
@@ -228,18 +259,24 @@ func (c *Cache) Acquire(ctx context.Context, id string) (compute.Adapter, func()
 // ensure makes id resident in tier (and pins it on the device when pin is set).
 func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*entry, error) {
 	counted := false
+	stamp, stamped := "", false
 	for {
 		c.mu.Lock()
 		if c.closed {
 			c.mu.Unlock()
 			return nil, ErrClosed
 		}
-		if f, ok := c.failures[id]; ok && !(tier == TierHost && errors.Is(f.err, ErrTooLarge)) {
-			if c.opts.Now().Before(f.until) {
+		if f, ok := c.failures[id]; ok && !(tier == TierHost && errors.Is(f.err, ErrTooLarge)) && c.opts.Now().Before(f.until) {
+			if c.opts.Stamp != nil && !stamped {
+				c.mu.Unlock()
+				stamp, stamped = c.opts.Stamp(id), true // a stat or two: not under the lock
+				continue
+			}
+			if c.opts.Stamp == nil || stamp == f.stamp {
 				c.mu.Unlock()
 				return nil, f.err
 			}
-			delete(c.failures, id)
+			delete(c.failures, id) // the files changed: try them at once
 		}
 		e := c.entries[id]
 		if e != nil && e.loading == nil && c.residentLocked(e, tier) {
@@ -276,7 +313,11 @@ func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*en
 		}
 		if e.loading == nil {
 			e.loading = make(chan struct{})
-			go c.fill(e, tier)
+			lctx, cancel := context.WithCancelCause(context.Background())
+			tctx, stop := context.WithTimeoutCause(lctx, c.opts.LoadTimeout,
+				fmt.Errorf("%w: adapter %s did not load within %v (-adapter-load-timeout)", ErrLoadTimeout, id, c.opts.LoadTimeout))
+			e.cancel = func(cause error) { cancel(cause); stop() }
+			go c.fill(tctx, e, tier)
 		}
 		wait := e.loading
 		e.waiters++
@@ -318,16 +359,25 @@ func (c *Cache) takeLocked(e *entry, pin bool) {
 }
 
 // fill brings an entry up to tier: store -> host (parse) -> device (upload). It runs without the lock
-// except to reserve budget and publish the result.
-func (c *Cache) fill(e *entry, tier Tier) {
-	err := c.fillHost(e, tier)
+// except to reserve budget and publish the result; ctx carries the load's deadline and Unload's
+// cancellation.
+func (c *Cache) fill(ctx context.Context, e *entry, tier Tier) {
+	stamp := ""
+	if c.opts.Stamp != nil {
+		stamp = c.opts.Stamp(e.id) // before the read, so a change during it is seen next time
+	}
+	err := c.fillHost(ctx, e, tier)
 	if err == nil && tier == TierDevice {
-		err = c.fillDevice(e)
+		err = c.fillDevice(ctx, e)
 	}
 	c.mu.Lock()
+	e.cancel(nil)
 	e.loadErr = err
 	close(e.loading)
 	e.loading = nil
+	if err == nil {
+		delete(c.failures, e.id)
+	}
 	if err != nil {
 		if !e.hostHeld {
 			e.host = nil // a copy outside the host budget lives only until its upload
@@ -335,9 +385,10 @@ func (c *Cache) fill(e *entry, tier Tier) {
 		c.stats.LoadFailures++
 		// Capacity errors depend on what else is resident, so they are not remembered. An adapter too
 		// large for the device is (it will not shrink), but only against device loads.
-		if !errors.Is(err, ErrNoSpace) && !errors.Is(err, ErrClosed) && (tier == TierDevice || !errors.Is(err, ErrTooLarge)) {
-			c.pruneFailuresLocked()
-			c.failures[e.id] = failure{err: err, until: c.opts.Now().Add(c.opts.FailureTTL)}
+		// A load an operator cancelled says nothing about the adapter.
+		if !errors.Is(err, ErrNoSpace) && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrLoadCancelled) &&
+			(tier == TierDevice || !errors.Is(err, ErrTooLarge)) {
+			c.rememberLocked(e.id, err, stamp)
 		}
 		c.emitLocked(EventFailed, e, c.tierOf(e), err)
 		if e.host == nil && e.dev == nil && c.entries[e.id] == e {
@@ -352,15 +403,27 @@ func (c *Cache) fill(e *entry, tier Tier) {
 // NOT_FOUND), so the memory must not grow with them.
 const maxFailures = 4096
 
-// pruneFailuresLocked drops expired failures once the memory is large, and arbitrary ones past
-// maxFailures.
+// rememberLocked records a failed load: FailureTTL after the first failure, doubling while the same
+// files keep failing, up to MaxFailureBackoff, so a bad adapter costs a load every few minutes
+// instead of every few seconds.
+func (c *Cache) rememberLocked(id string, err error, stamp string) {
+	delay := c.opts.FailureTTL
+	if prev, ok := c.failures[id]; ok && prev.stamp == stamp {
+		delay = min(2*prev.delay, c.opts.MaxFailureBackoff)
+	}
+	c.pruneFailuresLocked()
+	c.failures[id] = failure{err: err, until: c.opts.Now().Add(delay), delay: delay, stamp: stamp}
+}
+
+// pruneFailuresLocked drops failures whose backoff ended long ago (as long as it lasted) once the
+// memory is large, and arbitrary ones past maxFailures.
 func (c *Cache) pruneFailuresLocked() {
 	if len(c.failures) < maxFailures/4 {
 		return
 	}
 	now := c.opts.Now()
 	for id, f := range c.failures {
-		if !now.Before(f.until) {
+		if !now.Before(f.until.Add(f.delay)) {
 			delete(c.failures, id)
 		}
 	}
@@ -385,7 +448,7 @@ func (c *Cache) tierOf(e *entry) Tier {
 // fillHost reads the adapter from the store into the host tier. A load bound for the device whose
 // copy the host tier cannot hold (no host tier, too large, or full of copies being uploaded) keeps
 // the copy outside the host budget until the upload instead of failing.
-func (c *Cache) fillHost(e *entry, tier Tier) error {
+func (c *Cache) fillHost(ctx context.Context, e *entry, tier Tier) error {
 	c.mu.Lock()
 	have := e.host != nil
 	c.mu.Unlock()
@@ -393,10 +456,10 @@ func (c *Cache) fillHost(e *entry, tier Tier) error {
 		return nil
 	}
 	start := time.Now()
-	ld, err := c.load(context.Background(), e.id)
+	ld, err := c.loadBounded(ctx, e.id)
 	c.metrics.loaded(TierHost, time.Since(start), err)
 	if err != nil {
-		return fmt.Errorf("adapter %s: %w", e.id, err)
+		return err
 	}
 	size := ld.Weights.Bytes()
 	c.mu.Lock()
@@ -429,6 +492,33 @@ func (c *Cache) fillHost(e *entry, tier Tier) error {
 	return nil
 }
 
+// loadBounded runs the loader but stops waiting for it when ctx ends: a loader that ignores its
+// context (a read stuck in the kernel) is left to finish alone and its result dropped, so neither
+// the entry nor its waiters outlive the deadline.
+func (c *Cache) loadBounded(ctx context.Context, id string) (*Loaded, error) {
+	type result struct {
+		ld  *Loaded
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		ld, err := c.load(ctx, id)
+		done <- result{ld, err}
+	}()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			if cause := context.Cause(ctx); cause != nil && (errors.Is(r.err, context.Canceled) || errors.Is(r.err, context.DeadlineExceeded)) {
+				return nil, cause
+			}
+			return nil, fmt.Errorf("adapter %s: %w", id, r.err)
+		}
+		return r.ld, nil
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
 // evictHostLocked drops host copies (never needed by running sequences) until size more bytes fit.
 func (c *Cache) evictHostLocked(size int64) {
 	for _, id := range c.hostPolicy.Victims() {
@@ -456,7 +546,7 @@ func (c *Cache) dropHostLocked(e *entry) {
 	e.host, e.hostHeld = nil, false
 }
 
-func (c *Cache) fillDevice(e *entry) error {
+func (c *Cache) fillDevice(ctx context.Context, e *entry) error {
 	deadline := time.NewTimer(c.opts.SpaceWait)
 	defer deadline.Stop()
 	c.mu.Lock()
@@ -474,10 +564,19 @@ func (c *Cache) fillDevice(e *entry) error {
 		if c.devUsed+size <= c.opts.DeviceBytes {
 			break
 		}
+		// Space held by sequences comes back when they finish; space held by pinned adapters only
+		// when an operator unpins one, so waiting for it would only delay the answer.
+		if pinned := c.pinnedBytesLocked(); size > c.opts.DeviceBytes-pinned {
+			c.mu.Unlock()
+			return fmt.Errorf("%w: adapter %s needs %d bytes; pinned adapters hold %d of the %d-byte device tier (unpin one or raise -adapter-device-bytes)",
+				ErrPinnedFull, e.id, size, pinned, c.opts.DeviceBytes)
+		}
 		freed := c.spaceFreed
 		c.mu.Unlock()
 		select {
 		case <-freed:
+		case <-ctx.Done():
+			return context.Cause(ctx)
 		case <-deadline.C:
 			c.mu.Lock()
 			used := c.devUsed
@@ -512,6 +611,17 @@ func (c *Cache) fillDevice(e *entry) error {
 	}
 	c.emitLocked(EventLoaded, e, TierDevice, nil)
 	return nil
+}
+
+// pinnedBytesLocked is the device memory operator-pinned adapters hold.
+func (c *Cache) pinnedBytesLocked() int64 {
+	var n int64
+	for _, e := range c.entries {
+		if e.pinned && e.dev != nil {
+			n += e.bytes
+		}
+	}
+	return n
 }
 
 // evictDeviceLocked frees unpinned device copies until size more bytes fit.
@@ -573,12 +683,21 @@ func (c *Cache) Load(ctx context.Context, id string, tier Tier) error {
 	if tier == TierHost && c.opts.HostBytes == 0 {
 		return fmt.Errorf("%w: adapter %s: this shard keeps no host tier (its budget is 0)", ErrTooLarge, id)
 	}
+	c.forgetFailure(id)
 	_, err := c.ensure(ctx, id, tier, false)
 	return err
 }
 
+// forgetFailure drops the remembered failure of id: an operator's explicit load or pin retries now.
+func (c *Cache) forgetFailure(id string) {
+	c.mu.Lock()
+	delete(c.failures, id)
+	c.mu.Unlock()
+}
+
 // Pin loads an adapter to the device and keeps it there until Unpin.
 func (c *Cache) Pin(ctx context.Context, id string) error {
+	c.forgetFailure(id)
 	e, err := c.ensure(ctx, id, TierDevice, true)
 	if err != nil {
 		return err
@@ -603,10 +722,23 @@ func (c *Cache) Unpin(id string) error {
 	return nil
 }
 
-// Unload drops an adapter from both tiers; it is refused while a sequence uses the adapter.
+// Unload drops an adapter from both tiers; it is refused while a sequence uses the adapter. A load in
+// flight is cancelled (its waiters fail with ErrLoadCancelled) and Unload returns once it has stopped.
 func (c *Cache) Unload(id string) error {
 	c.mu.Lock()
 	e := c.entries[id]
+	if e != nil && e.loading != nil && e.pins == 0 && !e.pinned {
+		wait := e.loading
+		e.cancel(fmt.Errorf("%w: adapter %s was unloaded while loading", ErrLoadCancelled, id))
+		c.mu.Unlock()
+		<-wait
+		c.mu.Lock()
+		if e = c.entries[id]; e == nil {
+			c.mu.Unlock()
+			c.flush()
+			return nil // the failed load removed it
+		}
+	}
 	switch {
 	case e == nil:
 		c.mu.Unlock()

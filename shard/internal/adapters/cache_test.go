@@ -405,37 +405,72 @@ func TestFailedLoadFailsOnlyItsWaiters(t *testing.T) {
 	}
 }
 
-func TestFailureIsRememberedForTTL(t *testing.T) {
+// TestFailureBackoff: a failed id is answered from memory for FailureTTL, then retried; each retry
+// that fails on unchanged files doubles the wait up to MaxFailureBackoff (before: every FailureTTL,
+// forever). A change of the files, an explicit Load or a Pin retries at once; a success forgets.
+func TestFailureBackoff(t *testing.T) {
 	s := newStore()
 	s.setFail("a", errBoom)
 	clk := &clock{now: time.Unix(1000, 0)}
+	var stampMu sync.Mutex
+	stamp := "v1"
 	o := options(4)
-	o.FailureTTL, o.Now = 10*time.Second, clk.Now
+	o.FailureTTL, o.MaxFailureBackoff, o.Now = 10*time.Second, 35*time.Second, clk.Now
+	o.Stamp = func(string) string { stampMu.Lock(); defer stampMu.Unlock(); return stamp }
 	c, _ := newCache(t, s, o)
 	ctx := context.Background()
-	if _, _, err := c.Acquire(ctx, "a"); !errors.Is(err, errBoom) {
-		t.Fatalf("first acquire: %v", err)
+	acq := func() error {
+		_, rel, err := c.Acquire(ctx, "a")
+		if rel != nil {
+			rel()
+		}
+		return err
 	}
-	s.setFail("a", nil) // the store is fixed, but the cache does not look yet
-	clk.advance(9 * time.Second)
-	if _, _, err := c.Acquire(ctx, "a"); !errors.Is(err, errBoom) {
-		t.Fatalf("acquire within the TTL: %v", err)
+	// Each step: advance the clock, acquire, and the store's load count afterwards.
+	for i, step := range []struct {
+		advance time.Duration
+		loads   int
+	}{
+		{0, 1},                // first failure: remembered 10 s
+		{9 * time.Second, 1},  // within 10 s
+		{2 * time.Second, 2},  // retried, fails again: 20 s
+		{19 * time.Second, 2}, // within 20 s
+		{2 * time.Second, 3},  // retried, fails again: 40 s capped to 35 s
+		{34 * time.Second, 3}, // within 35 s
+		{2 * time.Second, 4},  // retried, fails again: still 35 s
+		{30 * time.Second, 4},
+	} {
+		clk.advance(step.advance)
+		if err := acq(); !errors.Is(err, errBoom) {
+			t.Fatalf("step %d: %v", i, err)
+		}
+		if got := s.count("a"); got != step.loads {
+			t.Fatalf("step %d: %d loads, want %d", i, got, step.loads)
+		}
 	}
-	if err := c.Load(ctx, "a", adapters.TierDevice); !errors.Is(err, errBoom) {
-		t.Fatalf("load within the TTL: %v", err)
+	// The files change: retried at once (fails: the backoff starts over at 10 s).
+	stampMu.Lock()
+	stamp = "v2"
+	stampMu.Unlock()
+	if err := acq(); !errors.Is(err, errBoom) || s.count("a") != 5 {
+		t.Fatalf("after a file change: %v, %d loads, want 5", err, s.count("a"))
 	}
-	if err := c.Pin(ctx, "a"); !errors.Is(err, errBoom) {
-		t.Fatalf("pin within the TTL: %v", err)
+	clk.advance(11 * time.Second)
+	if err := acq(); !errors.Is(err, errBoom) || s.count("a") != 6 {
+		t.Fatalf("backoff after a file change did not start over: %v, %d loads, want 6", err, s.count("a"))
 	}
-	if got := s.count("a"); got != 1 {
-		t.Fatalf("%d loads within the TTL, want 1", got)
+	// An explicit Load and a Pin retry at once.
+	if err := c.Load(ctx, "a", adapters.TierDevice); !errors.Is(err, errBoom) || s.count("a") != 7 {
+		t.Fatalf("explicit load: %v, %d loads, want 7", err, s.count("a"))
 	}
-	clk.advance(2 * time.Second)
-	use(t, c, "a")
-	if got := s.count("a"); got != 2 {
-		t.Fatalf("%d loads after the TTL, want 2", got)
+	s.setFail("a", nil)
+	if err := acq(); !errors.Is(err, errBoom) || s.count("a") != 7 {
+		t.Fatalf("acquire within the backoff: %v, %d loads", err, s.count("a"))
 	}
-	if st := c.Stats(); st.LoadFailures != 1 {
+	if err := c.Pin(ctx, "a"); err != nil || s.count("a") != 8 {
+		t.Fatalf("pin: %v, %d loads, want 8", err, s.count("a"))
+	}
+	if st := c.Stats(); st.LoadFailures != 7 {
 		t.Errorf("stats %+v", st)
 	}
 }
@@ -734,15 +769,23 @@ func TestUnloadAndPins(t *testing.T) {
 		t.Errorf("unpin of a resident adapter that is not pinned: %v", err)
 	}
 
-	// Unload is refused while the adapter loads.
+	// Unload cancels a load in flight, even one whose loader never returns: its waiter fails with
+	// ErrLoadCancelled, the entry is gone, and the next load starts afresh (nothing remembered).
 	open := s.gate("slow")
-	go c.Load(ctx, "slow", adapters.TierDevice)
+	loadErr := make(chan error, 1)
+	go func() { loadErr <- c.Load(ctx, "slow", adapters.TierDevice) }()
 	waitFor(t, "slow to be read", func() bool { return s.count("slow") == 1 })
-	if err := c.Unload("slow"); !errors.Is(err, adapters.ErrInUse) {
+	if err := c.Unload("slow"); err != nil {
 		t.Errorf("unload while loading: %v", err)
 	}
+	if err := <-loadErr; !errors.Is(err, adapters.ErrLoadCancelled) || !strings.Contains(err.Error(), "slow") {
+		t.Errorf("the cancelled load's waiter got %v, want ErrLoadCancelled naming slow", err)
+	}
+	if in, ok := info(c, "slow"); ok {
+		t.Errorf("a cancelled load is still listed: %+v", in)
+	}
 	open()
-	waitFor(t, "slow to load", func() bool { in, _ := info(c, "slow"); return in.Tier == adapters.TierDevice })
+	use(t, c, "slow")
 
 	// An operator pin survives heavy churn.
 	if err := c.Pin(ctx, "p"); err != nil {

@@ -67,7 +67,7 @@ func churn(t *testing.T, policy string) {
 			}
 			// expected reports whether err is an outcome the operation may have under churn.
 			expected := func(id string, err error, allowed ...error) bool {
-				if err == nil || errors.Is(err, adapters.ErrNoSpace) {
+				if err == nil || errors.Is(err, adapters.ErrNoSpace) || errors.Is(err, adapters.ErrLoadCancelled) { // an unload cancels the load
 					return true
 				}
 				if strings.HasPrefix(id, "bad-") && errors.Is(err, errBoom) {

@@ -42,8 +42,8 @@ func FromPEFT(a *peft.Adapter, layers int) (*compute.AdapterWeights, error) {
 
 // StoreLoader reads adapters from a PEFT store, validated against the model's shapes and limits.
 func StoreLoader(store *peft.Store, opts peft.Options, layers int) Loader {
-	return func(_ context.Context, id string) (*Loaded, error) {
-		a, err := store.Load(id, opts)
+	return func(ctx context.Context, id string) (*Loaded, error) {
+		a, err := store.Load(ctx, id, opts)
 		if err != nil {
 			return nil, err
 		}

@@ -1,22 +1,20 @@
-package adapters_test
+package eviction
 
 import (
 	"slices"
 	"strings"
 	"testing"
-
-	"github.com/loraplex/loraplex/shard/internal/adapters"
 )
 
 // TestPolicies drives each policy through a script of operations and checks the eviction order.
 // SLRU's order is its probation segment (least recent first) followed by its protected segment.
 func TestPolicies(t *testing.T) {
 	// newSLRU gives a tier of 10 one-byte adapters whose protected segment holds at most 4 of them.
-	newSLRU := func() adapters.Policy { return adapters.NewSLRU(10, 0.4) }
-	newLRU := func() adapters.Policy { return adapters.NewLRU() }
+	newSLRU := func() Policy { return NewSLRU(10, 0.4) }
+	newLRU := func() Policy { return NewLRU() }
 	for _, tc := range []struct {
 		name   string
-		policy func() adapters.Policy
+		policy func() Policy
 		ops    string // space-separated: +id inserts, id touches, -id removes
 		want   string // victims, first to go first
 	}{
@@ -72,7 +70,7 @@ func TestPolicies(t *testing.T) {
 
 // TestSLRUBytes checks the protected segment is bounded in bytes, not entries.
 func TestSLRUBytes(t *testing.T) {
-	p := adapters.NewSLRU(100, 0.5) // protected holds 50 bytes
+	p := NewSLRU(100, 0.5) // protected holds 50 bytes
 	p.Insert("big", 40)
 	p.Insert("s1", 10)
 	p.Insert("s2", 10)
@@ -98,14 +96,14 @@ func TestSLRUBytes(t *testing.T) {
 	}
 }
 
-func TestNewPolicy(t *testing.T) {
+func TestNew(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		ok   bool
 	}{{"lru", true}, {"slru", true}, {"lfu", true}, {"", false}, {"LRU", false}, {"fifo", false}} {
-		p, err := adapters.NewPolicy(tc.name, 100)
+		p, err := New(tc.name, 100)
 		if (err == nil) != tc.ok || (p != nil) != tc.ok {
-			t.Errorf("NewPolicy(%q): %v, %v", tc.name, p, err)
+			t.Errorf("New(%q): %v, %v", tc.name, p, err)
 		}
 	}
 }
