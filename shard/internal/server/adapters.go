@@ -2,9 +2,8 @@ package server
 
 import (
 	"context"
+	"fmt"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/loraplex/loraplex/pkg/genreq"
@@ -58,7 +57,7 @@ func (s *Adapters) lookup(id string) *loraplexv1.AdapterInfo {
 
 func (s *Adapters) validID(id string) error {
 	if id == "" {
-		return status.Error(codes.InvalidArgument, "adapter_id is required")
+		return statusOf(fmt.Errorf("%w: adapter_id is required", genreq.ErrInvalid))
 	}
 	if err := genreq.ValidAdapterID(id, s.limits.MaxAdapterIDBytes); err != nil {
 		return statusOf(err)
@@ -85,9 +84,15 @@ func (s *Adapters) LoadAdapter(ctx context.Context, r *loraplexv1.LoadAdapterReq
 	if err := s.validID(r.GetAdapterId()); err != nil {
 		return nil, err
 	}
-	tier := adapters.TierDevice
-	if r.GetTier() == loraplexv1.Tier_TIER_HOST {
+	var tier adapters.Tier
+	switch r.GetTier() {
+	case loraplexv1.Tier_TIER_UNSPECIFIED, loraplexv1.Tier_TIER_DEVICE:
+		tier = adapters.TierDevice
+	case loraplexv1.Tier_TIER_HOST:
 		tier = adapters.TierHost
+	default:
+		return nil, statusOf(fmt.Errorf("%w: tier %d is not a loraplex.v1.Tier: want TIER_HOST, TIER_DEVICE or unspecified (the device)",
+			genreq.ErrInvalid, int32(r.GetTier())))
 	}
 	if err := s.cache.Load(ctx, r.GetAdapterId(), tier); err != nil {
 		return nil, statusOf(err)

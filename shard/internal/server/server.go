@@ -224,7 +224,9 @@ func statusOf(err error) error {
 		code = codes.Internal
 	}
 	msg := err.Error()
-	if code != codes.ResourceExhausted {
+	// Pinned adapters free their space only when an operator unpins one: no retry hint (another
+	// shard may still have room, so the code stays RESOURCE_EXHAUSTED).
+	if code != codes.ResourceExhausted || errors.Is(err, adapters.ErrPinnedFull) {
 		return status.Error(code, msg)
 	}
 	delay := 100 * time.Millisecond
@@ -244,6 +246,10 @@ func Code(err error) codes.Code {
 	switch {
 	case err == nil:
 		return codes.OK
+	case errors.Is(err, adapters.ErrLoadTimeout):
+		return codes.DeadlineExceeded
+	case errors.Is(err, adapters.ErrLoadCancelled):
+		return codes.Aborted
 	case errors.Is(err, context.Canceled):
 		return codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):
