@@ -66,8 +66,11 @@ type Sampler interface {
 	Sample(logits Tensor, rows []SampleRow) ([]SampleResult, error)
 }
 
-// ValidateSampleRows checks every row against the limits all Samplers accept, naming the row and the
-// field that fails.
+// ValidateSampleRows checks every row against the contract all Samplers accept, naming the row and
+// the field that fails. It is not request validation: the shard's server validates each request once
+// (package genreq), and the rows sampling.Sampler builds from it always pass, so an error here is a
+// bug and reaches clients as INTERNAL. The CUDA Sampler needs the check (its device buffers are
+// sized by it); the CPU Sampler runs it too, so that tests on the CPU catch rows the device refuses.
 func ValidateSampleRows(rows []SampleRow) error {
 	for i := range rows {
 		r := &rows[i]
