@@ -99,6 +99,11 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.Engine.MaxSeqs, "max-seqs", c.Engine.MaxSeqs, "sequences in the running batch")
 	fs.IntVar(&c.Engine.MaxBatchTokens, "max-batch-tokens", c.Engine.MaxBatchTokens, "tokens per forward step")
 	fs.IntVar(&c.Engine.MaxQueue, "max-queue", c.Engine.MaxQueue, "requests waiting for admission before RESOURCE_EXHAUSTED")
+	fs.IntVar(&c.Engine.MaxWaitingPerAdapter, "max-waiting-per-adapter", c.Engine.MaxWaitingPerAdapter,
+		"requests waiting for one adapter's load before that adapter's requests get RESOURCE_EXHAUSTED (not counted in -max-queue)")
+	fs.DurationVar(&c.Cache.LoadTimeout, "adapter-load-timeout", c.Cache.LoadTimeout, "deadline of one adapter load, from the store to the device")
+	fs.DurationVar(&c.Cache.MaxFailureBackoff, "adapter-failure-backoff", c.Cache.MaxFailureBackoff,
+		"longest a failed adapter is answered from memory (the wait starts at 5s and doubles while its files stay unchanged)")
 	fs.IntVar(&c.Engine.KVBlocks, "kv-blocks", c.Engine.KVBlocks, "KV cache blocks (overrides -kv-cache-bytes)")
 	fs.Int64Var(&c.Engine.KVCacheBytes, "kv-cache-bytes", c.Engine.KVCacheBytes,
 		"KV cache size; 0 sizes it from the device: on cuda, a share of the memory NVML reports free after the weights and the adapter tier, on cpu 64 MiB")
@@ -188,53 +193,60 @@ var servingServices = []string{"", loraplexv1.GenerationService_ServiceDesc.Serv
 // Start listens at once (health NOT_SERVING, other RPCs UNAVAILABLE), loads the model and adapters,
 // then marks itself serving and registers with Consul when configured. It returns when the shard is
 // ready or failed to become so.
-func Start(cfg Config, log *zap.Logger) (s *Shard, err error) {
+func Start(cfg Config, log *zap.Logger) (*Shard, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	registerArchitectures()
-	s = &Shard{cfg: cfg, log: log, done: make(chan error, 1)}
-	defer func() {
-		if err != nil {
-			s.close()
-		}
-	}()
-	if s.lis, err = net.Listen("tcp", cfg.Listen); err != nil {
-		return nil, fmt.Errorf("shard: listen: %w", err)
+	s := &Shard{cfg: cfg, log: log, done: make(chan error, 1)}
+	if err := s.start(); err != nil {
+		s.close()
+		return nil, err
 	}
+	log.Info("shard serving", zap.String("shard_id", s.id), zap.String("addr", s.lis.Addr().String()))
+	return s, nil
+}
+
+// start does Start's work; on failure Start releases whatever it had set up.
+func (s *Shard) start() error {
+	cfg, log := s.cfg, s.log
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("shard: listen: %w", err)
+	}
+	s.lis = lis
 	if s.id = cfg.ShardID; s.id == "" {
-		s.id = s.lis.Addr().String()
+		s.id = lis.Addr().String()
 	}
 	gopts := cfg.GRPC
 	gopts.AdminMethods = server.AdminMethods
 	gopts.Ready = s.ready.Load
 	gopts.Telemetry = cfg.Telemetry
-	if s.srv, s.health, err = grpcserver.New(gopts, log); err != nil {
-		return nil, err
+	srv, h, err := grpcserver.New(gopts, log)
+	if err != nil {
+		return err
 	}
+	s.srv, s.health = srv, h
 	if gopts.HealthListen != "" {
-		if s.healthSrv, err = grpcserver.ServeHealth(gopts.HealthListen, s.health, log); err != nil {
-			return nil, err
+		if s.healthSrv, err = grpcserver.ServeHealth(gopts.HealthListen, h, log); err != nil {
+			return err
 		}
 	}
-	loraplexv1.RegisterGenerationServiceServer(s.srv, &s.gen)
-	loraplexv1.RegisterAdaptersServiceServer(s.srv, &s.adm)
-	go func() { s.done <- s.srv.Serve(s.lis) }()
+	loraplexv1.RegisterGenerationServiceServer(srv, &s.gen)
+	loraplexv1.RegisterAdaptersServiceServer(srv, &s.adm)
+	go func() { s.done <- srv.Serve(lis) }()
 
 	if err := s.load(); err != nil {
-		return nil, err
+		return err
 	}
 	s.ready.Store(true)
 	for _, name := range servingServices {
-		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+		h.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
 	}
 	if cfg.Discovery.Addr != "" {
-		if err := s.register(); err != nil {
-			return nil, err
-		}
+		return s.register()
 	}
-	log.Info("shard serving", zap.String("shard_id", s.id), zap.String("addr", s.lis.Addr().String()))
-	return s, nil
+	return nil
 }
 
 // load builds the backend, model, tokenizer, adapter cache and engine.
@@ -281,6 +293,9 @@ func (s *Shard) load() (err error) {
 		load = adapters.StoreLoader(s.store, adapters.PEFTOptions(info, cfg.MaxAdapterRank, cfg.MaxAdapterBytes), info.Layers)
 	}
 	copts := cfg.Cache
+	if s.store != nil {
+		copts.Stamp = s.store.Stamp // a changed adapter is retried at once, not after its failure backoff
+	}
 	copts.Meter = cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/adapters")
 	onEvent := copts.OnEvent
 	copts.OnEvent = func(ev adapters.Event) {
@@ -474,8 +489,8 @@ func (s *Shard) close() {
 	if s.store != nil {
 		_ = s.store.Close()
 	}
-	if s.lis != nil && s.srv == nil {
-		_ = s.lis.Close()
+	if s.lis != nil {
+		_ = s.lis.Close() // when Serve never ran; otherwise already closed by Stop
 	}
 }
 

@@ -3,9 +3,6 @@
 package repo
 
 import (
-	"go/parser"
-	"go/token"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,53 +19,57 @@ func root(t *testing.T) string {
 	return filepath.Join(wd, "..", "..")
 }
 
-// goDirs lists the folders holding non-test Go files.
-func goDirs(t *testing.T) []string {
-	t.Helper()
-	var dirs []string
-	seen := map[string]bool{}
-	err := filepath.WalkDir(root(t), func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() && (strings.HasPrefix(d.Name(), ".") || d.Name() == "testdata") {
-			return filepath.SkipDir
-		}
-		if !d.IsDir() && strings.HasSuffix(p, ".go") && !strings.HasSuffix(p, "_test.go") && !seen[filepath.Dir(p)] {
-			seen[filepath.Dir(p)] = true
-			dirs = append(dirs, filepath.Dir(p))
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return dirs
-}
-
 // TestPackageComments: every package says what it holds and who may import it.
 func TestPackageComments(t *testing.T) {
-	for _, dir := range goDirs(t) {
-		pkgs, err := parser.ParseDir(token.NewFileSet(), dir, func(fi fs.FileInfo) bool {
-			return !strings.HasSuffix(fi.Name(), "_test.go")
-		}, parser.ParseComments|parser.PackageClauseOnly)
-		if err != nil {
-			t.Fatal(err)
+	// go list, not go/parser: it associates files with packages by build tags as the build does.
+	cmd := exec.Command("go", "list", "-e", "-f", "{{if .GoFiles}}{{.Name}}\t{{.Dir}}\t{{.Doc}}\n{{end}}", "./...")
+	cmd.Dir = root(t)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) < 10 {
+		t.Fatalf("go list returned only %d packages", len(lines))
+	}
+	for _, l := range lines {
+		if l == "" {
+			continue
 		}
-		for name, p := range pkgs {
-			documented := false
-			for _, f := range p.Files {
-				if f.Doc != nil && len(strings.TrimSpace(f.Doc.Text())) > 20 {
-					documented = true
-				}
-			}
-			if !documented {
-				t.Errorf("package %s in %s has no package comment", name, dir)
-			}
-			switch name {
-			case "util", "utils", "common", "helpers", "manager", "misc":
-				t.Errorf("package %s in %s: name it for what it holds", name, dir)
-			}
+		f := strings.SplitN(l, "\t", 3)
+		if len(f) != 3 {
+			t.Fatalf("go list line %q", l)
+		}
+		name, dir, doc := f[0], f[1], f[2]
+		if len(strings.TrimSpace(doc)) <= 20 {
+			t.Errorf("package %s in %s has no package comment", name, dir)
+		}
+		switch name {
+		case "util", "utils", "common", "helpers", "manager", "misc":
+			t.Errorf("package %s in %s: name it for what it holds", name, dir)
+		}
+	}
+}
+
+// TestDefaultBuildCompilesNoNVML: go-nvml is cgo whose headers print pages of compiler warnings, so
+// only the GPU build (-tags nvml) links it; every other build compiles no C of ours.
+func TestDefaultBuildCompilesNoNVML(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want bool
+	}{
+		{[]string{"./..."}, false},
+		{[]string{"-tags", "nvml", "github.com/loraplex/loraplex/shard"}, true},
+	} {
+		args := append([]string{"list", "-deps"}, c.args...)
+		cmd := exec.Command("go", args...)
+		cmd.Dir = root(t)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("go %v: %v\n%s", args, err, out)
+		}
+		if got := strings.Contains(string(out), "github.com/NVIDIA/go-nvml"); got != c.want {
+			t.Errorf("go %v: links go-nvml %v, want %v", args, got, c.want)
 		}
 	}
 }
