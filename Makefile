@@ -10,11 +10,13 @@ run:            ## router + 2 CPU shards on the embedded model; sends one reques
 dev:            ## the same cluster, kept serving until Ctrl-C
 	go run ./cmd/loraplex-dev
 
-test:           ## vet, then all tests with the race detector (builds Consul once for the discovery tests)
+test:           ## vet, all tests with the race detector, the routing simulation (too slow under -race), the cluster tests
 	go vet ./...
 	scripts/install-tools.sh
-	HELM=$(GOBIN)/helm LORAPLEX_CONSUL=$$(scripts/install-consul.sh) go test -race -count=1 ./...
-	LORAPLEX_CONSUL=$$(scripts/install-consul.sh) go test -tags integration -count=1 ./test/cluster/
+	@consul=$$(scripts/install-consul.sh) && set -x && \
+	HELM=$(GOBIN)/helm LORAPLEX_CONSUL=$$consul go test -race -count=1 ./... && \
+	go test -count=1 -run '^TestRoutingSimulation$$' ./router/internal/picker/routingsim/ && \
+	LORAPLEX_CONSUL=$$consul go test -tags integration -count=1 ./test/cluster/
 
 test-short:
 	go test -count=1 ./...
@@ -22,9 +24,10 @@ test-short:
 build:
 	go build -o bin/ ./router ./shard ./cmd/loraplex ./cmd/loraplex-dev
 
-lint: tools     ## gofmt, vet, buf lint
+lint: tools     ## gofmt, vet, staticcheck, buf lint
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'))" || (gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$'); exit 1)
 	go vet ./...
+	staticcheck ./...
 	buf lint
 
 proto: tools    ## regenerate Go from proto/
