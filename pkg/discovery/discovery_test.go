@@ -45,6 +45,7 @@ func fastOptions(addr string) discovery.Options {
 	o.PublishInterval = time.Second
 	o.WaitTime = 2 * time.Second
 	o.MaxBackoff = 500 * time.Millisecond
+	o.RecordMaxAge = 3 * time.Second
 	return o
 }
 
@@ -114,7 +115,7 @@ func TestRegisterPublishWatch(t *testing.T) {
 	ctx := context.Background()
 	_, v := watch(t, c, o, log)
 
-	reg, err := discovery.Register(ctx, c, o, "shard-a", addr, "", st.record(addr), log)
+	reg, err := discovery.Register(ctx, c, o, discovery.Service{ID: "shard-a", Addr: addr, Record: st.record(addr)}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +158,7 @@ func TestSessionTTLRemovesDeadShard(t *testing.T) {
 	addr, _ := grpcHealth(t)
 	st := &shardState{}
 	st.adapters.Store([]residency.Adapter(nil))
-	reg, err := discovery.Register(context.Background(), c, o, "shard-dead", addr, "", st.record(addr), log)
+	reg, err := discovery.Register(context.Background(), c, o, discovery.Service{ID: "shard-dead", Addr: addr, Record: st.record(addr)}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +192,7 @@ func TestConsulRestart(t *testing.T) {
 
 	ctx := context.Background()
 	w, v := watch(t, c, o, log)
-	reg, err := discovery.Register(ctx, c, o, "shard-r", addr, "", st.record(addr), log)
+	reg, err := discovery.Register(ctx, c, o, discovery.Service{ID: "shard-r", Addr: addr, Record: st.record(addr)}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -233,7 +234,7 @@ func TestCheckOnHealthPort(t *testing.T) {
 	defer lis.Close()
 	st := &shardState{}
 	st.adapters.Store([]residency.Adapter(nil))
-	reg, err := discovery.Register(context.Background(), c, o, "shard-tls", mainAddr, healthAddr, st.record(mainAddr), log)
+	reg, err := discovery.Register(context.Background(), c, o, discovery.Service{ID: "shard-tls", Addr: mainAddr, CheckAddr: healthAddr, Record: st.record(mainAddr)}, log)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,10 +9,27 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/residency"
 )
+
+// Service is what a shard registers.
+type Service struct {
+	// ID is the shard's id, also its Consul service id and the last element of its residency key.
+	ID string
+	// Addr is the gRPC endpoint routers dial (host:port).
+	Addr string
+	// CheckAddr is where Consul's gRPC health check goes (a plaintext health port when Addr speaks
+	// TLS); empty means Addr.
+	CheckAddr string
+	// Record returns the shard's current residency record; Register fills in its identity fields.
+	Record func() *residency.Record
+	// Meter counts failed and truncated publishes; nil counts nothing.
+	Meter metric.Meter
+}
 
 // Registration is a shard's presence in Consul: its service registration and the session-held
 // residency key it publishes to.
@@ -24,31 +41,49 @@ type Registration struct {
 	reg    *api.AgentServiceRegistration
 	record func() *residency.Record
 
+	failures  metric.Int64Counter
+	truncated metric.Int64Counter
+
 	notify chan struct{}
 	stop   context.CancelFunc
 	done   chan struct{}
 
-	mu      sync.Mutex
-	session string
-	seq     uint64
-	epoch   string
+	mu        sync.Mutex
+	session   string
+	seq       uint64
+	epoch     string
+	truncLogs bool // the last publish was truncated (logged once per change)
 }
 
-// Register registers shard id at addr (host:port, the gRPC endpoint routers dial) with a gRPC
-// health check on checkAddr (a plaintext health port when the main port speaks TLS; "" means addr),
-// and starts publishing record() under the residency key: at once, after each Notify (at most every
-// PublishMinInterval) and every PublishInterval.
-func Register(ctx context.Context, c *api.Client, o Options, id, addr, checkAddr string, record func() *residency.Record, log *zap.Logger) (*Registration, error) {
+// Register registers the shard with a gRPC health check and starts publishing its record under the
+// residency key: at once, after each Notify (at most every PublishMinInterval) and every
+// PublishInterval. While Consul fails, publishes back off up to MaxBackoff whatever Notify asks.
+func Register(ctx context.Context, c *api.Client, o Options, svc Service, log *zap.Logger) (*Registration, error) {
+	id, addr, checkAddr := svc.ID, svc.Addr, svc.CheckAddr
 	if checkAddr == "" {
 		checkAddr = addr
 	}
 	host, portS, err := net.SplitHostPort(addr)
 	if err != nil {
-		return nil, fmt.Errorf("%w: shard address %q: %v", ErrOptions, addr, err)
+		return nil, fmt.Errorf("%w: shard address %q: %w", ErrOptions, addr, err)
 	}
 	port, err := strconv.Atoi(portS)
 	if err != nil {
-		return nil, fmt.Errorf("%w: shard address %q: %v", ErrOptions, addr, err)
+		return nil, fmt.Errorf("%w: shard address %q: %w", ErrOptions, addr, err)
+	}
+	meter := svc.Meter
+	if meter == nil {
+		meter = noop.NewMeterProvider().Meter("")
+	}
+	failures, err := meter.Int64Counter("loraplex.discovery.publish.failures",
+		metric.WithDescription("Residency publishes that failed (Consul unreachable, session lost)."))
+	if err != nil {
+		return nil, err
+	}
+	truncated, err := meter.Int64Counter("loraplex.discovery.publish.truncated",
+		metric.WithDescription("Residency publishes that left adapters out to fit Consul's value limit."))
+	if err != nil {
+		return nil, err
 	}
 	reg := &api.AgentServiceRegistration{
 		ID: id, Name: o.Service, Address: host, Port: port,
@@ -60,20 +95,22 @@ func Register(ctx context.Context, c *api.Client, o Options, id, addr, checkAddr
 		},
 	}
 	if err := c.Agent().ServiceRegisterOpts(reg, api.ServiceRegisterOpts{}.WithContext(ctx)); err != nil {
-		return nil, fmt.Errorf("%w: register %s: %v", ErrConsul, id, err)
+		return nil, fmt.Errorf("%w: register %s: %w", ErrConsul, id, err)
 	}
-	r := &Registration{c: c, o: o, log: log, id: id, reg: reg, record: record, notify: make(chan struct{}, 1), done: make(chan struct{}),
-		epoch: strconv.FormatInt(time.Now().UnixNano(), 36)}
+	r := &Registration{c: c, o: o, log: log, id: id, reg: reg, record: svc.Record, notify: make(chan struct{}, 1), done: make(chan struct{}),
+		epoch: strconv.FormatInt(time.Now().UnixNano(), 36), failures: failures, truncated: truncated}
 	if err := r.ensureSession(ctx); err != nil {
 		_ = c.Agent().ServiceDeregister(id)
 		return nil, err
 	}
-	if err := r.publish(ctx); err != nil {
-		log.Warn("first residency publish failed; retrying", zap.Error(err))
+	first := r.publish(ctx)
+	if first != nil {
+		r.failures.Add(ctx, 1)
+		log.Warn("first residency publish failed; retrying with backoff", zap.Error(first))
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
 	r.stop = cancel
-	go r.run(runCtx)
+	go r.run(runCtx, first != nil)
 	return r, nil
 }
 
@@ -103,7 +140,7 @@ func (r *Registration) ensureSession(ctx context.Context) error {
 		Checks:    []string{"serfHealth"},
 	}, q)
 	if err != nil {
-		return fmt.Errorf("%w: create session: %v", ErrConsul, err)
+		return fmt.Errorf("%w: create session: %w", ErrConsul, err)
 	}
 	r.mu.Lock()
 	r.session = id
@@ -120,13 +157,14 @@ func (r *Registration) publish(ctx context.Context) error {
 	sess := r.session
 	r.mu.Unlock()
 	rec.UnixMillis = time.Now().UnixMilli()
-	b, err := residency.Encode(rec)
+	b, dropped, err := residency.Encode(rec)
 	if err != nil {
 		return err
 	}
+	r.noteTruncation(ctx, dropped)
 	ok, _, err := r.c.KV().Acquire(&api.KVPair{Key: r.Key(), Value: b, Session: sess}, (&api.WriteOptions{}).WithContext(ctx))
 	if err != nil {
-		return fmt.Errorf("%w: publish %s: %v", ErrConsul, r.Key(), err)
+		return fmt.Errorf("%w: publish %s: %w", ErrConsul, r.Key(), err)
 	}
 	if !ok {
 		// The session is gone (Consul restarted or the TTL lapsed) or another holds the key.
@@ -136,6 +174,24 @@ func (r *Registration) publish(ctx context.Context) error {
 	return nil
 }
 
+// noteTruncation counts a truncated publish and logs when truncation starts or stops.
+func (r *Registration) noteTruncation(ctx context.Context, dropped int) {
+	if dropped > 0 {
+		r.truncated.Add(ctx, 1)
+	}
+	r.mu.Lock()
+	was := r.truncLogs
+	r.truncLogs = dropped > 0
+	r.mu.Unlock()
+	switch {
+	case dropped > 0 && !was:
+		r.log.Warn("residency record too large for consul; publishing it without some adapters",
+			zap.Int("left_out", dropped), zap.Int("limit_bytes", residency.MaxRecordBytes))
+	case dropped == 0 && was:
+		r.log.Info("residency record complete again")
+	}
+}
+
 func (r *Registration) dropSession() {
 	r.mu.Lock()
 	r.session = ""
@@ -143,20 +199,27 @@ func (r *Registration) dropSession() {
 }
 
 // run renews the session, publishes on notification and periodically, and recovers from Consul
-// restarts by re-registering and opening a new session.
-func (r *Registration) run(ctx context.Context) {
+// restarts by re-registering and opening a new session. While publishes fail, only the backoff
+// timer retries (notifications and the periodic tick wait), and the outage is logged once when it
+// starts and once when it ends.
+func (r *Registration) run(ctx context.Context, failing bool) {
 	defer close(r.done)
 	renew := time.NewTicker(r.o.SessionTTL / 3)
 	defer renew.Stop()
 	periodic := time.NewTicker(r.o.PublishInterval)
 	defer periodic.Stop()
-	var last time.Time
+	var last, since time.Time
 	bo := backoff{max: r.o.MaxBackoff}
 	pending := false
 	var retry <-chan time.Time
+	var failed int
+	if failing {
+		since, failed = time.Now(), 1
+		retry = time.After(bo.next())
+	}
 	for {
 		var debounce <-chan time.Time
-		if pending {
+		if pending && !failing {
 			debounce = time.After(max(0, r.o.PublishMinInterval-time.Since(last)))
 		}
 		select {
@@ -167,11 +230,16 @@ func (r *Registration) run(ctx context.Context) {
 			continue
 		case <-renew.C:
 			if err := r.renew(ctx); err != nil {
-				r.log.Warn("consul session renewal failed", zap.Error(err))
+				if !failing {
+					r.log.Warn("consul session renewal failed", zap.Error(err))
+				}
 				pending = true
 			}
 			continue
 		case <-periodic.C:
+			if failing {
+				continue
+			}
 		case <-debounce:
 		case <-retry:
 		}
@@ -179,9 +247,19 @@ func (r *Registration) run(ctx context.Context) {
 		last = time.Now()
 		pending = false
 		if err := r.sync(ctx); err != nil {
-			r.log.Warn("residency publish failed", zap.Error(err))
+			r.failures.Add(ctx, 1)
+			failed++
+			if !failing {
+				failing, since = true, time.Now()
+				r.log.Warn("residency publish failed; retrying with backoff until consul answers",
+					zap.Duration("max_backoff", r.o.MaxBackoff), zap.Error(err))
+			}
 			retry = time.After(bo.next())
 			continue
+		}
+		if failing {
+			r.log.Info("residency publish recovered", zap.Int("failed_attempts", failed), zap.Duration("outage", time.Since(since)))
+			failing, failed = false, 0
 		}
 		bo.reset()
 	}
@@ -197,7 +275,7 @@ func (r *Registration) renew(ctx context.Context) error {
 	}
 	entry, _, err := r.c.Session().Renew(sess, (&api.WriteOptions{}).WithContext(ctx))
 	if err != nil {
-		return fmt.Errorf("%w: renew session: %v", ErrConsul, err)
+		return fmt.Errorf("%w: renew session: %w", ErrConsul, err)
 	}
 	if entry == nil {
 		r.dropSession()
@@ -215,12 +293,12 @@ func (r *Registration) sync(ctx context.Context) error {
 		// Consul may have lost our registration too (a restarted dev agent): register again.
 		svcs, err := r.c.Agent().Services()
 		if err != nil {
-			return fmt.Errorf("%w: %v", ErrConsul, err)
+			return fmt.Errorf("%w: %w", ErrConsul, err)
 		}
 		if _, ok := svcs[r.id]; !ok {
 			r.log.Info("consul lost the shard's registration; registering again")
 			if err := r.c.Agent().ServiceRegisterOpts(r.reg, api.ServiceRegisterOpts{}.WithContext(ctx)); err != nil {
-				return fmt.Errorf("%w: register %s: %v", ErrConsul, r.id, err)
+				return fmt.Errorf("%w: register %s: %w", ErrConsul, r.id, err)
 			}
 		}
 		if err := r.ensureSession(ctx); err != nil {
@@ -252,15 +330,7 @@ func (r *Registration) Deregister(ctx context.Context) error {
 		first = err
 	}
 	if first != nil {
-		return fmt.Errorf("%w: deregister %s: %v", ErrConsul, r.id, first)
+		return fmt.Errorf("%w: deregister %s: %w", ErrConsul, r.id, first)
 	}
 	return nil
-}
-
-// Abandon stops renewing and publishing without removing anything, as a crashed shard would; Consul
-// then expires the session (deleting the residency key) and the failing health check removes the
-// instance. Deregister is the clean exit.
-func (r *Registration) Abandon() {
-	r.stop()
-	<-r.done
 }

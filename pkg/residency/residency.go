@@ -129,25 +129,25 @@ type tier struct {
 
 // Encode serializes a record. A record too large for MaxRecordBytes is truncated (loading, then
 // host, then device entries left out, Truncated set) rather than refused, so a shard with too many
-// adapters still publishes its load; the caller can read Truncated off the decoded record or
-// compare counts.
-func Encode(r *Record) ([]byte, error) {
+// adapters still publishes its load; dropped says how many entries were left out.
+func Encode(r *Record) (b []byte, dropped int, err error) {
 	dev, host := split(r.Adapters)
 	loading := r.Loading
 	truncated := r.Truncated
+	total := len(dev) + len(host) + len(loading)
 	for {
 		b, err := json.Marshal(toWire(r, dev, host, loading, truncated))
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if len(b) <= MaxRecordBytes {
-			return b, nil
+			return b, total - len(dev) - len(host) - len(loading), nil
 		}
 		// Leave out about the excess, by the mean entry size, plus a margin; loading first, then
 		// host, then device entries (the last ids in order).
 		n := len(dev) + len(host) + len(loading)
 		if n == 0 {
-			return nil, fmt.Errorf("%w: %d bytes without adapters, limit %d", ErrInvalid, len(b), MaxRecordBytes)
+			return nil, 0, fmt.Errorf("%w: %d bytes without adapters, limit %d", ErrInvalid, len(b), MaxRecordBytes)
 		}
 		drop := (len(b)-MaxRecordBytes)/max(1, len(b)/n) + 16
 		truncated = true

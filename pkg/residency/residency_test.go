@@ -34,7 +34,7 @@ func TestRoundTrip(t *testing.T) {
 		{"host only", &Record{ShardID: "s", Addr: "h:1", Adapters: []Adapter{{ID: "x", Tier: TierHost, Bytes: 0}}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			b, err := Encode(tc.r)
+			b, _, err := Encode(tc.r)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -73,9 +73,9 @@ func TestTenThousandAdapters(t *testing.T) {
 		r.Adapters = append(r.Adapters, Adapter{ID: fmt.Sprintf("tenant-%04d-adapter-%05d", i%997, i), Tier: tr,
 			Bytes: int64(1+i%40) << 20, Rank: 8 << (i % 3)})
 	}
-	b, err := Encode(r)
-	if err != nil {
-		t.Fatal(err)
+	b, dropped, err := Encode(r)
+	if err != nil || dropped != 0 {
+		t.Fatal(dropped, err)
 	}
 	t.Logf("10,000 adapters: %d bytes (%.1f per adapter), limit %d", len(b), float64(len(b))/10000, MaxRecordBytes)
 	got, err := Decode(b)
@@ -100,7 +100,7 @@ func TestTruncation(t *testing.T) {
 		r.Adapters = append(r.Adapters, Adapter{ID: fmt.Sprintf("%s-%05d", long, i), Tier: tr, Bytes: int64(i)})
 	}
 	r.Loading = []string{"l1", "l2"}
-	b, err := Encode(r)
+	b, dropped, err := Encode(r)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +118,9 @@ func TestTruncation(t *testing.T) {
 		}
 	}
 	t.Logf("8000 adapters of 106-byte ids: %d kept in %d bytes (%d on the device)", len(got.Adapters), len(b), dev)
+	if dropped != 8002-len(got.Adapters) {
+		t.Errorf("Encode says %d dropped, record holds %d of 8000 adapters and 2 loading", dropped, len(got.Adapters))
+	}
 	if !got.Truncated || dev != 2000 || len(got.Adapters) >= 8000 || len(got.Loading) != 0 || got.QueueDepth != 4 {
 		t.Errorf("truncated %v, %d device of %d adapters, loading %v, queue %d; want truncated, all 2000 device, loading dropped, queue 4",
 			got.Truncated, dev, len(got.Adapters), got.Loading, got.QueueDepth)
@@ -187,7 +190,7 @@ type previousRelease struct {
 }
 
 func TestPreviousReleaseReadsLoad(t *testing.T) {
-	b, err := Encode(sample())
+	b, _, err := Encode(sample())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +231,7 @@ func FuzzDecode(f *testing.F) {
 	if b, err := os.ReadFile("testdata/minor0.json"); err == nil {
 		f.Add(b)
 	}
-	if b, err := Encode(sample()); err == nil {
+	if b, _, err := Encode(sample()); err == nil {
 		f.Add(b)
 	}
 	f.Add([]byte(`{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"r":[3],"v":["x"]}}`))
@@ -237,7 +240,7 @@ func FuzzDecode(f *testing.F) {
 		if err != nil {
 			return
 		}
-		b2, err := Encode(r)
+		b2, _, err := Encode(r)
 		if err != nil {
 			t.Fatalf("re-encode: %v", err)
 		}

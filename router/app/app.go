@@ -69,7 +69,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.EmptyViewGrace, "empty-view-grace", c.EmptyViewGrace, "how long to keep the last view when Consul suddenly lists no shard")
 	fs.DurationVar(&c.ShardCloseGrace, "shard-close-grace", c.ShardCloseGrace, "how long connections to shards that left stay open for their streams (>= the shards' drain timeout)")
 	fs.StringVar(&c.Routing, "routing", c.Routing, "affinity (residency-aware pipeline), or the baselines round-robin and random")
-	c.Discovery.AddFlags(fs)
+	c.Discovery.AddRouterFlags(fs)
 	c.Picker.AddFlags(fs)
 	c.GRPC.AddFlags(fs)
 	c.ShardTLS.AddFlags(fs, "shard-")

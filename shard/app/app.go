@@ -114,7 +114,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.Engine.BlockSize, "kv-block-size", c.Engine.BlockSize, "positions per KV cache block")
 	fs.IntVar(&c.Engine.DefaultMaxNewTokens, "default-max-new-tokens", c.Engine.DefaultMaxNewTokens, "max_new_tokens when a request leaves it 0")
 	fs.StringVar(&c.Advertise, "advertise", c.Advertise, "address routers dial and Consul checks (default: the listen address)")
-	c.Discovery.AddFlags(fs)
+	c.Discovery.AddShardFlags(fs)
 	c.GRPC.AddFlags(fs)
 	c.GRPC.AddAdminFlags(fs)
 	c.Limits.AddFlags(fs)
@@ -376,7 +376,8 @@ func (s *Shard) register() error {
 		_, port, _ := net.SplitHostPort(s.healthSrv.Addr())
 		checkAddr = net.JoinHostPort(host, port)
 	}
-	reg, err := discovery.Register(ctx, c, s.cfg.Discovery, s.id, addr, checkAddr, s.Residency, s.log)
+	reg, err := discovery.Register(ctx, c, s.cfg.Discovery, discovery.Service{ID: s.id, Addr: addr, CheckAddr: checkAddr, Record: s.Residency,
+		Meter: s.cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/pkg/discovery")}, s.log)
 	if err != nil {
 		return err
 	}
