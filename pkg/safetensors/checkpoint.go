@@ -54,7 +54,7 @@ func (o Options) OpenCheckpoint(dir string) (*Checkpoint, error) {
 		return nil, fmt.Errorf("%s: %w", dir, err)
 	}
 
-	idx, err := root.Open(IndexFileName)
+	idx, err := OpenRegularIn(root, IndexFileName)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: %s has neither %s nor %s", ErrNoCheckpoint, dir, SingleFileName, IndexFileName)
 	}

@@ -822,6 +822,9 @@ func (c *Cache) Close() {
 	c.closed = true
 	c.signalSpaceLocked() // loads waiting for space give up
 	for id, e := range c.entries {
+		if e.loading != nil {
+			e.cancel(ErrClosed) // and loads still reading stop now, not at their deadline
+		}
 		c.dropDeviceLocked(e)
 		c.dropHostLocked(e)
 		delete(c.entries, id)

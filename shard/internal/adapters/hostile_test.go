@@ -111,3 +111,29 @@ func TestPinnedFullAnswersAtOnce(t *testing.T) {
 	}
 	use(t, c, "d")
 }
+
+// TestCloseStopsHungLoads: Close fails a waiter of a load that never returns at once with ErrClosed,
+// rather than at the load's deadline.
+func TestCloseStopsHungLoads(t *testing.T) {
+	s := newStore()
+	open := s.gate("stuck")
+	defer open()
+	o := options(2)
+	o.LoadTimeout = time.Hour
+	c, err := adapters.New(newBackend(o), s.load, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, _, err := c.Acquire(context.Background(), "stuck"); done <- err }()
+	waitFor(t, "stuck to be read", func() bool { return s.count("stuck") == 1 })
+	c.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, adapters.ErrClosed) {
+			t.Errorf("got %v, want ErrClosed", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiter of a hung load outlived Close")
+	}
+}
