@@ -303,7 +303,7 @@ func (c *Config) compile() error {
 func compileRegex(what, expr string) (*regexp.Regexp, error) {
 	re, err := regexp.Compile(expr)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s is not a regular expression Go supports: %v", ErrUnsupported, what, err)
+		return nil, fmt.Errorf("%w: %s is not a regular expression Go supports: %w", ErrUnsupported, what, err)
 	}
 	return re, nil
 }

@@ -108,7 +108,7 @@ func parseIndex(data []byte) (map[string]string, error) {
 				return fmt.Errorf("%w: weight_map[%q] must be a file name string, got %s", ErrInvalidIndex, name, abbreviate(v))
 			}
 			if err := checkShardName(file); err != nil {
-				return fmt.Errorf("%w: weight_map[%q]: %v", ErrInvalidIndex, name, err)
+				return fmt.Errorf("%w: weight_map[%q]: %w", ErrInvalidIndex, name, err)
 			}
 			weightMap[name] = file
 			return nil
@@ -116,7 +116,7 @@ func parseIndex(data []byte) (map[string]string, error) {
 	})
 	if err != nil {
 		if errors.Is(err, ErrInvalidHeader) && !errors.Is(err, ErrInvalidIndex) {
-			return nil, fmt.Errorf("%w: %s: %v", ErrInvalidIndex, IndexFileName, err)
+			return nil, fmt.Errorf("%w: %s: %w", ErrInvalidIndex, IndexFileName, err)
 		}
 		return nil, err
 	}
