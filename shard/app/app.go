@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"sync/atomic"
 	"time"
@@ -68,6 +69,8 @@ type Config struct {
 // CUDAOptions are the cuda backend's switches (the defaults are the fast paths; turning one off is
 // for comparisons and for working around a fault).
 type CUDAOptions struct {
+	// Library is the kernels library's path (-kernels, default $LORAPLEX_KERNELS; "": next to the binary).
+	Library      string
 	StepGraphs   bool
 	Fusion       bool
 	StagingBytes int64
@@ -78,7 +81,7 @@ func DefaultConfig() Config {
 	return Config{
 		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Discovery: discovery.DefaultOptions(),
 		Engine: autoKV(engine.DefaultOptions()), GPUMemoryFraction: 0.9, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
-		CUDA: CUDAOptions{StepGraphs: true, Fusion: true},
+		CUDA: CUDAOptions{Library: os.Getenv(cuda.LibraryEnv), StepGraphs: true, Fusion: true},
 	}
 }
 
@@ -88,7 +91,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ShardID, "shard-id", c.ShardID, "this shard's id (default: the listen address)")
 	fs.StringVar(&c.ModelDir, "model", c.ModelDir, "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
 	fs.StringVar(&c.AdapterDir, "adapters", c.AdapterDir, "adapter store root: one PEFT folder per adapter id")
-	fs.StringVar(&c.Backend, "backend", c.Backend, "compute backend: cpu, or cuda (needs libloraplex_kernels.so: -backend cuda looks in $"+cuda.LibraryEnv+", then next to the binary)")
+	fs.StringVar(&c.Backend, "backend", c.Backend, "compute backend: cpu, or cuda (needs libloraplex_kernels.so: see -kernels)")
+	fs.StringVar(&c.CUDA.Library, "kernels", c.CUDA.Library, "path of libloraplex_kernels.so for -backend cuda (default $"+cuda.LibraryEnv+"; empty: next to the binary)")
 	fs.IntVar(&c.MaxAdapterRank, "max-adapter-rank", c.MaxAdapterRank, "largest LoRA rank accepted")
 	fs.Int64Var(&c.MaxAdapterBytes, "max-adapter-bytes", c.MaxAdapterBytes, "largest adapter accepted, in bytes of float32 weights")
 	fs.Int64Var(&c.Cache.DeviceBytes, "adapter-device-bytes", c.Cache.DeviceBytes, "device tier budget for adapter weights")
@@ -180,12 +184,11 @@ type Shard struct {
 	healthSrv  *grpcserver.HealthServer
 }
 
-// registerArchitectures wires the model registry explicitly.
-func registerArchitectures() {
-	if len(model.Registered()) == 0 {
-		model.Register("llama", llama.Load)
-		model.Register("mistral", llama.Load)
-	}
+// architectures is the model registry this shard serves from, wired explicitly.
+func architectures() *model.Registry {
+	r := model.NewRegistry()
+	llama.Register(r)
+	return r
 }
 
 var servingServices = []string{"", loraplexv1.GenerationService_ServiceDesc.ServiceName, loraplexv1.AdaptersService_ServiceDesc.ServiceName}
@@ -197,7 +200,6 @@ func Start(cfg Config, log *zap.Logger) (*Shard, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	registerArchitectures()
 	s := &Shard{cfg: cfg, log: log, done: make(chan error, 1)}
 	if err := s.start(); err != nil {
 		s.close()
@@ -261,10 +263,10 @@ func (s *Shard) load() (err error) {
 				log.Info("GPU memory budget from NVML", zap.String("gpu", info.Name), zap.Uint64("free", info.Free), zap.Int64("budget", budget))
 			}
 		}
-		be, err := cuda.New(cuda.Options{MemoryBudget: budget, NoStepGraphs: !cfg.CUDA.StepGraphs, NoFusion: !cfg.CUDA.Fusion,
+		be, err := cuda.New(cuda.Options{Library: cfg.CUDA.Library, MemoryBudget: budget, NoStepGraphs: !cfg.CUDA.StepGraphs, NoFusion: !cfg.CUDA.Fusion,
 			StagingBytes: cfg.CUDA.StagingBytes})
 		if err != nil {
-			return fmt.Errorf("shard: -backend cuda: %w (build kernels/ with nvcc; set %s to the library's path or put %s next to the binary)",
+			return fmt.Errorf("shard: -backend cuda: %w (build kernels/ with nvcc; set -kernels or %s to the library's path, or put %s next to the binary)",
 				err, cuda.LibraryEnv, cuda.LibraryName)
 		}
 		s.be = be
@@ -272,7 +274,7 @@ func (s *Shard) load() (err error) {
 		s.be = cpu.New(cpu.Options{MemoryBudget: cfg.MemoryBudget})
 	}
 	start := time.Now()
-	if s.model, err = model.Load(cfg.ModelDir, s.be); err != nil {
+	if s.model, err = architectures().Load(cfg.ModelDir, s.be); err != nil {
 		return fmt.Errorf("shard: load model %s: %w", cfg.ModelDir, err)
 	}
 	tok, err := tokenizer.Load(filepath.Join(cfg.ModelDir, "tokenizer.json"))
@@ -340,11 +342,7 @@ func autoKV(o engine.Options) engine.Options {
 // weights and the adapter device tier; on the CPU, 64 MiB.
 func (s *Shard) kvBytes(log *zap.Logger) int64 {
 	const cpuDefault = 64 << 20
-	type budgeted interface {
-		MemoryUsed() int64
-		MemoryBudget() int64
-	}
-	b, ok := s.be.(budgeted)
+	b, ok := s.be.(compute.MemoryBudgeter)
 	if !ok || b.MemoryBudget() <= 0 {
 		return cpuDefault
 	}
@@ -484,7 +482,7 @@ func (s *Shard) close() {
 	if s.model != nil {
 		s.model.Close()
 	}
-	if c, ok := s.be.(interface{ Close() error }); ok {
+	if c, ok := s.be.(compute.Closer); ok {
 		_ = c.Close()
 	}
 	if s.store != nil {

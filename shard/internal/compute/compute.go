@@ -250,3 +250,47 @@ type Backend interface {
 	// with an adapter that targets the projection, y += scale * (x A^T) B^T; other tokens are untouched.
 	SGMV(y, x Tensor, layer int, m Module, b Batch) error
 }
+
+// Optional capabilities. A backend may implement more than Backend: fused operations (Fuser), step
+// recording (StepGrapher), sampling on the device (Sampler), a memory budget (MemoryBudgeter),
+// resources to release (Closer). Callers probe for them with a type assertion and keep a plain
+// fallback. Whether a capability the backend has is switched on is one question, asked through On.
+
+// Capability names a capability that a backend may switch off.
+type Capability uint8
+
+// The switchable capabilities.
+const (
+	// CapFusion is Fuser.
+	CapFusion Capability = iota
+	// CapStepGraphs is StepGrapher.
+	CapStepGraphs
+)
+
+// Switches is implemented by backends whose capabilities can be switched off (for comparisons, and
+// to work around a fault); a backend without it uses every capability it implements.
+type Switches interface {
+	On(c Capability) bool
+}
+
+// On reports whether be uses capability c when it implements it: the model probes for the
+// capability's interface and uses it only if On also says so.
+func On(be Backend, c Capability) bool {
+	s, ok := be.(Switches)
+	return !ok || s.On(c)
+}
+
+// MemoryBudgeter is implemented by backends that hold their memory to a budget; the shard sizes its
+// KV cache from what the weights and the adapter tier leave of it.
+type MemoryBudgeter interface {
+	// MemoryBudget is the bytes the backend may hold (0 or less: unbounded).
+	MemoryBudget() int64
+	// MemoryUsed is the bytes it holds now.
+	MemoryUsed() int64
+}
+
+// Closer is implemented by backends holding resources the garbage collector cannot release
+// (device memory, streams, a loaded library); the shard closes the backend last.
+type Closer interface {
+	Close() error
+}

@@ -2,11 +2,9 @@ package compute
 
 // Fuser is implemented by backends that run a layer's projections in fewer, larger operations: q, k
 // and v (and gate and up) as one GEMM over their row-concatenated weights, and the output and down
-// projections accumulating straight into the residual stream. A model uses it when Fuses reports
-// true; results equal the unfused composition to float32 rounding.
+// projections accumulating straight into the residual stream. A model uses it when On(be, CapFusion)
+// also holds; results equal the unfused composition to float32 rounding.
 type Fuser interface {
-	// Fuses reports whether the fused forms should be used.
-	Fuses() bool
 	// PackRows concatenates weights [n_i, k] into one [sum n_i, k] weight in that order and frees
 	// the parts (their handles must not be used again).
 	PackRows(ws ...Tensor) (Tensor, error)

@@ -1,5 +1,5 @@
-// Package model defines what the engine needs from a model architecture and keeps the registry of
-// architectures by their Hugging Face model_type. Each architecture lives in its own package below
+// Package model defines what the engine needs from a model architecture and the registry that maps
+// Hugging Face model_type names to architectures. Each architecture lives in its own package below
 // (model/llama) written once against the compute backend; the shard's main wires the registry.
 package model
 
@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"sync"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
 )
@@ -74,27 +73,28 @@ type Model interface {
 // Loader builds a model from a Hugging Face model folder whose config.json has been read.
 type Loader func(dir string, config []byte, be compute.Backend) (Model, error)
 
-var (
-	mu       sync.RWMutex
-	registry = map[string]Loader{}
-)
-
-// Register makes an architecture available under a Hugging Face model_type. Duplicate names panic.
-func Register(modelType string, l Loader) {
-	mu.Lock()
-	defer mu.Unlock()
-	if _, dup := registry[modelType]; dup {
-		panic("model: architecture registered twice: " + modelType)
-	}
-	registry[modelType] = l
+// Registry maps Hugging Face model_type names to the architectures that load them. The binary's
+// wiring builds one and registers each architecture package explicitly, so its dependencies are
+// visible in main; it is read-only once built (Register during start-up only).
+type Registry struct {
+	loaders map[string]Loader
 }
 
-// Registered lists the registered model types.
-func Registered() []string {
-	mu.RLock()
-	defer mu.RUnlock()
-	out := make([]string, 0, len(registry))
-	for k := range registry {
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry { return &Registry{loaders: map[string]Loader{}} }
+
+// Register makes an architecture available under a Hugging Face model_type. Duplicate names panic.
+func (r *Registry) Register(modelType string, l Loader) {
+	if _, dup := r.loaders[modelType]; dup {
+		panic("model: architecture registered twice: " + modelType)
+	}
+	r.loaders[modelType] = l
+}
+
+// Types lists the registered model types, sorted.
+func (r *Registry) Types() []string {
+	out := make([]string, 0, len(r.loaders))
+	for k := range r.loaders {
 		out = append(out, k)
 	}
 	sort.Strings(out)
@@ -105,7 +105,7 @@ func Registered() []string {
 const maxConfigBytes = 1 << 20
 
 // Load reads dir/config.json and builds the model with the architecture its model_type names.
-func Load(dir string, be compute.Backend) (Model, error) {
+func (r *Registry) Load(dir string, be compute.Backend) (Model, error) {
 	path := filepath.Join(dir, "config.json")
 	st, err := os.Stat(path)
 	if err != nil {
@@ -124,11 +124,9 @@ func Load(dir string, be compute.Backend) (Model, error) {
 	if err := json.Unmarshal(data, &head); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrConfig, path, err)
 	}
-	mu.RLock()
-	l, ok := registry[head.ModelType]
-	mu.RUnlock()
+	l, ok := r.loaders[head.ModelType]
 	if !ok {
-		return nil, fmt.Errorf("%w: model_type %q (supported: %v)", ErrUnsupported, head.ModelType, Registered())
+		return nil, fmt.Errorf("%w: model_type %q (supported: %v)", ErrUnsupported, head.ModelType, r.Types())
 	}
 	return l(dir, data, be)
 }

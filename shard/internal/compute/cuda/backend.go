@@ -53,7 +53,12 @@ type Backend struct {
 	noFusion  bool
 }
 
-var _ compute.Backend = (*Backend)(nil)
+var (
+	_ compute.Backend        = (*Backend)(nil)
+	_ compute.Switches       = (*Backend)(nil)
+	_ compute.MemoryBudgeter = (*Backend)(nil)
+	_ compute.Closer         = (*Backend)(nil)
+)
 
 // Options configure the CUDA backend.
 type Options struct {

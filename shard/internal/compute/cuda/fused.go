@@ -12,8 +12,16 @@ import (
 
 var _ compute.Fuser = (*Backend)(nil)
 
-// Fuses implements compute.Fuser.
-func (b *Backend) Fuses() bool { return !b.noFusion }
+// On implements compute.Switches: fusion and step graphs are on unless Options turned them off.
+func (b *Backend) On(c compute.Capability) bool {
+	switch c {
+	case compute.CapFusion:
+		return !b.noFusion
+	case compute.CapStepGraphs:
+		return !b.noGraphs
+	}
+	return true
+}
 
 // PackRows implements compute.Fuser. The parts must still be float32 (not yet used as weights).
 func (b *Backend) PackRows(ws ...compute.Tensor) (compute.Tensor, error) {

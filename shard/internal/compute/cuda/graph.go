@@ -127,7 +127,6 @@ type StepGraphs struct {
 	failed  map[string]bool
 	last    string
 	clock   uint64
-	off     bool
 	eager   atomic.Int64
 	records atomic.Int64
 	replays atomic.Int64
@@ -138,7 +137,7 @@ var _ compute.StepGrapher = (*Backend)(nil)
 
 // NewStepGraphs implements compute.StepGrapher.
 func (b *Backend) NewStepGraphs() compute.StepGraphs {
-	return &StepGraphs{b: b, graphs: map[string]*stepGraph{}, failed: map[string]bool{}, off: b.noGraphs}
+	return &StepGraphs{b: b, graphs: map[string]*stepGraph{}, failed: map[string]bool{}}
 }
 
 // Stats implements compute.StepGraphs.
@@ -153,7 +152,7 @@ func (gs *StepGraphs) Run(cb compute.Batch, cache compute.KVCache, fwd func() (c
 		return nil, err
 	}
 	c, ok := cache.(*kvCache)
-	if gs.off || !ok || c == nil || len(bt.m.Tokens) > maxGraphTokens {
+	if !ok || c == nil || len(bt.m.Tokens) > maxGraphTokens {
 		gs.eager.Add(1)
 		return fwd()
 	}

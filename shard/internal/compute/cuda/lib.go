@@ -29,8 +29,8 @@ const ABIVersion = 4
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
 
-// LibraryEnv names the environment variable that may hold the library's path (read by the shard's
-// main and by tests, through LibraryPath).
+// LibraryEnv names the environment variable that may hold the library's path: the shard's -kernels
+// flag defaults to it, and the GPU tests read it. Nothing in this package reads the environment.
 const LibraryEnv = "LORAPLEX_KERNELS"
 
 // MaxRank is the largest LoRA rank the SGMV kernels accept (LP_MAX_RANK).
@@ -57,14 +57,11 @@ func (e *Error) Error() string { return fmt.Sprintf("cuda: %s: %s (code %d)", e.
 // Unwrap makes every library failure a compute.ErrBackend.
 func (e *Error) Unwrap() error { return compute.ErrBackend }
 
-// LibraryPath resolves where to load the library from: explicit if set, else the LibraryEnv variable,
-// else LibraryName next to the running executable.
+// LibraryPath resolves where to load the library from: explicit if set, else LibraryName next to
+// the running executable.
 func LibraryPath(explicit string) string {
 	if explicit != "" {
 		return explicit
-	}
-	if p := os.Getenv(LibraryEnv); p != "" {
-		return p
 	}
 	if exe, err := os.Executable(); err == nil {
 		return filepath.Join(filepath.Dir(exe), LibraryName)
@@ -112,7 +109,6 @@ type Lib struct {
 	// The dense forward pass (forward.cu).
 	blasCreate  func(h *uintptr, s uintptr) int32
 	blasDestroy func(h uintptr) int32
-	gemm        func(h uintptr, dt int32, out, x, w uintptr, tokens, n, k int32) int32
 	convert     func(dstDT int32, dst uintptr, srcDT int32, src uintptr, n uintptr, s uintptr) int32
 	gatherRows  func(dt int32, out, table, rows uintptr, numRows, width int32, s uintptr) int32
 	rmsNorm     func(out, x, w uintptr, rows, d int32, eps float32, s uintptr) int32
@@ -161,10 +157,42 @@ func Open(path string) (*Lib, error) {
 		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrNoLibrary, path, err)
 	}
 	l := &Lib{path: path}
-	syms := []struct {
-		fn   any
-		name string
-	}{
+	syms := l.symbols()
+	// The version first: a library of another ABI may lack (or redefine) the other symbols.
+	if sym, err := purego.Dlsym(h, "lp_abi_version"); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrABI, path, err)
+	} else {
+		purego.RegisterFunc(&l.abiVersion, sym)
+	}
+	if v := l.abiVersion(); v != ABIVersion {
+		return nil, fmt.Errorf("%w: %s has ABI %d, this build needs %d", ErrABI, path, v, ABIVersion)
+	}
+	for _, s := range syms[1:] {
+		sym, err := purego.Dlsym(h, s.name)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s lacks %s: %v", ErrABI, path, s.name, err)
+		}
+		purego.RegisterFunc(s.fn, sym)
+	}
+	n, err := l.DeviceCount()
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, ErrNoDevice
+	}
+	return l, nil
+}
+
+// symbol binds one function field of Lib to the library's symbol of that name.
+type symbol struct {
+	fn   any // a pointer to the field
+	name string
+}
+
+// symbols lists every function field of l with its symbol, lp_abi_version first.
+func (l *Lib) symbols() []symbol {
+	return []symbol{
 		{&l.abiVersion, "lp_abi_version"},
 		{&l.errorString, "lp_error_string"},
 		{&l.deviceCount, "lp_device_count"},
@@ -196,7 +224,6 @@ func Open(path string) (*Lib, error) {
 		{&l.sgmvExpandY32, "lp_sgmv_expand_y32"},
 		{&l.blasCreate, "lp_blas_create"},
 		{&l.blasDestroy, "lp_blas_destroy"},
-		{&l.gemm, "lp_gemm"},
 		{&l.convert, "lp_convert"},
 		{&l.gatherRows, "lp_gather_rows"},
 		{&l.rmsNorm, "lp_rmsnorm"},
@@ -225,30 +252,6 @@ func Open(path string) (*Lib, error) {
 		{&l.sample, "lp_sample"},
 		{&l.eventQuery, "lp_event_query"},
 	}
-	// The version first: a library of another ABI may lack (or redefine) the other symbols.
-	if sym, err := purego.Dlsym(h, "lp_abi_version"); err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrABI, path, err)
-	} else {
-		purego.RegisterFunc(&l.abiVersion, sym)
-	}
-	if v := l.abiVersion(); v != ABIVersion {
-		return nil, fmt.Errorf("%w: %s has ABI %d, this build needs %d", ErrABI, path, v, ABIVersion)
-	}
-	for _, s := range syms[1:] {
-		sym, err := purego.Dlsym(h, s.name)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %s lacks %s: %v", ErrABI, path, s.name, err)
-		}
-		purego.RegisterFunc(s.fn, sym)
-	}
-	n, err := l.DeviceCount()
-	if err != nil {
-		return nil, err
-	}
-	if n == 0 {
-		return nil, ErrNoDevice
-	}
-	return l, nil
 }
 
 // Path is where the library was loaded from.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"sync"
 	"testing"
@@ -23,7 +24,7 @@ var (
 // gpu opens the kernels library once, or skips the test with the reason there is no GPU to test on.
 func gpu(t testing.TB) *Lib {
 	t.Helper()
-	libOnce.Do(func() { libVal, libErr = Open(LibraryPath("")) })
+	libOnce.Do(func() { libVal, libErr = Open(LibraryPath(os.Getenv(LibraryEnv))) })
 	if errors.Is(libErr, ErrNoLibrary) || errors.Is(libErr, ErrNoDevice) {
 		t.Skipf("no GPU to test on: %v (build kernels/ with nvcc and set %s)", libErr, LibraryEnv)
 	}

@@ -55,7 +55,7 @@ var gpuPrecisions = []gpuPrecision{
 
 func gpuBackend(t testing.TB, dt cuda.DType) *cuda.Backend {
 	t.Helper()
-	be, err := cuda.New(cuda.Options{WeightDType: dt})
+	be, err := cuda.New(cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: dt})
 	if errors.Is(err, cuda.ErrNoLibrary) || errors.Is(err, cuda.ErrNoDevice) {
 		t.Skipf("no GPU to test on: %v (build kernels/ with nvcc and set %s)", err, cuda.LibraryEnv)
 	}
@@ -915,7 +915,7 @@ func TestCUDADecode8B(t *testing.T) {
 // step, through batch shape changes (sequences leaving, contexts crossing block and table capacities).
 func TestCUDAStepGraphsMatchEager(t *testing.T) {
 	be := gpuBackend(t, cuda.BF16)
-	eager, err := cuda.New(cuda.Options{WeightDType: cuda.BF16, NoStepGraphs: true})
+	eager, err := cuda.New(cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoStepGraphs: true})
 	if err != nil {
 		t.Fatal(err)
 	}

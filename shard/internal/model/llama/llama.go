@@ -83,7 +83,7 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 		info.BOS = bos[0]
 	}
 	m = &Model{be: be, cfg: cfg, info: info, invFreq: inv, layers: make([]layer, cfg.NumHiddenLayers)}
-	if g, ok := be.(compute.StepGrapher); ok {
+	if g, ok := be.(compute.StepGrapher); ok && compute.On(be, compute.CapStepGraphs) {
 		m.graphs = g.NewStepGraphs()
 	}
 	defer func() {
@@ -144,7 +144,7 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 			}
 		}
 	}
-	if f, ok := be.(compute.Fuser); ok && f.Fuses() {
+	if f, ok := be.(compute.Fuser); ok && compute.On(be, compute.CapFusion) {
 		if err := m.pack(f); err != nil {
 			return nil, err
 		}

@@ -1,0 +1,71 @@
+package model_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
+	"github.com/loraplex/loraplex/shard/internal/model"
+)
+
+// fake is a loaded model that only remembers which loader built it.
+type fake struct {
+	model.Model
+	arch string
+}
+
+func loader(arch string) model.Loader {
+	return func(string, []byte, compute.Backend) (model.Model, error) { return fake{arch: arch}, nil }
+}
+
+func TestRegistry(t *testing.T) {
+	r := model.NewRegistry()
+	r.Register("llama", loader("llama"))
+	r.Register("mistral", loader("mistral"))
+	if got := r.Types(); !slices.Equal(got, []string{"llama", "mistral"}) {
+		t.Errorf("Types() = %v", got)
+	}
+	if other := model.NewRegistry(); len(other.Types()) != 0 {
+		t.Errorf("a new registry shares another's architectures: %v", other.Types())
+	}
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("a duplicate model_type did not panic")
+			}
+		}()
+		r.Register("llama", loader("again"))
+	}()
+
+	dir := t.TempDir()
+	for _, c := range []struct {
+		name, config, want string
+		err             error
+	}{
+		{"llama", `{"model_type": "llama"}`, "llama", nil},
+		{"mistral", `{"model_type": "mistral"}`, "mistral", nil},
+		{"unsupported", `{"model_type": "gpt2"}`, "", model.ErrUnsupported},
+		{"not json", `{`, "", model.ErrConfig},
+		{"no config", "", "", model.ErrConfig},
+	} {
+		d := filepath.Join(dir, c.name)
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if c.config != "" {
+			if err := os.WriteFile(filepath.Join(d, "config.json"), []byte(c.config), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		m, err := r.Load(d, nil)
+		if !errors.Is(err, c.err) {
+			t.Errorf("%s: error %v, want %v", c.name, err, c.err)
+		}
+		if f, _ := m.(fake); f.arch != c.want {
+			t.Errorf("%s: loaded by %q, want %q", c.name, f.arch, c.want)
+		}
+	}
+}
