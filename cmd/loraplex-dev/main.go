@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -73,15 +74,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		*dir = filepath.Join(base, "loraplex", "demomodel")
 	}
-	lc := zap.NewDevelopmentConfig()
-	lc.Level = zap.NewAtomicLevelAt(zap.WarnLevel)
+	// Errors only by default: the warnings are about production settings (open admin RPCs, no
+	// TLS) that a loopback dev cluster chooses on purpose.
+	level := zap.ErrorLevel
 	if *verbose {
-		lc.Level = zap.NewAtomicLevelAt(zap.DebugLevel)
+		level = zap.DebugLevel
 	}
-	log, err := lc.Build()
-	if err != nil {
-		return err
-	}
+	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewDevelopmentEncoderConfig()), zapcore.AddSync(stderr), level))
 	fmt.Fprintf(stdout, "Starting a router and %d shards on the CPU with the embedded demo model (%s)...\n", *shards, *dir)
 	c, err := devcluster.Start(devcluster.Options{Dir: *dir, Shards: *shards, RouterAddr: *listen, ShardBase: *shardBase, Progress: stdout}, log)
 	if err != nil {

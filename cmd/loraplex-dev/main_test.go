@@ -51,6 +51,9 @@ func TestDemoPrintsEveryAdaptersCompletion(t *testing.T) {
 	if strings.Contains(r.stdout, "Serving until Ctrl-C") {
 		t.Errorf("--demo printed the serving hints:\n%s", r.stdout)
 	}
+	if r.stderr != "" {
+		t.Errorf("--demo logged on stderr:\n%s", r.stderr)
+	}
 }
 
 // The hints name commands that run from a fresh clone: nothing installs a bare `loraplex`.
