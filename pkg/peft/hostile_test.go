@@ -93,11 +93,16 @@ func TestLoadBoundsHeader(t *testing.T) {
 
 // TestLoadHonoursContext: a cancelled load stops with the context's error.
 func TestLoadHonoursContext(t *testing.T) {
-	dir := t.TempDir()
-	writeAdapter(t, dir, configJSON(), pairs(allLayers(), []Module{Q, V}, 8))
+	root := t.TempDir()
+	writeAdapter(t, filepath.Join(root, "a"), configJSON(), pairs(allLayers(), []Module{Q, V}, 8))
+	s, err := OpenStore(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := LoadContext(ctx, dir, Options{Model: tiny}); !errors.Is(err, context.Canceled) {
+	if _, err := s.Load(ctx, "a", Options{Model: tiny}); !errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want context.Canceled", err)
 	}
 }

@@ -153,11 +153,6 @@ type Adapter struct {
 // Load reads the adapter in dir. Files are opened through an os.Root, so
 // symlinks cannot lead outside dir.
 func Load(dir string, opts Options) (*Adapter, error) {
-	return LoadContext(context.Background(), dir, opts)
-}
-
-// LoadContext is Load that stops when ctx ends.
-func LoadContext(ctx context.Context, dir string, opts Options) (*Adapter, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
@@ -169,7 +164,7 @@ func LoadContext(ctx context.Context, dir string, opts Options) (*Adapter, error
 		return nil, fmt.Errorf("%w: %w", ErrInvalidAdapter, err)
 	}
 	defer root.Close()
-	a, err := load(ctx, root, opts)
+	a, err := load(context.Background(), root, opts)
 	if err != nil {
 		return nil, fmt.Errorf("adapter %s: %w", dir, err)
 	}
