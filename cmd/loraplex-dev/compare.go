@@ -208,7 +208,9 @@ func compareOne(ctx context.Context, routing, dir, root, modelDir string, o comp
 			if o.Consul != "" {
 				cfg.Discovery.Addr, cfg.Discovery.Service, cfg.Discovery.KeyPrefix = o.Consul, service, keyPrefix
 			}
-			cfg.Telemetry = &telemetry.Providers{Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(readers[i]))}
+		},
+		ShardTelemetry: func(i int) *telemetry.Providers {
+			return &telemetry.Providers{Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(readers[i]))}
 		},
 		Router: func(cfg *routerapp.Config) {
 			cfg.Routing = routing

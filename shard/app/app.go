@@ -62,7 +62,13 @@ type Config struct {
 	Engine engine.Options
 	GRPC   grpcserver.Options
 	Limits genreq.Limits
-	// Telemetry instruments the shard (set by main; nil: no traces or metrics).
+}
+
+// Wiring is what a shard runs with besides its configuration: the logger and telemetry that main
+// (or a test, or the dev cluster) set up. Configuration is data from flags; wiring is live objects.
+type Wiring struct {
+	Log *zap.Logger // nil: no logs
+	// Telemetry instruments the shard (nil: no traces or metrics).
 	Telemetry *telemetry.Providers
 }
 
@@ -165,6 +171,7 @@ type Shard struct {
 	cfg    Config
 	id     string
 	log    *zap.Logger
+	tel    *telemetry.Providers
 	be     compute.Backend
 	model  model.Model
 	store  *peft.Store
@@ -196,11 +203,15 @@ var servingServices = []string{"", loraplexv1.GenerationService_ServiceDesc.Serv
 // Start listens at once (health NOT_SERVING, other RPCs UNAVAILABLE), loads the model and adapters,
 // then marks itself serving and registers with Consul when configured. It returns when the shard is
 // ready or failed to become so.
-func Start(cfg Config, log *zap.Logger) (*Shard, error) {
+func Start(cfg Config, w Wiring) (*Shard, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Shard{cfg: cfg, log: log, done: make(chan error, 1)}
+	log := w.Log
+	if log == nil {
+		log = zap.NewNop()
+	}
+	s := &Shard{cfg: cfg, log: log, tel: w.Telemetry, done: make(chan error, 1)}
 	if err := s.start(); err != nil {
 		s.close()
 		return nil, err
@@ -223,7 +234,7 @@ func (s *Shard) start() error {
 	gopts := cfg.GRPC
 	gopts.AdminMethods = server.AdminMethods
 	gopts.Ready = s.ready.Load
-	gopts.Telemetry = cfg.Telemetry
+	gopts.Telemetry = s.tel
 	srv, h, err := grpcserver.New(gopts, log)
 	if err != nil {
 		return err
@@ -298,7 +309,7 @@ func (s *Shard) load() (err error) {
 	if s.store != nil {
 		copts.Stamp = s.store.Stamp // a changed adapter is retried at once, not after its failure backoff
 	}
-	copts.Meter = cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/adapters")
+	copts.Meter = s.tel.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/adapters")
 	onEvent := copts.OnEvent
 	copts.OnEvent = func(ev adapters.Event) {
 		if onEvent != nil {
@@ -321,10 +332,10 @@ func (s *Shard) load() (err error) {
 		eopts.KVCacheBytes = s.kvBytes(log)
 	}
 	if s.eng, err = engine.New(eopts, s.be, s.model, tok, s.cache, log,
-		cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/engine")); err != nil {
+		s.tel.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/engine")); err != nil {
 		return err
 	}
-	if s.gpuMetrics, err = registerGPUMetrics(cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/shard"), 0, log); err != nil {
+	if s.gpuMetrics, err = registerGPUMetrics(s.tel.MeterProvider().Meter("github.com/loraplex/loraplex/shard"), 0, log); err != nil {
 		return err
 	}
 	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log))
@@ -375,7 +386,7 @@ func (s *Shard) register() error {
 		checkAddr = net.JoinHostPort(host, port)
 	}
 	reg, err := discovery.Register(ctx, c, s.cfg.Discovery, discovery.Service{ID: s.id, Addr: addr, CheckAddr: checkAddr, Record: s.Residency,
-		Meter: s.cfg.Telemetry.MeterProvider().Meter("github.com/loraplex/loraplex/pkg/discovery")}, s.log)
+		Meter: s.tel.MeterProvider().Meter("github.com/loraplex/loraplex/pkg/discovery")}, s.log)
 	if err != nil {
 		return err
 	}

@@ -39,7 +39,7 @@ func startShard(t *testing.T, x extracted, edit func(cfg *shardapp.Config)) *adm
 	if edit != nil {
 		edit(&cfg)
 	}
-	s, err := shardapp.Start(cfg, testLogger(t))
+	s, err := shardapp.Start(cfg, shardapp.Wiring{Log: testLogger(t)})
 	if err != nil {
 		t.Fatalf("start shard: %v", err)
 	}

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/loraplex/loraplex/pkg/telemetry"
 	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
@@ -83,6 +84,8 @@ type clusterOptions struct {
 	adapterDir string
 	// shard adjusts shard i's configuration.
 	shard func(i int, cfg *shardapp.Config)
+	// shardTelemetry instruments every shard when set.
+	shardTelemetry *telemetry.Providers
 	// deadShards are router entries ("id=host:port") listed before the live shards.
 	deadShards []string
 	// routerLog replaces the router's logger when set.
@@ -119,7 +122,7 @@ func startCluster(t *testing.T, x extracted, o clusterOptions) *cluster {
 		if o.shard != nil {
 			o.shard(i, &cfg)
 		}
-		s, err := shardapp.Start(cfg, log.With(zap.String("shard_id", cfg.ShardID)))
+		s, err := shardapp.Start(cfg, shardapp.Wiring{Log: log.With(zap.String("shard_id", cfg.ShardID)), Telemetry: o.shardTelemetry})
 		if err != nil {
 			t.Fatalf("start %s: %v", cfg.ShardID, err)
 		}

@@ -26,8 +26,8 @@ func TestTraceCrossesRouterToShard(t *testing.T) {
 	defer func() { _ = tp.Shutdown(context.Background()) }()
 	prov := &telemetry.Providers{Tracer: tp}
 	c := startCluster(t, extract(t), clusterOptions{shards: 1,
-		shard:  func(_ int, cfg *shardapp.Config) { cfg.Telemetry = prov },
-		router: func(cfg *routerapp.Config) { cfg.Telemetry = prov }})
+		shardTelemetry: prov,
+		router:         func(cfg *routerapp.Config) { cfg.Telemetry = prov }})
 	cl := c.routerTarget(t).cl
 	if _, err := generate(context.Background(), cl, &loraplexv1.GenerateRequest{AdapterId: "qv-r8",
 		Prompt: &loraplexv1.GenerateRequest_Text{Text: "def f():"}, Stopping: &loraplexv1.StoppingCriteria{MaxNewTokens: 3}}); err != nil {
@@ -101,8 +101,8 @@ func TestPrometheusMetrics(t *testing.T) {
 	}
 	defer func() { _ = routerTel.Shutdown(context.Background()) }()
 	c := startCluster(t, extract(t), clusterOptions{shards: 1,
-		shard:  func(_ int, cfg *shardapp.Config) { cfg.Telemetry = shardTel.Providers },
-		router: func(cfg *routerapp.Config) { cfg.Telemetry = routerTel.Providers }})
+		shardTelemetry: shardTel.Providers,
+		router:         func(cfg *routerapp.Config) { cfg.Telemetry = routerTel.Providers }})
 	cl := c.routerTarget(t).cl
 	for _, id := range []string{"", "qv-r8", "qv-r8"} {
 		if _, err := generate(context.Background(), cl, &loraplexv1.GenerateRequest{AdapterId: id,

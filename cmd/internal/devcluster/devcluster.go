@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/demomodel"
+	"github.com/loraplex/loraplex/pkg/telemetry"
 	routerapp "github.com/loraplex/loraplex/router/app"
 	shardapp "github.com/loraplex/loraplex/shard/app"
 )
@@ -48,6 +49,8 @@ type Options struct {
 	// Shard and Router adjust the configurations before start (loraplex-dev compare, tests).
 	Shard  func(i int, cfg *shardapp.Config)
 	Router func(cfg *routerapp.Config)
+	// ShardTelemetry, when set, instruments shard i (called after Shard).
+	ShardTelemetry func(i int) *telemetry.Providers
 }
 
 // Start extracts the embedded model into o.Dir and starts the shards and a router that knows them.
@@ -80,7 +83,11 @@ func Start(o Options, log *zap.Logger) (*Cluster, error) {
 		}
 		progress("starting %s (loading the model)...\n", cfg.ShardID)
 		start := time.Now()
-		s, err := shardapp.Start(cfg, log.With(zap.String("shard_id", cfg.ShardID)))
+		w := shardapp.Wiring{Log: log.With(zap.String("shard_id", cfg.ShardID))}
+		if o.ShardTelemetry != nil {
+			w.Telemetry = o.ShardTelemetry(i)
+		}
+		s, err := shardapp.Start(cfg, w)
 		if err != nil {
 			c.Stop()
 			return nil, err
