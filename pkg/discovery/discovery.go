@@ -92,7 +92,6 @@ func (o *Options) addCommonFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.CertFile, "consul-cert-file", o.CertFile, "client certificate for Consul's TLS")
 	fs.StringVar(&o.KeyFile, "consul-key-file", o.KeyFile, "client key for Consul's TLS")
 	fs.StringVar(&o.Datacenter, "consul-datacenter", o.Datacenter, "Consul datacenter (default: the agent's)")
-	fs.DurationVar(&o.SessionTTL, "consul-session-ttl", o.SessionTTL, "TTL of the session holding the residency key")
 }
 
 // Validate checks the options.
