@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"flag"
 	"math/big"
 	"net"
 	"os"
@@ -114,6 +115,21 @@ func TestAdminToken(t *testing.T) {
 	}
 	if _, err := cl.ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{}); err != nil {
 		t.Errorf("open method needs no token: %v", err)
+	}
+}
+
+// TestAdminTokenFlagOnlyWhereAsked: the router serves no admin RPCs, so only binaries that call
+// AddAdminFlags (the shard) take -admin-token-file.
+func TestAdminTokenFlagOnlyWhereAsked(t *testing.T) {
+	o := grpcserver.DefaultOptions()
+	fs := flag.NewFlagSet("router", flag.ContinueOnError)
+	o.AddFlags(fs)
+	if fs.Lookup("admin-token-file") != nil {
+		t.Error("AddFlags registers -admin-token-file")
+	}
+	o.AddAdminFlags(fs)
+	if err := fs.Parse([]string{"-admin-token-file", "/run/token"}); err != nil || o.AdminTokenFile != "/run/token" {
+		t.Errorf("AddAdminFlags: %v, file %q", err, o.AdminTokenFile)
 	}
 }
 
