@@ -79,8 +79,8 @@ func (l *Limits) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&l.MaxStopTokenIDs, "max-stop-token-ids", l.MaxStopTokenIDs, "limit: entries of stopping.stop_token_ids")
 	fs.IntVar(&l.MaxTopK, "max-top-k", l.MaxTopK, "limit: sampling.top_k")
 	fs.IntVar(&l.MaxTopLogprobs, "max-top-logprobs", l.MaxTopLogprobs, "limit: output.top_logprobs (a shard takes at most what its backend reports, 8)")
-	fs.Var((*float32Value)(&l.MaxTemperature), "max-temperature", "limit: sampling.temperature")
-	fs.Var((*float32Value)(&l.MaxRepetitionPenalty), "max-repetition-penalty", "limit: sampling.repetition_penalty")
+	fs.Var((*float32Value)(&l.MaxTemperature), "max-temperature", "limit: sampling.temperature, a `float`")
+	fs.Var((*float32Value)(&l.MaxRepetitionPenalty), "max-repetition-penalty", "limit: sampling.repetition_penalty, a `float`")
 }
 
 // float32Value is a flag.Value for a float32 limit.
