@@ -90,10 +90,6 @@ func TestGeneration(t *testing.T) {
 
 	// Every adapter and the base model at once, through the router and straight to each shard, so
 	// they share batches on the shards.
-	type call struct {
-		id, kind string
-		run      func(req *loraplexv1.GenerateRequest) (result, error)
-	}
 	unary := func(tg target) func(*loraplexv1.GenerateRequest) (result, error) {
 		return func(r *loraplexv1.GenerateRequest) (result, error) { return generate(ctx, tg.cl, r) }
 	}
