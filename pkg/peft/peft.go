@@ -4,6 +4,9 @@
 // (adapter_model.bin) are never read, and PEFT options that would change
 // the adapter's output but that Loraplex does not implement are refused,
 // not ignored. Store resolves adapter ids strictly inside a root folder.
+// Only regular files are opened (a FIFO or device fails at once), the
+// weights header is bounded by the model's shape, and weights or scalings
+// that are not finite are refused.
 //
 // The shard's adapter cache and tools import peft; it depends only on
 // pkg/safetensors and the standard library.

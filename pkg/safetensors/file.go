@@ -2,10 +2,11 @@
 // an 8-byte little-endian header length, a JSON header describing each
 // tensor's dtype, shape and byte range, then the raw data buffer.
 //
-// The reader is strict: it validates the whole header (size limit, JSON
-// shape, dtypes, shapes against byte ranges with overflow checks, ranges
-// inside the buffer and not overlapping) before returning a File, so every
-// later access is in bounds. Files are memory-mapped read-only where the
+// The reader is strict: it validates the whole header (size and tensor-count
+// limits, JSON shape, dtypes, shapes against byte ranges with overflow checks,
+// ranges inside the buffer and not overlapping) before returning a File, so
+// every later access is in bounds. It opens only regular files, and its
+// header parse costs time and memory linear in the header. Files are memory-mapped read-only where the
 // platform allows it. Checkpoint adds sharded model folders
 // (model.safetensors.index.json) whose shard names must stay inside the
 // folder.
