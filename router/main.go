@@ -15,7 +15,6 @@ func main() {
 	fs := flag.NewFlagSet("router", flag.ExitOnError)
 	cfg.AddFlags(fs)
 	daemon.Main("loraplex-router", fs, func(tel *telemetry.Telemetry) (daemon.Server, error) {
-		cfg.Telemetry = tel.Providers
-		return app.Start(cfg, tel.Log)
+		return app.Start(cfg, app.Wiring{Log: tel.Log, Telemetry: tel.Providers})
 	})
 }

@@ -389,7 +389,7 @@ func freeAddr(t *testing.T) string {
 func TestGenerateThroughARouterWhoseShardIsDown(t *testing.T) {
 	cfg := routerapp.DefaultConfig()
 	cfg.Listen, cfg.Shards = "127.0.0.1:0", []string{"shard-gone=" + freeAddr(t)}
-	router, err := routerapp.Start(cfg, zap.NewNop())
+	router, err := routerapp.Start(cfg, routerapp.Wiring{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -32,7 +32,8 @@ import (
 	"github.com/loraplex/loraplex/router/internal/proxy"
 )
 
-// Config is everything a router needs.
+// Config is the router's configuration: data from flags. The live objects it runs with (logger,
+// telemetry) are its Wiring.
 type Config struct {
 	Listen string
 	// Shards is the static shard list: "id=host:port" or "host:port" entries. Used when Consul is
@@ -40,35 +41,39 @@ type Config struct {
 	Shards    []string
 	Discovery discovery.Options
 	Picker    plugins.Options
+	// Proxy holds the attempt, retry and ejection settings.
+	Proxy proxy.Options
 	// EmptyViewGrace is how long a Consul view with no shard at all is ignored.
 	EmptyViewGrace time.Duration
-	// ShardCloseGrace keeps connections to shards that left the view open for their streams.
-	ShardCloseGrace time.Duration
 	// Routing is "affinity" (the picker pipeline) or a baseline: "round-robin", "random".
-	Routing     string
-	MaxAttempts int
-	GRPC        grpcserver.Options
+	Routing string
+	GRPC    grpcserver.Options
 	// ShardTLS is how the router dials shards.
 	ShardTLS grpcserver.ClientTLSOptions
 	Limits   genreq.Limits
-	// Telemetry instruments the router (set by main; nil: no traces or metrics).
+}
+
+// Wiring is what a router runs with besides its configuration: the logger and telemetry that main
+// (or a test, or the dev cluster) set up.
+type Wiring struct {
+	Log *zap.Logger // nil: no logs
+	// Telemetry instruments the router (nil: no traces or metrics).
 	Telemetry *telemetry.Providers
 }
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Listen: "127.0.0.1:50051", Routing: "affinity", MaxAttempts: 2, EmptyViewGrace: 15 * time.Second, ShardCloseGrace: 2 * time.Minute, Discovery: discovery.DefaultOptions(), Picker: plugins.DefaultOptions(),
-		GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
+	return Config{Listen: "127.0.0.1:50051", Routing: "affinity", EmptyViewGrace: 15 * time.Second, Discovery: discovery.DefaultOptions(),
+		Picker: plugins.DefaultOptions(), Proxy: proxy.DefaultOptions(), GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
 }
 
 // AddFlags registers the configuration's flags.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "gRPC listen address")
 	fs.Var(cliflag.List{V: &c.Shards}, "shards", "static shard list, comma-separated id=host:port or host:port (without -consul)")
-	fs.IntVar(&c.MaxAttempts, "max-attempts", c.MaxAttempts, "shards tried per request (retries only before the first token)")
 	fs.DurationVar(&c.EmptyViewGrace, "empty-view-grace", c.EmptyViewGrace, "how long to keep the last view when Consul suddenly lists no shard")
-	fs.DurationVar(&c.ShardCloseGrace, "shard-close-grace", c.ShardCloseGrace, "how long connections to shards that left stay open for their streams (>= the shards' drain timeout)")
 	fs.StringVar(&c.Routing, "routing", c.Routing, "affinity (residency-aware pipeline), or the baselines round-robin and random")
+	c.Proxy.AddFlags(fs)
 	c.Discovery.AddRouterFlags(fs)
 	c.Picker.AddFlags(fs)
 	c.GRPC.AddFlags(fs)
@@ -84,13 +89,13 @@ func (c *Config) Validate() error {
 	if _, err := c.staticShards(); err != nil {
 		return err
 	}
-	if c.MaxAttempts <= 0 {
-		return errors.New("router: -max-attempts must be positive")
-	}
 	switch c.Routing {
 	case "affinity", "round-robin", "random":
 	default:
 		return fmt.Errorf("router: -routing %q: want affinity, round-robin or random", c.Routing)
+	}
+	if err := c.Proxy.Validate(); err != nil {
+		return err
 	}
 	if err := c.Discovery.Validate(); err != nil {
 		return err
@@ -126,31 +131,50 @@ func (c *Config) staticShards() ([]picker.ShardState, error) {
 
 // Router is a running router.
 type Router struct {
-	log    *zap.Logger
-	srv    *grpc.Server
-	health *health.Server
-	proxy  *proxy.Proxy
-	lis    net.Listener
-	done   chan error
-	view   atomic.Pointer[picker.View]
-	stop   context.CancelFunc
-	watch  chan struct{}
+	log      *zap.Logger
+	srv      *grpc.Server
+	health   *health.Server
+	proxy    *proxy.Proxy
+	inflight picker.InFlight
+	lis      net.Listener
+	done     chan error
+	view     atomic.Pointer[picker.View]
+	stop     context.CancelFunc
+	watch    chan struct{}
 
 	healthSrv  *grpcserver.HealthServer
 	watcher    *discovery.Watcher
 	snapMu     sync.Mutex // serializes onSnapshot (watcher callbacks and rechecks)
 	emptySince time.Time
 	emptyGrace time.Duration
+	stopping   atomic.Bool
 }
 
-// Start serves until Stop.
-func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
+// services are the names whose health the router reports.
+var services = []string{"", loraplexv1.GenerationService_ServiceDesc.ServiceName, loraplexv1.AdaptersService_ServiceDesc.ServiceName}
+
+// Start serves until Stop. The router's health is NOT_SERVING while its view holds no shard (a
+// Consul router before its first answer, or one whose Consul lists none).
+func Start(cfg Config, w Wiring) (r *Router, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	log := w.Log
+	if log == nil {
+		log = zap.NewNop()
+	}
 	r = &Router{log: log, done: make(chan error, 1), watch: make(chan struct{}), emptyGrace: cfg.EmptyViewGrace}
 	static, _ := cfg.staticShards()
+	for i := range static {
+		static[i].Local = r.inflight.Counter(static[i].ID)
+	}
 	if err := r.setView(static); err != nil {
+		return nil, err
+	}
+	tel := w.Telemetry
+	meter := tel.MeterProvider().Meter("github.com/loraplex/loraplex/router")
+	decided, err := newDecisionTimer(meter)
+	if err != nil {
 		return nil, err
 	}
 	reg := picker.NewRegistry()
@@ -162,7 +186,7 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 	case "random":
 		pick = &picker.Random{View: r.view.Load}
 	default:
-		if pick, err = plugins.NewDefault(reg, cfg.Picker, r.view.Load); err != nil {
+		if pick, err = plugins.NewDefault(reg, cfg.Picker, r.view.Load, picker.WithObserver(decided)); err != nil {
 			return nil, err
 		}
 	}
@@ -170,16 +194,37 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 	if err != nil {
 		return nil, err
 	}
-	tel := cfg.Telemetry
 	dial := []grpc.DialOption{creds, grpc.WithStatsHandler(otelgrpc.NewClientHandler(
 		otelgrpc.WithTracerProvider(tel.TracerProvider()), otelgrpc.WithMeterProvider(tel.MeterProvider()),
 		otelgrpc.WithPropagators(tel.Propagator())))}
-	pm, err := newPickMetrics(tel.MeterProvider().Meter("github.com/loraplex/loraplex/router"), pick, r.view.Load, cfg.Routing)
+	pm, err := newPickMetrics(meter, pick, r.view.Load, cfg.Routing)
 	if err != nil {
 		return nil, err
 	}
-	r.proxy = proxy.New(proxy.Options{MaxAttempts: cfg.MaxAttempts, Limits: cfg.Limits, DialOptions: dial,
-		Keepalive: cfg.GRPC.KeepaliveMinTime, OnRetry: pm.retried, CloseGrace: cfg.ShardCloseGrace}, pm, log)
+	r.proxy = proxy.New(cfg.Proxy, proxy.Deps{Picker: pm, Log: log, Limits: cfg.Limits, InFlight: &r.inflight, DialOptions: dial,
+		Keepalive: cfg.GRPC.KeepaliveMinTime, OnRetry: pm.retried})
+	if err := registerViewMetrics(meter, r.view.Load, r.proxy.Ejected); err != nil {
+		return nil, err
+	}
+
+	if r.lis, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return nil, fmt.Errorf("router: listen: %w", err)
+	}
+	gopts := cfg.GRPC
+	gopts.Telemetry = tel
+	if r.srv, r.health, err = grpcserver.New(gopts, log); err != nil {
+		_ = r.lis.Close()
+		return nil, err
+	}
+	r.setHealth()
+	if gopts.HealthListen != "" {
+		if r.healthSrv, err = grpcserver.ServeHealth(gopts.HealthListen, r.health, log); err != nil {
+			_ = r.lis.Close()
+			return nil, err
+		}
+	}
+	loraplexv1.RegisterGenerationServiceServer(r.srv, r.proxy)
+	loraplexv1.RegisterAdaptersServiceServer(r.srv, proxy.NewAdapters(r.proxy, r.Shards))
 
 	ctx, cancel := context.WithCancel(context.Background())
 	r.stop = cancel
@@ -187,6 +232,7 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 		c, err := cfg.Discovery.Client()
 		if err != nil {
 			cancel()
+			_ = r.lis.Close()
 			return nil, err
 		}
 		w := discovery.NewWatcher(c, cfg.Discovery, log, r.onSnapshot)
@@ -198,34 +244,24 @@ func Start(cfg Config, log *zap.Logger) (r *Router, err error) {
 	} else {
 		close(r.watch)
 	}
-
-	if r.lis, err = net.Listen("tcp", cfg.Listen); err != nil {
-		cancel()
-		return nil, fmt.Errorf("router: listen: %w", err)
-	}
-	gopts := cfg.GRPC
-	gopts.Telemetry = tel
-	if r.srv, r.health, err = grpcserver.New(gopts, log); err != nil {
-		cancel()
-		_ = r.lis.Close()
-		return nil, err
-	}
-	if gopts.HealthListen != "" {
-		if r.healthSrv, err = grpcserver.ServeHealth(gopts.HealthListen, r.health, log); err != nil {
-			cancel()
-			_ = r.lis.Close()
-			return nil, err
-		}
-	}
-	loraplexv1.RegisterGenerationServiceServer(r.srv, r.proxy)
-	loraplexv1.RegisterAdaptersServiceServer(r.srv, proxy.NewAdapters(r.proxy, r.Shards))
-	for _, name := range []string{"", loraplexv1.GenerationService_ServiceDesc.ServiceName, loraplexv1.AdaptersService_ServiceDesc.ServiceName} {
-		r.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
-	}
 	go func() { r.done <- r.srv.Serve(r.lis) }()
 	log.Info("router serving", zap.String("addr", r.lis.Addr().String()), zap.Int("static_shards", len(static)),
 		zap.String("consul", cfg.Discovery.Addr))
 	return r, nil
+}
+
+// setHealth reports SERVING while the view holds a shard and the router is not stopping.
+func (r *Router) setHealth() {
+	if r.health == nil {
+		return
+	}
+	st := healthpb.HealthCheckResponse_NOT_SERVING
+	if r.view.Load().Len() > 0 && !r.stopping.Load() {
+		st = healthpb.HealthCheckResponse_SERVING
+	}
+	for _, name := range services {
+		r.health.SetServingStatus(name, st)
+	}
 }
 
 // onSnapshot turns a Consul view into the picker's view. Records of shards not (or no longer)
@@ -261,7 +297,7 @@ func (r *Router) recheck() {
 func (r *Router) install(s discovery.Snapshot) {
 	states := make([]picker.ShardState, 0, len(s.Instances))
 	for _, in := range s.Instances {
-		states = append(states, picker.ShardState{ID: in.ID, Addr: in.Addr, Healthy: true, Record: s.Records[in.ID]})
+		states = append(states, picker.ShardState{ID: in.ID, Addr: in.Addr, Healthy: true, Record: s.Records[in.ID], Local: r.inflight.Counter(in.ID)})
 	}
 	if err := r.setView(states); err != nil {
 		r.log.Error("ignoring an inconsistent shard view", zap.Error(err))
@@ -276,6 +312,7 @@ func (r *Router) setView(states []picker.ShardState) error {
 		return err
 	}
 	r.view.Store(v)
+	r.setHealth()
 	return nil
 }
 
@@ -297,9 +334,8 @@ func (r *Router) Done() <-chan error { return r.done }
 
 // Stop drains in-flight streams until ctx ends, then closes shard connections.
 func (r *Router) Stop(ctx context.Context) {
-	for _, name := range []string{"", loraplexv1.GenerationService_ServiceDesc.ServiceName, loraplexv1.AdaptersService_ServiceDesc.ServiceName} {
-		r.health.SetServingStatus(name, healthpb.HealthCheckResponse_NOT_SERVING)
-	}
+	r.stopping.Store(true)
+	r.setHealth()
 	stopped := make(chan struct{})
 	go func() {
 		r.srv.GracefulStop()

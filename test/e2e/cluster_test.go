@@ -84,8 +84,9 @@ type clusterOptions struct {
 	adapterDir string
 	// shard adjusts shard i's configuration.
 	shard func(i int, cfg *shardapp.Config)
-	// shardTelemetry instruments every shard when set.
-	shardTelemetry *telemetry.Providers
+	// shardTelemetry instruments every shard when set; routerTelemetry the router.
+	shardTelemetry  *telemetry.Providers
+	routerTelemetry *telemetry.Providers
 	// deadShards are router entries ("id=host:port") listed before the live shards.
 	deadShards []string
 	// routerLog replaces the router's logger when set.
@@ -139,7 +140,7 @@ func startCluster(t *testing.T, x extracted, o clusterOptions) *cluster {
 	if o.routerLog != nil {
 		rlog = o.routerLog
 	}
-	r, err := routerapp.Start(rc, rlog)
+	r, err := routerapp.Start(rc, routerapp.Wiring{Log: rlog, Telemetry: o.routerTelemetry})
 	if err != nil {
 		t.Fatalf("start router: %v", err)
 	}

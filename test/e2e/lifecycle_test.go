@@ -267,7 +267,7 @@ func TestRouterRetry(t *testing.T) {
 	// With only dead shards the client gets UNAVAILABLE.
 	rc := routerapp.DefaultConfig()
 	rc.Listen, rc.Shards = "127.0.0.1:0", []string{"a=" + deadAddr(t), "b=" + deadAddr(t)}
-	dead, err := routerapp.Start(rc, testLogger(t).With(zap.String("component", "dead-router")))
+	dead, err := routerapp.Start(rc, routerapp.Wiring{Log: testLogger(t).With(zap.String("component", "dead-router"))})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,8 +13,6 @@ import (
 
 	"github.com/loraplex/loraplex/pkg/telemetry"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
-	routerapp "github.com/loraplex/loraplex/router/app"
-	shardapp "github.com/loraplex/loraplex/shard/app"
 )
 
 // TestTraceCrossesRouterToShard: the router's server span, its client span to the shard and the
@@ -26,8 +24,8 @@ func TestTraceCrossesRouterToShard(t *testing.T) {
 	defer func() { _ = tp.Shutdown(context.Background()) }()
 	prov := &telemetry.Providers{Tracer: tp}
 	c := startCluster(t, extract(t), clusterOptions{shards: 1,
-		shardTelemetry: prov,
-		router:         func(cfg *routerapp.Config) { cfg.Telemetry = prov }})
+		shardTelemetry:  prov,
+		routerTelemetry: prov})
 	cl := c.routerTarget(t).cl
 	if _, err := generate(context.Background(), cl, &loraplexv1.GenerateRequest{AdapterId: "qv-r8",
 		Prompt: &loraplexv1.GenerateRequest_Text{Text: "def f():"}, Stopping: &loraplexv1.StoppingCriteria{MaxNewTokens: 3}}); err != nil {
@@ -101,8 +99,8 @@ func TestPrometheusMetrics(t *testing.T) {
 	}
 	defer func() { _ = routerTel.Shutdown(context.Background()) }()
 	c := startCluster(t, extract(t), clusterOptions{shards: 1,
-		shardTelemetry: shardTel.Providers,
-		router:         func(cfg *routerapp.Config) { cfg.Telemetry = routerTel.Providers }})
+		shardTelemetry:  shardTel.Providers,
+		routerTelemetry: routerTel.Providers})
 	cl := c.routerTarget(t).cl
 	for _, id := range []string{"", "qv-r8", "qv-r8"} {
 		if _, err := generate(context.Background(), cl, &loraplexv1.GenerateRequest{AdapterId: id,

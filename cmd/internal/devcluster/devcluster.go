@@ -102,7 +102,7 @@ func Start(o Options, log *zap.Logger) (*Cluster, error) {
 		o.Router(&rc)
 	}
 	progress("starting the router on %s...\n", rc.Listen)
-	if c.Router, err = routerapp.Start(rc, log.With(zap.String("component", "router"))); err != nil {
+	if c.Router, err = routerapp.Start(rc, routerapp.Wiring{Log: log.With(zap.String("component", "router"))}); err != nil {
 		c.Stop()
 		return nil, err
 	}

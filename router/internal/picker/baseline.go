@@ -15,7 +15,7 @@ type RoundRobin struct {
 var _ Picker = (*RoundRobin)(nil)
 
 // Pick implements Picker.
-func (p *RoundRobin) Pick(string, string) []Shard {
+func (p *RoundRobin) Pick(Request) []Shard {
 	all := healthyShards(p.View())
 	if len(all) == 0 {
 		return nil
@@ -30,7 +30,7 @@ type Random struct{ View func() *View }
 var _ Picker = (*Random)(nil)
 
 // Pick implements Picker.
-func (p *Random) Pick(string, string) []Shard {
+func (p *Random) Pick(Request) []Shard {
 	all := healthyShards(p.View())
 	rand.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
 	return all

@@ -1,7 +1,6 @@
 package picker_test
 
 import (
-	"fmt"
 	"math/rand/v2"
 	"testing"
 
@@ -53,7 +52,7 @@ func BenchmarkPick(b *testing.B) {
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
-				if got := p.Pick(reqs[i&1023], "r"); len(got) != benchShards {
+				if got := p.Pick(picker.Request{AdapterID: reqs[i&1023], RequestID: "r"}); len(got) != benchShards {
 					b.Fatalf("%d candidates", len(got))
 				}
 				i++
@@ -70,20 +69,5 @@ func BenchmarkNewView(b *testing.B) {
 		if _, err := picker.NewView(states); err != nil {
 			b.Fatal(err)
 		}
-	}
-}
-
-// BenchmarkStatic is the rendezvous-only picker over the same 64 shards, for comparison.
-func BenchmarkStatic(b *testing.B) {
-	var shards []picker.Shard
-	for i := range benchShards {
-		shards = append(shards, picker.Shard{ID: fmt.Sprintf("shard-%03d", i)})
-	}
-	s := &picker.Static{Shards: shards}
-	b.ReportAllocs()
-	i := 0
-	for b.Loop() {
-		s.Pick(adapterName(i%benchAdapters), "r")
-		i++
 	}
 }

@@ -16,13 +16,6 @@ var (
 	ErrPlugin = errors.New("picker: unknown plugin")
 )
 
-// Request is what a routing decision knows of a request. An empty AdapterID asks for the base
-// model.
-type Request struct {
-	AdapterID string
-	RequestID string
-}
-
 // Plugin is a pipeline stage, named as it is registered.
 type Plugin interface {
 	Name() string
@@ -71,8 +64,8 @@ func (c *Cycle) Placement(i int) Placement { return c.place[i] }
 // Held reports whether any shard of the view holds the request's adapter, in any tier or loading.
 func (c *Cycle) Held() bool { return c.held }
 
-// Weight is the rendezvous weight of the request's key (RendezvousKey) on shard i: the order Static
-// and Rendezvous give, the same on every router replica.
+// Weight is the rendezvous weight of the request's key (RendezvousKey) on shard i, the same on
+// every router replica.
 func (c *Cycle) Weight(i int) uint64 {
 	w := c.weights[i]
 	if w == 0 {
@@ -147,8 +140,8 @@ type PluginTime struct {
 // Option configures a Pipeline.
 type Option func(*Pipeline)
 
-// WithObserver has every decision report its Stats to f, synchronously (keep f cheap). Without an
-// observer the pipeline reads no clock.
+// WithObserver has every decision report its Stats to f, synchronously (keep f cheap); the router
+// records them as its decision-time metric. Without an observer the pipeline reads no clock.
 func WithObserver(f func(*Stats)) Option { return func(p *Pipeline) { p.observe = f } }
 
 // Pipeline is the routing pipeline: filters, then weighted scorers, then an order best first. Ties
@@ -224,12 +217,12 @@ func NewPipeline(view func() *View, filters []Filter, scorers []WeightedScorer, 
 }
 
 // Pick implements Picker over the current view: every candidate shard, best first.
-func (p *Pipeline) Pick(adapterID, requestID string) []Shard {
+func (p *Pipeline) Pick(r Request) []Shard {
 	v := p.view()
 	if v == nil {
 		return nil
 	}
-	return p.PickFrom(v, Request{AdapterID: adapterID, RequestID: requestID})
+	return p.PickFrom(v, r)
 }
 
 // PickFrom orders the candidate shards of v for r, best first.

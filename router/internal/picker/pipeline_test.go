@@ -109,7 +109,7 @@ func TestPipelineWeightsAndClamps(t *testing.T) {
 			if !slices.Equal(scores, tc.scores) {
 				t.Errorf("scores %v, want %v", scores, tc.scores)
 			}
-			if got := pickertest.IDs(p.Pick("x", "")); !slices.Equal(got, ids) {
+			if got := pickertest.IDs(p.Pick(picker.Request{AdapterID: "x", RequestID: ""})); !slices.Equal(got, ids) {
 				t.Errorf("Pick %v, Rank %v", got, ids)
 			}
 		})
@@ -133,7 +133,7 @@ func TestPipelineTies(t *testing.T) {
 		shards[i] = v.Shard(i).Shard
 	}
 	for _, r := range []picker.Request{{AdapterID: "a1"}, {AdapterID: "a2"}, {RequestID: "r1"}, {RequestID: "r2"}} {
-		want := pickertest.IDs(picker.Rendezvous(picker.RendezvousKey(r.AdapterID, r.RequestID), shards))
+		want := pickertest.IDs(pickertest.Rendezvous(picker.Request{AdapterID: r.AdapterID, RequestID: r.RequestID}, shards))
 		if got := pickertest.IDs(p.PickFrom(v, r)); !slices.Equal(got, want) {
 			t.Errorf("%+v: order %v, want rendezvous order %v", r, got, want)
 		}
@@ -148,7 +148,7 @@ func TestPipelineNoView(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := p.Pick("a", "r"); len(got) != 0 {
+	if got := p.Pick(picker.Request{AdapterID: "a", RequestID: "r"}); len(got) != 0 {
 		t.Fatalf("Pick without a view = %v", got)
 	}
 	empty := pickertest.View(t)
@@ -201,7 +201,7 @@ func TestPipelineObserver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.Pick("ad", "req")
+	p.Pick(picker.Request{AdapterID: "ad", RequestID: "req"})
 	if got.Shards != 3 || got.Candidates != 2 || got.Request != (picker.Request{AdapterID: "ad", RequestID: "req"}) {
 		t.Errorf("stats %+v", got)
 	}
@@ -236,14 +236,13 @@ func TestRendezvousWeightFastPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st := &picker.Static{Shards: shards}
 	for k := range 200 {
 		a, r := adapterName(k), "" // odd k: base-model requests
 		if k%2 == 1 {
 			a, r = "", adapterName(k)
 		}
-		if got, want := pickertest.IDs(p.Pick(a, r)), pickertest.IDs(st.Pick(a, r)); !slices.Equal(got, want) {
-			t.Fatalf("pipeline with no scorers %v, Static %v", got, want)
+		if got, want := pickertest.IDs(p.Pick(picker.Request{AdapterID: a, RequestID: r})), pickertest.IDs(pickertest.Rendezvous(picker.Request{AdapterID: a, RequestID: r}, shards)); !slices.Equal(got, want) {
+			t.Fatalf("pipeline with no scorers %v, rendezvous %v", got, want)
 		}
 	}
 }

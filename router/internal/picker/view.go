@@ -4,18 +4,26 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/loraplex/loraplex/pkg/residency"
 )
 
-// ShardState is what the router knows of one shard: its registration, its health check and its
-// latest residency record (nil while none has arrived).
+// ShardState is what the router knows of one shard: its registration, its health check, its
+// latest residency record (nil while none has arrived) and the router's own requests in flight to
+// it (nil when not tracked).
 type ShardState struct {
 	ID      string
 	Addr    string
 	Healthy bool
 	Record  *residency.Record
+	Local   *atomic.Int64
 }
+
+// LocalSlots is the sequence slots assumed of a shard whose load the router knows only from its
+// own in-flight requests (no residency record: a static -shards list, or a record not yet seen).
+const LocalSlots = 8
 
 // Placement is where a shard holds an adapter, best last: a request finds an adapter on the device
 // ready, in host memory one copy away, loading soon ready.
@@ -53,14 +61,21 @@ type ShardInfo struct {
 	InFlight int
 	// Capacity is the record's MaxSeqs (0 when unknown).
 	Capacity int
+	// local counts the router's own requests in flight to the shard, live (nil: not tracked).
+	local *atomic.Int64
 }
 
-// Load is in-flight sequences per sequence slot; ok is false when the shard's capacity is unknown.
+// Load is in-flight sequences per sequence slot. Without a record that gives a capacity it is the
+// router's own requests in flight to the shard per LocalSlots, read live, so a router with a static
+// shard list still spreads its load; ok is false when neither is known.
 func (s *ShardInfo) Load() (load float64, ok bool) {
-	if s.Record == nil || s.Capacity <= 0 {
-		return 0, false
+	if s.Record != nil && s.Capacity > 0 {
+		return float64(s.InFlight) / float64(s.Capacity), true
 	}
-	return float64(s.InFlight) / float64(s.Capacity), true
+	if s.local != nil {
+		return float64(max(0, s.local.Load())) / LocalSlots, true
+	}
+	return 0, false
 }
 
 // holding is one shard's placement of an adapter.
@@ -96,7 +111,7 @@ func NewView(states []ShardState) (*View, error) {
 		if s.Record != nil && s.Record.ShardID != "" && s.Record.ShardID != s.ID {
 			return nil, fmt.Errorf("%w: shard %q carries the record of %q", ErrView, s.ID, s.Record.ShardID)
 		}
-		info := ShardInfo{Shard: Shard{ID: s.ID, Addr: s.Addr}, Healthy: s.Healthy, Record: s.Record}
+		info := ShardInfo{Shard: Shard{ID: s.ID, Addr: s.Addr}, Healthy: s.Healthy, Record: s.Record, local: s.Local}
 		if r := s.Record; r != nil {
 			if info.Addr == "" {
 				info.Addr = r.Addr
@@ -242,3 +257,16 @@ func (v *View) AdapterBytes(adapterID string) int64 {
 
 // Adapters is the number of distinct adapters resident or loading anywhere in the view.
 func (v *View) Adapters() int { return len(v.entries) }
+
+// InFlight counts the router's own requests in flight per shard id: the proxy adds and removes
+// them, views read them live through ShardState.Local. Safe for concurrent use.
+type InFlight struct{ m sync.Map } // shard id -> *atomic.Int64
+
+// Counter returns shard id's counter, made on first use.
+func (f *InFlight) Counter(id string) *atomic.Int64 {
+	if c, ok := f.m.Load(id); ok {
+		return c.(*atomic.Int64)
+	}
+	c, _ := f.m.LoadOrStore(id, new(atomic.Int64))
+	return c.(*atomic.Int64)
+}

@@ -2,13 +2,12 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"sort"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/router/internal/picker"
@@ -33,7 +32,7 @@ func NewAdapters(p *Proxy, shards func() []picker.Shard) *Adapters {
 func (a *Adapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersRequest) (*loraplexv1.ListAdaptersResponse, error) {
 	shards := a.shards()
 	if len(shards) == 0 {
-		return nil, status.Error(codes.Unavailable, "no shard known")
+		return nil, statusOf(ErrNoShard)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -54,7 +53,7 @@ func (a *Adapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersR
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
-				lastEr = err
+				lastEr = &shardError{shard: s.ID, err: err}
 				a.p.log.Warn("shard did not list its adapters", zap.String("shard", s.ID), zap.Error(err))
 				return
 			}
@@ -77,7 +76,7 @@ func (a *Adapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersR
 	}
 	wg.Wait()
 	if ok == 0 {
-		return nil, status.Errorf(codes.Unavailable, "no shard answered: %v", lastEr)
+		return nil, statusOf(fmt.Errorf("%w: %w", ErrNoShard, lastEr))
 	}
 	sort.Slice(out.Adapters, func(i, j int) bool {
 		x, y := out.Adapters[i], out.Adapters[j]

@@ -13,7 +13,9 @@ import (
 
 	"go.uber.org/zap"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -149,6 +151,7 @@ func (g *Generation) Generate(ctx context.Context, r *loraplexv1.GenerateRequest
 	if err != nil {
 		return nil, g.status(r, err)
 	}
+	acceptHeader(ctx)
 	resp := &loraplexv1.GenerateResponse{RequestId: req.ID, AdapterId: req.AdapterID, ShardId: g.shardID}
 	var text []byte
 	err = g.eng.Submit(ctx, req, func(ev engine.Event) error {
@@ -178,6 +181,7 @@ func (g *Generation) GenerateStream(r *loraplexv1.GenerateStreamRequest, stream 
 	if err != nil {
 		return g.status(r, err)
 	}
+	acceptHeader(stream.Context())
 	err = g.eng.Submit(stream.Context(), req, func(ev engine.Event) error {
 		m := &loraplexv1.GenerateStreamResponse{RequestId: req.ID, Tokens: g.tokens(ev.Tokens), AdapterId: req.AdapterID, ShardId: g.shardID}
 		if ev.Done {
@@ -193,6 +197,13 @@ func (g *Generation) GenerateStream(r *loraplexv1.GenerateStreamRequest, stream 
 		return g.status(r, err)
 	}
 	return nil
+}
+
+// acceptHeader sends the response headers as soon as a request is accepted, before queueing or any
+// adapter load: the router bounds its wait for them (-first-response-timeout) to tell a shard that
+// stopped answering from a request that is legitimately slow to its first token.
+func acceptHeader(ctx context.Context) {
+	_ = grpc.SendHeader(ctx, metadata.MD{}) // fails only outside a real RPC (tests)
 }
 
 // logDone logs a finished request with its ids, trace and timings.

@@ -4,7 +4,10 @@
 package pickertest
 
 import (
+	"hash/fnv"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/loraplex/loraplex/pkg/residency"
@@ -85,6 +88,12 @@ func (b *Builder) Unhealthy() *Builder {
 	return b
 }
 
+// Local has the view read the router's own in-flight requests to the shard from c.
+func (b *Builder) Local(c *atomic.Int64) *Builder {
+	b.state.Local = c
+	return b
+}
+
 // NoRecord drops the record: the router has not heard from the shard yet.
 func (b *Builder) NoRecord() *Builder {
 	b.state.Record = nil
@@ -145,5 +154,38 @@ func IDs(shards []picker.Shard) []string {
 	for i, s := range shards {
 		out[i] = s.ID
 	}
+	return out
+}
+
+// Rendezvous orders shards by the rendezvous weight of a request's key alone, highest first, ties
+// by id: the order a pipeline without scorers must give. It is an independent reference (the
+// standard library's FNV-1a and the same finalizer), so tests of the picker's incremental hash
+// compare against something it did not compute.
+func Rendezvous(r picker.Request, shards []picker.Shard) []picker.Shard {
+	key := picker.RendezvousKey(r.AdapterID, r.RequestID)
+	weight := func(id string) uint64 {
+		h := fnv.New64a()
+		h.Write([]byte(key))
+		h.Write([]byte{0})
+		h.Write([]byte(id))
+		x := h.Sum64()
+		x ^= x >> 33
+		x *= 0xff51afd7ed558ccd
+		x ^= x >> 33
+		x *= 0xc4ceb9fe1a85ec53
+		x ^= x >> 33
+		return x
+	}
+	out := slices.Clone(shards)
+	slices.SortFunc(out, func(a, b picker.Shard) int {
+		wa, wb := weight(a.ID), weight(b.ID)
+		switch {
+		case wa > wb:
+			return -1
+		case wa < wb:
+			return 1
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
 	return out
 }

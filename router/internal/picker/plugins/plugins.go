@@ -4,15 +4,24 @@
 //	filters: healthy -> not-saturated
 //	scorers: adapter-affinity, load, kv-free, bounded-home, each times its weight
 //
+// An operator replaces that pipeline with -picker-config, a JSON file naming registered plugins,
+// their parameters and the scorers' weights (every plugin package documents its Params):
+//
+//	{"filters": [{"name": "healthy"}, {"name": "not-saturated", "params": {"queue_ratio": 2}}],
+//	 "scorers": [{"name": "adapter-affinity", "weight": 1}, {"name": "load", "weight": 2}]}
+//
 // Imported by the router's app, which calls RegisterDefaults on a registry it owns and NewDefault.
 package plugins
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"math"
+	"os"
+	"strings"
 
 	"github.com/loraplex/loraplex/router/internal/picker"
 	"github.com/loraplex/loraplex/router/internal/picker/plugins/affinity"
@@ -54,6 +63,9 @@ type Options struct {
 	// QueueRatio and KVMinFree define a saturated shard (see saturation.Params).
 	QueueRatio float64
 	KVMinFree  float64
+	// ConfigFile, when set, is a JSON picker.Config that replaces the default pipeline (and the
+	// weights and thresholds above).
+	ConfigFile string
 }
 
 // DefaultOptions returns the defaults.
@@ -80,6 +92,15 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.Float64Var(&o.HomeBound, "picker-home-bound", o.HomeBound, "skip a cold adapter's home above this multiple of the mean load (0: no bound)")
 	fs.Float64Var(&o.QueueRatio, "picker-queue-ratio", o.QueueRatio, "a shard whose queue exceeds this multiple of its max sequences is saturated")
 	fs.Float64Var(&o.KVMinFree, "picker-kv-min-free", o.KVMinFree, "a shard with less than this fraction of KV blocks free is saturated")
+	fs.StringVar(&o.ConfigFile, "picker-config", o.ConfigFile,
+		`JSON file replacing the default pipeline: {"filters":[{"name":..,"params":{..}}],"scorers":[{"name":..,"weight":..,"params":{..}}]} over the plugins `+
+			strings.Join(names(), ", ")+` (overrides the -picker-* weights)`)
+}
+
+func names() []string {
+	r := picker.NewRegistry()
+	RegisterDefaults(r)
+	return r.Names()
 }
 
 // Validate checks the options by building the plugins they describe.
@@ -91,8 +112,12 @@ func (o *Options) Validate() error {
 	}
 	r := picker.NewRegistry()
 	RegisterDefaults(r)
+	cfg, err := o.Config()
+	if err != nil {
+		return err
+	}
 	var errs []error
-	for _, pc := range append(o.Config().Filters, o.Config().Scorers...) {
+	for _, pc := range append(cfg.Filters, cfg.Scorers...) {
 		if _, err := r.New(pc.Name, pc.Params); err != nil {
 			errs = append(errs, err)
 		}
@@ -100,8 +125,11 @@ func (o *Options) Validate() error {
 	return errors.Join(errs...)
 }
 
-// Config is the default pipeline the options describe.
-func (o *Options) Config() picker.Config {
+// Config is the pipeline the options describe: ConfigFile's, or the default one.
+func (o *Options) Config() (picker.Config, error) {
+	if o.ConfigFile != "" {
+		return readConfig(o.ConfigFile)
+	}
 	return picker.Config{
 		Filters: []picker.PluginConfig{
 			{Name: healthy.Name},
@@ -113,7 +141,26 @@ func (o *Options) Config() picker.Config {
 			{Name: kvfree.Name, Weight: o.KVWeight, Params: params(kvfree.DefaultParams())},
 			{Name: home.Name, Weight: o.HomeWeight, Params: params(home.Params{Bound: o.HomeBound})},
 		},
+	}, nil
+}
+
+// readConfig reads a -picker-config file; unknown fields are an error, so a misspelt key fails at
+// start-up.
+func readConfig(path string) (picker.Config, error) {
+	var cfg picker.Config
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return cfg, fmt.Errorf("%w: -picker-config: %w", picker.ErrConfig, err)
 	}
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&cfg); err != nil {
+		return cfg, fmt.Errorf("%w: -picker-config %s: %w", picker.ErrConfig, path, err)
+	}
+	if len(cfg.Filters)+len(cfg.Scorers) == 0 {
+		return cfg, fmt.Errorf("%w: -picker-config %s names no plugin", picker.ErrConfig, path)
+	}
+	return cfg, nil
 }
 
 // NewDefault builds the default pipeline from plugins registered in r (RegisterDefaults) over the
@@ -122,7 +169,11 @@ func NewDefault(r *picker.Registry, o Options, view func() *picker.View, opts ..
 	if err := o.Validate(); err != nil {
 		return nil, err
 	}
-	return r.NewPipeline(o.Config(), view, opts...)
+	cfg, err := o.Config()
+	if err != nil {
+		return nil, err
+	}
+	return r.NewPipeline(cfg, view, opts...)
 }
 
 func params(v any) json.RawMessage {

@@ -1,10 +1,14 @@
 package plugins_test
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -45,7 +49,7 @@ func TestTierOrder(t *testing.T) {
 			pickertest.Shard("host").Host("x").Full().Load(0, load, 8),
 			pickertest.Shard("device").Device("x").Full().Load(0, load, 8),
 		)
-		got := pickertest.IDs(newDefault(t, v).Pick("x", "r"))
+		got := pickertest.IDs(newDefault(t, v).Pick(picker.Request{AdapterID: "x", RequestID: "r"}))
 		if want := []string{"device", "host", "loading", "room", "full"}; !slices.Equal(got, want) {
 			t.Errorf("load %d: order %v, want %v", load, got, want)
 		}
@@ -70,7 +74,7 @@ func TestAffinityAgainstLoad(t *testing.T) {
 				pickertest.Shard("warm").Device("x").Full().Load(max(0, tc.warmLoad-16), min(16, tc.warmLoad), 16),
 				pickertest.Shard("other").Full().Load(0, tc.otherLoad, 16),
 			)
-			if got := newDefault(t, v).Pick("x", "r")[0].ID; got != tc.want {
+			if got := newDefault(t, v).Pick(picker.Request{AdapterID: "x", RequestID: "r"})[0].ID; got != tc.want {
 				t.Fatalf("picked %s, want %s", got, tc.want)
 			}
 		})
@@ -88,11 +92,11 @@ func TestStateless(t *testing.T) {
 	}
 	for k := range 1000 {
 		id := fmt.Sprintf("adapter-%d", k)
-		pa, pb := pickertest.IDs(a.Pick(id, "r1")), pickertest.IDs(b.Pick(id, "r2"))
+		pa, pb := pickertest.IDs(a.Pick(picker.Request{AdapterID: id, RequestID: "r1"})), pickertest.IDs(b.Pick(picker.Request{AdapterID: id, RequestID: "r2"}))
 		if !slices.Equal(pa, pb) {
 			t.Fatalf("%s: %v and %v", id, pa, pb)
 		}
-		if want := picker.Rendezvous(picker.RendezvousKey(id, ""), shards)[0].ID; pa[0] != want {
+		if want := pickertest.Rendezvous(picker.Request{AdapterID: id, RequestID: ""}, shards)[0].ID; pa[0] != want {
 			t.Fatalf("%s: home %s, want rendezvous %s", id, pa[0], want)
 		}
 	}
@@ -115,7 +119,7 @@ func TestShardRemoval(t *testing.T) {
 	moved := 0
 	for k := range adapters {
 		id := fmt.Sprintf("adapter-%d", k)
-		h0, h1 := before.Pick(id, "")[0].ID, after.Pick(id, "")[0].ID
+		h0, h1 := before.Pick(picker.Request{AdapterID: id, RequestID: ""})[0].ID, after.Pick(picker.Request{AdapterID: id, RequestID: ""})[0].ID
 		if h0 != h1 {
 			moved++
 			if h0 != removed {
@@ -136,7 +140,7 @@ func TestBoundedLoad(t *testing.T) {
 	for i := range n {
 		shards = append(shards, picker.Shard{ID: fmt.Sprintf("s%02d", i)})
 	}
-	order := pickertest.IDs(picker.Rendezvous(picker.RendezvousKey("hot", ""), shards))
+	order := pickertest.IDs(pickertest.Rendezvous(picker.Request{AdapterID: "hot", RequestID: ""}, shards))
 	build := func(homeLoad int) *picker.View {
 		bs := ids(n)
 		for _, b := range bs {
@@ -157,7 +161,7 @@ func TestBoundedLoad(t *testing.T) {
 		{13, order[1]}, // mean (7*8+13+1)/8 = 8.75, bound 11
 		{16, order[1]},
 	} {
-		if got := newDefault(t, build(tc.homeLoad)).Pick("hot", "")[0].ID; got != tc.want {
+		if got := newDefault(t, build(tc.homeLoad)).Pick(picker.Request{AdapterID: "hot", RequestID: ""})[0].ID; got != tc.want {
 			t.Errorf("home at %d in flight: picked %s, want %s (rendezvous order %v)", tc.homeLoad, got, tc.want, order)
 		}
 	}
@@ -185,7 +189,7 @@ func TestNeverUnavailable(t *testing.T) {
 			}
 			bs = append(bs, b)
 		}
-		got := pickertest.IDs(newDefault(t, pickertest.View(t, bs...)).Pick("x", fmt.Sprint(round)))
+		got := pickertest.IDs(newDefault(t, pickertest.View(t, bs...)).Pick(picker.Request{AdapterID: "x", RequestID: fmt.Sprint(round)}))
 		if len(got)+len(bad) != 6 {
 			t.Fatalf("round %d: returned %v with %d unavailable of 6", round, got, len(bad))
 		}
@@ -204,14 +208,14 @@ func TestAllSaturatedKept(t *testing.T) {
 		pickertest.Shard("a").Load(20, 8, 8),
 		pickertest.Shard("b").Load(20, 8, 8).Device("x"),
 	)
-	if got := pickertest.IDs(newDefault(t, v).Pick("x", "r")); !slices.Equal(got, []string{"b", "a"}) {
+	if got := pickertest.IDs(newDefault(t, v).Pick(picker.Request{AdapterID: "x", RequestID: "r"})); !slices.Equal(got, []string{"b", "a"}) {
 		t.Fatalf("picked %v, want [b a]", got)
 	}
 	v = pickertest.View(t,
 		pickertest.Shard("a").Load(20, 8, 8).Device("x"),
 		pickertest.Shard("b").Load(0, 8, 8),
 	)
-	if got := pickertest.IDs(newDefault(t, v).Pick("x", "r")); !slices.Equal(got, []string{"b"}) {
+	if got := pickertest.IDs(newDefault(t, v).Pick(picker.Request{AdapterID: "x", RequestID: "r"})); !slices.Equal(got, []string{"b"}) {
 		t.Fatalf("picked %v, want only the unsaturated [b]", got)
 	}
 }
@@ -224,9 +228,9 @@ func TestTiesDeterministic(t *testing.T) {
 	first := map[string]int{}
 	for k := range 400 {
 		rid := fmt.Sprint(k)
-		a := pickertest.IDs(p.Pick("", rid))
+		a := pickertest.IDs(p.Pick(picker.Request{AdapterID: "", RequestID: rid}))
 		for range 3 {
-			if b := pickertest.IDs(q.Pick("", rid)); !slices.Equal(a, b) {
+			if b := pickertest.IDs(q.Pick(picker.Request{AdapterID: "", RequestID: rid})); !slices.Equal(a, b) {
 				t.Fatalf("request %s: %v then %v", rid, a, b)
 			}
 		}
@@ -245,7 +249,7 @@ func TestBaseModelIgnoresAffinity(t *testing.T) {
 	count := map[string]int{}
 	p := newDefault(t, v)
 	for k := range 200 {
-		count[p.Pick("", fmt.Sprint(k))[0].ID]++
+		count[p.Pick(picker.Request{AdapterID: "", RequestID: fmt.Sprint(k)})[0].ID]++
 	}
 	if count["a"] < 60 || count["b"] < 60 {
 		t.Fatalf("base-model requests split %v, want both shards used", count)
@@ -313,13 +317,12 @@ func TestWithoutRecordsLikeStatic(t *testing.T) {
 		shards = append(shards, picker.Shard{ID: b.State().ID, Addr: b.State().Addr})
 	}
 	p := newDefault(t, pickertest.View(t, bs...))
-	st := &picker.Static{Shards: shards}
 	for k := range 500 {
 		a, r := fmt.Sprintf("adapter-%d", k), fmt.Sprint(k)
 		if k%5 == 0 {
 			a = ""
 		}
-		if got, want := p.Pick(a, r), st.Pick(a, r); !slices.Equal(got, want) {
+		if got, want := p.Pick(picker.Request{AdapterID: a, RequestID: r}), pickertest.Rendezvous(picker.Request{AdapterID: a, RequestID: r}, shards); !slices.Equal(got, want) {
 			t.Fatalf("adapter %q request %q: pipeline %v, static %v", a, r, got, want)
 		}
 	}
@@ -353,7 +356,7 @@ func TestConcurrentPicksAndSwaps(t *testing.T) {
 	for g := range 4 {
 		wg.Go(func() {
 			for k := range 2000 {
-				if got := p.Pick(fmt.Sprintf("adapter-%d", k%25), fmt.Sprint(g, k)); len(got) != 8 {
+				if got := p.Pick(picker.Request{AdapterID: fmt.Sprintf("adapter-%d", k%25), RequestID: fmt.Sprint(g, k)}); len(got) != 8 {
 					t.Errorf("%d candidates", len(got))
 					return
 				}
@@ -364,4 +367,70 @@ func TestConcurrentPicksAndSwaps(t *testing.T) {
 		cur.Store(mk(seed + 1))
 	}
 	wg.Wait()
+}
+
+// TestStaticShardsSpreadByLocalLoad: shards without residency records (a static -shards list)
+// are loaded by the router's own in-flight requests, so base-model requests go to the idle shard
+// rather than always to the same one. (Past LocalSlots x the load score's Full per shard the load
+// scores are all 0 and minted request ids spread requests by rendezvous.)
+func TestStaticShardsSpreadByLocalLoad(t *testing.T) {
+	var inflight picker.InFlight
+	v := pickertest.View(t,
+		pickertest.Shard("a").NoRecord().Local(inflight.Counter("a")),
+		pickertest.Shard("b").NoRecord().Local(inflight.Counter("b")))
+	p := newDefault(t, v)
+	served := map[string]int{}
+	for k := range 30 {
+		first := p.Pick(picker.Request{RequestID: fmt.Sprint(k)})[0].ID
+		served[first]++
+		inflight.Counter(first).Add(1) // requests stay in flight
+	}
+	if d := served["a"] - served["b"]; d < -1 || d > 1 {
+		t.Errorf("30 held requests spread %v, want even", served)
+	}
+}
+
+// TestPickerConfigFile: -picker-config replaces the default pipeline (here: load alone, so the
+// idle shard wins over the one holding the adapter), and a misspelt key or plugin fails at start.
+func TestPickerConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	v := pickertest.View(t, pickertest.Shard("warm").Device("x").Load(0, 8, 8), pickertest.Shard("idle"))
+	r := picker.NewRegistry()
+	plugins.RegisterDefaults(r)
+	for _, tc := range []struct {
+		name, body string
+		want       string // first shard; "" when the config must be refused
+	}{
+		{"load only", `{"filters":[{"name":"healthy"}],"scorers":[{"name":"load","weight":1,"params":{"full":1}}]}`, "idle"},
+		{"affinity only", `{"scorers":[{"name":"adapter-affinity","weight":1}]}`, "warm"},
+		{"unknown plugin", `{"scorers":[{"name":"lod","weight":1}]}`, ""},
+		{"misspelt key", `{"scorers":[{"name":"load","wieght":1}]}`, ""},
+		{"misspelt param", `{"scorers":[{"name":"load","weight":1,"params":{"ful":1}}]}`, ""},
+		{"empty", `{}`, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := plugins.DefaultOptions()
+			o.ConfigFile = write(strings.ReplaceAll(tc.name, " ", "_")+".json", tc.body)
+			p, err := plugins.NewDefault(r, o, func() *picker.View { return v })
+			if tc.want == "" {
+				if !errors.Is(err, picker.ErrConfig) && !errors.Is(err, picker.ErrPlugin) {
+					t.Fatalf("NewDefault = %v, want a configuration error", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := p.Pick(picker.Request{AdapterID: "x", RequestID: "r"})[0].ID; got != tc.want {
+				t.Errorf("first shard %s, want %s", got, tc.want)
+			}
+		})
+	}
 }

@@ -16,7 +16,7 @@ func rendezvous(adapter string, n int) []string {
 	for i := range n {
 		shards = append(shards, picker.Shard{ID: fmt.Sprintf("s%d", i)})
 	}
-	return pickertest.IDs(picker.Rendezvous(picker.RendezvousKey(adapter, ""), shards))
+	return pickertest.IDs(pickertest.Rendezvous(picker.Request{AdapterID: adapter, RequestID: ""}, shards))
 }
 
 func TestScore(t *testing.T) {
