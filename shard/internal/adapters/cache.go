@@ -2,8 +2,9 @@
 // budget: the device tier (backend memory the kernels read) and the host tier (parsed weights ready
 // to copy), above the store (the adapter root folder). Acquire pins an adapter on the device for a
 // sequence, loading it if needed in the background: concurrent acquires share one load, a load never
-// blocks the engine's step loop, eviction (a pluggable Policy: LRU, scan-resistant segmented LRU, or frequency-based LFU with decay, the default)
-// only touches unpinned adapters and the budgets are never exceeded. A failed load fails only the
+// blocks the engine's step loop, eviction (a pkg/eviction policy: LRU, scan-resistant segmented LRU,
+// or frequency-based LFU with decay, the default) only touches unpinned adapters and the budgets are
+// never exceeded. A failed load fails only the
 // requests waiting for that adapter and is remembered with a backoff per adapter (doubling up to
 // minutes, reset when its files change or by an explicit load). Every load has a deadline and is
 // cancelled by Unload. Residency changes are reported as events for the distributed layer. Imported
