@@ -26,7 +26,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
 )
 
-// newGeneration serves the embedded tiny model (vocabulary 1024, context 1024) with the shipped
+// newGeneration serves the embedded tiny model (vocabulary 1025, context 1024) with the shipped
 // adapters on the CPU backend, behind limits; its KV cache holds kvBlocks blocks of 16 positions.
 func newGeneration(t *testing.T, limits genreq.Limits, kvBlocks int) *Generation {
 	t.Helper()
@@ -139,8 +139,8 @@ func TestOneValidator(t *testing.T) {
 		{"over the raised temperature limit", func(r *loraplexv1.GenerateRequest) { r.Sampling.Temperature = 151 }, []string{"sampling.temperature", "151", "150"}},
 		{"over the lowered top_k limit", func(r *loraplexv1.GenerateRequest) { r.Sampling.TopK = 11 }, []string{"sampling.top_k", "11", "limit 10"}},
 		{"token id past the vocabulary", func(r *loraplexv1.GenerateRequest) {
-			r.Prompt = &loraplexv1.GenerateRequest_TokenIds{TokenIds: &loraplexv1.TokenIds{Ids: []uint32{1, 1024}}}
-		}, []string{"token_ids[1]", "1024", "vocabulary"}},
+			r.Prompt = &loraplexv1.GenerateRequest_TokenIds{TokenIds: &loraplexv1.TokenIds{Ids: []uint32{1, 1025}}}
+		}, []string{"token_ids[1]", "1025", "vocabulary size 1025"}},
 		{"stop token id past the vocabulary", func(r *loraplexv1.GenerateRequest) { r.Stopping.StopTokenIds = []uint32{5000} }, []string{"stopping.stop_token_ids[0]", "5000", "vocabulary"}},
 		{"over the KV cache", func(r *loraplexv1.GenerateRequest) { r.Stopping.MaxNewTokens = 500 }, []string{"stopping.max_new_tokens", "500", "13", "KV cache", "512"}},
 		{"prompt fills the KV cache", func(r *loraplexv1.GenerateRequest) {
