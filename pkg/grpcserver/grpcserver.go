@@ -35,19 +35,26 @@ type Options struct {
 	KeepaliveTime    time.Duration
 	KeepaliveTimeout time.Duration
 	Reflection       bool
-	// AdminToken, when set, is the bearer token AdminMethods require; AdminTokenFile holds it.
+	// AdminToken, when set, is the bearer token Wiring.AdminMethods require; AdminTokenFile holds it.
 	AdminToken     string
 	AdminTokenFile string
-	AdminMethods   []string
 	TLS            TLSOptions
 	// HealthListen, when set, also serves grpc.health.v1 in plaintext there (probes and Consul's
 	// check when the main port speaks TLS).
 	HealthListen string
+}
+
+// Wiring is what a server is built with besides its Options: the binary's logger and telemetry,
+// and what its services need of the server.
+type Wiring struct {
+	Log *zap.Logger // nil: no logs
 	// Telemetry instruments the server (otelgrpc spans and metrics); nil: none.
 	Telemetry *telemetry.Providers
 	// Ready, when set, gates every service but health and reflection: until it reports true they
 	// answer UNAVAILABLE (the shard loading its model).
 	Ready func() bool
+	// AdminMethods are the full method names that need Options.AdminToken.
+	AdminMethods []string
 }
 
 // DefaultOptions are the limits both binaries start with.
@@ -85,7 +92,11 @@ func (o Options) Validate() error {
 
 // New builds a server with the interceptor chain, TLS when configured, health (initially
 // NOT_SERVING until the caller marks it serving) and reflection when enabled.
-func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, *health.Server, error) {
+func New(o Options, w Wiring, extra ...grpc.ServerOption) (*grpc.Server, *health.Server, error) {
+	log := w.Log
+	if log == nil {
+		log = zap.NewNop()
+	}
 	if o.AdminTokenFile != "" {
 		b, err := os.ReadFile(o.AdminTokenFile)
 		if err != nil {
@@ -102,10 +113,10 @@ func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, 
 	if creds != nil {
 		extra = append(extra, creds)
 	}
-	if o.Telemetry != nil {
+	if tel := w.Telemetry; tel != nil {
 		extra = append(extra, grpc.StatsHandler(otelgrpc.NewServerHandler(
-			otelgrpc.WithTracerProvider(o.Telemetry.TracerProvider()), otelgrpc.WithMeterProvider(o.Telemetry.MeterProvider()),
-			otelgrpc.WithPropagators(o.Telemetry.Propagator()))))
+			otelgrpc.WithTracerProvider(tel.TracerProvider()), otelgrpc.WithMeterProvider(tel.MeterProvider()),
+			otelgrpc.WithPropagators(tel.Propagator()))))
 	}
 	opts := append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(o.MaxRecvMsgBytes),
@@ -114,17 +125,17 @@ func New(o Options, log *zap.Logger, extra ...grpc.ServerOption) (*grpc.Server, 
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: o.KeepaliveMinTime, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: o.KeepaliveTime, Timeout: o.KeepaliveTimeout}),
 	}, extra...)
-	if o.AdminToken == "" && len(o.AdminMethods) > 0 {
-		log.Warn("admin RPCs are open to every client: set -admin-token-file", zap.Strings("methods", o.AdminMethods))
+	if o.AdminToken == "" && len(w.AdminMethods) > 0 {
+		log.Warn("admin RPCs are open to every client: set -admin-token-file", zap.Strings("methods", w.AdminMethods))
 	}
-	auth := newAdminAuth(o.AdminToken, o.AdminMethods)
+	auth := newAdminAuth(o.AdminToken, w.AdminMethods)
 	utf8c := newUTF8Codec()
 	opts = append(opts, grpc.ForceServerCodecV2(utf8c))
 	unary := []grpc.UnaryServerInterceptor{recoverUnary(log), logUnary(log), utf8c.unary()}
 	stream := []grpc.StreamServerInterceptor{recoverStream(log), logStream(log), utf8c.stream()}
-	if o.Ready != nil {
-		unary = append(unary, gateUnary(o.Ready))
-		stream = append(stream, gateStream(o.Ready))
+	if w.Ready != nil {
+		unary = append(unary, gateUnary(w.Ready))
+		stream = append(stream, gateStream(w.Ready))
 	}
 	if auth != nil {
 		unary = append(unary, auth.unary())

@@ -44,9 +44,10 @@ func (adapters) LoadAdapter(context.Context, *loraplexv1.LoadAdapterRequest) (*l
 	return &loraplexv1.LoadAdapterResponse{}, nil
 }
 
-func serve(t *testing.T, o grpcserver.Options) string {
+func serve(t *testing.T, o grpcserver.Options, w grpcserver.Wiring) string {
 	t.Helper()
-	s, h, err := grpcserver.New(o, zaptest.NewLogger(t))
+	w.Log = zaptest.NewLogger(t)
+	s, h, err := grpcserver.New(o, w)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,8 +88,8 @@ func TestAdminToken(t *testing.T) {
 	}
 	o := grpcserver.DefaultOptions()
 	o.AdminTokenFile = file
-	o.AdminMethods = []string{loraplexv1.AdaptersService_LoadAdapter_FullMethodName}
-	cl := loraplexv1.NewAdaptersServiceClient(dial(t, serve(t, o), plain(t)))
+	w := grpcserver.Wiring{AdminMethods: []string{loraplexv1.AdaptersService_LoadAdapter_FullMethodName}}
+	cl := loraplexv1.NewAdaptersServiceClient(dial(t, serve(t, o, w), plain(t)))
 	ctx := context.Background()
 	for _, c := range []struct {
 		name string
@@ -143,8 +144,8 @@ func TestOpenAdminWarns(t *testing.T) {
 		core, logs := observer.New(zapcore.WarnLevel)
 		o := grpcserver.DefaultOptions()
 		o.AdminToken = c.token
-		o.AdminMethods = []string{loraplexv1.AdaptersService_LoadAdapter_FullMethodName}
-		s, _, err := grpcserver.New(o, zap.New(core))
+		w := grpcserver.Wiring{Log: zap.New(core), AdminMethods: []string{loraplexv1.AdaptersService_LoadAdapter_FullMethodName}}
+		s, _, err := grpcserver.New(o, w)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -158,8 +159,7 @@ func TestOpenAdminWarns(t *testing.T) {
 func TestReadinessGate(t *testing.T) {
 	var ready atomic.Bool
 	o := grpcserver.DefaultOptions()
-	o.Ready = ready.Load
-	conn := dial(t, serve(t, o), plain(t))
+	conn := dial(t, serve(t, o, grpcserver.Wiring{Ready: ready.Load}), plain(t))
 	cl := loraplexv1.NewAdaptersServiceClient(conn)
 	if _, err := cl.ListAdapters(context.Background(), &loraplexv1.ListAdaptersRequest{}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("before ready: %v, want UNAVAILABLE", err)
@@ -221,7 +221,7 @@ func TestMutualTLS(t *testing.T) {
 	p := newPKI(t)
 	o := grpcserver.DefaultOptions()
 	o.TLS = grpcserver.TLSOptions{CertFile: p.path("server.pem"), KeyFile: p.path("server-key.pem"), ClientCAFile: p.path("ca.pem")}
-	addr := serve(t, o)
+	addr := serve(t, o, grpcserver.Wiring{})
 	call := func(c grpcserver.ClientTLSOptions) error {
 		opt, err := c.DialOption()
 		if err != nil {
@@ -246,12 +246,12 @@ func TestMutualTLS(t *testing.T) {
 func TestOptionErrors(t *testing.T) {
 	o := grpcserver.DefaultOptions()
 	o.TLS.ClientCAFile = "/nonexistent"
-	if _, _, err := grpcserver.New(o, zaptest.NewLogger(t)); err == nil {
+	if _, _, err := grpcserver.New(o, grpcserver.Wiring{Log: zaptest.NewLogger(t)}); err == nil {
 		t.Error("mTLS without a server certificate was accepted")
 	}
 	o = grpcserver.DefaultOptions()
 	o.AdminTokenFile = filepath.Join(t.TempDir(), "missing")
-	if _, _, err := grpcserver.New(o, zaptest.NewLogger(t)); err == nil {
+	if _, _, err := grpcserver.New(o, grpcserver.Wiring{Log: zaptest.NewLogger(t)}); err == nil {
 		t.Error("a missing admin token file was accepted")
 	}
 	if _, err := (grpcserver.ClientTLSOptions{CertFile: "x"}).DialOption(); err == nil {
@@ -265,7 +265,7 @@ func TestPlaintextHealthBesideTLS(t *testing.T) {
 	p := newPKI(t)
 	o := grpcserver.DefaultOptions()
 	o.TLS = grpcserver.TLSOptions{CertFile: p.path("server.pem"), KeyFile: p.path("server-key.pem"), ClientCAFile: p.path("ca.pem")}
-	s, h, err := grpcserver.New(o, zaptest.NewLogger(t))
+	s, h, err := grpcserver.New(o, grpcserver.Wiring{Log: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -69,8 +69,8 @@ func wire(fields ...any) []byte {
 func TestInvalidUTF8(t *testing.T) {
 	core, logs := observer.New(zapcore.DebugLevel)
 	o := grpcserver.DefaultOptions()
-	o.AdminMethods = []string{loraplexv1.AdaptersService_LoadAdapter_FullMethodName}
-	s, _, err := grpcserver.New(o, zap.New(core))
+	w := grpcserver.Wiring{Log: zap.New(core), AdminMethods: []string{loraplexv1.AdaptersService_LoadAdapter_FullMethodName}}
+	s, _, err := grpcserver.New(o, w)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -211,8 +211,7 @@ func Start(cfg Config, w Wiring) (r *Router, err error) {
 		return nil, fmt.Errorf("router: listen: %w", err)
 	}
 	gopts := cfg.GRPC
-	gopts.Telemetry = tel
-	if r.srv, r.health, err = grpcserver.New(gopts, log); err != nil {
+	if r.srv, r.health, err = grpcserver.New(gopts, grpcserver.Wiring{Log: log, Telemetry: tel}); err != nil {
 		_ = r.lis.Close()
 		return nil, err
 	}

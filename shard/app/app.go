@@ -232,10 +232,7 @@ func (s *Shard) start() error {
 		s.id = lis.Addr().String()
 	}
 	gopts := cfg.GRPC
-	gopts.AdminMethods = server.AdminMethods
-	gopts.Ready = s.ready.Load
-	gopts.Telemetry = s.tel
-	srv, h, err := grpcserver.New(gopts, log)
+	srv, h, err := grpcserver.New(gopts, grpcserver.Wiring{Log: log, Telemetry: s.tel, Ready: s.ready.Load, AdminMethods: server.AdminMethods})
 	if err != nil {
 		return err
 	}
