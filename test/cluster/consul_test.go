@@ -23,7 +23,7 @@ func TestConsulOutage(t *testing.T) {
 	// no records may load it on a second shard.
 	const streamAdapter = "a13"
 	c.load(t, "s0", streamAdapter)
-	time.Sleep(routerCatchUp)
+	c.routerCaughtUp(t, r)
 	n := 0
 	// routeAll sends k requests for each adapter of home and checks each goes to its holder.
 	routeAll := func(what string, k int) {
@@ -137,7 +137,7 @@ func TestConsulOutage(t *testing.T) {
 		return c.routerViewSize(t, r) == 3
 	})
 	t.Logf("consul restarted: shards healthy with their residency republished and the router's view whole %v after the restart", converged.Round(time.Millisecond))
-	time.Sleep(routerCatchUp)
+	c.routerCaughtUp(t, r)
 	stopProbes()
 	routeAll("after-restart", 2)
 	mu.Lock()

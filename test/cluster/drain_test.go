@@ -22,7 +22,7 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	r := c.startRouter(t, "router", "-routing", "affinity")
 	const victim = "s1"
 	c.load(t, victim, "a03")
-	time.Sleep(routerCatchUp)
+	c.routerCaughtUp(t, r)
 	p := c.shard(victim)
 
 	// Two long streams on the victim: one straight from a client, one relayed by the router. SIGTERM

@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -203,6 +205,8 @@ type proc struct {
 	addr string
 	cmd  *exec.Cmd
 	out  *output
+	// metrics is the address of a router's Prometheus endpoint.
+	metrics string
 
 	exited   chan struct{}
 	waitErr  error
@@ -360,14 +364,105 @@ func (c *cluster) shard(id string) *proc {
 	panic("no shard " + id)
 }
 
-// startRouter starts a router watching the cluster's Consul and waits until its view holds every
-// live shard.
+// startRouter starts a router watching the cluster's Consul, with its metrics on a free port, and
+// waits until its view holds every live shard.
 func (c *cluster) startRouter(t *testing.T, name string, extra ...string) *proc {
 	t.Helper()
-	args := append([]string{"-consul", c.agent.HTTPAddr, "-listen", "127.0.0.1:0"}, extra...)
+	metrics := freeAddr(t)
+	args := append([]string{"-consul", c.agent.HTTPAddr, "-listen", "127.0.0.1:0", "-metrics-listen", metrics}, extra...)
 	r := startProc(t, name, c.fix.routerBin, "router serving", args...)
+	r.metrics = metrics
 	c.waitRouterView(t, r, len(c.shards), 30*time.Second)
 	return r
+}
+
+// freeAddr returns a loopback address that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	return lis.Addr().String()
+}
+
+// samples reads a router's /metrics and returns the values of the samples of one metric, by the
+// value of one of their labels ("" when the label is absent; samples sharing it are summed).
+func (p *proc) samples(t *testing.T, metric, label string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + p.metrics + "/metrics")
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		name, rest, ok := strings.Cut(line, "{")
+		if !ok {
+			name, rest, ok = strings.Cut(line, " ")
+			rest = "} " + rest
+		}
+		if !ok || name != metric {
+			continue
+		}
+		labels, value, _ := strings.Cut(rest, "} ")
+		var key string
+		for _, kv := range strings.Split(labels, ",") {
+			if k, v, ok := strings.Cut(kv, "="); ok && k == label {
+				key = strings.Trim(v, `"`)
+			}
+		}
+		var x float64
+		if _, err := fmt.Sscan(value, &x); err == nil {
+			out[key] += x
+		}
+	}
+	return out
+}
+
+// retries is how many requests a router has moved to another shard.
+func (p *proc) retries(t *testing.T) int {
+	return int(p.samples(t, "loraplex_router_retries_total", "")[""])
+}
+
+// routerCaughtUp waits until a router's view holds exactly the shards Consul calls passing, each
+// with a residency record at least as new as the one in Consul now: what a test must wait for
+// after changing residency or health, instead of sleeping.
+func (c *cluster) routerCaughtUp(t *testing.T, r *proc) time.Duration {
+	t.Helper()
+	want := map[string]uint64{}
+	ids, err := c.passing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		rec, err := c.record(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rec != nil {
+			want[id] = rec.Seq
+		} else {
+			want[id] = 0
+		}
+	}
+	return eventually(t, 10*time.Second, fmt.Sprintf("%s routes on consul's shards %v and their records", r.name, ids), func() bool {
+		got := r.samples(t, "loraplex_router_view_record_seq", "shard")
+		if len(got) != len(want) {
+			return false
+		}
+		for id, seq := range want {
+			if v, ok := got[id]; !ok || v < float64(seq) {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // routerViewSize is how many shards the router's view holds: its ListAdapters asks every shard in
@@ -454,13 +549,8 @@ func (c *cluster) load(t *testing.T, id string, adapters ...string) {
 	eventually(t, 5*time.Second, fmt.Sprintf("%s shows %v on the device in consul", id, adapters), func() bool { return c.onDevice(id, adapters...) })
 }
 
-// routerCatchUp is how long tests give routers to apply a Consul change they have just seen in
-// Consul themselves: the router's blocking queries return within milliseconds of a write, but it
-// exposes no view of residency to wait on.
-const routerCatchUp = 500 * time.Millisecond
-
 // eventually polls cond every 10ms until it holds, failing the test after within; it returns how
-// long it took.
+// long it took. It is the package's one polling helper.
 func eventually(t *testing.T, within time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()

@@ -35,7 +35,8 @@ func TestKillShardMidStream(t *testing.T) {
 	c.load(t, "s0", "a00")
 	c.load(t, victim, held...)
 	c.load(t, "s2", "a02")
-	time.Sleep(routerCatchUp)
+	c.routerCaughtUp(t, router)
+	c.routerCaughtUp(t, strict)
 
 	// One long stream per shard through the router; kill the victim once all have started.
 	var started sync.WaitGroup
@@ -80,7 +81,7 @@ func TestKillShardMidStream(t *testing.T) {
 
 	// Requests right after the kill, before Consul notices: the router still ranks the victim first
 	// for its adapters, finds it UNAVAILABLE and retries on another shard.
-	retriesBefore := router.out.count("retrying on next shard") + router.out.count("retrying stream on next shard")
+	retriesBefore := router.retries(t)
 	for i, a := range append(held, held...) {
 		resp, err := generate(router.gen(t), request(fmt.Sprintf("after-kill-%d", i), a, 4))
 		switch {
@@ -99,7 +100,7 @@ func TestKillShardMidStream(t *testing.T) {
 			t.Errorf("stream for %s right after the kill answered by the dead shard", a)
 		}
 	}
-	retries := router.out.count("retrying on next shard") + router.out.count("retrying stream on next shard") - retriesBefore
+	retries := router.retries(t) - retriesBefore
 	var strictFailed int
 	for i, a := range held {
 		if _, err := generate(strict.gen(t), request(fmt.Sprintf("strict-after-kill-%d", i), a, 4)); status.Code(err) == codes.Unavailable {
@@ -138,7 +139,7 @@ func TestKillShardMidStream(t *testing.T) {
 		defer mu.Unlock()
 		return critical > 0
 	})
-	time.Sleep(routerCatchUp)
+	c.routerCaughtUp(t, strict)
 	served := map[string]int{}
 	for i := range 20 {
 		a := held[i%len(held)]

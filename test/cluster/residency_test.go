@@ -37,7 +37,7 @@ func TestResidencyVisibleAndRouted(t *testing.T) {
 		t.Errorf("residency became visible after %v, want <= 1s", visible)
 	}
 
-	time.Sleep(routerCatchUp)
+	c.routerCaughtUp(t, r)
 	served := map[string]int{}
 	for i := range 10 {
 		resp, err := generate(r.gen(t), request(fmt.Sprintf("routed-a05-%d", i), "a05", 4))

@@ -30,20 +30,29 @@ func newOutliers(after int, base, max time.Duration) *outliers {
 	return &outliers{after: after, base: base, max: max, now: time.Now, shards: map[string]*outlier{}}
 }
 
-// admit reports whether a request may try the shard now; it makes that request the probe of a
-// shard whose ejection just ended.
-func (o *outliers) admit(id string) bool {
+// admit reports whether a request may try the shard now, and whether it is the probe of a shard
+// whose ejection just ended; a probe that is not tried after all must be released.
+func (o *outliers) admit(id string) (ok, probe bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	s := o.shards[id]
 	switch {
 	case s == nil || s.until.IsZero():
-		return true
+		return true, false
 	case o.now().Before(s.until) || s.probing:
-		return false
+		return false, false
 	}
 	s.probing = true
-	return true
+	return true, true
+}
+
+// release gives up a probe that was not tried (an earlier candidate served the request).
+func (o *outliers) release(id string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if s := o.shards[id]; s != nil {
+		s.probing = false
+	}
 }
 
 // ok records that the shard answered: it is back in, its faults forgotten. It reports whether the
@@ -96,4 +105,10 @@ func (o *outliers) ejected(id string) bool {
 	defer o.mu.Unlock()
 	s := o.shards[id]
 	return s != nil && !s.until.IsZero() && o.now().Before(s.until)
+}
+
+// admitted reports admit's verdict alone (tests).
+func (o *outliers) admitted(id string) bool {
+	ok, _ := o.admit(id)
+	return ok
 }

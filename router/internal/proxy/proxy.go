@@ -217,28 +217,45 @@ func mintID() string {
 }
 
 // candidates validates a request and orders the shards to try: the picker's order, less ejected
-// shards (unless every candidate is ejected: then the best one is tried anyway).
-func (p *Proxy) candidates(r genreq.Request) ([]picker.Shard, error) {
+// shards (unless every candidate is ejected: then the best one is tried anyway). The caller must
+// release the probes among them that it does not try.
+func (p *Proxy) candidates(r genreq.Request) (cands []picker.Shard, probes map[string]bool, err error) {
 	if err := genreq.Validate(r, p.deps.Limits); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	all := p.deps.Picker.Pick(picker.Request{AdapterID: r.GetAdapterId(), RequestID: r.GetRequestId()})
 	if len(all) == 0 {
-		return nil, ErrNoShard
+		return nil, nil, ErrNoShard
 	}
-	var out []picker.Shard
 	for _, s := range all {
-		if len(out) == p.opts.MaxAttempts {
+		if len(cands) == p.opts.MaxAttempts {
 			break
 		}
-		if p.outliers.admit(s.ID) {
-			out = append(out, s)
+		ok, probe := p.outliers.admit(s.ID)
+		if !ok {
+			continue
+		}
+		cands = append(cands, s)
+		if probe {
+			if probes == nil {
+				probes = map[string]bool{}
+			}
+			probes[s.ID] = true
 		}
 	}
-	if len(out) == 0 {
-		out = all[:1]
+	if len(cands) == 0 {
+		cands = all[:1]
 	}
-	return out, nil
+	return cands, probes, nil
+}
+
+// untried releases the probes among the candidates after the one tried last.
+func (p *Proxy) untried(cands []picker.Shard, probes map[string]bool, last int) {
+	for _, s := range cands[last+1:] {
+		if probes[s.ID] {
+			p.outliers.release(s.ID)
+		}
+	}
 }
 
 // attempt is one shard's try at a request, open until done is called.
@@ -315,7 +332,7 @@ func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*l
 	if r.GetRequestId() == "" {
 		r.RequestId = mintID()
 	}
-	cands, err := p.candidates(r)
+	cands, probes, err := p.candidates(r)
 	if err != nil {
 		return nil, statusOf(err)
 	}
@@ -325,9 +342,11 @@ func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*l
 			return false, a.cs.RecvMsg(resp)
 		})
 		if err == nil {
+			p.untried(cands, probes, i)
 			return resp, nil
 		}
 		if !retryable(err, false) || ctx.Err() != nil || i == len(cands)-1 {
+			p.untried(cands, probes, i)
 			break
 		}
 		p.retried(r, s, i, err)
@@ -340,7 +359,7 @@ func (p *Proxy) GenerateStream(r *loraplexv1.GenerateStreamRequest, out loraplex
 	if r.GetRequestId() == "" {
 		r.RequestId = mintID()
 	}
-	cands, err := p.candidates(r)
+	cands, probes, err := p.candidates(r)
 	if err != nil {
 		return statusOf(err)
 	}
@@ -363,6 +382,7 @@ func (p *Proxy) GenerateStream(r *loraplexv1.GenerateStreamRequest, out loraplex
 			}
 		})
 		if !retryable(err, sent) || ctx.Err() != nil || i == len(cands)-1 {
+			p.untried(cands, probes, i)
 			break
 		}
 		p.retried(r, s, i, err)

@@ -478,25 +478,29 @@ func TestEjectionBacksOff(t *testing.T) {
 	now := time.Unix(0, 0)
 	o := newOutliers(2, time.Second, 4*time.Second)
 	o.now = func() time.Time { return now }
-	if d := o.fault("s"); d != 0 || !o.admit("s") {
+	if d := o.fault("s"); d != 0 || !o.admitted("s") {
 		t.Fatalf("one fault: ejected for %v", d)
 	}
 	for _, want := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 4 * time.Second} {
 		if d := o.fault("s"); d != want {
 			t.Fatalf("ejected for %v, want %v", d, want)
 		}
-		if o.admit("s") {
+		if o.admitted("s") {
 			t.Fatal("admitted while ejected")
 		}
 		now = now.Add(want)
-		if !o.admit("s") {
+		if ok, probe := o.admit("s"); !ok || !probe {
 			t.Fatal("no probe after the period")
 		}
-		if o.admit("s") {
+		if o.admitted("s") {
 			t.Fatal("a second request admitted while one probes")
 		}
+		o.release("s") // the probe was not tried after all
+		if ok, probe := o.admit("s"); !ok || !probe {
+			t.Fatal("no new probe after one was released")
+		}
 	}
-	if !o.ok("s") || !o.admit("s") || o.ejected("s") {
+	if !o.ok("s") || !o.admitted("s") || o.ejected("s") {
 		t.Fatal("not back in after an answer")
 	}
 	if d := o.fault("s"); d != 0 {
