@@ -47,7 +47,7 @@ func (c *utf8Codec) Unmarshal(data mem.BufferSlice, v any) error {
 	if !ok {
 		return err
 	}
-	fixed, path, ok := sanitizeUTF8(data.Materialize(), m.ProtoReflect().Descriptor(), "")
+	fixed, path, ok := sanitizeUTF8(data.Materialize(), m.ProtoReflect().Descriptor(), "", 0)
 	if !ok || path == "" {
 		return err // malformed for another reason: grpc-go's answer stands
 	}
@@ -93,10 +93,17 @@ func (s *utf8Stream) RecvMsg(m any) error {
 	return s.c.check(m)
 }
 
+// maxNesting bounds the message nesting the lenient decoder walks (protobuf-go's default limit).
+const maxNesting = 10000
+
 // sanitizeUTF8 rewrites the wire-format message b of type md with every string field made valid
 // UTF-8 (invalid bytes become U+FFFD) and returns the path of the first field it changed ("" when
-// none), as "stopping.stop_sequences[1]". ok is false when b is not well-formed.
-func sanitizeUTF8(b []byte, md protoreflect.MessageDescriptor, prefix string) (out []byte, first string, ok bool) {
+// none), as "stopping.stop_sequences[1]". ok is false when b is not well-formed or nests messages
+// deeper than maxNesting (proto's own decoder refuses deeper ones too).
+func sanitizeUTF8(b []byte, md protoreflect.MessageDescriptor, prefix string, depth int) (out []byte, first string, ok bool) {
+	if depth > maxNesting {
+		return nil, "", false
+	}
 	out = make([]byte, 0, len(b))
 	seen := map[protowire.Number]int{}
 	for len(b) > 0 {
@@ -126,7 +133,7 @@ func sanitizeUTF8(b []byte, md protoreflect.MessageDescriptor, prefix string) (o
 		}
 		out = protowire.AppendTag(out, num, typ)
 		if fd.Kind() == protoreflect.MessageKind {
-			sub, bad, ok := sanitizeUTF8(v, fd.Message(), name+".")
+			sub, bad, ok := sanitizeUTF8(v, fd.Message(), name+".", depth+1)
 			if !ok {
 				return nil, "", false
 			}

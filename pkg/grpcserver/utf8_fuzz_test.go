@@ -20,13 +20,13 @@ func FuzzSanitizeUTF8(f *testing.F) {
 	f.Add([]byte{0x32, 0x05, 0x12, 0x02, 0xc3, 0x28, 0x01}) // truncated nested message
 	md := (&loraplexv1.GenerateStreamRequest{}).ProtoReflect().Descriptor()
 	f.Fuzz(func(t *testing.T, b []byte) {
-		out, bad, ok := sanitizeUTF8(b, md, "")
+		out, bad, ok := sanitizeUTF8(b, md, "", 0)
 		valid := proto.Unmarshal(b, &loraplexv1.GenerateStreamRequest{}) == nil
 		if valid && (!ok || bad != "") {
 			t.Fatalf("a valid message: ok %v, bad %q", ok, bad)
 		}
 		if ok && bad != "" {
-			if again, left, ok := sanitizeUTF8(out, md, ""); !ok || left != "" || !bytes.Equal(again, out) {
+			if again, left, ok := sanitizeUTF8(out, md, "", 0); !ok || left != "" || !bytes.Equal(again, out) {
 				t.Fatalf("sanitized output still has a bad field: ok %v, %q", ok, left)
 			}
 		}
