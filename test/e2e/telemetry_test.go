@@ -46,10 +46,7 @@ func TestTraceCrossesRouterToShard(t *testing.T) {
 			break
 		}
 	}
-	var server []tracetest.SpanStub
-	for _, s := range byName[method] {
-		server = append(server, s)
-	}
+	server := append([]tracetest.SpanStub(nil), byName[method]...)
 	if len(server) < 3 { // router server, router client, shard server
 		t.Fatalf("want router server, router client and shard server spans named %s, got %d (all: %v)", method, len(server), names(spans))
 	}
@@ -62,7 +59,7 @@ func TestTraceCrossesRouterToShard(t *testing.T) {
 	if acq := byName["adapter.acquire"]; len(acq) == 1 {
 		attrs := map[string]string{}
 		for _, kv := range acq[0].Attributes {
-			attrs[string(kv.Key)] = kv.Value.Emit()
+			attrs[string(kv.Key)] = kv.Value.String()
 		}
 		if attrs["adapter.id"] != "qv-r8" || attrs["adapter.tier"] != "none" || attrs["adapter.bytes"] == "" {
 			t.Errorf("adapter.acquire attributes %v: want the id, tier none (first use) and bytes", attrs)
