@@ -17,7 +17,7 @@ type server struct {
 	stopped bool
 }
 
-func (s *server) Done() <-chan error      { return s.done }
+func (s *server) Done() <-chan error       { return s.done }
 func (s *server) Stop(ctx context.Context) { s.stopped = true }
 
 func TestRunExitStatus(t *testing.T) {

@@ -43,7 +43,7 @@ func TestRegistry(t *testing.T) {
 	dir := t.TempDir()
 	for _, c := range []struct {
 		name, config, want string
-		err             error
+		err                error
 	}{
 		{"llama", `{"model_type": "llama"}`, "llama", nil},
 		{"mistral", `{"model_type": "mistral"}`, "mistral", nil},
