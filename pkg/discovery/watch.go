@@ -81,6 +81,7 @@ func (w *Watcher) expire(ctx context.Context) {
 	tick := time.NewTicker(max(w.o.RecordMaxAge/8, 10*time.Millisecond))
 	defer tick.Stop()
 	var last Snapshot
+	warned := map[string]bool{} // shards whose record is too old, warned about once
 	for {
 		select {
 		case <-ctx.Done():
@@ -90,6 +91,16 @@ func (w *Watcher) expire(ctx context.Context) {
 		w.mu.Lock()
 		ready := w.haveInst && w.haveRecs
 		snap := w.snapshotLocked()
+		for id, r := range w.records {
+			switch _, fresh := snap.Records[id]; {
+			case !fresh && !warned[id]:
+				warned[id] = true
+				w.log.Warn("ignoring a residency record older than -residency-max-age (the shard's publishes fail, or its clock is behind)",
+					zap.String("shard", id), zap.Time("published", time.UnixMilli(r.UnixMillis)), zap.Duration("max_age", w.o.RecordMaxAge))
+			case fresh:
+				delete(warned, id)
+			}
+		}
 		w.mu.Unlock()
 		if ready && (len(snap.Instances) != len(last.Instances) || len(snap.Records) != len(last.Records)) {
 			w.emit()

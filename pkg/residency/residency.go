@@ -7,8 +7,9 @@
 // Compatibility: the record carries a major schema version ("schema") and a minor one ("minor").
 // Readers accept every record of their major version, whatever its minor, and ignore fields they do
 // not know; a new major is for changes old readers must refuse. Minor 1 (this release) lists
-// adapters in per-tier arrays with a shared size table, about id length + 6 bytes per adapter, so a
-// shard with 10,000 adapters of ids up to about 40 bytes fits Consul's 512 KiB value limit. Readers
+// adapters in per-tier arrays with a shared size table, about id length + 6 to 9 bytes per adapter,
+// so a shard with 10,000 adapters of ids up to about 40 bytes fits Consul's 512 KiB value limit; a
+// larger record is truncated, not refused (see Encode). Readers
 // of minor 0 (the previous release, which know only the "adapters" list) still read a minor-1
 // record's load, capacity and draining fields and route on load alone until they are upgraded; this
 // release reads both forms.
