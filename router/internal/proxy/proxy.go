@@ -334,7 +334,7 @@ func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*l
 	}
 	cands, probes, err := p.candidates(r)
 	if err != nil {
-		return nil, statusOf(err)
+		return nil, p.finish(r, err)
 	}
 	for i, s := range cands {
 		resp := &loraplexv1.GenerateResponse{}
@@ -343,7 +343,7 @@ func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*l
 		})
 		if err == nil {
 			p.untried(cands, probes, i)
-			return resp, nil
+			return resp, p.finish(r, nil)
 		}
 		if !retryable(err, false) || ctx.Err() != nil || i == len(cands)-1 {
 			p.untried(cands, probes, i)
@@ -351,7 +351,7 @@ func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*l
 		}
 		p.retried(r, s, i, err)
 	}
-	return nil, statusOf(err)
+	return nil, p.finish(r, err)
 }
 
 // GenerateStream implements loraplex.v1.GenerationService.
@@ -361,7 +361,7 @@ func (p *Proxy) GenerateStream(r *loraplexv1.GenerateStreamRequest, out loraplex
 	}
 	cands, probes, err := p.candidates(r)
 	if err != nil {
-		return statusOf(err)
+		return p.finish(r, err)
 	}
 	ctx := out.Context()
 	for i, s := range cands {
@@ -388,9 +388,26 @@ func (p *Proxy) GenerateStream(r *loraplexv1.GenerateStreamRequest, out loraplex
 		p.retried(r, s, i, err)
 	}
 	if ce := (*clientError)(nil); errors.As(err, &ce) {
-		return ce.err // the client's stream failed: nobody to tell
+		p.log.Debug("client went away", zap.String("request_id", r.GetRequestId()), zap.String("adapter_id", r.GetAdapterId()), zap.Error(err))
+		return ce.err // nobody to tell
 	}
-	return statusOf(err)
+	return p.finish(r, err)
+}
+
+// finish maps a request's outcome to the client's status and logs it with the request's ids, so
+// the router's lines join the shard's (the error logged keeps the shard's address for operators).
+func (p *Proxy) finish(r genreq.Request, err error) error {
+	st := statusOf(err)
+	fields := []zap.Field{zap.String("request_id", r.GetRequestId()), zap.String("adapter_id", r.GetAdapterId())}
+	switch code := status.Code(st); code {
+	case codes.OK:
+		p.log.Debug("request relayed", fields...)
+	case codes.Canceled, codes.DeadlineExceeded, codes.InvalidArgument, codes.NotFound:
+		p.log.Debug("request failed", append(fields, zap.Stringer("code", code), zap.Error(err))...)
+	default:
+		p.log.Info("request failed", append(fields, zap.Stringer("code", code), zap.Error(err))...)
+	}
+	return st
 }
 
 // clientError is a failure to send to the client, not the shard's.
