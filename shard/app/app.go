@@ -1,6 +1,6 @@
 // Package app assembles a shard: it loads the model and tokenizer onto a backend, opens the adapter
 // store, starts the engine and serves loraplex.v1 over gRPC with health and reflection. The shard
-// binary and the dev cluster (cmd/loraplex) call it; options come from flags only here.
+// binary and the dev cluster (cmd/internal/devcluster) call it; options come from flags only here.
 package app
 
 import (

@@ -70,7 +70,7 @@ func (x extracted) promptTokens(t *testing.T, text string) int {
 	return len(ids)
 }
 
-// cluster is a router in front of shards, all in this process, like `loraplex dev`.
+// cluster is a router in front of shards, all in this process, like `loraplex-dev`.
 type cluster struct {
 	extracted
 	shards   []*shardapp.Shard
