@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"unicode/utf8"
 
@@ -30,6 +31,7 @@ type Request interface {
 	GetAdapterId() string
 	GetText() string
 	GetTokenIds() *loraplexv1.TokenIds
+	GetChat() *loraplexv1.ChatMessages
 	GetSampling() *loraplexv1.SamplingParams
 	GetStopping() *loraplexv1.StoppingCriteria
 	GetOutput() *loraplexv1.OutputOptions
@@ -47,6 +49,8 @@ type Limits struct {
 	MaxRequestIDBytes    int
 	MaxAdapterIDBytes    int
 	MaxPromptBytes       int
+	MaxChatMessages      int
+	MaxChatNameBytes     int
 	MaxPromptTokens      int
 	MaxNewTokens         int
 	MaxStopSequences     int
@@ -62,6 +66,7 @@ type Limits struct {
 func DefaultLimits() Limits {
 	return Limits{
 		MaxRequestIDBytes: 128, MaxAdapterIDBytes: 128, MaxPromptBytes: 256 << 10, MaxPromptTokens: 32768,
+		MaxChatMessages: 1024, MaxChatNameBytes: 64,
 		MaxNewTokens: 4096, MaxStopSequences: 8, MaxStopSequenceLen: 64, MaxStopTokenIDs: 32, MaxTopK: 1000,
 		MaxTopLogprobs: 5, MaxTemperature: 100, MaxRepetitionPenalty: 10,
 	}
@@ -72,6 +77,8 @@ func (l *Limits) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&l.MaxRequestIDBytes, "max-request-id-bytes", l.MaxRequestIDBytes, "limit: bytes of a request_id")
 	fs.IntVar(&l.MaxAdapterIDBytes, "max-adapter-id-bytes", l.MaxAdapterIDBytes, "limit: bytes of an adapter_id")
 	fs.IntVar(&l.MaxPromptBytes, "max-prompt-bytes", l.MaxPromptBytes, "limit: bytes of a text prompt")
+	fs.IntVar(&l.MaxChatMessages, "max-chat-messages", l.MaxChatMessages, "limit: entries of chat.messages (their contents count toward -max-prompt-bytes)")
+	fs.IntVar(&l.MaxChatNameBytes, "max-chat-name-bytes", l.MaxChatNameBytes, "limit: bytes of a chat message's name")
 	fs.IntVar(&l.MaxPromptTokens, "max-prompt-tokens", l.MaxPromptTokens, "limit: ids of a token_ids prompt")
 	fs.IntVar(&l.MaxNewTokens, "max-new-tokens", l.MaxNewTokens, "limit: stopping.max_new_tokens (the model's context bounds it too)")
 	fs.IntVar(&l.MaxStopSequences, "max-stop-sequences", l.MaxStopSequences, "limit: entries of stopping.stop_sequences")
@@ -105,7 +112,8 @@ func (l Limits) Validate() error {
 		v, least int
 	}{
 		{"max-request-id-bytes", l.MaxRequestIDBytes, 0}, {"max-adapter-id-bytes", l.MaxAdapterIDBytes, 0},
-		{"max-prompt-bytes", l.MaxPromptBytes, 1}, {"max-prompt-tokens", l.MaxPromptTokens, 1}, {"max-new-tokens", l.MaxNewTokens, 1},
+		{"max-prompt-bytes", l.MaxPromptBytes, 1}, {"max-prompt-tokens", l.MaxPromptTokens, 1},
+		{"max-chat-messages", l.MaxChatMessages, 1}, {"max-chat-name-bytes", l.MaxChatNameBytes, 0}, {"max-new-tokens", l.MaxNewTokens, 1},
 		{"max-stop-sequences", l.MaxStopSequences, 0}, {"max-stop-sequence-bytes", l.MaxStopSequenceLen, 1},
 		{"max-stop-token-ids", l.MaxStopTokenIDs, 0}, {"max-top-k", l.MaxTopK, 0}, {"max-top-logprobs", l.MaxTopLogprobs, 0},
 	} {
@@ -162,7 +170,11 @@ func Validate(r Request, l Limits) error {
 	if err := ValidAdapterID(r.GetAdapterId(), l.MaxAdapterIDBytes); err != nil {
 		return err
 	}
-	if ids := r.GetTokenIds(); ids != nil {
+	if chat := r.GetChat(); chat != nil {
+		if err := validateChat(chat, l); err != nil {
+			return err
+		}
+	} else if ids := r.GetTokenIds(); ids != nil {
 		switch n := len(ids.GetIds()); {
 		case n == 0:
 			return invalid("token_ids", "is empty")
@@ -209,6 +221,36 @@ func Validate(r Request, l Limits) error {
 	return nil
 }
 
+// ChatRoles are the roles a chat message may have.
+var ChatRoles = []string{"system", "user", "assistant"}
+
+// validateChat checks a chat prompt: 1 to MaxChatMessages messages with a known role, names within
+// MaxChatNameBytes, and contents that add up to at most MaxPromptBytes (what a text prompt may be;
+// the template adds its own markup on top).
+func validateChat(chat *loraplexv1.ChatMessages, l Limits) error {
+	msgs := chat.GetMessages()
+	switch n := len(msgs); {
+	case n == 0:
+		return invalid("chat.messages", "is empty: a prompt is required")
+	case n > l.MaxChatMessages:
+		return invalid("chat.messages", "has %d messages, limit %d", n, l.MaxChatMessages)
+	}
+	total := 0
+	for i, m := range msgs {
+		if !slices.Contains(ChatRoles, m.GetRole()) {
+			return invalid(fmt.Sprintf("chat.messages[%d].role", i), "= %q, must be one of %q", m.GetRole(), ChatRoles)
+		}
+		if n := len(m.GetName()); n > l.MaxChatNameBytes {
+			return invalid(fmt.Sprintf("chat.messages[%d].name", i), "is %d bytes, limit %d", n, l.MaxChatNameBytes)
+		}
+		total += len(m.GetContent())
+		if total > l.MaxPromptBytes {
+			return invalid(fmt.Sprintf("chat.messages[%d].content", i), "brings the contents to %d bytes, limit %d", total, l.MaxPromptBytes)
+		}
+	}
+	return nil
+}
+
 // Model is what a shard knows of the model it serves, for ValidateForModel.
 type Model struct {
 	VocabSize int
@@ -236,7 +278,7 @@ func ValidateForModel(r Request, promptTokens int, m Model) error {
 		}
 	}
 	if promptTokens == 0 {
-		return invalid("text", "encodes to no tokens")
+		return invalid(promptField(r), "encodes to no tokens")
 	}
 	maxNew := int(r.GetStopping().GetMaxNewTokens())
 	limit, what := m.ContextTokens, "the model context"
@@ -245,14 +287,21 @@ func ValidateForModel(r Request, promptTokens int, m Model) error {
 	}
 	switch {
 	case maxNew == 0 && promptTokens >= limit:
-		field := "text"
-		if r.GetTokenIds() != nil {
-			field = "token_ids"
-		}
-		return invalid(field, "is %d tokens: it leaves no room for a new token in %s of %d tokens", promptTokens, what, limit)
+		return invalid(promptField(r), "is %d tokens: it leaves no room for a new token in %s of %d tokens", promptTokens, what, limit)
 	case promptTokens+maxNew > limit:
 		return invalid("stopping.max_new_tokens", "= %d: with a prompt of %d tokens it exceeds %s of %d tokens",
 			maxNew, promptTokens, what, limit)
 	}
 	return nil
+}
+
+// promptField names the prompt a request carries, for errors about its tokenized length.
+func promptField(r Request) string {
+	switch {
+	case r.GetChat() != nil:
+		return "chat"
+	case r.GetTokenIds() != nil:
+		return "token_ids"
+	}
+	return "text"
 }

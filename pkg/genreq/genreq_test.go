@@ -45,11 +45,35 @@ func TestValidateAcceptsValidRequests(t *testing.T) {
 		"token ids":         tokens,
 		"stream, nil parts": stream,
 		"every limit":       atLimits,
+		"chat at its limits": func() Request {
+			r := valid()
+			msgs := repeatMsg(msg("user", ""), l.MaxChatMessages)
+			msgs[0] = &loraplexv1.ChatMessage{Role: "system", Content: strings.Repeat("c", l.MaxPromptBytes), Name: strings.Repeat("n", l.MaxChatNameBytes)}
+			msgs[1].Role = "assistant"
+			r.Prompt = chat(msgs...)
+			return r
+		}(),
 	} {
 		if err := Validate(r, l); err != nil {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
+}
+
+func msg(role, content string) *loraplexv1.ChatMessage {
+	return &loraplexv1.ChatMessage{Role: role, Content: content}
+}
+
+func repeatMsg(m *loraplexv1.ChatMessage, n int) []*loraplexv1.ChatMessage {
+	out := make([]*loraplexv1.ChatMessage, n)
+	for i := range out {
+		out[i] = &loraplexv1.ChatMessage{Role: m.Role, Content: m.Content}
+	}
+	return out
+}
+
+func chat(m ...*loraplexv1.ChatMessage) *loraplexv1.GenerateRequest_Chat {
+	return &loraplexv1.GenerateRequest_Chat{Chat: &loraplexv1.ChatMessages{Messages: m}}
 }
 
 func repeat(s string, n int) []string {
@@ -105,6 +129,22 @@ func TestValidateLimits(t *testing.T) {
 		{"long stop sequence", func(r *loraplexv1.GenerateRequest) { r.Stopping.StopSequences = []string{strings.Repeat("s", 65)} }, "stopping.stop_sequences[0]", "64"},
 		{"too many stop token ids", func(r *loraplexv1.GenerateRequest) { r.Stopping.StopTokenIds = make([]uint32, 33) }, "stopping.stop_token_ids", "32"},
 		{"top_logprobs", func(r *loraplexv1.GenerateRequest) { r.Output.TopLogprobs = 6 }, "output.top_logprobs", "5"},
+		{"empty chat", func(r *loraplexv1.GenerateRequest) { r.Prompt = chat() }, "chat.messages", "empty"},
+		{"too many chat messages", func(r *loraplexv1.GenerateRequest) {
+			r.Prompt = chat(make([]*loraplexv1.ChatMessage, 1025)...)
+		}, "chat.messages", "1024"},
+		{"unknown chat role", func(r *loraplexv1.GenerateRequest) {
+			r.Prompt = chat(msg("system", "be brief"), msg("user", "hi"), msg("tool", "{}"))
+		}, "chat.messages[2].role", `"system" "user" "assistant"`},
+		{"empty chat role", func(r *loraplexv1.GenerateRequest) { r.Prompt = chat(msg("", "hi")) }, "chat.messages[0].role", "one of"},
+		{"chat name too long", func(r *loraplexv1.GenerateRequest) {
+			m := msg("user", "hi")
+			m.Name = strings.Repeat("n", 65)
+			r.Prompt = chat(msg("user", "a"), m)
+		}, "chat.messages[1].name", "64"},
+		{"chat contents too long", func(r *loraplexv1.GenerateRequest) {
+			r.Prompt = chat(msg("user", strings.Repeat("x", 256<<10)), msg("assistant", "y"))
+		}, "chat.messages[1].content", "262144"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -284,6 +324,16 @@ func TestValidateForModel(t *testing.T) {
 			return r
 		}(), 3, m, []string{"stopping.stop_token_ids[1]", "4096", "vocabulary size 1024"}},
 		{"text of no tokens", valid(), 0, m, []string{"text", "no tokens"}},
+		{"chat of no tokens", func() *loraplexv1.GenerateRequest {
+			r := valid()
+			r.Prompt = chat(msg("user", ""))
+			return r
+		}(), 0, m, []string{"chat", "no tokens"}},
+		{"chat fills the cache", func() *loraplexv1.GenerateRequest {
+			r := withMaxNew(valid(), 0)
+			r.Prompt = chat(msg("user", "hi"))
+			return r
+		}(), 512, m, []string{"chat is 512 tokens", "no room", "KV cache"}},
 		{"over the KV cache", withMaxNew(valid(), 501), 12, m, []string{"stopping.max_new_tokens", "501", "12", "KV cache", "512"}},
 		{"over the context", withMaxNew(valid(), 1020), 13, Model{VocabSize: 1024, ContextTokens: 1024, CacheTokens: 4096},
 			[]string{"stopping.max_new_tokens", "1020", "13", "model context", "1024"}},

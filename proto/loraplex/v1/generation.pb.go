@@ -100,12 +100,15 @@ type GenerateRequest struct {
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// The LoRA adapter to apply; empty selects the base model. Letters, digits, '.', '_' and '-' only.
 	AdapterId string `protobuf:"bytes,2,opt,name=adapter_id,json=adapterId,proto3" json:"adapter_id,omitempty"`
-	// The prompt, as text (tokenized by the server, special tokens added) or as token ids (used as is).
+	// The prompt, as text (tokenized by the server, special tokens added), as token ids (used as is), or
+	// as chat messages (rendered with the model's chat template, then tokenized without adding special
+	// tokens: the template places them).
 	//
 	// Types that are valid to be assigned to Prompt:
 	//
 	//	*GenerateRequest_Text
 	//	*GenerateRequest_TokenIds
+	//	*GenerateRequest_Chat
 	Prompt isGenerateRequest_Prompt `protobuf_oneof:"prompt"`
 	// How the next token is chosen.
 	Sampling *SamplingParams `protobuf:"bytes,5,opt,name=sampling,proto3" json:"sampling,omitempty"`
@@ -186,6 +189,15 @@ func (x *GenerateRequest) GetTokenIds() *TokenIds {
 	return nil
 }
 
+func (x *GenerateRequest) GetChat() *ChatMessages {
+	if x != nil {
+		if x, ok := x.Prompt.(*GenerateRequest_Chat); ok {
+			return x.Chat
+		}
+	}
+	return nil
+}
+
 func (x *GenerateRequest) GetSampling() *SamplingParams {
 	if x != nil {
 		return x.Sampling
@@ -219,9 +231,15 @@ type GenerateRequest_TokenIds struct {
 	TokenIds *TokenIds `protobuf:"bytes,4,opt,name=token_ids,json=tokenIds,proto3,oneof"`
 }
 
+type GenerateRequest_Chat struct {
+	Chat *ChatMessages `protobuf:"bytes,8,opt,name=chat,proto3,oneof"`
+}
+
 func (*GenerateRequest_Text) isGenerateRequest_Prompt() {}
 
 func (*GenerateRequest_TokenIds) isGenerateRequest_Prompt() {}
+
+func (*GenerateRequest_Chat) isGenerateRequest_Prompt() {}
 
 // GenerateStreamRequest is the streaming counterpart of GenerateRequest, with the same fields.
 type GenerateStreamRequest struct {
@@ -232,6 +250,7 @@ type GenerateStreamRequest struct {
 	//
 	//	*GenerateStreamRequest_Text
 	//	*GenerateStreamRequest_TokenIds
+	//	*GenerateStreamRequest_Chat
 	Prompt        isGenerateStreamRequest_Prompt `protobuf_oneof:"prompt"`
 	Sampling      *SamplingParams                `protobuf:"bytes,5,opt,name=sampling,proto3" json:"sampling,omitempty"`
 	Stopping      *StoppingCriteria              `protobuf:"bytes,6,opt,name=stopping,proto3" json:"stopping,omitempty"`
@@ -309,6 +328,15 @@ func (x *GenerateStreamRequest) GetTokenIds() *TokenIds {
 	return nil
 }
 
+func (x *GenerateStreamRequest) GetChat() *ChatMessages {
+	if x != nil {
+		if x, ok := x.Prompt.(*GenerateStreamRequest_Chat); ok {
+			return x.Chat
+		}
+	}
+	return nil
+}
+
 func (x *GenerateStreamRequest) GetSampling() *SamplingParams {
 	if x != nil {
 		return x.Sampling
@@ -342,9 +370,15 @@ type GenerateStreamRequest_TokenIds struct {
 	TokenIds *TokenIds `protobuf:"bytes,4,opt,name=token_ids,json=tokenIds,proto3,oneof"`
 }
 
+type GenerateStreamRequest_Chat struct {
+	Chat *ChatMessages `protobuf:"bytes,8,opt,name=chat,proto3,oneof"`
+}
+
 func (*GenerateStreamRequest_Text) isGenerateStreamRequest_Prompt() {}
 
 func (*GenerateStreamRequest_TokenIds) isGenerateStreamRequest_Prompt() {}
+
+func (*GenerateStreamRequest_Chat) isGenerateStreamRequest_Prompt() {}
 
 // TokenIds is a pre-tokenized prompt.
 type TokenIds struct {
@@ -391,6 +425,128 @@ func (x *TokenIds) GetIds() []uint32 {
 	return nil
 }
 
+// ChatMessages is a conversation, rendered into the prompt by the served model's chat template (as
+// transformers' apply_chat_template does). A model without a chat template refuses it with
+// INVALID_ARGUMENT, and so does a template that raises an error (with its message).
+type ChatMessages struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The conversation, oldest first; at least one message.
+	Messages []*ChatMessage `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	// Whether the prompt ends with the template's opening of an assistant turn, so the model answers
+	// (transformers' add_generation_prompt). Unset means true.
+	AddGenerationPrompt *bool `protobuf:"varint,2,opt,name=add_generation_prompt,json=addGenerationPrompt,proto3,oneof" json:"add_generation_prompt,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *ChatMessages) Reset() {
+	*x = ChatMessages{}
+	mi := &file_loraplex_v1_generation_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessages) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessages) ProtoMessage() {}
+
+func (x *ChatMessages) ProtoReflect() protoreflect.Message {
+	mi := &file_loraplex_v1_generation_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessages.ProtoReflect.Descriptor instead.
+func (*ChatMessages) Descriptor() ([]byte, []int) {
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ChatMessages) GetMessages() []*ChatMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+func (x *ChatMessages) GetAddGenerationPrompt() bool {
+	if x != nil && x.AddGenerationPrompt != nil {
+		return *x.AddGenerationPrompt
+	}
+	return false
+}
+
+// ChatMessage is one turn of a conversation.
+type ChatMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "system", "user" or "assistant".
+	Role string `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
+	// The text of the turn.
+	Content string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	// Optional name of the participant, passed to the template as message.name when set.
+	Name          string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChatMessage) Reset() {
+	*x = ChatMessage{}
+	mi := &file_loraplex_v1_generation_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessage) ProtoMessage() {}
+
+func (x *ChatMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_loraplex_v1_generation_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
+func (*ChatMessage) Descriptor() ([]byte, []int) {
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ChatMessage) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetContent() string {
+	if x != nil {
+		return x.Content
+	}
+	return ""
+}
+
+func (x *ChatMessage) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 // SamplingParams selects the next token. The zero message is greedy decoding.
 type SamplingParams struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -412,7 +568,7 @@ type SamplingParams struct {
 
 func (x *SamplingParams) Reset() {
 	*x = SamplingParams{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[3]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -424,7 +580,7 @@ func (x *SamplingParams) String() string {
 func (*SamplingParams) ProtoMessage() {}
 
 func (x *SamplingParams) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[3]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -437,7 +593,7 @@ func (x *SamplingParams) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SamplingParams.ProtoReflect.Descriptor instead.
 func (*SamplingParams) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{3}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SamplingParams) GetTemperature() float32 {
@@ -493,7 +649,7 @@ type StoppingCriteria struct {
 
 func (x *StoppingCriteria) Reset() {
 	*x = StoppingCriteria{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[4]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -505,7 +661,7 @@ func (x *StoppingCriteria) String() string {
 func (*StoppingCriteria) ProtoMessage() {}
 
 func (x *StoppingCriteria) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[4]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -518,7 +674,7 @@ func (x *StoppingCriteria) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoppingCriteria.ProtoReflect.Descriptor instead.
 func (*StoppingCriteria) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{4}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StoppingCriteria) GetMaxNewTokens() uint32 {
@@ -562,7 +718,7 @@ type OutputOptions struct {
 
 func (x *OutputOptions) Reset() {
 	*x = OutputOptions{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[5]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -574,7 +730,7 @@ func (x *OutputOptions) String() string {
 func (*OutputOptions) ProtoMessage() {}
 
 func (x *OutputOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[5]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -587,7 +743,7 @@ func (x *OutputOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutputOptions.ProtoReflect.Descriptor instead.
 func (*OutputOptions) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{5}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *OutputOptions) GetTopLogprobs() uint32 {
@@ -623,7 +779,7 @@ type Token struct {
 
 func (x *Token) Reset() {
 	*x = Token{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[6]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -635,7 +791,7 @@ func (x *Token) String() string {
 func (*Token) ProtoMessage() {}
 
 func (x *Token) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[6]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -648,7 +804,7 @@ func (x *Token) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Token.ProtoReflect.Descriptor instead.
 func (*Token) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{6}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Token) GetId() uint32 {
@@ -698,7 +854,7 @@ type TopLogprob struct {
 
 func (x *TopLogprob) Reset() {
 	*x = TopLogprob{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[7]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -710,7 +866,7 @@ func (x *TopLogprob) String() string {
 func (*TopLogprob) ProtoMessage() {}
 
 func (x *TopLogprob) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[7]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -723,7 +879,7 @@ func (x *TopLogprob) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopLogprob.ProtoReflect.Descriptor instead.
 func (*TopLogprob) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{7}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *TopLogprob) GetId() uint32 {
@@ -758,7 +914,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[8]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -770,7 +926,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[8]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -783,7 +939,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{8}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Usage) GetPromptTokens() uint32 {
@@ -815,7 +971,7 @@ type Timings struct {
 
 func (x *Timings) Reset() {
 	*x = Timings{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[9]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -827,7 +983,7 @@ func (x *Timings) String() string {
 func (*Timings) ProtoMessage() {}
 
 func (x *Timings) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[9]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -840,7 +996,7 @@ func (x *Timings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Timings.ProtoReflect.Descriptor instead.
 func (*Timings) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{9}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Timings) GetQueue() *durationpb.Duration {
@@ -886,7 +1042,7 @@ type GenerateResponse struct {
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[10]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -898,7 +1054,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[10]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -911,7 +1067,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{10}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GenerateResponse) GetRequestId() string {
@@ -995,7 +1151,7 @@ type GenerateStreamResponse struct {
 
 func (x *GenerateStreamResponse) Reset() {
 	*x = GenerateStreamResponse{}
-	mi := &file_loraplex_v1_generation_proto_msgTypes[11]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1163,7 @@ func (x *GenerateStreamResponse) String() string {
 func (*GenerateStreamResponse) ProtoMessage() {}
 
 func (x *GenerateStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_loraplex_v1_generation_proto_msgTypes[11]
+	mi := &file_loraplex_v1_generation_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1176,7 @@ func (x *GenerateStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateStreamResponse.ProtoReflect.Descriptor instead.
 func (*GenerateStreamResponse) Descriptor() ([]byte, []int) {
-	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{11}
+	return file_loraplex_v1_generation_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GenerateStreamResponse) GetRequestId() string {
@@ -1083,31 +1239,41 @@ var File_loraplex_v1_generation_proto protoreflect.FileDescriptor
 
 const file_loraplex_v1_generation_proto_rawDesc = "" +
 	"\n" +
-	"\x1cloraplex/v1/generation.proto\x12\vloraplex.v1\x1a\x1egoogle/protobuf/duration.proto\"\xcd\x02\n" +
+	"\x1cloraplex/v1/generation.proto\x12\vloraplex.v1\x1a\x1egoogle/protobuf/duration.proto\"\xfe\x02\n" +
 	"\x0fGenerateRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1d\n" +
 	"\n" +
 	"adapter_id\x18\x02 \x01(\tR\tadapterId\x12\x14\n" +
 	"\x04text\x18\x03 \x01(\tH\x00R\x04text\x124\n" +
-	"\ttoken_ids\x18\x04 \x01(\v2\x15.loraplex.v1.TokenIdsH\x00R\btokenIds\x127\n" +
+	"\ttoken_ids\x18\x04 \x01(\v2\x15.loraplex.v1.TokenIdsH\x00R\btokenIds\x12/\n" +
+	"\x04chat\x18\b \x01(\v2\x19.loraplex.v1.ChatMessagesH\x00R\x04chat\x127\n" +
 	"\bsampling\x18\x05 \x01(\v2\x1b.loraplex.v1.SamplingParamsR\bsampling\x129\n" +
 	"\bstopping\x18\x06 \x01(\v2\x1d.loraplex.v1.StoppingCriteriaR\bstopping\x122\n" +
 	"\x06output\x18\a \x01(\v2\x1a.loraplex.v1.OutputOptionsR\x06outputB\b\n" +
-	"\x06prompt\"\xd3\x02\n" +
+	"\x06prompt\"\x84\x03\n" +
 	"\x15GenerateStreamRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1d\n" +
 	"\n" +
 	"adapter_id\x18\x02 \x01(\tR\tadapterId\x12\x14\n" +
 	"\x04text\x18\x03 \x01(\tH\x00R\x04text\x124\n" +
-	"\ttoken_ids\x18\x04 \x01(\v2\x15.loraplex.v1.TokenIdsH\x00R\btokenIds\x127\n" +
+	"\ttoken_ids\x18\x04 \x01(\v2\x15.loraplex.v1.TokenIdsH\x00R\btokenIds\x12/\n" +
+	"\x04chat\x18\b \x01(\v2\x19.loraplex.v1.ChatMessagesH\x00R\x04chat\x127\n" +
 	"\bsampling\x18\x05 \x01(\v2\x1b.loraplex.v1.SamplingParamsR\bsampling\x129\n" +
 	"\bstopping\x18\x06 \x01(\v2\x1d.loraplex.v1.StoppingCriteriaR\bstopping\x122\n" +
 	"\x06output\x18\a \x01(\v2\x1a.loraplex.v1.OutputOptionsR\x06outputB\b\n" +
 	"\x06prompt\"\x1c\n" +
 	"\bTokenIds\x12\x10\n" +
-	"\x03ids\x18\x01 \x03(\rR\x03ids\"\xad\x01\n" +
+	"\x03ids\x18\x01 \x03(\rR\x03ids\"\x97\x01\n" +
+	"\fChatMessages\x124\n" +
+	"\bmessages\x18\x01 \x03(\v2\x18.loraplex.v1.ChatMessageR\bmessages\x127\n" +
+	"\x15add_generation_prompt\x18\x02 \x01(\bH\x00R\x13addGenerationPrompt\x88\x01\x01B\x18\n" +
+	"\x16_add_generation_prompt\"O\n" +
+	"\vChatMessage\x12\x12\n" +
+	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\xad\x01\n" +
 	"\x0eSamplingParams\x12 \n" +
 	"\vtemperature\x18\x01 \x01(\x02R\vtemperature\x12\x13\n" +
 	"\x05top_p\x18\x02 \x01(\x02R\x04topP\x12\x13\n" +
@@ -1189,53 +1355,58 @@ func file_loraplex_v1_generation_proto_rawDescGZIP() []byte {
 }
 
 var file_loraplex_v1_generation_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_loraplex_v1_generation_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_loraplex_v1_generation_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_loraplex_v1_generation_proto_goTypes = []any{
 	(FinishReason)(0),              // 0: loraplex.v1.FinishReason
 	(*GenerateRequest)(nil),        // 1: loraplex.v1.GenerateRequest
 	(*GenerateStreamRequest)(nil),  // 2: loraplex.v1.GenerateStreamRequest
 	(*TokenIds)(nil),               // 3: loraplex.v1.TokenIds
-	(*SamplingParams)(nil),         // 4: loraplex.v1.SamplingParams
-	(*StoppingCriteria)(nil),       // 5: loraplex.v1.StoppingCriteria
-	(*OutputOptions)(nil),          // 6: loraplex.v1.OutputOptions
-	(*Token)(nil),                  // 7: loraplex.v1.Token
-	(*TopLogprob)(nil),             // 8: loraplex.v1.TopLogprob
-	(*Usage)(nil),                  // 9: loraplex.v1.Usage
-	(*Timings)(nil),                // 10: loraplex.v1.Timings
-	(*GenerateResponse)(nil),       // 11: loraplex.v1.GenerateResponse
-	(*GenerateStreamResponse)(nil), // 12: loraplex.v1.GenerateStreamResponse
-	(*durationpb.Duration)(nil),    // 13: google.protobuf.Duration
+	(*ChatMessages)(nil),           // 4: loraplex.v1.ChatMessages
+	(*ChatMessage)(nil),            // 5: loraplex.v1.ChatMessage
+	(*SamplingParams)(nil),         // 6: loraplex.v1.SamplingParams
+	(*StoppingCriteria)(nil),       // 7: loraplex.v1.StoppingCriteria
+	(*OutputOptions)(nil),          // 8: loraplex.v1.OutputOptions
+	(*Token)(nil),                  // 9: loraplex.v1.Token
+	(*TopLogprob)(nil),             // 10: loraplex.v1.TopLogprob
+	(*Usage)(nil),                  // 11: loraplex.v1.Usage
+	(*Timings)(nil),                // 12: loraplex.v1.Timings
+	(*GenerateResponse)(nil),       // 13: loraplex.v1.GenerateResponse
+	(*GenerateStreamResponse)(nil), // 14: loraplex.v1.GenerateStreamResponse
+	(*durationpb.Duration)(nil),    // 15: google.protobuf.Duration
 }
 var file_loraplex_v1_generation_proto_depIdxs = []int32{
 	3,  // 0: loraplex.v1.GenerateRequest.token_ids:type_name -> loraplex.v1.TokenIds
-	4,  // 1: loraplex.v1.GenerateRequest.sampling:type_name -> loraplex.v1.SamplingParams
-	5,  // 2: loraplex.v1.GenerateRequest.stopping:type_name -> loraplex.v1.StoppingCriteria
-	6,  // 3: loraplex.v1.GenerateRequest.output:type_name -> loraplex.v1.OutputOptions
-	3,  // 4: loraplex.v1.GenerateStreamRequest.token_ids:type_name -> loraplex.v1.TokenIds
-	4,  // 5: loraplex.v1.GenerateStreamRequest.sampling:type_name -> loraplex.v1.SamplingParams
-	5,  // 6: loraplex.v1.GenerateStreamRequest.stopping:type_name -> loraplex.v1.StoppingCriteria
-	6,  // 7: loraplex.v1.GenerateStreamRequest.output:type_name -> loraplex.v1.OutputOptions
-	8,  // 8: loraplex.v1.Token.top_logprobs:type_name -> loraplex.v1.TopLogprob
-	13, // 9: loraplex.v1.Timings.queue:type_name -> google.protobuf.Duration
-	13, // 10: loraplex.v1.Timings.time_to_first_token:type_name -> google.protobuf.Duration
-	13, // 11: loraplex.v1.Timings.total:type_name -> google.protobuf.Duration
-	7,  // 12: loraplex.v1.GenerateResponse.tokens:type_name -> loraplex.v1.Token
-	0,  // 13: loraplex.v1.GenerateResponse.finish_reason:type_name -> loraplex.v1.FinishReason
-	9,  // 14: loraplex.v1.GenerateResponse.usage:type_name -> loraplex.v1.Usage
-	10, // 15: loraplex.v1.GenerateResponse.timings:type_name -> loraplex.v1.Timings
-	7,  // 16: loraplex.v1.GenerateStreamResponse.tokens:type_name -> loraplex.v1.Token
-	0,  // 17: loraplex.v1.GenerateStreamResponse.finish_reason:type_name -> loraplex.v1.FinishReason
-	9,  // 18: loraplex.v1.GenerateStreamResponse.usage:type_name -> loraplex.v1.Usage
-	10, // 19: loraplex.v1.GenerateStreamResponse.timings:type_name -> loraplex.v1.Timings
-	1,  // 20: loraplex.v1.GenerationService.Generate:input_type -> loraplex.v1.GenerateRequest
-	2,  // 21: loraplex.v1.GenerationService.GenerateStream:input_type -> loraplex.v1.GenerateStreamRequest
-	11, // 22: loraplex.v1.GenerationService.Generate:output_type -> loraplex.v1.GenerateResponse
-	12, // 23: loraplex.v1.GenerationService.GenerateStream:output_type -> loraplex.v1.GenerateStreamResponse
-	22, // [22:24] is the sub-list for method output_type
-	20, // [20:22] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	4,  // 1: loraplex.v1.GenerateRequest.chat:type_name -> loraplex.v1.ChatMessages
+	6,  // 2: loraplex.v1.GenerateRequest.sampling:type_name -> loraplex.v1.SamplingParams
+	7,  // 3: loraplex.v1.GenerateRequest.stopping:type_name -> loraplex.v1.StoppingCriteria
+	8,  // 4: loraplex.v1.GenerateRequest.output:type_name -> loraplex.v1.OutputOptions
+	3,  // 5: loraplex.v1.GenerateStreamRequest.token_ids:type_name -> loraplex.v1.TokenIds
+	4,  // 6: loraplex.v1.GenerateStreamRequest.chat:type_name -> loraplex.v1.ChatMessages
+	6,  // 7: loraplex.v1.GenerateStreamRequest.sampling:type_name -> loraplex.v1.SamplingParams
+	7,  // 8: loraplex.v1.GenerateStreamRequest.stopping:type_name -> loraplex.v1.StoppingCriteria
+	8,  // 9: loraplex.v1.GenerateStreamRequest.output:type_name -> loraplex.v1.OutputOptions
+	5,  // 10: loraplex.v1.ChatMessages.messages:type_name -> loraplex.v1.ChatMessage
+	10, // 11: loraplex.v1.Token.top_logprobs:type_name -> loraplex.v1.TopLogprob
+	15, // 12: loraplex.v1.Timings.queue:type_name -> google.protobuf.Duration
+	15, // 13: loraplex.v1.Timings.time_to_first_token:type_name -> google.protobuf.Duration
+	15, // 14: loraplex.v1.Timings.total:type_name -> google.protobuf.Duration
+	9,  // 15: loraplex.v1.GenerateResponse.tokens:type_name -> loraplex.v1.Token
+	0,  // 16: loraplex.v1.GenerateResponse.finish_reason:type_name -> loraplex.v1.FinishReason
+	11, // 17: loraplex.v1.GenerateResponse.usage:type_name -> loraplex.v1.Usage
+	12, // 18: loraplex.v1.GenerateResponse.timings:type_name -> loraplex.v1.Timings
+	9,  // 19: loraplex.v1.GenerateStreamResponse.tokens:type_name -> loraplex.v1.Token
+	0,  // 20: loraplex.v1.GenerateStreamResponse.finish_reason:type_name -> loraplex.v1.FinishReason
+	11, // 21: loraplex.v1.GenerateStreamResponse.usage:type_name -> loraplex.v1.Usage
+	12, // 22: loraplex.v1.GenerateStreamResponse.timings:type_name -> loraplex.v1.Timings
+	1,  // 23: loraplex.v1.GenerationService.Generate:input_type -> loraplex.v1.GenerateRequest
+	2,  // 24: loraplex.v1.GenerationService.GenerateStream:input_type -> loraplex.v1.GenerateStreamRequest
+	13, // 25: loraplex.v1.GenerationService.Generate:output_type -> loraplex.v1.GenerateResponse
+	14, // 26: loraplex.v1.GenerationService.GenerateStream:output_type -> loraplex.v1.GenerateStreamResponse
+	25, // [25:27] is the sub-list for method output_type
+	23, // [23:25] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_loraplex_v1_generation_proto_init() }
@@ -1246,19 +1417,22 @@ func file_loraplex_v1_generation_proto_init() {
 	file_loraplex_v1_generation_proto_msgTypes[0].OneofWrappers = []any{
 		(*GenerateRequest_Text)(nil),
 		(*GenerateRequest_TokenIds)(nil),
+		(*GenerateRequest_Chat)(nil),
 	}
 	file_loraplex_v1_generation_proto_msgTypes[1].OneofWrappers = []any{
 		(*GenerateStreamRequest_Text)(nil),
 		(*GenerateStreamRequest_TokenIds)(nil),
+		(*GenerateStreamRequest_Chat)(nil),
 	}
 	file_loraplex_v1_generation_proto_msgTypes[3].OneofWrappers = []any{}
+	file_loraplex_v1_generation_proto_msgTypes[5].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_loraplex_v1_generation_proto_rawDesc), len(file_loraplex_v1_generation_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
