@@ -21,6 +21,9 @@ struct lp_blas_s {
   cublasHandle_t h;
 };
 
+// The process-wide programmatic-dependent-launch switch (runtime.cu, lp_set_pdl).
+extern int lp_pdl_enabled;
+
 namespace {
 
 inline cudaStream_t cs(lp_stream s) { return reinterpret_cast<cudaStream_t>(s); }
@@ -63,11 +66,10 @@ __device__ __forceinline__ void pdl_enter() {
   pdl_launch_dependents();
 }
 
-int g_fwd_pdl = 1;
 
 template <typename... KArgs, typename... Args>
 void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args &&...args) {
-  if (g_fwd_pdl) {
+  if (lp_pdl_enabled) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
@@ -809,26 +811,6 @@ int lp_blas_destroy(lp_blas blas) {
   return c;
 }
 
-int lp_gemm(lp_blas blas, int dtype, float *out, const void *x, const void *w, int tokens, int n, int k) {
-  if (blas == nullptr || tokens < 0 || n < 0 || k < 0) return LP_ERR_INVALID;
-  cudaDataType_t ab;
-  switch (dtype) {
-    case LP_DTYPE_F32:
-      ab = CUDA_R_32F;
-      break;
-    case LP_DTYPE_BF16:
-      ab = CUDA_R_16BF;
-      break;
-    default:
-      return LP_ERR_UNSUPPORTED;
-  }
-  if (tokens == 0 || n == 0) return LP_OK;
-  const float alpha = 1.f, beta = 0.f;
-  // Row-major out[T,N] is column-major N x T: out^T = W x^T, W row-major [N,K] read transposed.
-  return blas_code(cublasGemmEx(blas->h, CUBLAS_OP_T, CUBLAS_OP_N, n, tokens, k, &alpha, w, ab, k, x, ab, k, &beta,
-                                out, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-
 int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n, int k,
                int accumulate) {
   if (blas == nullptr || tokens < 0 || n < 0 || k < 0 || ldo < n) return LP_ERR_INVALID;
@@ -877,11 +859,6 @@ int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, 
 #undef LP_GEMV_CASE
   }
   return launched();
-}
-
-int lp_set_pdl(int enabled) {
-  g_fwd_pdl = enabled != 0;
-  return LP_OK;
 }
 
 int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2, int n2,
@@ -1020,12 +997,7 @@ int lp_attention(float *out, const float *q, const float *k_cache, const float *
                        ((reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(q) |
                          reinterpret_cast<uintptr_t>(k_cache) | reinterpret_cast<uintptr_t>(v_cache)) &
                         15) == 0;
-  // LP_ATTENTION_SIMPLE=1 selects the previous kernel (one block per (token, head)), for comparisons.
-  static const bool simple = [] {
-    const char *e = getenv("LP_ATTENTION_SIMPLE");
-    return e != nullptr && e[0] == '1';
-  }();
-  if (aligned && !simple) {
+  if (aligned) {
     int splits = 1, chunk = 1 << 30;
     if (workspace != nullptr && max_ctx > 0 &&
         lp_attention_workspace(tokens, heads, kv_heads, head_dim, max_ctx) <= workspace_bytes &&

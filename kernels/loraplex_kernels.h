@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 4
+#define LP_ABI_VERSION 5
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -73,10 +73,17 @@ LP_API int lp_memcpy_d2h(void *dst, const void *src, size_t bytes, lp_stream str
 LP_API int lp_memcpy_d2d(void *dst, const void *src, size_t bytes, lp_stream stream);
 LP_API int lp_memset(void *dst, int value, size_t bytes, lp_stream stream);
 
+/* Page-locked (pinned) host memory (cudaHostAlloc, portable); lp_memcpy_h2d/d2h from it are truly
+ * asynchronous. */
+LP_API int lp_host_alloc(void **ptr, size_t bytes);
+LP_API int lp_host_free(void *ptr);
+
 /* Streams. */
 LP_API int lp_stream_create(lp_stream *stream);
 LP_API int lp_stream_destroy(lp_stream stream);
 LP_API int lp_stream_synchronize(lp_stream stream);
+/* Work queued on stream after this call waits until event completes (cudaStreamWaitEvent). */
+LP_API int lp_stream_wait_event(lp_stream stream, lp_event event);
 
 /* Events (timing). */
 LP_API int lp_event_create(lp_event *event);
@@ -84,12 +91,113 @@ LP_API int lp_event_destroy(lp_event event);
 LP_API int lp_event_record(lp_event event, lp_stream stream);
 LP_API int lp_event_synchronize(lp_event event);
 LP_API int lp_event_elapsed_ms(lp_event start, lp_event end, float *ms);
+/* An event without timing, cheaper to record and wait on (cudaEventDisableTiming). */
+LP_API int lp_event_create_sync(lp_event *event);
+/* *done = 1 when the work before event's most recent record has completed (or it was never
+ * recorded), else 0; never waits (cudaEventQuery). */
+LP_API int lp_event_query(lp_event event, int *done);
 
 /* CUDA graphs: capture the work queued on a (non-default) stream, then replay it. */
 LP_API int lp_graph_begin_capture(lp_stream stream);
 LP_API int lp_graph_end_capture(lp_stream stream, lp_graph *graph);
 LP_API int lp_graph_launch(lp_graph graph, lp_stream stream);
 LP_API int lp_graph_destroy(lp_graph graph);
+
+/* Whether kernels are launched as programmatic dependents of the kernel before them (Hopper): the
+ * next kernel's blocks are scheduled while the last one drains, and each waits for its predecessors
+ * before touching their results. Covers the forward-pass kernels (not cuBLAS) and SGMV (expand starts
+ * and prefetches B while shrink finishes). On by default; one process-wide switch. */
+LP_API int lp_set_pdl(int enabled);
+
+/*
+ * The dense forward pass (forward.cu). Activations are float32 row-major
+ * [tokens, width]; a matrix weight is float32 or bf16 (LP_DTYPE_F32 / LP_DTYPE_BF16). The batch
+ * metadata lives in device int32 arrays: positions[T], seq_index[T] (the token's sequence),
+ * block_tables (every sequence's KV block table, concatenated) and table_offsets[S] (where sequence
+ * s's table starts in block_tables). A KV cache layer is float32 [blocks, block_size, kv_heads,
+ * head_dim] for keys and the same for values. Nothing here checks indices against the host's view:
+ * the caller validates the batch before it queues these.
+ */
+
+/* A cuBLAS handle whose work is queued on stream. */
+LP_API int lp_blas_create(lp_blas *blas, lp_stream stream);
+LP_API int lp_blas_destroy(lp_blas blas);
+
+/* out float32 [tokens, n] (+)= x [tokens, k] W^T with W [n, k] (cuBLAS); x and W share dtype (F32 or
+ * BF16), accumulation is float32 (no TF32); out must not alias x. ldo >= n: out may be a column range
+ * of a wider matrix; with accumulate non-zero, out += x W^T (beta = 1) instead of out = x W^T. */
+LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,
+                      int k, int accumulate);
+
+/* Matrix-vector products for decode batches: out (+)= x W^T for tokens <= 8, x bf16
+ * [tokens, k], W bf16 [n0+n1+n2, k] row-major, float32 accumulation, rows of W split over up to three
+ * float32 outputs out_i [tokens, n_i] in order (a packed q/k/v weight writes q, k and v); with
+ * accumulate, out_i += instead of =. LP_ERR_UNSUPPORTED (nothing queued) for more than 8 tokens, k not
+ * a multiple of 8 or x, w not 16-byte aligned: use lp_gemm_ex then. */
+LP_API int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
+                        int tokens, int k, int accumulate, lp_stream stream);
+
+/* Splits the columns of p float32 [rows, ldp] into up to three parts, in order:
+ * out0 [rows, n0] = p[:, 0:n0], out1 [rows, n1] = p[:, n0:n0+n1], out2 [rows, n2] = the next n2
+ * (n0 + n1 + n2 <= ldp; a part of width 0 is skipped). Unpacks a fused q/k/v or gate/up GEMM. */
+LP_API int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2,
+                         int n2, lp_stream stream);
+
+/* dst[i] = src[i] for n elements between F32 and BF16 (round to nearest even). */
+LP_API int lp_convert(int dst_dtype, void *dst, int src_dtype, const void *src, size_t n, lp_stream stream);
+
+/* out float32 [num_rows, width] = table[rows[i], :], table dtype F32 or BF16 (embedding lookup,
+ * and the rows whose logits a step needs). */
+LP_API int lp_gather_rows(int dtype, float *out, const void *table, const int32_t *rows, int num_rows, int width,
+                          lp_stream stream);
+
+/* out = x / sqrt(mean(x^2) + eps) * w, row-wise over [rows, d]; out may alias x. */
+LP_API int lp_rmsnorm(float *out, const float *x, const float *w, int rows, int d, float eps, lp_stream stream);
+
+/* out = a + b over n elements; out may alias a or b. */
+LP_API int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream stream);
+
+/* out = silu(gate) * up over n elements; out may alias gate or up. */
+LP_API int lp_silu_mul(float *out, const float *gate, const float *up, size_t n, lp_stream stream);
+
+/* RMSNorm and SiLU-and-multiply that also write their result rounded to bf16 into out_bf16
+ * (same shape), the input of the bf16 GEMM that follows, saving a conversion pass per GEMM. */
+LP_API int lp_rmsnorm_bf16(float *out, void *out_bf16, const float *x, const float *w, int rows, int d, float eps,
+                           lp_stream stream);
+LP_API int lp_silu_mul_bf16(float *out, void *out_bf16, const float *gate, const float *up, size_t n,
+                            lp_stream stream);
+
+/* Positions, the paged KV cache and attention. */
+
+/* Rotates x [tokens, heads*head_dim] in place, rotate-half layout, at each token's position:
+ * angle = float(position) * inv_freq[i] (formed in float32), inv_freq float32 [head_dim/2]. */
+LP_API int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq, const int32_t *positions,
+                   lp_stream stream);
+
+/* Writes k and v [tokens, kv_width] into one layer of the paged cache at each token's position. */
+LP_API int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, int tokens, int kv_width,
+                       const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
+                       const int32_t *table_offsets, int block_size, lp_stream stream);
+
+/* lp_rope on q [tokens, heads*head_dim] and on k [tokens, kv_heads*head_dim], then
+ * lp_kv_write of the rotated k and of v, in one kernel (same results as the three calls). */
+LP_API int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *v_cache, int tokens, int heads,
+                            int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
+                            const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
+                            int block_size, lp_stream stream);
+
+/* Causal grouped-query attention of q [tokens, heads*head_dim] over positions 0..position of each
+ * token's sequence in one cache layer, into out [tokens, heads*head_dim]; head_dim <= 256. Scores
+ * are scaled by scale; softmax and accumulation in float32. Run lp_kv_write first. */
+LP_API int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
+                        int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
+                        const int32_t *block_tables, const int32_t *table_offsets, int block_size, int max_ctx,
+                        void *workspace, size_t workspace_bytes, lp_stream stream);
+
+/* Bytes of device workspace lp_attention wants to split the context of a batch whose longest
+ * context (largest position + 1) is max_ctx across blocks (flash-decoding); 0 when it would not split.
+ * With a smaller or NULL workspace (or max_ctx <= 0) lp_attention runs unsplit, still correct. */
+LP_API size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx);
 
 /*
  * SGMV (segmented gather matrix-vector) for LoRA: tokens are grouped in num_segs consecutive
@@ -119,74 +227,12 @@ LP_API int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, 
                    const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
                    int max_seg_len, int max_rank, int out_features, lp_stream stream);
 
-/* ABI 3: expand into float32 y (the forward pass's activations) with weights B in wdtype (BF16 or
+/* Expand into float32 y (the forward pass's activations) with weights B in wdtype (BF16 or
  * F16): y[t, :] += scales[s] * v[t, 0:r_s] B_s^T in float32, no rounding of y. Same kernel as
  * lp_sgmv_expand otherwise. */
 LP_API int lp_sgmv_expand_y32(int wdtype, float *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
                               const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
                               int max_seg_len, int max_rank, int out_features, lp_stream stream);
-
-/* Whether expand is launched as a programmatic dependent of the kernel before it (Hopper: its blocks
- * start and prefetch B while shrink finishes). On by default; a process-wide switch. */
-LP_API int lp_sgmv_set_pdl(int enabled);
-
-/*
- * The dense forward pass (forward.cu), added in ABI 2. Activations are float32 row-major
- * [tokens, width]; a matrix weight is float32 or bf16 (LP_DTYPE_F32 / LP_DTYPE_BF16). The batch
- * metadata lives in device int32 arrays: positions[T], seq_index[T] (the token's sequence),
- * block_tables (every sequence's KV block table, concatenated) and table_offsets[S] (where sequence
- * s's table starts in block_tables). A KV cache layer is float32 [blocks, block_size, kv_heads,
- * head_dim] for keys and the same for values. Nothing here checks indices against the host's view:
- * the caller validates the batch before it queues these.
- */
-
-/* A cuBLAS handle whose work is queued on stream. */
-LP_API int lp_blas_create(lp_blas *blas, lp_stream stream);
-LP_API int lp_blas_destroy(lp_blas blas);
-
-/* out float32 [tokens, n] = x [tokens, k] W^T with W [n, k]; x and W share dtype (F32 or BF16),
- * accumulation is float32 (no TF32). out must not alias x. */
-LP_API int lp_gemm(lp_blas blas, int dtype, float *out, const void *x, const void *w, int tokens, int n, int k);
-
-/* dst[i] = src[i] for n elements between F32 and BF16 (round to nearest even). */
-LP_API int lp_convert(int dst_dtype, void *dst, int src_dtype, const void *src, size_t n, lp_stream stream);
-
-/* out float32 [num_rows, width] = table[rows[i], :], table dtype F32 or BF16 (embedding lookup,
- * and the rows whose logits a step needs). */
-LP_API int lp_gather_rows(int dtype, float *out, const void *table, const int32_t *rows, int num_rows, int width,
-                          lp_stream stream);
-
-/* out = x / sqrt(mean(x^2) + eps) * w, row-wise over [rows, d]; out may alias x. */
-LP_API int lp_rmsnorm(float *out, const float *x, const float *w, int rows, int d, float eps, lp_stream stream);
-
-/* out = a + b over n elements; out may alias a or b. */
-LP_API int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream stream);
-
-/* out = silu(gate) * up over n elements; out may alias gate or up. */
-LP_API int lp_silu_mul(float *out, const float *gate, const float *up, size_t n, lp_stream stream);
-
-/* Rotates x [tokens, heads*head_dim] in place, rotate-half layout, at each token's position:
- * angle = float(position) * inv_freq[i] (formed in float32), inv_freq float32 [head_dim/2]. */
-LP_API int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq, const int32_t *positions,
-                   lp_stream stream);
-
-/* Writes k and v [tokens, kv_width] into one layer of the paged cache at each token's position. */
-LP_API int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, int tokens, int kv_width,
-                       const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
-                       const int32_t *table_offsets, int block_size, lp_stream stream);
-
-/* Causal grouped-query attention of q [tokens, heads*head_dim] over positions 0..position of each
- * token's sequence in one cache layer, into out [tokens, heads*head_dim]; head_dim <= 256. Scores
- * are scaled by scale; softmax and accumulation in float32. Run lp_kv_write first. */
-LP_API int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
-                        int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
-                        const int32_t *block_tables, const int32_t *table_offsets, int block_size, int max_ctx,
-                        void *workspace, size_t workspace_bytes, lp_stream stream);
-
-/* ABI 3: bytes of device workspace lp_attention wants to split the context of a batch whose longest
- * context (largest position + 1) is max_ctx across blocks (flash-decoding); 0 when it would not split.
- * With a smaller or NULL workspace (or max_ctx <= 0) lp_attention runs unsplit, still correct. */
-LP_API size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx);
 
 /*
  * SGMV on float32 activations, adapter weights in wdtype (F32 or BF16). tok_seg int32[tokens] gives
@@ -203,7 +249,7 @@ LP_API int lp_sgmv_expand_f32(int wdtype, float *y, int out_features, const floa
                               const int32_t *tok_seg, int tokens, int max_rank, lp_stream stream);
 
 /*
- * ABI 4: grouped SGMV for the projections of one packed GEMM (q/k/v or gate/up): the modules share
+ * Grouped SGMV for the projections of one packed GEMM (q/k/v or gate/up): the modules share
  * the input x and the batch's segments, and each has its own per-segment tables (ptrs: A for shrink,
  * B for expand; ranks; scales, expand only), all in device memory. One launch covers every
  * (module, segment): shrink writes module m's v[t, v_off[m] : v_off[m] + r] and expand adds
@@ -232,64 +278,8 @@ LP_API int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *
                                     const int32_t *seg_starts, int num_segs, int max_seg_len, int max_rank,
                                     lp_stream stream);
 
-/* ABI 4: lp_gemm with a leading dimension for out (ldo >= n: out may be a column range of a wider
- * matrix) and, when accumulate is non-zero, out += x W^T (cuBLAS beta = 1) instead of out = x W^T. */
-LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,
-                      int k, int accumulate);
-
-/* ABI 4: whether the forward-pass kernels (this file's functions from lp_gemm on, not cuBLAS) are
- * launched as programmatic dependents of the kernel before them, so the next kernel's blocks are
- * scheduled while the last one drains (each waits for its predecessors before touching their
- * results). On by default; a process-wide switch. */
-LP_API int lp_set_pdl(int enabled);
-
-/* ABI 4: lp_rope on q [tokens, heads*head_dim] and on k [tokens, kv_heads*head_dim], then
- * lp_kv_write of the rotated k and of v, in one kernel (same results as the three calls). */
-LP_API int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *v_cache, int tokens, int heads,
-                            int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
-                            const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
-                            int block_size, lp_stream stream);
-
-/* ABI 4: matrix-vector products for decode batches: out (+)= x W^T for tokens <= 8, x bf16
- * [tokens, k], W bf16 [n0+n1+n2, k] row-major, float32 accumulation, rows of W split over up to three
- * float32 outputs out_i [tokens, n_i] in order (a packed q/k/v weight writes q, k and v); with
- * accumulate, out_i += instead of =. LP_ERR_UNSUPPORTED (nothing queued) for more than 8 tokens, k not
- * a multiple of 8 or x, w not 16-byte aligned: use lp_gemm_ex then. */
-LP_API int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
-                        int tokens, int k, int accumulate, lp_stream stream);
-
-/* ABI 4: splits the columns of p float32 [rows, ldp] into up to three parts, in order:
- * out0 [rows, n0] = p[:, 0:n0], out1 [rows, n1] = p[:, n0:n0+n1], out2 [rows, n2] = the next n2
- * (n0 + n1 + n2 <= ldp; a part of width 0 is skipped). Unpacks a fused q/k/v or gate/up GEMM. */
-LP_API int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2,
-                         int n2, lp_stream stream);
-
-/* ABI 4: RMSNorm and SiLU-and-multiply that also write their result rounded to bf16 into out_bf16
- * (same shape), the input of the bf16 GEMM that follows, saving a conversion pass per GEMM. */
-LP_API int lp_rmsnorm_bf16(float *out, void *out_bf16, const float *x, const float *w, int rows, int d, float eps,
-                           lp_stream stream);
-LP_API int lp_silu_mul_bf16(float *out, void *out_bf16, const float *gate, const float *up, size_t n,
-                            lp_stream stream);
-
 /*
- * ABI 4: page-locked host memory and cross-stream ordering, so adapter uploads run on their own
- * stream from pinned staging buffers while the compute stream keeps working.
- */
-
-/* Page-locked (pinned) host memory (cudaHostAlloc, portable); lp_memcpy_h2d/d2h from it are truly
- * asynchronous. */
-LP_API int lp_host_alloc(void **ptr, size_t bytes);
-LP_API int lp_host_free(void *ptr);
-/* Work queued on stream after this call waits until event completes (cudaStreamWaitEvent). */
-LP_API int lp_stream_wait_event(lp_stream stream, lp_event event);
-/* An event without timing, cheaper to record and wait on (cudaEventDisableTiming). */
-LP_API int lp_event_create_sync(lp_event *event);
-/* *done = 1 when the work before event's most recent record has completed (or it was never
- * recorded), else 0; never waits (cudaEventQuery). */
-LP_API int lp_event_query(lp_event event, int *done);
-
-/*
- * ABI 4: sampling on the device, so logits never cross to the host. One call samples `rows` rows of
+ * Sampling on the device, so logits never cross to the host. One call samples `rows` rows of
  * logits float32 [rows, vocab] (modified in place: penalty and temperature are applied to them).
  * params, seen and results live in device memory. Per row r with p = params[r]:
  *   1. repetition penalty (when p.repetition_penalty is neither 0 nor 1): for each of the

@@ -19,9 +19,17 @@ struct Graph {
 
 }  // namespace
 
+// Whether kernels are launched as programmatic dependents of the kernel before them (lp_set_pdl).
+int lp_pdl_enabled = 1;
+
 extern "C" {
 
 int lp_abi_version(void) { return LP_ABI_VERSION; }
+
+int lp_set_pdl(int enabled) {
+  lp_pdl_enabled = enabled != 0;
+  return LP_OK;
+}
 
 const char *lp_error_string(int c) {
   switch (c) {

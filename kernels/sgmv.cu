@@ -28,6 +28,9 @@
 
 #include "loraplex_kernels.h"
 
+// The process-wide programmatic-dependent-launch switch (runtime.cu, lp_set_pdl).
+extern int lp_pdl_enabled;
+
 namespace {
 
 constexpr int SHRINK_RB = 4;     // rank rows per block
@@ -501,16 +504,13 @@ inline int launch_status() {
   return e == cudaSuccess ? LP_OK : static_cast<int>(e);
 }
 
-// Programmatic dependent launch of expand (lp_sgmv_set_pdl); on by default (docs/benchmarks-cuda.md).
-int g_pdl = 1;
-
 // launch_expand starts expand as a programmatic dependent of the previous kernel in the stream, so
 // its blocks can prefetch B while shrink finishes; where the attribute is refused it launches plainly.
 template <typename T, typename Y = T, bool G = false>
 int launch_expand(dim3 grid, cudaStream_t st, Y *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
                   const int32_t *seg_starts, const int32_t *ranks, const float *scales, int max_rank, int n,
                   const lp_sgmv_group &g = lp_sgmv_group{}) {
-  if (g_pdl) {
+  if (lp_pdl_enabled) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(EXPAND_THREADS);
@@ -538,7 +538,7 @@ template <typename T, bool G = false>
 int launch_shrink(dim3 grid, cudaStream_t st, float *v, int ldv, const T *x, int ldx, const void *const *a_ptrs,
                   const int32_t *seg_starts, const int32_t *ranks, int max_rank, int k,
                   const lp_sgmv_group &g = lp_sgmv_group{}) {
-  if (g_pdl) {
+  if (lp_pdl_enabled) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(SHRINK_WARPS * 32);
@@ -559,11 +559,6 @@ int launch_shrink(dim3 grid, cudaStream_t st, float *v, int ldv, const T *x, int
 }
 
 }  // namespace
-
-extern "C" int lp_sgmv_set_pdl(int enabled) {
-  g_pdl = enabled != 0;
-  return LP_OK;
-}
 
 extern "C" int lp_sgmv_shrink(int dtype, float *v, int ldv, const void *x, int ldx, const void *const *a_ptrs,
                               const int32_t *seg_starts, const int32_t *ranks, int num_segs, int max_seg_len,

@@ -17,7 +17,7 @@ grep -E "budget|KV cache|model loaded|serving" $OUT/shard.log | cut -c1-300
 .devrun/client 127.0.0.1:50061 base,reverse,digits,double,template 'the old fox reads 7 book =>'
 python3 - <<'PY' > $OUT/inputs.txt
 import json
-h = json.load(open("pkg/demomodel/heldout.json"))
+h = json.load(open("pkg/demomodel/demomodeltest/heldout.json"))
 for s in h["inputs"][:30]:
     print(s)
 PY
@@ -25,7 +25,7 @@ PY
 while read -r line; do .devrun/client 127.0.0.1:50061 base,reverse,digits,double,template "$line =>" | sed "s/^/$line\t/" >> $OUT/results.txt; done < $OUT/inputs.txt
 python3 - <<'PY'
 import json, os
-h = json.load(open("pkg/demomodel/heldout.json"))
+h = json.load(open("pkg/demomodel/demomodeltest/heldout.json"))
 exp = h["expected"]; idx = {s: i for i, s in enumerate(h["inputs"])}
 ok = {}; n = {}
 for l in open(os.environ.get("OUT", "/tmp/out") + "/results.txt"):

@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 4
+const ABIVersion = 5
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -100,7 +100,6 @@ type Lib struct {
 	graphFree    func(g uintptr) int32
 	sgmvShrink   func(dt int32, v uintptr, ldv int32, x uintptr, ldx int32, a, starts, ranks uintptr,
 		nseg, maxLen, maxRank, in int32, s uintptr) int32
-	sgmvSetPDL    func(enabled int32) int32
 	sgmvExpandY32 func(wdt int32, y uintptr, ldy int32, v uintptr, ldv int32, b, starts, ranks, scales uintptr,
 		nseg, maxLen, maxRank, out int32, s uintptr) int32
 	sgmvExpand func(dt int32, y uintptr, ldy int32, v uintptr, ldv int32, b, starts, ranks, scales uintptr,
@@ -220,7 +219,6 @@ func (l *Lib) symbols() []symbol {
 		{&l.graphFree, "lp_graph_destroy"},
 		{&l.sgmvShrink, "lp_sgmv_shrink"},
 		{&l.sgmvExpand, "lp_sgmv_expand"},
-		{&l.sgmvSetPDL, "lp_sgmv_set_pdl"},
 		{&l.sgmvExpandY32, "lp_sgmv_expand_y32"},
 		{&l.blasCreate, "lp_blas_create"},
 		{&l.blasDestroy, "lp_blas_destroy"},

@@ -236,19 +236,10 @@ func rowsFit(what string, b *Buffer, tokens, cols, ld int, elem int64) error {
 	return nil
 }
 
-// SetPDL chooses whether SGMVExpand starts as a programmatic dependent launch of the kernel before it
-// (Hopper: its blocks prefetch B while shrink finishes). On by default; process-wide.
+// SetPDL switches programmatic dependent launch (lp_set_pdl; on by default, process-wide): the
+// forward-pass kernels and SGMV start while the kernel before them drains (SGMV expand prefetches B
+// while shrink finishes), each waiting for its predecessors' results before reading them.
 func (l *Lib) SetPDL(enabled bool) error {
-	v := int32(0)
-	if enabled {
-		v = 1
-	}
-	return l.check("sgmv set pdl", l.sgmvSetPDL(v))
-}
-
-// SetForwardPDL switches programmatic dependent launch for the forward-pass kernels (lp_set_pdl; on
-// by default): each kernel's blocks are scheduled while the one before it drains.
-func (l *Lib) SetForwardPDL(enabled bool) error {
 	v := int32(0)
 	if enabled {
 		v = 1

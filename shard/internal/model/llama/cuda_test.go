@@ -900,7 +900,7 @@ func TestCUDADecode8B(t *testing.T) {
 	defer m.Close()
 	for _, pdl := range []bool{true, false, true} {
 		// The step graphs are recorded anew for each setting (the launch attribute is recorded).
-		if err := be.Lib().SetForwardPDL(pdl); err != nil {
+		if err := be.Lib().SetPDL(pdl); err != nil {
 			t.Fatal(err)
 		}
 		m.ResetGraphs()
