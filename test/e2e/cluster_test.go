@@ -8,6 +8,7 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -89,8 +90,6 @@ type clusterOptions struct {
 	routerTelemetry *telemetry.Providers
 	// deadShards are router entries ("id=host:port") listed before the live shards.
 	deadShards []string
-	// routerLog replaces the router's logger when set.
-	routerLog *zap.Logger
 	// router adjusts the router's configuration.
 	router func(cfg *routerapp.Config)
 }
@@ -136,11 +135,7 @@ func startCluster(t *testing.T, x extracted, o clusterOptions) *cluster {
 	if o.router != nil {
 		o.router(&rc)
 	}
-	rlog := log.With(zap.String("component", "router"))
-	if o.routerLog != nil {
-		rlog = o.routerLog
-	}
-	r, err := routerapp.Start(rc, routerapp.Wiring{Log: rlog, Telemetry: o.routerTelemetry})
+	r, err := routerapp.Start(rc, routerapp.Wiring{Log: log.With(zap.String("component", "router")), Telemetry: o.routerTelemetry})
 	if err != nil {
 		t.Fatalf("start router: %v", err)
 	}
@@ -160,6 +155,29 @@ func deadAddr(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return addr
+}
+
+// closingShard is a shard address whose listener accepts connections and closes them at once (a
+// crashed process behind a live port); accepts counts the connections the router opened to it.
+func closingShard(t *testing.T) (addr string, accepts *atomic.Int64) {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = lis.Close() })
+	accepts = new(atomic.Int64)
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			accepts.Add(1)
+			_ = c.Close()
+		}
+	}()
+	return lis.Addr().String(), accepts
 }
 
 // dial connects to addr and closes the connection in t.Cleanup.
