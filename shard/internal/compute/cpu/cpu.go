@@ -342,6 +342,11 @@ func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, 
 // Attention implements compute.Backend: write k/v into the paged cache, then causal attention with
 // grouped-query heads, one (token, head) pair per task.
 func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, layer int, scale float32, bt compute.Batch) error {
+	return b.attention(out, q, k, v, cache, layer, scale, 0, bt)
+}
+
+// attention is Attention over each token's last window positions (0: all of them).
+func (b *Backend) attention(out, q, k, v compute.Tensor, cache compute.KVCache, layer int, scale float32, window int, bt compute.Batch) error {
 	o, qt, kt, vt := out.(*Tensor), q.(*Tensor), k.(*Tensor), v.(*Tensor)
 	c := cache.(*kvCache)
 	s := c.shape
@@ -399,7 +404,11 @@ func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, 
 			qv := qt.data[t*qw+h*hd : t*qw+(h+1)*hd]
 			scores = scores[:0]
 			mx := float32(math.Inf(-1))
-			for j := 0; j <= p; j++ {
+			first := 0
+			if window > 0 {
+				first = max(0, p-window+1)
+			}
+			for j := first; j <= p; j++ {
 				off := (int(table[j/s.BlockSize])*s.BlockSize+j%s.BlockSize)*kvw + kvh*hd
 				kv := kc[off : off+hd]
 				var d float32
@@ -418,7 +427,8 @@ func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, 
 			}
 			ov := o.data[t*qw+h*hd : t*qw+(h+1)*hd]
 			clear(ov)
-			for j, e := range scores {
+			for jj, e := range scores {
+				j := first + jj
 				off := (int(table[j/s.BlockSize])*s.BlockSize+j%s.BlockSize)*kvw + kvh*hd
 				vv := vc[off : off+hd]
 				wgt := e / sum

@@ -428,11 +428,15 @@ func TestAttention(t *testing.T) {
 		name    string
 		kvHeads int
 		workers int
+		window  int // 0: full causal attention, else WindowAttention
 	}{
-		{"MHA", 4, 1},
-		{"GQA", 2, 1},
-		{"GQA/workers3", 2, 3},
-		{"MQA", 1, 2},
+		{"MHA", 4, 1, 0},
+		{"GQA", 2, 1, 0},
+		{"GQA/workers3", 2, 3, 0},
+		{"MQA", 1, 2, 0},
+		{"GQA/window3", 2, 1, 3},
+		{"MHA/window5/workers3", 4, 3, 5},
+		{"MQA/window1", 1, 2, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newRand(7)
@@ -494,7 +498,13 @@ func TestAttention(t *testing.T) {
 					t.Fatalf("test bug: %v", err)
 				}
 				out := tensor(t, b, randSlice(r, n*qw), n, qw)
-				if err := b.Attention(out, tensor(t, b, qd, n, qw), tensor(t, b, kd, n, kvw), tensor(t, b, vd, n, kvw), cache, layer, scale, prepare(t, b, m)); err != nil {
+				qt, kt, vt := tensor(t, b, qd, n, qw), tensor(t, b, kd, n, kvw), tensor(t, b, vd, n, kvw)
+				if tc.window == 0 {
+					err = b.Attention(out, qt, kt, vt, cache, layer, scale, prepare(t, b, m))
+				} else {
+					err = b.WindowAttention(out, qt, kt, vt, cache, layer, scale, tc.window, prepare(t, b, m))
+				}
+				if err != nil {
 					t.Fatal(err)
 				}
 				want := make([]float64, n*qw)
@@ -505,8 +515,16 @@ func TestAttention(t *testing.T) {
 						kh := h / group
 						q := qd[i*qw+h*headDim : i*qw+(h+1)*headDim]
 						scores := make([]float64, tk.pos+1)
+						first := 0
+						if tc.window > 0 {
+							first = max(0, tk.pos-tc.window+1)
+						}
 						mx := math.Inf(-1)
 						for j := range scores {
+							if j < first {
+								scores[j] = math.Inf(-1)
+								continue
+							}
 							var d float64
 							for e := range headDim {
 								d += float64(q[e]) * float64(s.k[j][kh*headDim+e])
