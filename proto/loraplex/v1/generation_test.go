@@ -128,7 +128,7 @@ func TestMessageDiffCatchesDrift(t *testing.T) {
 			f := field(fd, "request_id")
 			f.Name, f.JsonName = proto.String("id"), proto.String("id")
 		}},
-		{"renumbered", func(fd *descriptorpb.FileDescriptorProto) { field(fd, "output").Number = proto.Int32(9) }},
+		{"renumbered", func(fd *descriptorpb.FileDescriptorProto) { field(fd, "output").Number = proto.Int32(900) }},
 		{"retyped", func(fd *descriptorpb.FileDescriptorProto) {
 			field(fd, "adapter_id").Type = descriptorpb.FieldDescriptorProto_TYPE_BYTES.Enum()
 		}},
@@ -143,7 +143,7 @@ func TestMessageDiffCatchesDrift(t *testing.T) {
 			for _, m := range fd.MessageType {
 				if m.GetName() == "GenerateStreamRequest" {
 					m.Field = append(m.Field, &descriptorpb.FieldDescriptorProto{
-						Name: proto.String("extra"), JsonName: proto.String("extra"), Number: proto.Int32(8),
+						Name: proto.String("extra"), JsonName: proto.String("extra"), Number: proto.Int32(901),
 						Type: descriptorpb.FieldDescriptorProto_TYPE_BOOL.Enum(), Label: descriptorpb.FieldDescriptorProto_LABEL_OPTIONAL.Enum(),
 					})
 				}
