@@ -3,6 +3,7 @@ module github.com/loraplex/loraplex
 go 1.26.8
 
 require (
+	github.com/ardanlabs/jinja v1.8.0
 	github.com/dlclark/regexp2/v2 v2.13.0
 	go.uber.org/goleak v1.3.0
 	go.uber.org/zap v1.28.0

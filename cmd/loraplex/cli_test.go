@@ -446,6 +446,19 @@ func TestGenerateStripsOneTrailingNewlineFromStdin(t *testing.T) {
 	}
 }
 
+// TestGenerateChat: --chat sends the prompt as a user message (after --system's), which the demo
+// model's chat template turns into its echo prompt "<input> =>": the same answer and prompt tokens as
+// that text prompt.
+func TestGenerateChat(t *testing.T) {
+	text := mustRun(t, nil, "", "generate", "--addr", routerAddr(), "--max-new-tokens", "16", "big runs often =>")
+	for _, args := range [][]string{{"--chat"}, {"--system", "You echo."}} {
+		chat := mustRun(t, nil, "", append([]string{"generate", "--addr", routerAddr(), "--max-new-tokens", "16", "big runs often"}, args...)...)
+		if strings.TrimSpace(chat.stdout) != "big runs often" || chat.stdout != text.stdout || promptTokens(t, chat) != promptTokens(t, text) {
+			t.Errorf("%v: %q (%d prompt tokens), text prompt %q (%d)", args, chat.stdout, promptTokens(t, chat), text.stdout, promptTokens(t, text))
+		}
+	}
+}
+
 func TestVersion(t *testing.T) {
 	r := mustRun(t, nil, "", "version")
 	if !strings.HasPrefix(r.stdout, "loraplex ") || !strings.Contains(r.stdout, runtime.Version()) {

@@ -58,6 +58,8 @@ type generateRequestFlags struct {
 	ignoreEOS   bool
 	logprobs    uint
 	special     bool
+	chat        bool
+	system      string
 }
 
 func (g *generateRequestFlags) addFlags(fs *flag.FlagSet) {
@@ -73,6 +75,8 @@ func (g *generateRequestFlags) addFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&g.ignoreEOS, "ignore-eos", false, "keep generating past end-of-sequence tokens")
 	fs.UintVar(&g.logprobs, "logprobs", 0, "alternatives with log-probabilities per token, 0 to 5 (printed after the text)")
 	fs.BoolVar(&g.special, "special-tokens", false, "keep special tokens in the text")
+	fs.BoolVar(&g.chat, "chat", false, "send PROMPT as a user message, rendered by the model's chat template")
+	fs.StringVar(&g.system, "system", "", "a system message before the user message (implies --chat)")
 }
 
 func (g *generateRequestFlags) request(prompt string) *loraplexv1.GenerateStreamRequest {
@@ -86,6 +90,14 @@ func (g *generateRequestFlags) request(prompt string) *loraplexv1.GenerateStream
 	}
 	if g.seed.set {
 		r.Sampling.Seed = &g.seed.v
+	}
+	if g.chat || g.system != "" {
+		var msgs []*loraplexv1.ChatMessage
+		if g.system != "" {
+			msgs = append(msgs, &loraplexv1.ChatMessage{Role: "system", Content: g.system})
+		}
+		msgs = append(msgs, &loraplexv1.ChatMessage{Role: "user", Content: prompt})
+		r.Prompt = &loraplexv1.GenerateStreamRequest_Chat{Chat: &loraplexv1.ChatMessages{Messages: msgs}}
 	}
 	return r
 }

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/loraplex/loraplex/pkg/chattemplate"
 	"github.com/loraplex/loraplex/pkg/cliflag"
 	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/genreq"
@@ -289,9 +290,13 @@ func (s *Shard) load() (err error) {
 	if err != nil {
 		return fmt.Errorf("shard: load tokenizer: %w", err)
 	}
+	chat, err := chattemplate.Load(cfg.ModelDir)
+	if err != nil {
+		return fmt.Errorf("shard: load chat template: %w", err)
+	}
 	info := s.model.Info()
 	log.Info("model loaded", zap.String("dir", cfg.ModelDir), zap.Int("layers", info.Layers), zap.Int("hidden", info.Hidden),
-		zap.Int("vocab", info.VocabSize), zap.Duration("elapsed", time.Since(start)))
+		zap.Int("vocab", info.VocabSize), zap.String("chat_template", chat.Origin()), zap.Duration("elapsed", time.Since(start)))
 
 	var load adapters.Loader = func(_ context.Context, id string) (*adapters.Loaded, error) {
 		return nil, fmt.Errorf("%w: adapter %q (this shard has no adapter store)", peft.ErrNotFound, id)
@@ -335,7 +340,7 @@ func (s *Shard) load() (err error) {
 	if s.gpuMetrics, err = registerGPUMetrics(s.tel.MeterProvider().Meter("github.com/loraplex/loraplex/shard"), 0, log); err != nil {
 		return err
 	}
-	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log))
+	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log).WithChatTemplate(chat))
 	s.adm.p.Store(server.NewAdapters(s.cache, cfg.Limits, s.id))
 	return nil
 }

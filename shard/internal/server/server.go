@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/loraplex/loraplex/pkg/chattemplate"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/telemetry"
@@ -35,6 +36,7 @@ type Generation struct {
 	loraplexv1.UnimplementedGenerationServiceServer
 	eng     *engine.Engine
 	tok     *tokenizer.Tokenizer
+	chat    *chattemplate.Template // nil: chat prompts are refused
 	limits  genreq.Limits
 	shardID string
 	log     *zap.Logger
@@ -45,6 +47,13 @@ func NewGeneration(eng *engine.Engine, tok *tokenizer.Tokenizer, limits genreq.L
 	return &Generation{eng: eng, tok: tok, limits: limits, shardID: shardID, log: log}
 }
 
+// WithChatTemplate makes the service render chat prompts with the model's template; call it
+// before serving.
+func (g *Generation) WithChatTemplate(t *chattemplate.Template) *Generation {
+	g.chat = t
+	return g
+}
+
 // request validates a generation request, once for the whole shard (genreq: the limits, then the
 // model's vocabulary, context and KV cache), and converts it for the engine, which trusts it.
 func (g *Generation) request(r genreq.Request) (*engine.Request, error) {
@@ -52,7 +61,12 @@ func (g *Generation) request(r genreq.Request) (*engine.Request, error) {
 		return nil, err
 	}
 	var prompt []int
-	if ids := r.GetTokenIds(); ids != nil {
+	if c := r.GetChat(); c != nil {
+		var err error
+		if prompt, err = g.chat.Encode(g.tok, c); err != nil {
+			return nil, err
+		}
+	} else if ids := r.GetTokenIds(); ids != nil {
 		prompt = make([]int, len(ids.GetIds()))
 		for i, id := range ids.GetIds() {
 			prompt[i] = int(id)
@@ -265,7 +279,8 @@ func Code(err error) codes.Code {
 		return codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded
-	case errors.Is(err, genreq.ErrInvalid), errors.Is(err, peft.ErrInvalidID):
+	case errors.Is(err, genreq.ErrInvalid), errors.Is(err, peft.ErrInvalidID),
+		errors.Is(err, chattemplate.ErrNoTemplate), errors.Is(err, chattemplate.ErrRaised), errors.Is(err, chattemplate.ErrRender):
 		return codes.InvalidArgument
 	case errors.Is(err, peft.ErrNotFound), errors.Is(err, adapters.ErrUnknown):
 		return codes.NotFound

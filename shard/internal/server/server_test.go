@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/loraplex/loraplex/pkg/chattemplate"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/tinyllama"
@@ -248,6 +250,9 @@ func TestCode(t *testing.T) {
 		{engine.ErrInvalid, codes.Unknown},
 		{context.Canceled, codes.Canceled},
 		{engine.ErrQueueFull, codes.ResourceExhausted},
+		{fmt.Errorf("%w: none", chattemplate.ErrNoTemplate), codes.InvalidArgument},
+		{fmt.Errorf("%w: roles must alternate", chattemplate.ErrRaised), codes.InvalidArgument},
+		{fmt.Errorf("%w: x", chattemplate.ErrRender), codes.InvalidArgument},
 	}
 	for _, c := range cases {
 		if got := Code(c.err); got != c.want {
