@@ -59,18 +59,28 @@ const (
 	Gate Module = "gate_proj"
 	Up   Module = "up_proj"
 	Down Module = "down_proj"
+	// Fused projections of Phi-3 checkpoints: q, k and v rows stacked in one weight, and gate and
+	// up rows in another. Their adapters' B matrices span the parts.
+	QKV    Module = "qkv_proj"
+	GateUp Module = "gate_up_proj"
 )
 
-// Modules lists every Module in layer order.
+// Modules lists every Module of the Llama layer in layer order (FusedModules are the others).
 func Modules() []Module { return []Module{Q, K, V, O, Gate, Up, Down} }
+
+// FusedModules lists the fused projections.
+func FusedModules() []Module { return []Module{QKV, GateUp} }
+
+// allModules is Modules and FusedModules in layer order.
+func allModules() []Module { return []Module{QKV, Q, K, V, O, GateUp, Gate, Up, Down} }
 
 // Parent is the sub-block holding the module: "self_attn" or "mlp"; "" for
 // an unknown module.
 func (m Module) Parent() string {
 	switch m {
-	case Q, K, V, O:
+	case Q, K, V, O, QKV:
 		return "self_attn"
-	case Gate, Up, Down:
+	case Gate, Up, Down, GateUp:
 		return "mlp"
 	}
 	return ""
@@ -88,6 +98,31 @@ func (m Module) FullName(layer int) string {
 type ModelShape struct {
 	NumLayers int
 	Dims      map[Module][2]int
+	// Splits maps a fused projection to its parts in row order: an adapter's LoRA on the fused
+	// module is loaded as one LoRA per part, sharing A, each with its rows of B (the same update:
+	// the part's outputs are the fused output's rows).
+	Splits map[Module][]Part
+}
+
+// Part is one projection inside a fused one, Rows output features wide.
+type Part struct {
+	Module Module
+	Rows   int
+}
+
+// FusedShape turns a Llama ModelShape into the one of a checkpoint with fused projections (Phi-3):
+// adapters target qkv_proj and gate_up_proj instead of q/k/v and gate/up.
+func FusedShape(s ModelShape) ModelShape {
+	d := s.Dims
+	out := ModelShape{NumLayers: s.NumLayers, Dims: map[Module][2]int{
+		O: d[O], Down: d[Down],
+		QKV:    {d[Q][0], d[Q][1] + d[K][1] + d[V][1]},
+		GateUp: {d[Gate][0], d[Gate][1] + d[Up][1]},
+	}, Splits: map[Module][]Part{
+		QKV:    {{Q, d[Q][1]}, {K, d[K][1]}, {V, d[V][1]}},
+		GateUp: {{Gate, d[Gate][1]}, {Up, d[Up][1]}},
+	}}
+	return out
 }
 
 // LlamaShape builds the ModelShape of a llama-family decoder.
@@ -123,6 +158,18 @@ func (o Options) Validate() error {
 		}
 		if d[0] <= 0 || d[1] <= 0 {
 			return fmt.Errorf("%w: Model.Dims[%s] = %v, want positive {in, out}", ErrInvalidOptions, m, d)
+		}
+	}
+	for m, parts := range o.Model.Splits {
+		rows := 0
+		for _, p := range parts {
+			if p.Rows <= 0 || p.Module.Parent() == "" {
+				return fmt.Errorf("%w: Model.Splits[%s] has part %+v", ErrInvalidOptions, m, p)
+			}
+			rows += p.Rows
+		}
+		if rows != o.Model.Dims[m][1] {
+			return fmt.Errorf("%w: Model.Splits[%s] parts have %d rows, the module %d", ErrInvalidOptions, m, rows, o.Model.Dims[m][1])
 		}
 	}
 	if o.MaxRank < 0 || o.MaxBytes < 0 {
@@ -273,7 +320,17 @@ func load(ctx context.Context, root *os.Root, opts Options) (*Adapter, error) {
 		if l.B, err = st.FiniteFloat32(pl.p.b); err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidAdapter, err)
 		}
-		a.Layers[pl.slot.layer][pl.slot.module] = l
+		parts := opts.Model.Splits[pl.slot.module]
+		if len(parts) == 0 {
+			a.Layers[pl.slot.layer][pl.slot.module] = l
+			continue
+		}
+		row := 0
+		for _, part := range parts {
+			a.Layers[pl.slot.layer][part.Module] = &LoRA{Rank: l.Rank, Scaling: l.Scaling, In: l.In, Out: part.Rows,
+				A: l.A, B: l.B[row*l.Rank : (row+part.Rows)*l.Rank]}
+			row += part.Rows
+		}
 	}
 	return a, nil
 }
@@ -375,7 +432,7 @@ func pairTensors(names []string, model ModelShape) (map[slot]pair, error) {
 // targets.
 func checkTargets(cfg *Config, pairs map[slot]pair, model ModelShape) error {
 	for layer := range model.NumLayers {
-		for _, mod := range Modules() {
+		for _, mod := range allModules() {
 			if _, ok := model.Dims[mod]; !ok {
 				continue
 			}
@@ -398,7 +455,7 @@ func checkTargets(cfg *Config, pairs map[slot]pair, model ModelShape) error {
 
 func sortedSlots(pairs map[slot]pair) []slot {
 	order := map[Module]int{}
-	for i, m := range Modules() {
+	for i, m := range allModules() {
 		order[m] = i
 	}
 	out := make([]slot, 0, len(pairs))

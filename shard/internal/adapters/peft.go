@@ -14,12 +14,7 @@ import (
 
 // PEFTOptions are the peft load options that validate adapters against a model's shapes.
 func PEFTOptions(info model.Info, maxRank int, maxBytes int64) peft.Options {
-	shape := peft.ModelShape{NumLayers: info.Layers, Dims: map[peft.Module][2]int{}}
-	for m := range compute.NumModules {
-		in, out := info.ModuleDims(m)
-		shape.Dims[peft.Module(m.String())] = [2]int{in, out}
-	}
-	return peft.Options{Model: shape, MaxRank: maxRank, MaxBytes: maxBytes}
+	return peft.Options{Model: info.AdapterShape(), MaxRank: maxRank, MaxBytes: maxBytes}
 }
 
 // FromPEFT arranges a loaded PEFT adapter as the backend's per-layer, per-projection weights.

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 
+	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 )
 
@@ -35,6 +36,20 @@ type Info struct {
 	MaxContext int
 	BOS        int   // -1 when the model has none
 	EOS        []int // end-of-sequence token ids
+	// FusedProjections: the checkpoint holds q, k, v as one qkv_proj and gate, up as one
+	// gate_up_proj (Phi-3), which is what its adapters target.
+	FusedProjections bool
+}
+
+// AdapterShape is what a PEFT adapter for this model is checked against: the projections it may
+// target with their {in, out} widths. With fused projections, qkv_proj and gate_up_proj replace
+// q/k/v and gate/up, and their LoRA B rows are split among the parts at load.
+func (i Info) AdapterShape() peft.ModelShape {
+	s := peft.LlamaShape(i.Layers, i.Hidden, i.Intermediate, i.Heads, i.KVHeads, i.HeadDim)
+	if i.FusedProjections {
+		s = peft.FusedShape(s)
+	}
+	return s
 }
 
 // ModuleDims returns the input and output width of a projection, for validating adapters.

@@ -6,32 +6,46 @@ import (
 	"fmt"
 	"math"
 
+	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/model"
 )
 
 // Config is the subset of a Hugging Face Llama-family config.json the forward pass depends on.
 // Both layouts are read: transformers 4.x (rope_theta, rope_scaling) and 5.x (rope_parameters).
 type Config struct {
-	ModelType             string          `json:"model_type"`
-	VocabSize             int             `json:"vocab_size"`
-	HiddenSize            int             `json:"hidden_size"`
-	IntermediateSize      int             `json:"intermediate_size"`
-	NumHiddenLayers       int             `json:"num_hidden_layers"`
-	NumAttentionHeads     int             `json:"num_attention_heads"`
-	NumKeyValueHeads      int             `json:"num_key_value_heads"`
-	HeadDim               int             `json:"head_dim"`
-	MaxPositionEmbeddings int             `json:"max_position_embeddings"`
-	RMSNormEps            float64         `json:"rms_norm_eps"`
-	HiddenAct             string          `json:"hidden_act"`
-	TieWordEmbeddings     bool            `json:"tie_word_embeddings"`
-	AttentionBias         bool            `json:"attention_bias"`
-	MLPBias               bool            `json:"mlp_bias"`
-	SlidingWindow         *int            `json:"sliding_window"`
-	BOSTokenID            json.RawMessage `json:"bos_token_id"`
-	EOSTokenID            json.RawMessage `json:"eos_token_id"`
-	RopeTheta             *float64        `json:"rope_theta"`
-	RopeScaling           *RopeParams     `json:"rope_scaling"`
-	RopeParameters        *RopeParams     `json:"rope_parameters"`
+	ModelType             string   `json:"model_type"`
+	VocabSize             int      `json:"vocab_size"`
+	HiddenSize            int      `json:"hidden_size"`
+	IntermediateSize      int      `json:"intermediate_size"`
+	NumHiddenLayers       int      `json:"num_hidden_layers"`
+	NumAttentionHeads     int      `json:"num_attention_heads"`
+	NumKeyValueHeads      int      `json:"num_key_value_heads"`
+	HeadDim               int      `json:"head_dim"`
+	MaxPositionEmbeddings int      `json:"max_position_embeddings"`
+	RMSNormEps            float64  `json:"rms_norm_eps"`
+	HiddenAct             string   `json:"hidden_act"`
+	TieWordEmbeddings     bool     `json:"tie_word_embeddings"`
+	AttentionBias         bool     `json:"attention_bias"`
+	MLPBias               bool     `json:"mlp_bias"`
+	SlidingWindow         *int     `json:"sliding_window"`
+	UseSlidingWindow      *bool    `json:"use_sliding_window"` // qwen2, qwen3
+	MaxWindowLayers       *int     `json:"max_window_layers"`  // qwen2, qwen3
+	LayerTypes            []string `json:"layer_types"`        // transformers 5
+	// OriginalMaxPositionEmbeddings is Phi-3's pre-extension context (longrope), at the top level.
+	OriginalMaxPositionEmbeddings int             `json:"original_max_position_embeddings"`
+	PartialRotaryFactor           *float64        `json:"partial_rotary_factor"`
+	BOSTokenID                    json.RawMessage `json:"bos_token_id"`
+	EOSTokenID                    json.RawMessage `json:"eos_token_id"`
+	RopeTheta                     *float64        `json:"rope_theta"`
+	RopeScaling                   *RopeParams     `json:"rope_scaling"`
+	RopeParameters                *RopeParams     `json:"rope_parameters"`
+
+	// Derived by ParseConfig from the model type and the options above (family.go).
+	inv     []float32
+	biases  [compute.NumModules]bool
+	qkNorm  bool
+	fused   bool
+	windows []int // per layer: attention window in positions, 0 for full causal attention
 }
 
 // RopeParams holds rope_scaling (4.x) or rope_parameters (5.x).
@@ -43,6 +57,11 @@ type RopeParams struct {
 	LowFreqFactor                 float64  `json:"low_freq_factor"`
 	HighFreqFactor                float64  `json:"high_freq_factor"`
 	OriginalMaxPositionEmbeddings int      `json:"original_max_position_embeddings"`
+	// longrope (Phi-3): per-frequency factors and the optional attention factor.
+	ShortFactor         []float64 `json:"short_factor"`
+	LongFactor          []float64 `json:"long_factor"`
+	AttentionFactor     *float64  `json:"attention_factor"`
+	PartialRotaryFactor *float64  `json:"partial_rotary_factor"`
 }
 
 // ParseConfig reads and validates config.json.
@@ -78,18 +97,20 @@ func ParseConfig(data []byte) (*Config, error) {
 	if c.HiddenAct != "silu" {
 		return nil, fmt.Errorf("%w: hidden_act %q (only silu)", model.ErrUnsupported, c.HiddenAct)
 	}
-	if c.AttentionBias || c.MLPBias {
-		return nil, fmt.Errorf("%w: attention_bias/mlp_bias", model.ErrUnsupported)
+	if c.MLPBias {
+		return nil, fmt.Errorf("%w: mlp_bias (no supported family has MLP biases)", model.ErrUnsupported)
 	}
-	if c.SlidingWindow != nil && *c.SlidingWindow < c.MaxPositionEmbeddings {
-		return nil, fmt.Errorf("%w: sliding_window %d shorter than max_position_embeddings %d", model.ErrUnsupported, *c.SlidingWindow, c.MaxPositionEmbeddings)
+	if err := c.derive(); err != nil {
+		return nil, err
 	}
 	if !(c.RMSNormEps > 0 && c.RMSNormEps < 1) {
 		return nil, fmt.Errorf("%w: rms_norm_eps %g must be in (0, 1)", model.ErrConfig, c.RMSNormEps)
 	}
-	if _, err := c.invFreq(); err != nil {
+	inv, err := c.invFreq()
+	if err != nil {
 		return nil, err
 	}
+	c.inv = inv
 	return c, nil
 }
 
@@ -163,8 +184,28 @@ func (c *Config) invFreq() ([]float32, error) {
 			}
 			out[i] = float32(v)
 		}
+	case "longrope", "su":
+		// Only the short factors: maxContext caps the context at original_max_position_embeddings,
+		// below which transformers uses them (past it, it switches the whole sequence to the long
+		// factors, which a paged cache of keys rotated earlier cannot follow).
+		orig := c.longropeOriginal(p)
+		if orig <= 0 {
+			return nil, fmt.Errorf("%w: longrope needs original_max_position_embeddings > 0", model.ErrConfig)
+		}
+		if len(p.ShortFactor) != half || len(p.LongFactor) != half {
+			return nil, fmt.Errorf("%w: longrope short_factor and long_factor need %d values (head_dim/2), got %d and %d", model.ErrConfig, half, len(p.ShortFactor), len(p.LongFactor))
+		}
+		for i := range half {
+			e := float32(float32(2*i) / float32(c.HeadDim))
+			pw := float32(math.Pow(theta, float64(e)))
+			ext := float32(p.ShortFactor[i])
+			if !(ext > 0) {
+				return nil, fmt.Errorf("%w: longrope short_factor[%d] = %g, must be > 0", model.ErrConfig, i, p.ShortFactor[i])
+			}
+			out[i] = float32(1 / float64(ext*pw))
+		}
 	default:
-		return nil, fmt.Errorf("%w: rope_type %q (supported: default, linear, llama3)", model.ErrUnsupported, p.RopeType)
+		return nil, fmt.Errorf("%w: rope_type %q (supported: default, linear, llama3, longrope)", model.ErrUnsupported, p.RopeType)
 	}
 	return out, nil
 }

@@ -1,7 +1,9 @@
-// Package llama implements the Llama family (Llama 2/3, Mistral-style without sliding window, and
-// other configs with the same layout) against the compute backend: GQA attention over the paged KV
-// cache, RMSNorm, rotary embeddings (default, linear, llama3), SwiGLU, tied or untied lm_head, and
-// LoRA on any of the seven projections through SGMV.
+// Package llama implements the decoder of the Llama layout against the compute backend, for every
+// family that shares it (ModelTypes: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3): GQA attention
+// over the paged KV cache, RMSNorm, rotary embeddings (default, linear, llama3, longrope), SwiGLU,
+// tied or untied lm_head, and LoRA on any of the seven projections through SGMV. What a family adds
+// (q/k/v biases, per-head q/k norms, fused checkpoint weights, sliding-window attention) is a named
+// option derived from its config (family.go), not a separate implementation.
 package llama
 
 import (
@@ -16,6 +18,8 @@ import (
 type layer struct {
 	inNorm, postNorm compute.Tensor
 	proj             [compute.NumModules]compute.Tensor
+	bias             [compute.NumModules]compute.Tensor // nil: no bias
+	qNorm, kNorm     compute.Tensor                     // per-head RMSNorm weights (qwen3)
 	// With a fusing backend: q, k, v packed into qkv and gate, up into gateUp (their proj entries
 	// are then nil).
 	qkv, gateUp compute.Tensor
@@ -36,6 +40,10 @@ type Model struct {
 	graphs compute.StepGraphs
 	// fuse runs the fused projections on backends that have them; nil elsewhere.
 	fuse compute.Fuser
+	// ops runs the operations beyond the Llama layer the config needs; nil when it needs none.
+	ops compute.DecoderOps
+	// scaleFactor multiplies the attention scale (longrope's attention factor, squared).
+	scaleFactor float64
 }
 
 var _ model.Model = (*Model)(nil)
@@ -62,9 +70,15 @@ type Weights interface {
 
 // New builds the model from a parsed config and its weights.
 func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
-	inv, err := cfg.invFreq()
-	if err != nil {
-		return nil, err
+	inv := cfg.inv
+	var ops compute.DecoderOps
+	if need := cfg.needsDecoderOps(); len(need) > 0 {
+		o, ok := be.(compute.DecoderOps)
+		if !ok {
+			return nil, fmt.Errorf("%w: model_type %s needs %v, which the %s backend does not implement (the cpu backend does)",
+				model.ErrUnsupported, cfg.ModelType, need, be.Name())
+		}
+		ops = o
 	}
 	bos, err := tokenIDs(cfg.BOSTokenID)
 	if err != nil {
@@ -75,14 +89,15 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 		return nil, err
 	}
 	info := model.Info{
-		Arch: "llama", VocabSize: cfg.VocabSize, Hidden: cfg.HiddenSize, Intermediate: cfg.IntermediateSize,
+		Arch: cfg.ModelType, VocabSize: cfg.VocabSize, Hidden: cfg.HiddenSize, Intermediate: cfg.IntermediateSize,
 		Layers: cfg.NumHiddenLayers, Heads: cfg.NumAttentionHeads, KVHeads: cfg.NumKeyValueHeads,
-		HeadDim: cfg.HeadDim, MaxContext: cfg.MaxPositionEmbeddings, BOS: -1, EOS: eos,
+		HeadDim: cfg.HeadDim, MaxContext: cfg.maxContext(), BOS: -1, EOS: eos, FusedProjections: cfg.fused,
 	}
 	if len(bos) > 0 {
 		info.BOS = bos[0]
 	}
-	m = &Model{be: be, cfg: cfg, info: info, invFreq: inv, layers: make([]layer, cfg.NumHiddenLayers)}
+	a := cfg.attentionScaling()
+	m = &Model{be: be, cfg: cfg, info: info, invFreq: inv, layers: make([]layer, cfg.NumHiddenLayers), ops: ops, scaleFactor: a * a}
 	if g, ok := be.(compute.StepGrapher); ok && compute.On(be, compute.CapStepGraphs) {
 		m.graphs = g.NewStepGraphs()
 	}
@@ -103,12 +118,33 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: tensor %s: %v", model.ErrWeights, name, err)
 		}
-		t, err := be.FromHost(data, shape...)
-		if err != nil {
-			return nil, err
+		return m.upload(data, shape...)
+	}
+	// loadSplit reads a fused weight [sum rows, in] and uploads its row blocks as separate weights.
+	loadSplit := func(name string, in int, dst []*compute.Tensor, rows []int) error {
+		total := 0
+		for _, r := range rows {
+			total += r
 		}
-		m.owned = append(m.owned, t)
-		return t, nil
+		ti, ok := w.Info(name)
+		if !ok {
+			return fmt.Errorf("%w: tensor %s missing", model.ErrWeights, name)
+		}
+		if !equalShape(ti.Shape, []int{total, in}) {
+			return fmt.Errorf("%w: tensor %s has shape %v, config implies %v", model.ErrWeights, name, ti.Shape, []int{total, in})
+		}
+		data, err := w.Float32(name)
+		if err != nil {
+			return fmt.Errorf("%w: tensor %s: %v", model.ErrWeights, name, err)
+		}
+		row := 0
+		for i, r := range rows {
+			if *dst[i], err = m.upload(data[row*in:(row+r)*in], r, in); err != nil {
+				return err
+			}
+			row += r
+		}
+		return nil
 	}
 	h, v := cfg.HiddenSize, cfg.VocabSize
 	if m.embed, err = load("model.embed_tokens.weight", v, h); err != nil {
@@ -139,12 +175,40 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 			if mod >= compute.ModGate {
 				prefix = p + "mlp."
 			}
+			if cfg.biases[mod] {
+				if ly.bias[mod], err = load(prefix+mod.String()+".bias", out); err != nil {
+					return nil, err
+				}
+			}
+			if cfg.fused && mod != compute.ModO && mod != compute.ModDown {
+				continue
+			}
 			if ly.proj[mod], err = load(prefix+mod.String()+".weight", out, in); err != nil {
 				return nil, err
 			}
 		}
+		if cfg.fused {
+			q, kv := info.Heads*info.HeadDim, info.KVHeads*info.HeadDim
+			err = loadSplit(p+"self_attn.qkv_proj.weight", h, []*compute.Tensor{&ly.proj[compute.ModQ], &ly.proj[compute.ModK], &ly.proj[compute.ModV]}, []int{q, kv, kv})
+			if err != nil {
+				return nil, err
+			}
+			err = loadSplit(p+"mlp.gate_up_proj.weight", h, []*compute.Tensor{&ly.proj[compute.ModGate], &ly.proj[compute.ModUp]}, []int{cfg.IntermediateSize, cfg.IntermediateSize})
+			if err != nil {
+				return nil, err
+			}
+		}
+		if cfg.qkNorm {
+			if ly.qNorm, err = load(p+"self_attn.q_norm.weight", cfg.HeadDim); err != nil {
+				return nil, err
+			}
+			if ly.kNorm, err = load(p+"self_attn.k_norm.weight", cfg.HeadDim); err != nil {
+				return nil, err
+			}
+		}
 	}
-	if f, ok := be.(compute.Fuser); ok && compute.On(be, compute.CapFusion) {
+	// The fused projections compute the plain Llama layer; a config needing more runs unfused.
+	if f, ok := be.(compute.Fuser); ok && compute.On(be, compute.CapFusion) && ops == nil {
 		if err := m.pack(f); err != nil {
 			return nil, err
 		}
@@ -182,6 +246,16 @@ func (m *Model) pack(f compute.Fuser) error {
 	}
 	m.fuse = f
 	return nil
+}
+
+// upload copies a weight to the backend; the model frees it on Close.
+func (m *Model) upload(data []float32, shape ...int) (compute.Tensor, error) {
+	t, err := m.be.FromHost(data, shape...)
+	if err != nil {
+		return nil, err
+	}
+	m.owned = append(m.owned, t)
+	return t, nil
 }
 
 // disown forgets a tensor the backend freed (packed into another).
@@ -289,13 +363,35 @@ func (m *Model) forward(b compute.Batch, cache compute.KVCache) (compute.Tensor,
 	defer free()
 	be, i := m.be, m.info
 	eps := float32(m.cfg.RMSNormEps)
-	scale := float32(1 / math.Sqrt(float64(i.HeadDim)))
+	scale := float32(m.scaleFactor / math.Sqrt(float64(i.HeadDim)))
 	// proj computes out = x W^T plus each segment's LoRA update for the projection.
 	proj := func(out, x compute.Tensor, l int, mod compute.Module) error {
 		if err := be.MatMul(out, x, m.layers[l].proj[mod]); err != nil {
 			return err
 		}
+		if bias := m.layers[l].bias[mod]; bias != nil {
+			if err := m.ops.AddBias(out, bias); err != nil {
+				return err
+			}
+		}
 		return be.SGMV(out, x, l, mod, b)
+	}
+	// qkNorm and attend are the family options around attention (plain Llama: RoPE and Attention).
+	qkNorm := func(l int) error {
+		ly := &m.layers[l]
+		if ly.qNorm == nil {
+			return nil
+		}
+		if err := m.ops.HeadRMSNorm(s.q, ly.qNorm, i.HeadDim, eps); err != nil {
+			return err
+		}
+		return m.ops.HeadRMSNorm(s.k, ly.kNorm, i.HeadDim, eps)
+	}
+	attend := func(l int) error {
+		if w := m.cfg.windows[l]; w > 0 {
+			return m.ops.WindowAttention(s.attn, s.q, s.k, s.v, cache, l, scale, w, b)
+		}
+		return be.Attention(s.attn, s.q, s.k, s.v, cache, l, scale, b)
 	}
 	if err := be.Embed(s.x, m.embed, b); err != nil {
 		return nil, err
@@ -315,9 +411,10 @@ func (m *Model) forward(b compute.Batch, cache compute.KVCache) (compute.Tensor,
 			func() error { return proj(s.q, s.h, l, compute.ModQ) },
 			func() error { return proj(s.k, s.h, l, compute.ModK) },
 			func() error { return proj(s.v, s.h, l, compute.ModV) },
+			func() error { return qkNorm(l) },
 			func() error { return be.RoPE(s.q, i.Heads, i.HeadDim, m.invFreq, b) },
 			func() error { return be.RoPE(s.k, i.KVHeads, i.HeadDim, m.invFreq, b) },
-			func() error { return be.Attention(s.attn, s.q, s.k, s.v, cache, l, scale, b) },
+			func() error { return attend(l) },
 			func() error { return proj(s.o, s.attn, l, compute.ModO) },
 			func() error { return be.Add(s.x, s.x, s.o) },
 			func() error { return be.RMSNorm(s.h, s.x, ly.postNorm, eps) },

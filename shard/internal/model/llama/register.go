@@ -2,9 +2,9 @@ package llama
 
 import "github.com/loraplex/loraplex/shard/internal/model"
 
-// Register adds the model types this package loads to r: llama, and mistral (the same decoder;
-// configs whose sliding window would bind are refused at load).
+// Register adds the model types this package loads (ModelTypes) to r.
 func Register(r *model.Registry) {
-	r.Register("llama", Load)
-	r.Register("mistral", Load)
+	for _, t := range ModelTypes {
+		r.Register(t, Load)
+	}
 }
