@@ -13,8 +13,8 @@ dev:            ## the same cluster, kept serving until Ctrl-C
 test:           ## vet, all tests with the race detector, the routing simulation (too slow under -race), the cluster tests
 	go vet ./...
 	scripts/install-tools.sh
-	@consul=$$(scripts/install-consul.sh) && set -x && \
-	HELM=$(GOBIN)/helm LORAPLEX_CONSUL=$$consul go test -race -count=1 ./... && \
+	@consul=$$(scripts/install-consul.sh) && vgw=$$(scripts/install-versitygw.sh) && set -x && \
+	HELM=$(GOBIN)/helm LORAPLEX_CONSUL=$$consul LORAPLEX_VERSITYGW=$$vgw go test -race -count=1 ./... && \
 	go test -count=1 -run '^TestRoutingSimulation$$' ./router/internal/picker/routingsim/ && \
 	LORAPLEX_CONSUL=$$consul go test -tags integration -count=1 ./test/cluster/
 

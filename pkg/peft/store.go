@@ -107,3 +107,37 @@ func (s *Store) Stamp(id string) string {
 	}
 	return string(b)
 }
+
+// FileLimits are the largest adapter_config.json and adapter_model.safetensors Load can accept under
+// opts, so a remote source can refuse an object by its length before downloading it. The weights
+// bound is twice MaxBytes (an F64 file stores each float32 weight in 8 bytes) plus the largest
+// header the model's shape allows; 0 when MaxBytes is 0 (no limit).
+func FileLimits(opts Options) (config, weights int64) {
+	if opts.MaxBytes <= 0 {
+		return maxConfigSize, 0
+	}
+	maxTensors := int64(2 * opts.Model.NumLayers * len(Modules()))
+	return maxConfigSize, 2*opts.MaxBytes + 8 + headerSlack + headerBytesPerTensor*maxTensors
+}
+
+// LoadFolder loads the adapter in dir under the name id (a disk tier's copy of a remote adapter);
+// files resolve through an os.Root as in Store.Load, and it stops when ctx ends.
+func LoadFolder(ctx context.Context, dir, id string, opts Options) (*Adapter, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	root, err := os.OpenRoot(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: adapter_id %q", ErrNotFound, id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: adapter_id %q: %w", ErrInvalidAdapter, id, err)
+	}
+	defer root.Close()
+	a, err := load(ctx, root, opts)
+	if err != nil {
+		return nil, fmt.Errorf("adapter %q: %w", id, err)
+	}
+	a.Name = id
+	return a, nil
+}
