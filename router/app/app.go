@@ -27,6 +27,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/grpcserver"
 	"github.com/loraplex/loraplex/pkg/telemetry"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/router/internal/openai"
 	"github.com/loraplex/loraplex/router/internal/picker"
 	"github.com/loraplex/loraplex/router/internal/picker/plugins"
 	"github.com/loraplex/loraplex/router/internal/proxy"
@@ -51,6 +52,8 @@ type Config struct {
 	// ShardTLS is how the router dials shards.
 	ShardTLS grpcserver.ClientTLSOptions
 	Limits   genreq.Limits
+	// HTTP is the OpenAI-compatible HTTP edge (off unless HTTP.Listen is set).
+	HTTP openai.Options
 }
 
 // Wiring is what a router runs with besides its configuration: the logger and telemetry that main
@@ -64,7 +67,8 @@ type Wiring struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{Listen: "127.0.0.1:50051", Routing: "affinity", EmptyViewGrace: 15 * time.Second, Discovery: discovery.DefaultOptions(),
-		Picker: plugins.DefaultOptions(), Proxy: proxy.DefaultOptions(), GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits()}
+		Picker: plugins.DefaultOptions(), Proxy: proxy.DefaultOptions(), GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
+		HTTP: openai.DefaultOptions()}
 }
 
 // AddFlags registers the configuration's flags.
@@ -79,6 +83,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	c.GRPC.AddFlags(fs)
 	c.ShardTLS.AddFlags(fs, "shard-")
 	c.Limits.AddFlags(fs)
+	c.HTTP.AddFlags(fs)
 }
 
 // Validate checks the configuration.
@@ -104,6 +109,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.Limits.Validate(); err != nil {
+		return err
+	}
+	if err := c.HTTP.Validate(); err != nil {
 		return err
 	}
 	return c.GRPC.Validate()
@@ -143,6 +151,7 @@ type Router struct {
 	watch    chan struct{}
 
 	healthSrv  *grpcserver.HealthServer
+	http       *openai.Server // nil: no HTTP edge
 	watcher    *discovery.Watcher
 	snapMu     sync.Mutex // serializes onSnapshot (watcher callbacks and rechecks)
 	emptySince time.Time
@@ -222,6 +231,19 @@ func Start(cfg Config, w Wiring) (r *Router, err error) {
 			return nil, err
 		}
 	}
+	if cfg.HTTP.Listen != "" {
+		list := proxy.NewAdapters(r.proxy, r.Shards)
+		adapters := func(ctx context.Context) ([]string, error) { return r.adapterIDs(ctx, list) }
+		r.http, err = openai.Start(cfg.HTTP, openai.Deps{Gen: r.proxy, Adapters: adapters, NewRequestID: proxy.NewRequestID,
+			Log: log.With(zap.String("component", "openai")), Telemetry: tel})
+		if err != nil {
+			if r.healthSrv != nil {
+				r.healthSrv.Stop()
+			}
+			_ = r.lis.Close()
+			return nil, err
+		}
+	}
 	loraplexv1.RegisterGenerationServiceServer(r.srv, r.proxy)
 	loraplexv1.RegisterAdaptersServiceServer(r.srv, proxy.NewAdapters(r.proxy, r.Shards))
 
@@ -232,6 +254,9 @@ func Start(cfg Config, w Wiring) (r *Router, err error) {
 		if err != nil {
 			cancel()
 			_ = r.lis.Close()
+			if r.http != nil {
+				r.http.Shutdown(context.Background())
+			}
 			return nil, err
 		}
 		w := discovery.NewWatcher(c, cfg.Discovery, log, r.onSnapshot)
@@ -325,6 +350,42 @@ func (r *Router) Shards() []picker.Shard {
 	return out
 }
 
+// adapterIDs are the adapters the shards hold or are loading, for the HTTP edge's /v1/models: what
+// they answer to ListAdapters, or when none answers, what their residency records list.
+func (r *Router) adapterIDs(ctx context.Context, list *proxy.Adapters) ([]string, error) {
+	var ids []string
+	resp, err := list.ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{})
+	if err == nil {
+		for _, a := range resp.GetAdapters() {
+			ids = append(ids, a.GetAdapterId())
+		}
+		return ids, nil
+	}
+	v := r.view.Load()
+	for i := range v.Len() {
+		rec := v.Shard(i).Record
+		if rec == nil {
+			continue
+		}
+		for _, a := range rec.Adapters {
+			ids = append(ids, a.ID)
+		}
+		ids = append(ids, rec.Loading...)
+	}
+	if len(ids) == 0 {
+		return nil, err
+	}
+	return ids, nil
+}
+
+// HTTPAddr is the address of the OpenAI HTTP edge ("" when off).
+func (r *Router) HTTPAddr() string {
+	if r.http == nil {
+		return ""
+	}
+	return r.http.Addr()
+}
+
 // Addr is the address the router listens on.
 func (r *Router) Addr() string { return r.lis.Addr().String() }
 
@@ -337,6 +398,9 @@ func (r *Router) Stop(ctx context.Context) {
 	r.setHealth()
 	stopped := make(chan struct{})
 	go func() {
+		if r.http != nil {
+			r.http.Shutdown(ctx)
+		}
 		r.srv.GracefulStop()
 		close(stopped)
 	}()

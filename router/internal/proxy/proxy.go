@@ -208,9 +208,10 @@ func fault(err error, answered bool) bool {
 	return !answered && status.Code(err) == codes.Unavailable
 }
 
-// mintID returns a request id for a client that gave none, so the request's router and shard log
-// lines join and base-model requests spread over shards by rendezvous on it.
-func mintID() string {
+// NewRequestID returns a request id for a client that gave none, so the request's router and shard
+// log lines join and base-model requests spread over shards by rendezvous on it. Both edges (gRPC
+// and the OpenAI HTTP edge) mint with it.
+func NewRequestID() string {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	return "r-" + hex.EncodeToString(b[:])
@@ -330,7 +331,7 @@ var (
 // Generate implements loraplex.v1.GenerationService.
 func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*loraplexv1.GenerateResponse, error) {
 	if r.GetRequestId() == "" {
-		r.RequestId = mintID()
+		r.RequestId = NewRequestID()
 	}
 	cands, probes, err := p.candidates(r)
 	if err != nil {
@@ -356,14 +357,21 @@ func (p *Proxy) Generate(ctx context.Context, r *loraplexv1.GenerateRequest) (*l
 
 // GenerateStream implements loraplex.v1.GenerationService.
 func (p *Proxy) GenerateStream(r *loraplexv1.GenerateStreamRequest, out loraplexv1.GenerationService_GenerateStreamServer) error {
+	return p.Stream(out.Context(), r, out.Send)
+}
+
+// Stream validates, routes and relays a streaming request, handing each shard message to send; it
+// is GenerateStream for any encoding (the OpenAI HTTP edge writes SSE chunks). A send error means
+// the client went away: Stream then cancels the shard's call and returns that error as is. Any
+// other error is a gRPC status (statusOf).
+func (p *Proxy) Stream(ctx context.Context, r *loraplexv1.GenerateStreamRequest, send func(*loraplexv1.GenerateStreamResponse) error) error {
 	if r.GetRequestId() == "" {
-		r.RequestId = mintID()
+		r.RequestId = NewRequestID()
 	}
 	cands, probes, err := p.candidates(r)
 	if err != nil {
 		return p.finish(r, err)
 	}
-	ctx := out.Context()
 	for i, s := range cands {
 		var sent bool
 		err = p.try(ctx, s, streamDesc, loraplexv1.GenerationService_GenerateStream_FullMethodName, r, func(a *attempt) (bool, error) {
@@ -375,7 +383,7 @@ func (p *Proxy) GenerateStream(r *loraplexv1.GenerateStreamRequest, out loraplex
 					}
 					return sent, err
 				}
-				if err := out.Send(m); err != nil {
+				if err := send(m); err != nil {
 					return true, &clientError{err}
 				}
 				sent = true
