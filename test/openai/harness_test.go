@@ -51,6 +51,8 @@ type clusterOptions struct {
 	router  func(cfg *routerapp.Config)
 	// shardTelemetry, routerTelemetry instrument the shards and the router when set.
 	shardTelemetry, routerTelemetry *telemetry.Providers
+	// routerLog replaces the router's logger when set.
+	routerLog *zap.Logger
 }
 
 // startCluster starts the shards and a router serving HTTP on loopback ports; t.Cleanup stops them.
@@ -96,7 +98,11 @@ func startCluster(t *testing.T, o clusterOptions) *cluster {
 	if o.router != nil {
 		o.router(&rc)
 	}
-	if c.router, err = routerapp.Start(rc, routerapp.Wiring{Log: log, Telemetry: o.routerTelemetry}); err != nil {
+	rlog := log
+	if o.routerLog != nil {
+		rlog = o.routerLog
+	}
+	if c.router, err = routerapp.Start(rc, routerapp.Wiring{Log: rlog, Telemetry: o.routerTelemetry}); err != nil {
 		t.Fatalf("start router: %v", err)
 	}
 	c.base = "http://" + c.router.HTTPAddr() + "/v1/"

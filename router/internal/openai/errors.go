@@ -59,7 +59,10 @@ var fieldParams = map[string]string{
 func paramOf(msg string, ep endpoint) string {
 	const marker = "invalid request: "
 	i := strings.Index(msg, marker)
-	if i < 0 {
+	switch {
+	case i < 0 && strings.Contains(msg, "chat template"): // the template refused the conversation
+		return "messages"
+	case i < 0:
 		return ""
 	}
 	field, _, _ := strings.Cut(msg[i+len(marker):], " ")
