@@ -10,13 +10,14 @@ run:            ## router + 2 CPU shards on the embedded model; sends one reques
 dev:            ## the same cluster, kept serving until Ctrl-C
 	go run ./cmd/loraplex-dev
 
-test:           ## vet, all tests with the race detector, the routing simulation (too slow under -race), the cluster tests
+test:           ## vet, all tests with the race detector, the routing simulation (too slow under -race), the cluster tests, the Node OpenAI client
 	go vet ./...
 	scripts/install-tools.sh
 	@consul=$$(scripts/install-consul.sh) && vgw=$$(scripts/install-versitygw.sh) && set -x && \
 	HELM=$(GOBIN)/helm LORAPLEX_CONSUL=$$consul LORAPLEX_VERSITYGW=$$vgw go test -race -count=1 ./... && \
 	go test -count=1 -run '^TestRoutingSimulation$$' ./router/internal/picker/routingsim/ && \
 	LORAPLEX_CONSUL=$$consul go test -tags integration -count=1 ./test/cluster/
+	test/node/run.sh
 
 test-short:
 	go test -count=1 ./...
