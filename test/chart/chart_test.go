@@ -466,13 +466,17 @@ func checkServices(t *testing.T, o objects, want expect) {
 				if sp.AppProtocol == nil || *sp.AppProtocol != "grpc" {
 					t.Errorf("Service %s port %s: appProtocol %v, want grpc", svc.Name, sp.Name, sp.AppProtocol)
 				}
+			case sp.Name == "http": // the OpenAI-compatible API
+				if sp.AppProtocol == nil || *sp.AppProtocol != "http" {
+					t.Errorf("Service %s port %s: appProtocol %v, want http", svc.Name, sp.Name, sp.AppProtocol)
+				}
 			case sp.Name == "http-metrics":
 				metricsSvc++
 				if sp.Port != want.metricsPort {
 					t.Errorf("Service %s metrics port %d, want %d", svc.Name, sp.Port, want.metricsPort)
 				}
 			default:
-				t.Errorf("Service %s port %q: name it grpc* or http-metrics", svc.Name, sp.Name)
+				t.Errorf("Service %s port %q: name it grpc*, http or http-metrics", svc.Name, sp.Name)
 			}
 		}
 	}
@@ -718,6 +722,9 @@ func TestValuesRejected(t *testing.T) {
 		{"consul tls without a secret", []string{"consul.enabled=true", "consul.tls.enabled=true"}, "/consul/tls/existingSecret"},
 		{"grace period shorter than the drain", []string{"shard.terminationGracePeriodSeconds=30"}, "must exceed preStopSleepSeconds + drainTimeoutSeconds"},
 		{"resources without limits", []string{"router.resources.limits=null"}, "/router/resources"},
+		{"no served model name", []string{"router.http.servedModelName="}, "/router/http/servedModelName"},
+		{"a CORS origin with a comma", []string{`router.http.corsOrigins[0]=a\,b`}, "/router/http/corsOrigins/0"},
+		{"HTTP port out of range", []string{"router.http.port=70000"}, "/router/http/port"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			out, err := runHelm(t, templateArgs(t, "", nil, c.set...)...)
