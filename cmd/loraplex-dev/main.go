@@ -27,6 +27,7 @@ import (
 	"github.com/loraplex/loraplex/cmd/internal/devcluster"
 	"github.com/loraplex/loraplex/pkg/demomodel"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	routerapp "github.com/loraplex/loraplex/router/app"
 )
 
 const prog = "loraplex-dev"
@@ -52,6 +53,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cmdline.NewFlagSet(stderr, prog, "", "[flags]\n       "+prog+" compare [flags]", devAbout)
 	shards := fs.Int("shards", 2, "number of shards")
 	listen := fs.String("listen", cmdline.DefaultAddr, "router listen address")
+	httpListen := fs.String("http-listen", "127.0.0.1:8000", "the router's OpenAI-compatible HTTP address (empty: off); the base model's name there is \"base\"")
 	shardBase := fs.Int("shard-port", 50061, "first shard port (0: any free port)")
 	dir := fs.String("dir", "", "where to extract the embedded model (default: a folder under the user cache)")
 	demo := fs.Bool("demo", false, "send the demo requests, print them and exit")
@@ -82,12 +84,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	log := zap.New(zapcore.NewCore(zapcore.NewConsoleEncoder(zap.NewDevelopmentEncoderConfig()), zapcore.AddSync(stderr), level))
 	fmt.Fprintf(stdout, "Starting a router and %d shards on the CPU with the embedded demo model (%s)...\n", *shards, *dir)
-	c, err := devcluster.Start(devcluster.Options{Dir: *dir, Shards: *shards, RouterAddr: *listen, ShardBase: *shardBase, Progress: stdout}, log)
+	c, err := devcluster.Start(devcluster.Options{Dir: *dir, Shards: *shards, RouterAddr: *listen, ShardBase: *shardBase, Progress: stdout,
+		Router: func(cfg *routerapp.Config) { cfg.HTTP.Listen = *httpListen }}, log)
 	if err != nil {
 		return err
 	}
 	defer c.Stop()
 	fmt.Fprintf(stdout, "router  %s\n", c.Router.Addr())
+	if a := c.Router.HTTPAddr(); a != "" {
+		fmt.Fprintf(stdout, "OpenAI  http://%s/v1 (model \"base\" or an adapter id)\n", a)
+	}
 	for i, s := range c.Shards {
 		fmt.Fprintf(stdout, "shard-%d %s\n", i, s.Addr())
 	}

@@ -35,7 +35,7 @@ func runDev(ctx context.Context, args ...string) devRun {
 
 // local are the flags that keep a test's cluster off the default ports and out of the user cache.
 func local(t *testing.T) []string {
-	return []string{"--listen", "127.0.0.1:0", "--shard-port", "0", "--dir", t.TempDir()}
+	return []string{"--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--shard-port", "0", "--dir", t.TempDir()}
 }
 
 func TestDemoPrintsEveryAdaptersCompletion(t *testing.T) {
