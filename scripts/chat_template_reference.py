@@ -65,6 +65,7 @@ def loading_checks(model_dir):
             "config list": ([{"name": "tool_use", "template": "TOOL{{ messages[0].content }}"},
                              {"name": "default", "template": "DEFAULT{{ messages[0].content }}"}], None),
             "special tokens": ("{{ bos_token }}|{{ eos_token }}|{{ unk_token is defined }}|{{ pad_token is defined }}", None),
+            "tools and documents": ("{{ tools is defined }}|{{ tools is none }}|{{ documents is defined }}|{{ documents is none }}", None),
         }
         for name, (cfg_t, file_t) in cases.items():
             try:

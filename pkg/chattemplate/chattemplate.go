@@ -212,6 +212,8 @@ func (t *Template) Render(msgs []Message, addGenerationPrompt bool) (string, err
 	}
 	data["messages"] = jinja.NewList(list)
 	data["add_generation_prompt"] = jinja.NewBool(addGenerationPrompt)
+	// transformers defines both (None without tools or documents); templates test them.
+	data["tools"], data["documents"] = jinja.None(), jinja.None()
 	// raise_exception is ours, not the engine's, so that a refusal is told apart from a failure.
 	var raised *string
 	data["raise_exception"] = jinja.NewCallable("raise_exception", func(args []jinja.Value, _ map[string]jinja.Value) (jinja.Value, error) {
