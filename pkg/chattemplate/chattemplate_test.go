@@ -167,3 +167,24 @@ func TestEncodeDemoModel(t *testing.T) {
 		t.Errorf("no user message: %v, want ErrRaised", err)
 	}
 }
+
+// BenchmarkRender: one render of a four-message conversation with the ChatML-style testdata
+// template (what each chat request pays before tokenizing).
+func BenchmarkRender(b *testing.B) {
+	src, err := os.ReadFile("testdata/templates/chatml.jinja")
+	if err != nil {
+		b.Fatal(err)
+	}
+	tmpl, err := New(string(src), map[string]string{"bos_token": "<s>"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	msgs := []Message{{Role: "system", Content: "You answer in one line."}, {Role: "user", Content: "What is LoRA?"},
+		{Role: "assistant", Content: "A low-rank adapter."}, {Role: "user", Content: "And multi-LoRA?"}}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := tmpl.Render(msgs, true); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
