@@ -19,9 +19,11 @@ import (
 	"sort"
 	"time"
 
-	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/cliflag"
@@ -133,11 +135,10 @@ func New(o Options, d Deps) (*Server, error) {
 		return nil, err
 	}
 	mux := http.NewServeMux()
+	tracer := d.Telemetry.TracerProvider().Tracer("github.com/loraplex/loraplex/router/openai")
 	route := func(pattern string, ep endpoint) {
-		h := otelhttp.NewHandler(s.endpoint(ep), pattern,
-			otelhttp.WithTracerProvider(d.Telemetry.TracerProvider()), otelhttp.WithPropagators(d.Telemetry.Propagator()),
-			otelhttp.WithMeterProvider(d.Telemetry.MeterProvider()))
-		mux.Handle(pattern, h)
+		ep.pattern = pattern
+		mux.Handle(pattern, s.traced(tracer, d.Telemetry.Propagator(), s.endpoint(ep)))
 	}
 	route("POST /v1/chat/completions", endpoint{name: "chat", prompt: "messages", logprobs: "top_logprobs", serve: s.generate})
 	route("POST /v1/completions", endpoint{name: "completions", prompt: "prompt", logprobs: "logprobs", serve: s.generate})
@@ -186,6 +187,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 // endpoint is one route: its metric label, the names its parameters have in errors, and its handler.
 type endpoint struct {
 	name     string
+	pattern  string // the span's name
 	prompt   string // the prompt's parameter: messages or prompt
 	logprobs string // the parameter asking for alternatives: top_logprobs (chat) or logprobs
 	serve    func(http.ResponseWriter, *http.Request, *call) error
@@ -222,6 +224,20 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
+// traced starts the request's server span, continuing the caller's trace (W3C trace context); the
+// proxy's gRPC call to the shard carries it on. (otelhttp's handler would do the same but allocates
+// on every write through its response writer wrapper, which an SSE stream does per token.)
+func (s *Server) traced(tracer trace.Tracer, prop propagation.TextMapPropagator, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := prop.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
+		ctx, span := tracer.Start(ctx, r.Pattern, trace.WithSpanKind(trace.SpanKindServer),
+			trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("http.route", r.Pattern),
+				attribute.String("url.path", r.URL.Path)))
+		defer span.End()
+		h.ServeHTTP(w, r.WithContext(ctx))
+	})
+}
+
 // endpoint wraps a route: CORS, the API key, the body limit, the request id, then the handler; an
 // error it returns before anything was written becomes an OpenAI error; then metrics and the access
 // log line.
@@ -242,6 +258,12 @@ func (s *Server) endpoint(ep endpoint) http.Handler {
 			w.status = http.StatusOK
 		}
 		elapsed := time.Since(start)
+		span := trace.SpanFromContext(r.Context())
+		span.SetAttributes(attribute.Int("http.response.status_code", w.status), attribute.String("loraplex.request_id", c.requestID),
+			attribute.String("loraplex.adapter_id", c.adapterID))
+		if w.status >= 500 {
+			span.SetStatus(otelcodes.Error, http.StatusText(w.status))
+		}
 		attrs := metric.WithAttributes(attribute.String("endpoint", ep.name), attribute.Int("code", w.status))
 		s.requests.Add(context.Background(), 1, attrs)
 		s.duration.Record(context.Background(), elapsed.Seconds(), metric.WithAttributes(attribute.String("endpoint", ep.name)))
