@@ -54,7 +54,7 @@ func DefaultOptions() Options {
 // AddFlags registers the options' flags.
 func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.Listen, "http-listen", o.Listen, "OpenAI-compatible HTTP listen address (empty: off)")
-	fs.StringVar(&o.ServedModelName, "served-model-name", o.ServedModelName, "the OpenAI `model` that selects the base model (any other model is an adapter id)")
+	fs.StringVar(&o.ServedModelName, "served-model-name", o.ServedModelName, "the OpenAI model name that selects the base model (any other name is an adapter id)")
 	fs.StringVar(&o.APIKeyFile, "http-api-key-file", o.APIKeyFile, "file of accepted bearer API keys, one per line, re-read when it changes (empty: no key needed)")
 	fs.Int64Var(&o.MaxBodyBytes, "http-max-body-bytes", o.MaxBodyBytes, "largest OpenAI request body (413 beyond)")
 	fs.Var(cliflag.List{V: &o.CORSOrigins}, "http-cors-origins", "comma-separated origins allowed to call the HTTP API from a browser (* for any; empty: no CORS)")
