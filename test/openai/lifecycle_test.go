@@ -145,7 +145,10 @@ func TestTelemetry(t *testing.T) {
 	c := startCluster(t, clusterOptions{shardTelemetry: &telemetry.Providers{Tracer: tp},
 		routerTelemetry: &telemetry.Providers{Tracer: tp, Meter: mp}, routerLog: zap.New(core)})
 	cl := c.client(t, "unused")
-	if _, err := cl.Completions.New(context.Background(), completion("reverse"), option.WithHeader("X-Request-Id", "trace-me")); err != nil {
+	// The client's own trace (W3C traceparent) continues through the edge into the shard.
+	const clientTrace = "4bf92f3577b34da6a3ce929d0e0e4736"
+	if _, err := cl.Completions.New(context.Background(), completion("reverse"), option.WithHeader("X-Request-Id", "trace-me"),
+		option.WithHeader("traceparent", "00-"+clientTrace+"-00f067aa0ba902b7-01")); err != nil {
 		t.Fatal(err)
 	}
 	var spans tracetest.SpanStubs
@@ -162,8 +165,8 @@ func TestTelemetry(t *testing.T) {
 		return find("POST /v1/completions") != nil && find("engine.decode") != nil
 	})
 	edge, decode := find("POST /v1/completions"), find("engine.decode")
-	if edge.SpanContext.TraceID() != decode.SpanContext.TraceID() {
-		t.Errorf("the HTTP span and the shard's decode span are in different traces")
+	if edge.SpanContext.TraceID().String() != clientTrace || decode.SpanContext.TraceID().String() != clientTrace {
+		t.Errorf("the HTTP span's trace %v and the shard's decode span's %v, want the client's %s", edge.SpanContext.TraceID(), decode.SpanContext.TraceID(), clientTrace)
 	}
 	n := counterSum(t, reader, "loraplex.router.http.requests", func(s attribute.Set) bool {
 		ep, _ := s.Value("endpoint")
