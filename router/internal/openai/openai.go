@@ -285,7 +285,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, c *call) (err err
 	defer func() {
 		if p := recover(); p != nil {
 			s.log.Error("panic serving an HTTP request", zap.String("request_id", c.requestID), zap.Any("panic", p), zap.Stack("stack"))
-			err = fmt.Errorf("internal error")
+			err = errors.New("internal error")
 		}
 	}()
 	if s.cors(w, r) {
