@@ -101,9 +101,11 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 	if g, ok := be.(compute.StepGrapher); ok && compute.On(be, compute.CapStepGraphs) {
 		m.graphs = g.NewStepGraphs()
 	}
+	// "return nil, err" sets m to nil before deferred calls run: free what was loaded through built.
+	built := m
 	defer func() {
 		if err != nil {
-			m.Close()
+			built.Close()
 		}
 	}()
 	load := func(name string, shape ...int) (compute.Tensor, error) {
