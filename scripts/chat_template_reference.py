@@ -17,10 +17,41 @@ import shutil
 import tempfile
 
 import jinja2
-import transformers
-from transformers import AutoTokenizer
+import jinja2.ext
+
+try:
+    import transformers
+    from transformers import AutoTokenizer
+except ImportError:  # --emulate works without it
+    transformers = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Emulated:
+    """transformers' chat template environment rebuilt on plain jinja2 (ImmutableSandboxedEnvironment,
+    trim_blocks, lstrip_blocks, loopcontrols, its tojson, raise_exception; tools and documents None,
+    the special tokens of tokenizer_config.json): a check for machines without transformers. The
+    committed reference comes from transformers itself whenever it ran."""
+
+    def __init__(self, model_dir):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(m):
+            raise jinja2.exceptions.TemplateError(m)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        self.env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        self.env.filters["tojson"] = tojson
+        self.env.globals["raise_exception"] = raise_exception
+        cfg = json.load(open(os.path.join(model_dir, "tokenizer_config.json")))
+        self.special_tokens_map = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)}
+
+    def apply_chat_template(self, conv, chat_template, tokenize, add_generation_prompt):
+        return self.env.from_string(chat_template).render(
+            messages=conv, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.special_tokens_map)
 
 
 def render(tok, conv, template, agp):
@@ -87,9 +118,10 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, "pkg/demomodel/model"))
     ap.add_argument("--testdata", default=os.path.join(ROOT, "pkg/chattemplate/testdata"))
     ap.add_argument("--out", default=os.path.join(ROOT, "pkg/chattemplate/testdata/reference.json"))
+    ap.add_argument("--emulate", action="store_true", help="plain jinja2 in transformers' environment, no transformers")
     a = ap.parse_args()
 
-    tok = AutoTokenizer.from_pretrained(a.model)
+    tok = Emulated(a.model) if a.emulate else AutoTokenizer.from_pretrained(a.model)
     convs = json.load(open(os.path.join(a.testdata, "conversations.json")))
     tdir = os.path.join(a.testdata, "templates")
     templates = {f[:-len(".jinja")]: open(os.path.join(tdir, f)).read() for f in sorted(os.listdir(tdir)) if f.endswith(".jinja")}
@@ -104,24 +136,25 @@ def main():
                 renders.append(r)
 
     demo_ids = []
-    for cname, conv in convs.items():
+    for cname, conv in ([] if a.emulate else convs.items()):
         try:
             demo_ids.append({"conversation": cname, "ids": ids_of(tok, conv, True)})
         except Exception as e:
             demo_ids.append({"conversation": cname, "error": str(e)})
 
+    version = f"emulated on jinja2 {jinja2.__version__} (--emulate)" if a.emulate else transformers.__version__
     out = {
-        "transformers": transformers.__version__,
+        "transformers": version,
         "jinja2": jinja2.__version__,
         "special_tokens_map": tok.special_tokens_map,
         "renders": renders,
         "demo_ids": demo_ids,
-        "loading": loading_checks(a.model),
+        "loading": {} if a.emulate else loading_checks(a.model),
     }
     with open(a.out, "w") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    print(f"{len(renders)} renders, transformers {transformers.__version__}, jinja2 {jinja2.__version__} -> {a.out}")
+    print(f"{len(renders)} renders, transformers {version}, jinja2 {jinja2.__version__} -> {a.out}")
     print(json.dumps(out["loading"], ensure_ascii=False, indent=1))
 
 
