@@ -293,7 +293,7 @@ func (d *Disk) download(src Source, v Version, dl *download) {
 func (d *Disk) fetch(src Source, v Version) error {
 	size := v.Bytes()
 	if size > d.o.Bytes {
-		return fmt.Errorf("%w: adapter %s is %d bytes, above the disk tier's budget of %d (-adapter-disk-bytes)", peft.ErrTooLarge, v.ID, size, d.o.Bytes)
+		return fmt.Errorf("%w: adapter %q is %d bytes, above the disk tier's budget of %d (-adapter-disk-bytes)", peft.ErrTooLarge, v.ID, size, d.o.Bytes)
 	}
 	d.sem <- struct{}{}
 	defer func() { <-d.sem }()
@@ -336,9 +336,9 @@ func (d *Disk) attempt(src Source, v Version) error {
 		sum, err := fetchFile(ctx, src, v, f, filepath.Join(tmp, f.Name))
 		if err != nil {
 			if errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
-				return fmt.Errorf("%w: adapter %s from %s: timed out after %v (-adapter-download-timeout)", ErrUnavailable, v.ID, src, d.o.Timeout)
+				return fmt.Errorf("%w: adapter %q from %s: timed out after %v (-adapter-download-timeout)", ErrUnavailable, v.ID, src, d.o.Timeout)
 			}
-			return fmt.Errorf("adapter %s: %w", v.ID, err)
+			return fmt.Errorf("adapter %q: %w", v.ID, err)
 		}
 		m.SHA256[f.Name] = sum
 	}

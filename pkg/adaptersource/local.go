@@ -61,8 +61,11 @@ func (s *Folder) Stat(ctx context.Context, id string) (Version, error) {
 		return Version{}, err
 	}
 	fi, err := s.root.Stat(id)
-	if errors.Is(err, fs.ErrNotExist) || err == nil && !fi.IsDir() {
+	if errors.Is(err, fs.ErrNotExist) {
 		return Version{}, fmt.Errorf("%w: adapter_id %q", peft.ErrNotFound, id)
+	}
+	if err == nil && !fi.IsDir() {
+		return Version{}, fmt.Errorf("%w: adapter_id %q is not a folder", peft.ErrNotFound, id)
 	}
 	if err != nil {
 		return Version{}, fmt.Errorf("%w: adapter_id %q: %w", peft.ErrInvalidAdapter, id, err)
@@ -72,10 +75,10 @@ func (s *Folder) Stat(ctx context.Context, id string) (Version, error) {
 		f, mod, err := s.file(ctx, id, name)
 		if errors.Is(err, fs.ErrNotExist) {
 			if _, perr := s.root.Stat(id + "/adapter_model.bin"); perr == nil && name == peft.WeightsFileName {
-				return Version{}, fmt.Errorf("%w: adapter %s has only adapter_model.bin; only safetensors weights are supported (pickle files are never loaded)",
+				return Version{}, fmt.Errorf("%w: adapter %q has only adapter_model.bin; only safetensors weights are supported (pickle files are never loaded)",
 					peft.ErrUnsupported, id)
 			}
-			return Version{}, fmt.Errorf("%w: adapter %s: missing %s", peft.ErrInvalidAdapter, id, name)
+			return Version{}, fmt.Errorf("%w: adapter %q: missing %s", peft.ErrInvalidAdapter, id, name)
 		}
 		if err != nil {
 			return Version{}, err
@@ -123,13 +126,13 @@ func (s *Folder) file(ctx context.Context, id, name string) (File, time.Time, er
 func (s *Folder) Open(ctx context.Context, v Version, f File) (io.ReadCloser, error) {
 	cur, _, err := s.file(ctx, v.ID, f.Name)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%w: adapter %s: %s is gone", ErrChanged, v.ID, f.Name)
+		return nil, fmt.Errorf("%w: adapter %q: %s is gone", ErrChanged, v.ID, f.Name)
 	}
 	if err != nil {
 		return nil, err
 	}
 	if cur.Tag != f.Tag {
-		return nil, fmt.Errorf("%w: adapter %s: %s", ErrChanged, v.ID, f.Name)
+		return nil, fmt.Errorf("%w: adapter %q: %s", ErrChanged, v.ID, f.Name)
 	}
 	return safetensors.OpenRegularIn(s.root, v.ID+"/"+f.Name)
 }
@@ -165,4 +168,22 @@ func (c ctxReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.r.Read(p)
+}
+
+// Stamp fingerprints adapter id's files (size, modification time, mode) without opening them, so
+// the adapter cache forgets a remembered failure as soon as the files change.
+func (s *Folder) Stamp(id string) string {
+	if peft.ValidateID(id) != nil {
+		return ""
+	}
+	var b []byte
+	for _, name := range Files {
+		fi, err := s.root.Stat(id + "/" + name)
+		if err != nil {
+			b = append(b, "-;"...)
+			continue
+		}
+		b = fmt.Appendf(b, "%d:%d:%o;", fi.Size(), fi.ModTime().UnixNano(), fi.Mode())
+	}
+	return string(b)
 }

@@ -127,15 +127,15 @@ func (s *S3) Stat(ctx context.Context, id string) (Version, error) {
 	switch {
 	case len(missing) == len(Files):
 		if s.exists(ctx, id, "adapter_model.bin") {
-			return Version{}, fmt.Errorf("%w: adapter %s in %s has only adapter_model.bin; only safetensors weights are supported (pickle files are never loaded)",
+			return Version{}, fmt.Errorf("%w: adapter %q in %s has only adapter_model.bin; only safetensors weights are supported (pickle files are never loaded)",
 				peft.ErrUnsupported, id, s)
 		}
 		return Version{}, fmt.Errorf("%w: adapter_id %q in %s", peft.ErrNotFound, id, s)
 	case len(missing) > 0 && missing[0] == peft.WeightsFileName && s.exists(ctx, id, "adapter_model.bin"):
-		return Version{}, fmt.Errorf("%w: adapter %s in %s has only adapter_model.bin; only safetensors weights are supported (pickle files are never loaded)",
+		return Version{}, fmt.Errorf("%w: adapter %q in %s has only adapter_model.bin; only safetensors weights are supported (pickle files are never loaded)",
 			peft.ErrUnsupported, id, s)
 	case len(missing) > 0:
-		return Version{}, fmt.Errorf("%w: adapter %s in %s: missing %s", peft.ErrInvalidAdapter, id, s, strings.Join(missing, ", "))
+		return Version{}, fmt.Errorf("%w: adapter %q in %s: missing %s", peft.ErrInvalidAdapter, id, s, strings.Join(missing, ", "))
 	}
 	v.Version = versionOf(v.Files)
 	return v, nil

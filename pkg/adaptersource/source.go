@@ -154,10 +154,10 @@ func CheckLimits(v Version, opts peft.Options) error {
 		case peft.WeightsFileName:
 			limit = maxWeights
 		default:
-			return fmt.Errorf("%w: adapter %s: file %s is not part of a PEFT adapter", peft.ErrUnsupported, v.ID, f.Name)
+			return fmt.Errorf("%w: adapter %q: file %s is not part of a PEFT adapter", peft.ErrUnsupported, v.ID, f.Name)
 		}
 		if f.Size < 0 || limit > 0 && f.Size > limit {
-			return fmt.Errorf("%w: adapter %s: %s is %d bytes, above the %d a load under -max-adapter-bytes=%d accepts",
+			return fmt.Errorf("%w: adapter %q: %s is %d bytes, above the %d a load under -max-adapter-bytes=%d accepts",
 				peft.ErrTooLarge, v.ID, f.Name, f.Size, limit, opts.MaxBytes)
 		}
 	}

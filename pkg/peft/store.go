@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strings"
 )
 
 // MaxIDLength is the longest adapter id ValidateID accepts, in bytes.
@@ -140,4 +141,30 @@ func LoadFolder(ctx context.Context, dir, id string, opts Options) (*Adapter, er
 	}
 	a.Name = id
 	return a, nil
+}
+
+// MaxVersionLength is the longest version a reference "id@version" may pin.
+const MaxVersionLength = 64
+
+// SplitRef splits an adapter reference: "id" asks for the store's current version, "id@version"
+// pins one. The parts are validated: the id by ValidateID, the version as 1 to MaxVersionLength
+// ASCII letters and digits.
+func SplitRef(ref string) (id, version string, err error) {
+	id, version, pinned := strings.Cut(ref, "@")
+	if err := ValidateID(id); err != nil {
+		return "", "", err
+	}
+	if !pinned {
+		return id, "", nil
+	}
+	if version == "" || len(version) > MaxVersionLength {
+		return "", "", fmt.Errorf("%w: adapter_id %q: the version after '@' must be 1 to %d letters and digits", ErrInvalidID, ref, MaxVersionLength)
+	}
+	for i := 0; i < len(version); i++ {
+		if c := version[i]; !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9') {
+			return "", "", fmt.Errorf("%w: adapter_id %q: the version after '@' must be letters and digits, got %q at byte %d",
+				ErrInvalidID, ref, rune(c), len(id)+1+i)
+		}
+	}
+	return id, version, nil
 }

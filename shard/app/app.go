@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/chattemplate"
 	"github.com/loraplex/loraplex/pkg/cliflag"
 	"github.com/loraplex/loraplex/pkg/discovery"
@@ -53,6 +55,9 @@ type Config struct {
 	Advertise string
 	Discovery discovery.Options
 	Cache     adapters.Options
+	// S3 and Disk configure an s3:// adapter source and the disk tier in front of it.
+	S3   adaptersource.S3Options
+	Disk adaptersource.DiskOptions
 	// Pinned adapters are loaded at start and never evicted.
 	Pinned       []string
 	MemoryBudget int64
@@ -86,7 +91,7 @@ type CUDAOptions struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Discovery: discovery.DefaultOptions(),
+		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Disk: adaptersource.DefaultDiskOptions(), Discovery: discovery.DefaultOptions(),
 		Engine: autoKV(engine.DefaultOptions()), GPUMemoryFraction: 0.9, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
 		CUDA: CUDAOptions{Library: os.Getenv(cuda.LibraryEnv), StepGraphs: true, Fusion: true},
 	}
@@ -97,7 +102,9 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", c.Listen, "gRPC listen address")
 	fs.StringVar(&c.ShardID, "shard-id", c.ShardID, "this shard's id (default: the listen address)")
 	fs.StringVar(&c.ModelDir, "model", c.ModelDir, "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
-	fs.StringVar(&c.AdapterDir, "adapters", c.AdapterDir, "adapter store root: one PEFT folder per adapter id")
+	fs.StringVar(&c.AdapterDir, "adapters", c.AdapterDir, "adapter store: a local folder or s3://bucket/prefix, with one PEFT folder per adapter id")
+	c.S3.AddFlags(fs)
+	c.Disk.AddFlags(fs)
 	fs.StringVar(&c.Backend, "backend", c.Backend, "compute backend: cpu, or cuda (needs libloraplex_kernels.so: see -kernels)")
 	fs.StringVar(&c.CUDA.Library, "kernels", c.CUDA.Library, "path of libloraplex_kernels.so for -backend cuda (default $"+cuda.LibraryEnv+"; empty: next to the binary)")
 	fs.IntVar(&c.MaxAdapterRank, "max-adapter-rank", c.MaxAdapterRank, "largest LoRA rank accepted")
@@ -145,6 +152,17 @@ func (c *Config) Validate() error {
 	if err := c.Cache.Validate(); err != nil {
 		return err
 	}
+	if c.AdapterDir != "" {
+		spec, err := adaptersource.ParseSpec(c.AdapterDir)
+		if err != nil {
+			return fmt.Errorf("shard: -adapters: %w", err)
+		}
+		if spec.Bucket != "" {
+			if err := c.Disk.Validate(); err != nil {
+				return err
+			}
+		}
+	}
 	eo := c.Engine
 	if eo.KVBlocks == 0 && eo.KVCacheBytes == 0 {
 		eo.KVCacheBytes = 1 // sized from the device at load
@@ -175,7 +193,8 @@ type Shard struct {
 	tel    *telemetry.Providers
 	be     compute.Backend
 	model  model.Model
-	store  *peft.Store
+	source adaptersource.Source
+	disk   *adaptersource.Disk
 	cache  *adapters.Cache
 	eng    *engine.Engine
 	srv    *grpc.Server
@@ -301,15 +320,15 @@ func (s *Shard) load() (err error) {
 	var load adapters.Loader = func(_ context.Context, id string) (*adapters.Loaded, error) {
 		return nil, fmt.Errorf("%w: adapter %q (this shard has no adapter store)", peft.ErrNotFound, id)
 	}
-	if cfg.AdapterDir != "" {
-		if s.store, err = peft.OpenStore(cfg.AdapterDir); err != nil {
-			return fmt.Errorf("shard: adapter store: %w", err)
-		}
-		load = adapters.StoreLoader(s.store, adapters.PEFTOptions(info, cfg.MaxAdapterRank, cfg.MaxAdapterBytes), info.Layers)
-	}
 	copts := cfg.Cache
-	if s.store != nil {
-		copts.Stamp = s.store.Stamp // a changed adapter is retried at once, not after its failure backoff
+	if cfg.AdapterDir != "" {
+		if err := s.openSource(); err != nil {
+			return err
+		}
+		load = adapters.SourceLoader(s.source, s.disk, adapters.PEFTOptions(info, cfg.MaxAdapterRank, cfg.MaxAdapterBytes), info.Layers)
+		if f, ok := s.source.(*adaptersource.Folder); ok {
+			copts.Stamp = f.Stamp // a changed adapter is retried at once, not after its failure backoff
+		}
 	}
 	copts.Meter = s.tel.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/adapters")
 	onEvent := copts.OnEvent
@@ -342,6 +361,40 @@ func (s *Shard) load() (err error) {
 	}
 	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log).WithChatTemplate(chat))
 	s.adm.p.Store(server.NewAdapters(s.cache, cfg.Limits, s.id))
+	return nil
+}
+
+// openSource opens -adapters: a folder, or an S3 bucket with the disk tier in front of it.
+func (s *Shard) openSource() error {
+	spec, _ := adaptersource.ParseSpec(s.cfg.AdapterDir) // checked by Validate
+	if spec.Dir != "" {
+		f, err := adaptersource.OpenFolder(spec.Dir)
+		if err != nil {
+			return fmt.Errorf("shard: -adapters: %w", err)
+		}
+		s.source = f
+		return nil
+	}
+	src, err := adaptersource.OpenS3(context.Background(), spec.Bucket, spec.Prefix, s.cfg.S3)
+	if err != nil {
+		return fmt.Errorf("shard: -adapters: %w", err)
+	}
+	do := s.cfg.Disk
+	if do.Dir == "" {
+		// One folder per shard: two shards on one machine must not share a disk tier's index.
+		do.Dir = filepath.Join(os.TempDir(), "loraplex-adapters-"+strings.Map(func(r rune) rune {
+			if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.' {
+				return r
+			}
+			return '_'
+		}, s.id))
+	}
+	if s.disk, err = adaptersource.OpenDisk(do); err != nil {
+		return fmt.Errorf("shard: %w", err)
+	}
+	s.source = src
+	s.log.Info("adapter source", zap.String("source", src.String()), zap.String("disk_tier", do.Dir), zap.Int64("disk_bytes", do.Bytes),
+		zap.Int("disk_versions", len(s.disk.Snapshot())))
 	return nil
 }
 
@@ -410,9 +463,9 @@ func (s *Shard) Residency() *residency.Record {
 			switch {
 			case in.Loading:
 				r.Loading = append(r.Loading, in.ID)
-			case in.Tier == adapters.TierDevice:
+			case in.Tier == residency.TierDevice:
 				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierDevice, Bytes: in.DeviceBytes, Rank: in.Rank, Version: in.Version})
-			case in.Tier == adapters.TierHost:
+			case in.Tier == residency.TierHost:
 				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierHost, Bytes: in.HostBytes, Rank: in.Rank, Version: in.Version})
 			}
 		}
@@ -498,8 +551,8 @@ func (s *Shard) close() {
 	if c, ok := s.be.(compute.Closer); ok {
 		_ = c.Close()
 	}
-	if s.store != nil {
-		_ = s.store.Close()
+	if f, ok := s.source.(*adaptersource.Folder); ok {
+		_ = f.Close()
 	}
 	if s.lis != nil {
 		_ = s.lis.Close() // when Serve never ran; otherwise already closed by Stop

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/safetensors"
@@ -152,6 +153,10 @@ func TestAdapterErrorStatuses(t *testing.T) {
 		{"load cancelled", fmt.Errorf("%w: adapter x", adapters.ErrLoadCancelled), codes.Aborted, false},
 		{"non-finite weights", fmt.Errorf("adapter x: %w: %w", peft.ErrInvalidAdapter, safetensors.ErrNonFinite), codes.FailedPrecondition, false},
 		{"too many tensors", fmt.Errorf("adapter x: %w: %w", peft.ErrInvalidAdapter, safetensors.ErrTooManyTensors), codes.FailedPrecondition, false},
+		{"store timed out", fmt.Errorf("adapter x: %w: timed out: %w", adaptersource.ErrUnavailable, context.DeadlineExceeded), codes.Unavailable, false},
+		{"store refused the credentials", fmt.Errorf("adapter x: %w", adaptersource.ErrAccessDenied), codes.FailedPrecondition, false},
+		{"no credentials", fmt.Errorf("adapter x: %w", adaptersource.ErrNoCredentials), codes.FailedPrecondition, false},
+		{"not in the store", fmt.Errorf("%w: adapter x", peft.ErrNotFound), codes.NotFound, false},
 	} {
 		st := status.Convert(statusOf(tt.err))
 		retry := false

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/chattemplate"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/peft"
@@ -275,6 +276,11 @@ func Code(err error) codes.Code {
 		return codes.DeadlineExceeded
 	case errors.Is(err, adapters.ErrLoadCancelled):
 		return codes.Aborted
+	// Before the context cases: a store that timed out is a store fault another shard may not have.
+	case errors.Is(err, adaptersource.ErrUnavailable), errors.Is(err, adaptersource.ErrChanged), errors.Is(err, adaptersource.ErrCorrupt):
+		return codes.Unavailable
+	case errors.Is(err, adaptersource.ErrAccessDenied), errors.Is(err, adaptersource.ErrNoCredentials):
+		return codes.FailedPrecondition
 	case errors.Is(err, context.Canceled):
 		return codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):
