@@ -41,15 +41,6 @@ var (
 	ErrInvalid = errors.New("residency: invalid record")
 )
 
-// Tier is where an adapter is resident.
-type Tier string
-
-// Tiers.
-const (
-	TierDevice Tier = "device"
-	TierHost   Tier = "host"
-)
-
 // Adapter is one resident adapter.
 type Adapter struct {
 	ID      string `json:"id"`
@@ -259,7 +250,7 @@ func Decode(b []byte) (*Record, error) {
 	r.Adapters = make([]Adapter, 0, n)
 	for _, a := range w.Adapters {
 		if a.Tier != TierDevice && a.Tier != TierHost {
-			return nil, fmt.Errorf("%w: adapter %q: tier %q", ErrInvalid, a.ID, a.Tier)
+			return nil, fmt.Errorf("%w: adapter %q: tier %v", ErrInvalid, a.ID, a.Tier)
 		}
 		r.Adapters = append(r.Adapters, a)
 	}
@@ -306,14 +297,14 @@ func (t *tier) decode(name string, tr Tier, sizes []int64, out *[]Adapter) error
 	return nil
 }
 
-// Tier returns where the record's shard holds an adapter ("" when it does not).
+// Tier returns where the record's shard holds an adapter (TierNone when it does not).
 func (r *Record) Tier(adapterID string) Tier {
 	for _, a := range r.Adapters {
 		if a.ID == adapterID {
 			return a.Tier
 		}
 	}
-	return ""
+	return TierNone
 }
 
 // IsLoading reports whether the shard is loading the adapter.

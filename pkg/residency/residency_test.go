@@ -1,6 +1,7 @@
 package residency
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -47,7 +48,7 @@ func TestRoundTrip(t *testing.T) {
 			want.Adapters = slices.Clone(want.Adapters)
 			slices.SortFunc(want.Adapters, func(a, b Adapter) int {
 				if a.Tier != b.Tier {
-					return strings.Compare(string(a.Tier), string(b.Tier)) // "device" < "host"
+					return cmp.Compare(b.Tier, a.Tier) // the device tier first
 				}
 				return strings.Compare(a.ID, b.ID)
 			})

@@ -45,7 +45,7 @@ func (p *pickMetrics) Pick(r picker.Request) []picker.Shard {
 	default:
 		if v := p.view(); v != nil {
 			if i, ok := v.Index(out[0].ID); ok {
-				placement = v.Placement(adapterID, i).String()
+				placement = v.Holding(adapterID, i).String()
 			}
 		}
 	}

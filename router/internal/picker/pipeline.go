@@ -51,15 +51,15 @@ type Cycle struct {
 	Request Request
 
 	key     keyHash
-	place   []Placement // by view index
-	weights []uint64    // by view index; 0 means not computed yet
+	holds   []Holding // by view index
+	weights []uint64  // by view index; 0 means not computed yet
 	held    bool
 	total   []float64 // by view index
 }
 
-// Placement returns where shard i of the view holds the request's adapter (PlacementNone for
-// base-model requests).
-func (c *Cycle) Placement(i int) Placement { return c.place[i] }
+// Holding returns how shard i of the view holds the request's adapter (nothing for base-model
+// requests).
+func (c *Cycle) Holding(i int) Holding { return c.holds[i] }
 
 // Held reports whether any shard of the view holds the request's adapter, in any tier or loading.
 func (c *Cycle) Held() bool { return c.held }
@@ -87,7 +87,7 @@ func (c *Cycle) reset(v *View, r Request) {
 	n := v.Len()
 	c.View, c.Request = v, r
 	c.key = newKeyHash(RendezvousKey(r.AdapterID, r.RequestID))
-	c.place = resize(c.place, n)
+	c.holds = resize(c.holds, n)
 	c.weights = resize(c.weights, n)
 	c.total = resize(c.total, n)
 	c.held = false
@@ -96,7 +96,7 @@ func (c *Cycle) reset(v *View, r Request) {
 	}
 	if e := v.lookup(r.AdapterID); e != nil {
 		for _, h := range e.holders {
-			c.place[h.shard] = h.place
+			c.holds[h.shard] = h.Holding
 		}
 		c.held = len(e.holders) > 0
 	}

@@ -25,30 +25,24 @@ type ShardState struct {
 // own in-flight requests (no residency record: a static -shards list, or a record not yet seen).
 const LocalSlots = 8
 
-// Placement is where a shard holds an adapter, best last: a request finds an adapter on the device
-// ready, in host memory one copy away, loading soon ready.
-type Placement uint8
+// Holding is how a shard holds an adapter: the tier it is resident in (residency.TierNone when it is
+// not) and whether a load is under way, which is not a tier: a shard may hold an adapter on the host
+// while loading it to the device. A request finds an adapter on the device ready, in host memory
+// one copy away, loading soon ready.
+type Holding struct {
+	Tier    residency.Tier
+	Loading bool
+}
 
-// Placements.
-const (
-	PlacementNone Placement = iota
-	PlacementLoading
-	PlacementHost
-	PlacementDevice
-)
+// Held reports whether the shard has the adapter in some tier or is loading it.
+func (h Holding) Held() bool { return h.Tier != residency.TierNone || h.Loading }
 
-func (p Placement) String() string {
-	switch p {
-	case PlacementNone:
-		return "none"
-	case PlacementLoading:
+// String names the holding as the routing metrics do: its tier, or "loading" before it has one.
+func (h Holding) String() string {
+	if h.Tier == residency.TierNone && h.Loading {
 		return "loading"
-	case PlacementHost:
-		return "host"
-	case PlacementDevice:
-		return "device"
 	}
-	return fmt.Sprintf("Placement(%d)", uint8(p))
+	return h.Tier.String()
 }
 
 // ShardInfo is one shard of a View with the figures plugins read, derived once per view.
@@ -78,10 +72,10 @@ func (s *ShardInfo) Load() (load float64, ok bool) {
 	return 0, false
 }
 
-// holding is one shard's placement of an adapter.
+// holding is one shard's holding of an adapter.
 type holding struct {
 	shard int32
-	place Placement
+	Holding
 }
 
 // adapterIndex is an adapter's entry in a view.
@@ -178,13 +172,9 @@ func (v *View) index() {
 			continue
 		}
 		for _, a := range r.Adapters {
-			p := PlacementHost
-			if a.Tier == residency.TierDevice {
-				p = PlacementDevice
-			}
 			e := &entries[seen[next]]
 			next++
-			e.add(int32(i), p)
+			e.add(int32(i), Holding{Tier: a.Tier})
 			if a.Bytes > 0 {
 				e.bytes = max(e.bytes, a.Bytes)
 				sumBytes += a.Bytes
@@ -192,7 +182,7 @@ func (v *View) index() {
 			}
 		}
 		for range r.Loading {
-			entries[seen[next]].add(int32(i), PlacementLoading)
+			entries[seen[next]].add(int32(i), Holding{Loading: true})
 			next++
 		}
 	}
@@ -202,15 +192,17 @@ func (v *View) index() {
 	v.slot, v.entries = slot, entries
 }
 
-// add records a placement, keeping the best one per shard: a record may list an adapter twice (on
-// the host and loading to the device, or a duplicate entry). Shards are added in order, so a
-// repeat is the last holder. The holders' capacity was counted, so append never reallocates.
-func (e *adapterIndex) add(shard int32, p Placement) {
+// add records a holding, merging the entries of one shard: a record may list an adapter twice (on
+// the host and loading to the device, or a duplicate entry); the closest tier wins. Shards are added
+// in order, so a repeat is the last holder. The holders' capacity was counted, so append never
+// reallocates.
+func (e *adapterIndex) add(shard int32, h Holding) {
 	if n := len(e.holders); n > 0 && e.holders[n-1].shard == shard {
-		e.holders[n-1].place = max(e.holders[n-1].place, p)
+		last := &e.holders[n-1].Holding
+		last.Tier, last.Loading = max(last.Tier, h.Tier), last.Loading || h.Loading
 		return
 	}
-	e.holders = append(e.holders, holding{shard, p})
+	e.holders = append(e.holders, holding{shard, h})
 }
 
 // lookup returns the adapter's entry, nil when no shard holds it.
@@ -232,17 +224,17 @@ func (v *View) Index(id string) (int, bool) {
 	return slices.BinarySearchFunc(v.shards, id, func(s ShardInfo, id string) int { return strings.Compare(s.ID, id) })
 }
 
-// Placement returns where shard i holds an adapter. A decision uses its Cycle instead, which looks
-// the adapter up once.
-func (v *View) Placement(adapterID string, i int) Placement {
+// Holding returns how shard i holds an adapter. A decision uses its Cycle instead, which looks the
+// adapter up once.
+func (v *View) Holding(adapterID string, i int) Holding {
 	if e := v.lookup(adapterID); e != nil {
 		for _, h := range e.holders {
 			if int(h.shard) == i {
-				return h.place
+				return h.Holding
 			}
 		}
 	}
-	return PlacementNone
+	return Holding{}
 }
 
 // AdapterBytes is the adapter's size as shards report it, or else the mean size of the adapters

@@ -60,17 +60,23 @@ func TestNewView(t *testing.T) {
 	for _, tc := range []struct {
 		adapter string
 		shard   int
-		want    picker.Placement
+		want    picker.Holding
 	}{
-		{"x", 0, picker.PlacementHost}, // on the host and loading: host is better
-		{"x", 1, picker.PlacementNone},
-		{"x", 2, picker.PlacementDevice},
-		{"y", 2, picker.PlacementHost},
-		{"z", 0, picker.PlacementLoading},
-		{"w", 0, picker.PlacementNone},
+		{"x", 0, picker.Holding{Tier: residency.TierHost, Loading: true}}, // on the host and loading to the device
+		{"x", 1, picker.Holding{}},
+		{"x", 2, picker.Holding{Tier: residency.TierDevice}},
+		{"y", 2, picker.Holding{Tier: residency.TierHost}},
+		{"z", 0, picker.Holding{Loading: true}},
+		{"w", 0, picker.Holding{}},
 	} {
-		if got := v.Placement(tc.adapter, tc.shard); got != tc.want {
-			t.Errorf("Placement(%s, %s) = %v, want %v", tc.adapter, v.Shard(tc.shard).ID, got, tc.want)
+		if got := v.Holding(tc.adapter, tc.shard); got != tc.want {
+			t.Errorf("Holding(%s, %s) = %+v, want %+v", tc.adapter, v.Shard(tc.shard).ID, got, tc.want)
+		}
+	}
+	for h, want := range map[picker.Holding]string{{}: "none", {Loading: true}: "loading", {Tier: residency.TierHost, Loading: true}: "host",
+		{Tier: residency.TierDevice}: "device"} {
+		if h.String() != want || h.Held() != (want != "none") {
+			t.Errorf("%+v: String %q, Held %v; want %q", h, h.String(), h.Held(), want)
 		}
 	}
 	if got := v.Adapters(); got != 3 {
@@ -105,17 +111,9 @@ func TestViewIndexMatchesRecords(t *testing.T) {
 		id := adapterName(a)
 		for i := range v.Len() {
 			r := v.Shard(i).Record
-			want := picker.PlacementNone
-			switch {
-			case r.Tier(id) == residency.TierDevice:
-				want = picker.PlacementDevice
-			case r.Tier(id) == residency.TierHost:
-				want = picker.PlacementHost
-			case r.IsLoading(id):
-				want = picker.PlacementLoading
-			}
+			want := picker.Holding{Tier: r.Tier(id), Loading: r.IsLoading(id)}
 			c := picker.NewCycle(v, picker.Request{AdapterID: id})
-			if got := c.Placement(i); got != want {
+			if got := c.Holding(i); got != want {
 				t.Fatalf("%s on %s: cycle says %v, record says %v", id, v.Shard(i).ID, got, want)
 			}
 		}

@@ -22,6 +22,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 
 	"github.com/loraplex/loraplex/pkg/eviction"
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 )
 
@@ -40,26 +41,6 @@ var (
 	// ErrLoadCancelled means Unload cancelled the load a request was waiting for.
 	ErrLoadCancelled = errors.New("adapters: load cancelled")
 )
-
-// Tier is where an adapter is resident.
-type Tier int
-
-// Tiers, from the store up.
-const (
-	TierNone Tier = iota
-	TierHost
-	TierDevice
-)
-
-func (t Tier) String() string {
-	switch t {
-	case TierHost:
-		return "host"
-	case TierDevice:
-		return "device"
-	}
-	return "none"
-}
 
 // Loaded is an adapter read from the store.
 type Loaded struct {
@@ -86,11 +67,11 @@ func (k EventKind) String() string {
 	return [...]string{"", "loaded", "evicted", "unloaded", "failed"}[k]
 }
 
-// Event is a residency change: the adapter is now in Tier (TierNone: gone).
+// Event is a residency change: the adapter is now in Tier (residency.TierNone: gone).
 type Event struct {
 	Kind    EventKind
 	Adapter string
-	Tier    Tier
+	Tier    residency.Tier
 	Bytes   int64
 	Rank    int
 	Version string
@@ -242,14 +223,14 @@ func (c *Cache) flush() {
 	}
 }
 
-func (c *Cache) emitLocked(kind EventKind, e *entry, tier Tier, err error) {
+func (c *Cache) emitLocked(kind EventKind, e *entry, tier residency.Tier, err error) {
 	c.events = append(c.events, Event{Kind: kind, Adapter: e.id, Tier: tier, Bytes: e.bytes, Rank: e.rank, Version: e.version, Err: err})
 }
 
 // Acquire pins the adapter on the device for one sequence, loading or promoting it first if needed,
 // and returns it with its release function (safe to call more than once).
 func (c *Cache) Acquire(ctx context.Context, id string) (compute.Adapter, func(), error) {
-	e, err := c.ensure(ctx, id, TierDevice, true)
+	e, err := c.ensure(ctx, id, residency.TierDevice, true)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -258,7 +239,7 @@ func (c *Cache) Acquire(ctx context.Context, id string) (compute.Adapter, func()
 }
 
 // ensure makes id resident in tier (and pins it on the device when pin is set).
-func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*entry, error) {
+func (c *Cache) ensure(ctx context.Context, id string, tier residency.Tier, pin bool) (*entry, error) {
 	counted := false
 	stamp, stamped := "", false
 	for {
@@ -267,7 +248,7 @@ func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*en
 			c.mu.Unlock()
 			return nil, ErrClosed
 		}
-		if f, ok := c.failures[id]; ok && !(tier == TierHost && errors.Is(f.err, ErrTooLarge)) && c.opts.Now().Before(f.until) {
+		if f, ok := c.failures[id]; ok && !(tier == residency.TierHost && errors.Is(f.err, ErrTooLarge)) && c.opts.Now().Before(f.until) {
 			if c.opts.Stamp != nil && !stamped {
 				c.mu.Unlock()
 				stamp, stamped = c.opts.Stamp(id), true // a stat or two: not under the lock
@@ -348,8 +329,8 @@ func (c *Cache) ensure(ctx context.Context, id string, tier Tier, pin bool) (*en
 	}
 }
 
-func (c *Cache) residentLocked(e *entry, tier Tier) bool {
-	return e.dev != nil || (tier == TierHost && e.hostHeld)
+func (c *Cache) residentLocked(e *entry, tier residency.Tier) bool {
+	return e.dev != nil || (tier == residency.TierHost && e.hostHeld)
 }
 
 func (c *Cache) takeLocked(e *entry, pin bool) {
@@ -362,13 +343,13 @@ func (c *Cache) takeLocked(e *entry, pin bool) {
 // fill brings an entry up to tier: store -> host (parse) -> device (upload). It runs without the lock
 // except to reserve budget and publish the result; ctx carries the load's deadline and Unload's
 // cancellation.
-func (c *Cache) fill(ctx context.Context, e *entry, tier Tier) {
+func (c *Cache) fill(ctx context.Context, e *entry, tier residency.Tier) {
 	stamp := ""
 	if c.opts.Stamp != nil {
 		stamp = c.opts.Stamp(e.id) // before the read, so a change during it is seen next time
 	}
 	err := c.fillHost(ctx, e, tier)
-	if err == nil && tier == TierDevice {
+	if err == nil && tier == residency.TierDevice {
 		err = c.fillDevice(ctx, e)
 	}
 	c.mu.Lock()
@@ -388,7 +369,7 @@ func (c *Cache) fill(ctx context.Context, e *entry, tier Tier) {
 		// large for the device is (it will not shrink), but only against device loads.
 		// A load an operator cancelled says nothing about the adapter.
 		if !errors.Is(err, ErrNoSpace) && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrLoadCancelled) &&
-			(tier == TierDevice || !errors.Is(err, ErrTooLarge)) {
+			(tier == residency.TierDevice || !errors.Is(err, ErrTooLarge)) {
 			c.rememberLocked(e.id, err, stamp)
 		}
 		c.emitLocked(EventFailed, e, c.tierOf(e), err)
@@ -436,20 +417,20 @@ func (c *Cache) pruneFailuresLocked() {
 	}
 }
 
-func (c *Cache) tierOf(e *entry) Tier {
+func (c *Cache) tierOf(e *entry) residency.Tier {
 	switch {
 	case e.dev != nil:
-		return TierDevice
+		return residency.TierDevice
 	case e.hostHeld:
-		return TierHost
+		return residency.TierHost
 	}
-	return TierNone
+	return residency.TierNone
 }
 
 // fillHost reads the adapter from the store into the host tier. A load bound for the device whose
 // copy the host tier cannot hold (no host tier, too large, or full of copies being uploaded) keeps
 // the copy outside the host budget until the upload instead of failing.
-func (c *Cache) fillHost(ctx context.Context, e *entry, tier Tier) error {
+func (c *Cache) fillHost(ctx context.Context, e *entry, tier residency.Tier) error {
 	c.mu.Lock()
 	have := e.host != nil
 	c.mu.Unlock()
@@ -458,7 +439,7 @@ func (c *Cache) fillHost(ctx context.Context, e *entry, tier Tier) error {
 	}
 	start := time.Now()
 	ld, err := c.loadBounded(ctx, e.id)
-	c.metrics.loaded(TierHost, time.Since(start), err)
+	c.metrics.loaded(residency.TierHost, time.Since(start), err)
 	if err != nil {
 		return err
 	}
@@ -480,7 +461,7 @@ func (c *Cache) fillHost(ctx context.Context, e *entry, tier Tier) error {
 		}
 	}
 	if err != nil {
-		if tier == TierHost {
+		if tier == residency.TierHost {
 			return err
 		}
 		e.host = ld.Weights
@@ -489,7 +470,7 @@ func (c *Cache) fillHost(ctx context.Context, e *entry, tier Tier) error {
 	e.host, e.hostHeld = ld.Weights, true
 	c.hostUsed += size
 	c.hostPolicy.Insert(e.id, size)
-	c.emitLocked(EventLoaded, e, TierHost, nil)
+	c.emitLocked(EventLoaded, e, residency.TierHost, nil)
 	return nil
 }
 
@@ -533,7 +514,7 @@ func (c *Cache) evictHostLocked(size int64) {
 		c.dropHostLocked(v)
 		c.stats.Evictions++
 		if v.dev == nil {
-			c.emitLocked(EventEvicted, v, TierNone, nil)
+			c.emitLocked(EventEvicted, v, residency.TierNone, nil)
 			delete(c.entries, id)
 		}
 	}
@@ -592,7 +573,7 @@ func (c *Cache) fillDevice(ctx context.Context, e *entry) error {
 
 	start := time.Now()
 	a, err := c.be.UploadAdapter(w)
-	c.metrics.loaded(TierDevice, time.Since(start), err)
+	c.metrics.loaded(residency.TierDevice, time.Since(start), err)
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -610,7 +591,7 @@ func (c *Cache) fillDevice(ctx context.Context, e *entry) error {
 	if !e.hostHeld {
 		e.host = nil
 	}
-	c.emitLocked(EventLoaded, e, TierDevice, nil)
+	c.emitLocked(EventLoaded, e, residency.TierDevice, nil)
 	return nil
 }
 
@@ -638,9 +619,9 @@ func (c *Cache) evictDeviceLocked(size int64) {
 		c.dropDeviceLocked(v)
 		c.stats.Evictions++
 		if v.host != nil {
-			c.emitLocked(EventEvicted, v, TierHost, nil)
+			c.emitLocked(EventEvicted, v, residency.TierHost, nil)
 		} else {
-			c.emitLocked(EventEvicted, v, TierNone, nil)
+			c.emitLocked(EventEvicted, v, residency.TierNone, nil)
 			delete(c.entries, id)
 		}
 	}
@@ -677,11 +658,11 @@ func (c *Cache) unpin(e *entry) {
 }
 
 // Load warms an adapter into a tier without pinning it.
-func (c *Cache) Load(ctx context.Context, id string, tier Tier) error {
-	if tier != TierHost && tier != TierDevice {
+func (c *Cache) Load(ctx context.Context, id string, tier residency.Tier) error {
+	if tier != residency.TierHost && tier != residency.TierDevice {
 		return fmt.Errorf("adapters: load into tier %v: want host or device", tier)
 	}
-	if tier == TierHost && c.opts.HostBytes == 0 {
+	if tier == residency.TierHost && c.opts.HostBytes == 0 {
 		return fmt.Errorf("%w: adapter %s: this shard keeps no host tier (its budget is 0)", ErrTooLarge, id)
 	}
 	c.forgetFailure(id)
@@ -699,7 +680,7 @@ func (c *Cache) forgetFailure(id string) {
 // Pin loads an adapter to the device and keeps it there until Unpin.
 func (c *Cache) Pin(ctx context.Context, id string) error {
 	c.forgetFailure(id)
-	e, err := c.ensure(ctx, id, TierDevice, true)
+	e, err := c.ensure(ctx, id, residency.TierDevice, true)
 	if err != nil {
 		return err
 	}
@@ -755,7 +736,7 @@ func (c *Cache) Unload(id string) error {
 	c.dropDeviceLocked(e)
 	c.dropHostLocked(e)
 	delete(c.entries, id)
-	c.emitLocked(EventUnloaded, e, TierNone, nil)
+	c.emitLocked(EventUnloaded, e, residency.TierNone, nil)
 	c.mu.Unlock()
 	c.flush()
 	return nil
@@ -764,7 +745,7 @@ func (c *Cache) Unload(id string) error {
 // Info describes one resident adapter.
 type Info struct {
 	ID          string
-	Tier        Tier
+	Tier        residency.Tier
 	Loading     bool
 	DeviceBytes int64
 	HostBytes   int64
@@ -776,14 +757,14 @@ type Info struct {
 	Loads, Hits int64
 }
 
-// TierOf reports where an adapter is resident now ("device", "host" or "none"), for tracing.
-func (c *Cache) TierOf(id string) string {
+// TierOf reports where an adapter is resident now, for tracing (engine.TierReporter).
+func (c *Cache) TierOf(id string) residency.Tier {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if e := c.entries[id]; e != nil && e.loading == nil {
-		return c.tierOf(e).String()
+		return c.tierOf(e)
 	}
-	return TierNone.String()
+	return residency.TierNone
 }
 
 // Snapshot lists every adapter the cache knows, sorted by id.

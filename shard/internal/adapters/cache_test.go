@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
@@ -149,8 +150,8 @@ func info(c *adapters.Cache, id string) (adapters.Info, bool) {
 }
 
 // tiers maps each known adapter to its tier.
-func tiers(c *adapters.Cache) map[string]adapters.Tier {
-	out := map[string]adapters.Tier{}
+func tiers(c *adapters.Cache) map[string]residency.Tier {
+	out := map[string]residency.Tier{}
 	for _, in := range c.Snapshot() {
 		out[in.ID] = in.Tier
 	}
@@ -230,7 +231,7 @@ func TestOptions(t *testing.T) {
 			t.Errorf("%s: New accepted the options", tc.name)
 		}
 	}
-	for tier, want := range map[adapters.Tier]string{adapters.TierNone: "none", adapters.TierHost: "host", adapters.TierDevice: "device"} {
+	for tier, want := range map[residency.Tier]string{residency.TierNone: "none", residency.TierHost: "host", residency.TierDevice: "device"} {
 		if tier.String() != want {
 			t.Errorf("tier %d is %q, want %q", tier, tier, want)
 		}
@@ -278,7 +279,7 @@ func TestConcurrentAcquireLoadsOnce(t *testing.T) {
 		t.Errorf("%d loads for %d concurrent acquires, want 1", got, n)
 	}
 	in, _ := info(c, "a")
-	if in.Tier != adapters.TierDevice || in.InUse != n || in.Loads != 1 || in.Hits != 0 || in.Loading {
+	if in.Tier != residency.TierDevice || in.InUse != n || in.Loads != 1 || in.Hits != 0 || in.Loading {
 		t.Errorf("after the load: %+v, want on the device, %d in use, 1 load, no hits", in, n)
 	}
 	for _, rel := range rels {
@@ -397,7 +398,7 @@ func TestFailedLoadFailsOnlyItsWaiters(t *testing.T) {
 	if s.count("bad") != 1 || s.count("good") != 1 {
 		t.Errorf("loads: bad %d, good %d, want 1 each", s.count("bad"), s.count("good"))
 	}
-	if got := tiers(c); len(got) != 1 || got["good"] != adapters.TierDevice {
+	if got := tiers(c); len(got) != 1 || got["good"] != residency.TierDevice {
 		t.Errorf("resident %v, want only good on the device", got)
 	}
 	if st := c.Stats(); st.LoadFailures != 1 || be.MemoryUsed() != size(1) {
@@ -460,7 +461,7 @@ func TestFailureBackoff(t *testing.T) {
 		t.Fatalf("backoff after a file change did not start over: %v, %d loads, want 6", err, s.count("a"))
 	}
 	// An explicit Load and a Pin retry at once.
-	if err := c.Load(ctx, "a", adapters.TierDevice); !errors.Is(err, errBoom) || s.count("a") != 7 {
+	if err := c.Load(ctx, "a", residency.TierDevice); !errors.Is(err, errBoom) || s.count("a") != 7 {
 		t.Fatalf("explicit load: %v, %d loads, want 7", err, s.count("a"))
 	}
 	s.setFail("a", nil)
@@ -487,7 +488,7 @@ func TestNoSpaceIsNotRemembered(t *testing.T) {
 	if s.count("b") != 2 {
 		t.Errorf("b loaded %d times, want 2 (the failure is not remembered)", s.count("b"))
 	}
-	if got := tiers(c); len(got) != 1 || got["b"] != adapters.TierDevice {
+	if got := tiers(c); len(got) != 1 || got["b"] != residency.TierDevice {
 		t.Errorf("resident %v, want b on the device", got)
 	}
 }
@@ -505,7 +506,7 @@ func TestTooLarge(t *testing.T) {
 		t.Errorf("big loaded %d times; the failure is remembered", s.count("big"))
 	}
 	use(t, c, "fits") // exactly the budget
-	if got := tiers(c); len(got) != 1 || got["fits"] != adapters.TierDevice || be.MemoryUsed() != size(2) {
+	if got := tiers(c); len(got) != 1 || got["fits"] != residency.TierDevice || be.MemoryUsed() != size(2) {
 		t.Errorf("resident %v, backend %d bytes", got, be.MemoryUsed())
 	}
 }
@@ -529,11 +530,11 @@ func TestNoSpaceWhenEverythingIsPinned(t *testing.T) {
 	if waited := time.Since(start); waited < o.SpaceWait {
 		t.Errorf("gave up after %v, want at least SpaceWait %v", waited, o.SpaceWait)
 	}
-	if err := c.Load(ctx, "c", adapters.TierDevice); !errors.Is(err, adapters.ErrNoSpace) {
+	if err := c.Load(ctx, "c", residency.TierDevice); !errors.Is(err, adapters.ErrNoSpace) {
 		t.Errorf("load with every adapter pinned: %v", err)
 	}
 	got := tiers(c)
-	if len(got) != 2 || got["a"] != adapters.TierDevice || got["b"] != adapters.TierDevice {
+	if len(got) != 2 || got["a"] != residency.TierDevice || got["b"] != residency.TierDevice {
 		t.Errorf("resident %v, want a and b on the device", got)
 	}
 	if st := c.Stats(); st.DeviceUsed != st.DeviceBudget || st.LoadFailures != 2 {
@@ -576,7 +577,7 @@ func TestLoadWaitsForSpace(t *testing.T) {
 		t.Fatal("acquire of c still waits after a was released")
 	}
 	got := tiers(c)
-	if len(got) != 2 || got["b"] != adapters.TierDevice || got["c"] != adapters.TierDevice {
+	if len(got) != 2 || got["b"] != residency.TierDevice || got["c"] != residency.TierDevice {
 		t.Errorf("resident %v, want b and c on the device (a evicted)", got)
 	}
 	if be.MemoryUsed() != 2*size(1) {
@@ -590,7 +591,7 @@ func TestHostTier(t *testing.T) {
 	o.HostBytes = 3 * size(1)
 	c, be := newCache(t, s, o)
 	ctx := context.Background()
-	check := func(step string, want map[string]adapters.Tier) {
+	check := func(step string, want map[string]residency.Tier) {
 		t.Helper()
 		if got := tiers(c); !maps.Equal(got, want) {
 			t.Errorf("%s: tiers %v, want %v", step, got, want)
@@ -608,17 +609,17 @@ func TestHostTier(t *testing.T) {
 			t.Errorf("%s: snapshot holds %d device and %d host bytes, stats %+v", step, dev, host, st)
 		}
 	}
-	const dev, host = adapters.TierDevice, adapters.TierHost
+	const dev, host = residency.TierDevice, residency.TierHost
 	use(t, c, "a")
 	use(t, c, "b")
 	use(t, c, "c") // evicts a from the device; its host copy stays
-	check("a b c", map[string]adapters.Tier{"a": host, "b": dev, "c": dev})
+	check("a b c", map[string]residency.Tier{"a": host, "b": dev, "c": dev})
 
 	use(t, c, "a") // from the host tier: evicts b from the device
 	if st := c.Stats(); st.HostHits != 1 || st.Misses != 3 || s.count("a") != 1 {
 		t.Errorf("re-acquire from the host tier: stats %+v, %d loads", st, s.count("a"))
 	}
-	check("a again", map[string]adapters.Tier{"a": dev, "b": host, "c": dev})
+	check("a again", map[string]residency.Tier{"a": dev, "b": host, "c": dev})
 	if in, _ := info(c, "a"); in.DeviceBytes != size(1) || in.HostBytes != size(1) {
 		t.Errorf("a in both tiers: %+v", in)
 	}
@@ -626,30 +627,30 @@ func TestHostTier(t *testing.T) {
 	// The host tier is full (a, b, c): d's copy evicts the least recently used host copy, b,
 	// which is on neither tier afterwards; c leaves the device for the host.
 	use(t, c, "d")
-	check("d", map[string]adapters.Tier{"a": dev, "c": host, "d": dev})
+	check("d", map[string]residency.Tier{"a": dev, "c": host, "d": dev})
 	// b's copy evicts c's, a leaves the device.
 	use(t, c, "b")
 	if s.count("b") != 2 {
 		t.Errorf("b loaded %d times, want 2 (its host copy was evicted)", s.count("b"))
 	}
-	check("b again", map[string]adapters.Tier{"a": host, "b": dev, "d": dev})
+	check("b again", map[string]residency.Tier{"a": host, "b": dev, "d": dev})
 
 	// Load to the host tier does not touch the device.
-	if err := c.Load(ctx, "e", adapters.TierHost); err != nil {
+	if err := c.Load(ctx, "e", residency.TierHost); err != nil {
 		t.Fatal(err)
 	}
-	check("e to host", map[string]adapters.Tier{"b": dev, "d": dev, "e": host})
-	if err := c.Load(ctx, "e", adapters.TierHost); err != nil || s.count("e") != 1 {
+	check("e to host", map[string]residency.Tier{"b": dev, "d": dev, "e": host})
+	if err := c.Load(ctx, "e", residency.TierHost); err != nil || s.count("e") != 1 {
 		t.Fatalf("load of a host-resident adapter: %v, %d loads", err, s.count("e"))
 	}
 	// Load of a device-resident adapter to the host tier is a hit.
-	if err := c.Load(ctx, "b", adapters.TierHost); err != nil || s.count("b") != 2 {
+	if err := c.Load(ctx, "b", residency.TierHost); err != nil || s.count("b") != 2 {
 		t.Fatalf("load of a device-resident adapter to the host: %v, %d loads", err, s.count("b"))
 	}
-	if err := c.Load(ctx, "e", adapters.TierDevice); err != nil || s.count("e") != 1 {
+	if err := c.Load(ctx, "e", residency.TierDevice); err != nil || s.count("e") != 1 {
 		t.Fatalf("load of a host-resident adapter to the device: %v, %d loads", err, s.count("e"))
 	}
-	if err := c.Load(ctx, "e", adapters.TierNone); err == nil {
+	if err := c.Load(ctx, "e", residency.TierNone); err == nil {
 		t.Error("load to tier none succeeded")
 	}
 	c.Close()
@@ -668,11 +669,11 @@ func TestHostTierOnlyCachesCopies(t *testing.T) {
 	c, be := newCache(t, s, o)
 	ctx := context.Background()
 
-	if err := c.Load(ctx, "big", adapters.TierHost); !errors.Is(err, adapters.ErrTooLarge) {
+	if err := c.Load(ctx, "big", residency.TierHost); !errors.Is(err, adapters.ErrTooLarge) {
 		t.Fatalf("load of %d bytes into a host tier of %d: %v", size(2), size(1), err)
 	}
 	use(t, c, "big") // too large for the host, fine for the device; the failure above is not remembered
-	if in, _ := info(c, "big"); in.Tier != adapters.TierDevice || in.HostBytes != 0 || s.count("big") != 2 {
+	if in, _ := info(c, "big"); in.Tier != residency.TierDevice || in.HostBytes != 0 || s.count("big") != 2 {
 		t.Errorf("big: %+v after %d loads", in, s.count("big"))
 	}
 
@@ -724,7 +725,7 @@ func TestNoHostTier(t *testing.T) {
 	s := newStore()
 	c, _ := newCache(t, s, options(1))
 	// Not retryable: no amount of waiting makes room in a tier of 0 bytes.
-	if err := c.Load(context.Background(), "a", adapters.TierHost); !errors.Is(err, adapters.ErrTooLarge) {
+	if err := c.Load(context.Background(), "a", residency.TierHost); !errors.Is(err, adapters.ErrTooLarge) {
 		t.Errorf("load into a host tier of 0 bytes: %v", err)
 	}
 	if s.count("a") != 0 || len(c.Snapshot()) != 0 {
@@ -773,7 +774,7 @@ func TestUnloadAndPins(t *testing.T) {
 	// ErrLoadCancelled, the entry is gone, and the next load starts afresh (nothing remembered).
 	open := s.gate("slow")
 	loadErr := make(chan error, 1)
-	go func() { loadErr <- c.Load(ctx, "slow", adapters.TierDevice) }()
+	go func() { loadErr <- c.Load(ctx, "slow", residency.TierDevice) }()
 	waitFor(t, "slow to be read", func() bool { return s.count("slow") == 1 })
 	if err := c.Unload("slow"); err != nil {
 		t.Errorf("unload while loading: %v", err)
@@ -791,13 +792,13 @@ func TestUnloadAndPins(t *testing.T) {
 	if err := c.Pin(ctx, "p"); err != nil {
 		t.Fatal(err)
 	}
-	if in, _ := info(c, "p"); !in.Pinned || in.InUse != 0 || in.Tier != adapters.TierDevice {
+	if in, _ := info(c, "p"); !in.Pinned || in.InUse != 0 || in.Tier != residency.TierDevice {
 		t.Fatalf("pinned: %+v", in)
 	}
 	for i := range 100 {
 		use(t, c, fmt.Sprintf("churn-%d", i))
 	}
-	if in, _ := info(c, "p"); !in.Pinned || in.Tier != adapters.TierDevice || s.count("p") != 1 {
+	if in, _ := info(c, "p"); !in.Pinned || in.Tier != residency.TierDevice || s.count("p") != 1 {
 		t.Fatalf("pinned adapter after churn: %+v, %d loads", in, s.count("p"))
 	}
 	if err := c.Pin(ctx, "p"); err != nil || s.count("p") != 1 {
@@ -807,7 +808,7 @@ func TestUnloadAndPins(t *testing.T) {
 	if err := c.Unpin("p"); err != nil {
 		t.Fatal(err)
 	}
-	if in, _ := info(c, "p"); in.Pinned || in.Tier != adapters.TierDevice {
+	if in, _ := info(c, "p"); in.Pinned || in.Tier != residency.TierDevice {
 		t.Fatalf("unpinned: %+v", in)
 	}
 	for i := range 3 {
@@ -829,8 +830,8 @@ func TestEvents(t *testing.T) {
 	o := options(2)
 	o.HostBytes, o.OnEvent = size(3), rec.on
 	c, _ := newCache(t, s, o)
-	const none, host, dev = adapters.TierNone, adapters.TierHost, adapters.TierDevice
-	ev := func(kind adapters.EventKind, id string, tier adapters.Tier) adapters.Event {
+	const none, host, dev = residency.TierNone, residency.TierHost, residency.TierDevice
+	ev := func(kind adapters.EventKind, id string, tier residency.Tier) adapters.Event {
 		r := s.ranks[id]
 		return adapters.Event{Kind: kind, Adapter: id, Tier: tier, Bytes: size(r), Rank: r, Version: fmt.Sprintf("%s@r%d", id, r)}
 	}
@@ -906,12 +907,12 @@ func TestCancelWhileLoading(t *testing.T) {
 	}
 	open()
 	waitFor(t, "a to load", func() bool { in, _ := info(c, "a"); return !in.Loading })
-	if in, _ := info(c, "a"); in.InUse != 0 || in.Tier != adapters.TierDevice {
+	if in, _ := info(c, "a"); in.InUse != 0 || in.Tier != residency.TierDevice {
 		t.Errorf("abandoned load: %+v", in)
 	}
 	// The abandoned adapter is evictable: b takes its place at once (SpaceWait 0).
 	use(t, c, "b")
-	if got := tiers(c); len(got) != 1 || got["b"] != adapters.TierDevice || be.MemoryUsed() != size(1) {
+	if got := tiers(c); len(got) != 1 || got["b"] != residency.TierDevice || be.MemoryUsed() != size(1) {
 		t.Errorf("resident %v, backend %d bytes", got, be.MemoryUsed())
 	}
 }

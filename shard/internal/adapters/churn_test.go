@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 )
 
@@ -106,9 +107,9 @@ func churn(t *testing.T, policy string) {
 					}
 					held = append(held[:k], held[k+1:]...)
 				case n < 14:
-					id, tier := anyID(), adapters.TierHost
+					id, tier := anyID(), residency.TierHost
 					if r.IntN(2) == 0 {
-						tier = adapters.TierDevice
+						tier = residency.TierDevice
 					}
 					op = fmt.Sprintf("load %s to %v", id, tier)
 					if err := c.Load(ctx, id, tier); !expected(id, err) {
@@ -165,13 +166,13 @@ func churn(t *testing.T, policy string) {
 					mine[h.id]++
 				}
 				for id, n := range mine {
-					if in := snap[id]; in.Tier != adapters.TierDevice || in.InUse < n {
+					if in := snap[id]; in.Tier != residency.TierDevice || in.InUse < n {
 						t.Errorf("worker %d: op %d (%s): %s is held %d times by this worker but is %+v", w, i, op, id, n, in)
 						return
 					}
 				}
 				for id := range pinned {
-					if in := snap[id]; in.Tier != adapters.TierDevice || !in.Pinned {
+					if in := snap[id]; in.Tier != residency.TierDevice || !in.Pinned {
 						t.Errorf("worker %d: op %d (%s): pinned %s is %+v", w, i, op, id, in)
 						return
 					}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 )
 
@@ -94,7 +95,7 @@ func TestPinnedFullAnswersAtOnce(t *testing.T) {
 	for name, op := range map[string]func() error{
 		"acquire": func() error { _, _, err := c.Acquire(ctx, "d"); return err },
 		"pin":     func() error { return c.Pin(ctx, "e") },
-		"load":    func() error { return c.Load(ctx, "f", adapters.TierDevice) },
+		"load":    func() error { return c.Load(ctx, "f", residency.TierDevice) },
 	} {
 		start := time.Now()
 		err := op()

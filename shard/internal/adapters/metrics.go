@@ -7,6 +7,8 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/metric/noop"
+
+	"github.com/loraplex/loraplex/pkg/residency"
 )
 
 // metrics are the cache's OpenTelemetry instruments: outcomes and evictions by tier (read from
@@ -75,7 +77,7 @@ func newMetrics(m metric.Meter, c *Cache) (*metrics, error) {
 	return &mt, err
 }
 
-func (m *metrics) loaded(t Tier, d time.Duration, err error) {
+func (m *metrics) loaded(t residency.Tier, d time.Duration, err error) {
 	ok := okAttr
 	if err != nil {
 		ok = failAttr

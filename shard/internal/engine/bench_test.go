@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/peft"
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/pkg/safetensors"
 	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
@@ -273,7 +274,7 @@ func BenchmarkDistinctAdapters(b *testing.B) {
 	for i := range ids {
 		ids[i] = fmt.Sprintf("r16-%02d", i)
 		rig.writeAdapter(b, ids[i], 16, uint64(i))
-		if err := rig.cache.Load(context.Background(), ids[i], adapters.TierDevice); err != nil {
+		if err := rig.cache.Load(context.Background(), ids[i], residency.TierDevice); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -351,7 +352,7 @@ func BenchmarkTTFTWithColdAdapterLoad(b *testing.B) {
 	for i := range warm {
 		warm[i] = fmt.Sprintf("r16-warm-%d", i)
 		rig.writeAdapter(b, warm[i], 16, uint64(100+i))
-		if err := rig.cache.Load(context.Background(), warm[i], adapters.TierDevice); err != nil {
+		if err := rig.cache.Load(context.Background(), warm[i], residency.TierDevice); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -385,7 +386,7 @@ func BenchmarkTTFTWithColdAdapterLoad(b *testing.B) {
 		rig.writeAdapter(b, idleID, 128, uint64(1000+i))
 		rig.writeAdapter(b, coldID, 128, uint64(2000+i))
 		t0 := time.Now()
-		if err := rig.cache.Load(context.Background(), idleID, adapters.TierDevice); err != nil {
+		if err := rig.cache.Load(context.Background(), idleID, residency.TierDevice); err != nil {
 			b.Fatal(err)
 		}
 		loadIdle = append(loadIdle, ms(time.Since(t0)))

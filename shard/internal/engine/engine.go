@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/genreq"
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/kvcache"
@@ -98,10 +99,10 @@ type AdapterSource interface {
 }
 
 // TierReporter is an optional capability of an AdapterSource: where an adapter is before Acquire, for
-// the acquire span ("device" is a hit; "host" means a copy to the device; "none" a load from the
-// store first).
+// the acquire span (the device tier is a hit; the host tier means a copy to the device; none a load
+// from the store first).
 type TierReporter interface {
-	TierOf(id string) string
+	TierOf(id string) residency.Tier
 }
 
 // Options configure the engine.
@@ -318,7 +319,7 @@ func (e *Engine) Submit(ctx context.Context, r *Request, emit func(Event) error)
 	if r.AdapterID != "" {
 		attrs := []attribute.KeyValue{attribute.String("adapter.id", r.AdapterID)}
 		if t, ok := e.adapters.(TierReporter); ok {
-			attrs = append(attrs, attribute.String("adapter.tier", t.TierOf(r.AdapterID)))
+			attrs = append(attrs, attribute.String("adapter.tier", t.TierOf(r.AdapterID).String()))
 		}
 		actx, span := tracer(ctx).Start(ctx, "adapter.acquire", trace.WithAttributes(attrs...))
 		a, rel, err := e.adapters.Acquire(actx, r.AdapterID)

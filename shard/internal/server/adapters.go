@@ -7,6 +7,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/loraplex/loraplex/pkg/genreq"
+	"github.com/loraplex/loraplex/pkg/residency"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 )
@@ -32,7 +33,7 @@ var AdminMethods = []string{
 	loraplexv1.AdaptersService_UnpinAdapter_FullMethodName,
 }
 
-var tiers = map[adapters.Tier]loraplexv1.Tier{adapters.TierHost: loraplexv1.Tier_TIER_HOST, adapters.TierDevice: loraplexv1.Tier_TIER_DEVICE}
+var tiers = map[residency.Tier]loraplexv1.Tier{residency.TierHost: loraplexv1.Tier_TIER_HOST, residency.TierDevice: loraplexv1.Tier_TIER_DEVICE}
 
 func (s *Adapters) info(in adapters.Info) *loraplexv1.AdapterInfo {
 	out := &loraplexv1.AdapterInfo{
@@ -84,12 +85,12 @@ func (s *Adapters) LoadAdapter(ctx context.Context, r *loraplexv1.LoadAdapterReq
 	if err := s.validID(r.GetAdapterId()); err != nil {
 		return nil, err
 	}
-	var tier adapters.Tier
+	var tier residency.Tier
 	switch r.GetTier() {
 	case loraplexv1.Tier_TIER_UNSPECIFIED, loraplexv1.Tier_TIER_DEVICE:
-		tier = adapters.TierDevice
+		tier = residency.TierDevice
 	case loraplexv1.Tier_TIER_HOST:
-		tier = adapters.TierHost
+		tier = residency.TierHost
 	default:
 		return nil, statusOf(fmt.Errorf("%w: tier %d is not a loraplex.v1.Tier: want TIER_HOST, TIER_DEVICE or unspecified (the device)",
 			genreq.ErrInvalid, int32(r.GetTier())))

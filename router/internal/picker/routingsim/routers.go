@@ -4,6 +4,7 @@ import (
 	"math"
 	"math/rand/v2"
 
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/router/internal/picker"
 )
 
@@ -48,7 +49,7 @@ func GIELoRAAffinity() Router {
 		tie := picker.NewCycle(v, picker.Request{RequestID: r.RequestID})
 		score := func(i int) float64 {
 			switch s := v.Shard(i); {
-			case c.Placement(i) == picker.PlacementDevice:
+			case c.Holding(i).Tier == residency.TierDevice:
 				return 1
 			case s.Record != nil && s.Record.DeviceFreeBytes > 0:
 				return 0.8

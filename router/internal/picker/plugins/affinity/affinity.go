@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/router/internal/picker"
 )
 
@@ -60,12 +61,12 @@ func (s *Scorer) Score(c *picker.Cycle, shards []int, scores []float64) {
 	}
 	need := int64(-1) // looked up only if some shard lacks the adapter
 	for k, i := range shards {
-		switch c.Placement(i) {
-		case picker.PlacementDevice:
+		switch h := c.Holding(i); {
+		case h.Tier == residency.TierDevice:
 			scores[k] = s.p.Device
-		case picker.PlacementHost:
+		case h.Tier == residency.TierHost:
 			scores[k] = s.p.Host
-		case picker.PlacementLoading:
+		case h.Loading:
 			scores[k] = s.p.Loading
 		default:
 			r := c.View.Shard(i).Record

@@ -61,7 +61,7 @@ func (s *Scorer) Score(c *picker.Cycle, shards []int, scores []float64) {
 	}
 	if c.Held() {
 		for _, i := range shards {
-			if c.Placement(i) != picker.PlacementNone {
+			if c.Holding(i).Held() {
 				return
 			}
 		}
