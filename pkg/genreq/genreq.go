@@ -13,6 +13,7 @@ import (
 	"math"
 	"slices"
 	"strconv"
+	"strings"
 	"unicode/utf8"
 
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
@@ -137,13 +138,24 @@ func invalid(field string, format string, args ...any) error {
 }
 
 // ValidAdapterID checks an adapter id: letters, digits, '.', '_' and '-', no leading dot, so an id
-// can never name a path outside the adapter store.
-func ValidAdapterID(id string, maxBytes int) error {
-	if len(id) > maxBytes {
-		return invalid("adapter_id", "is %d bytes, limit %d", len(id), maxBytes)
+// can never name a path outside the adapter store; "id@version" pins a version (letters and digits).
+func ValidAdapterID(ref string, maxBytes int) error {
+	if len(ref) > maxBytes {
+		return invalid("adapter_id", "is %d bytes, limit %d", len(ref), maxBytes)
 	}
-	if id == "" {
+	if ref == "" {
 		return nil
+	}
+	id, version, pinned := strings.Cut(ref, "@")
+	if pinned {
+		for _, c := range []byte(version) {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9') {
+				return invalid("adapter_id", "%q: the version after '@' may contain only letters and digits", ref)
+			}
+		}
+		if version == "" || id == "" {
+			return invalid("adapter_id", "%q: want id@version with both parts", ref)
+		}
 	}
 	if id[0] == '.' {
 		return invalid("adapter_id", "%q must not start with '.'", id)

@@ -206,6 +206,12 @@ func TestValidAdapterID(t *testing.T) {
 		{"日本", false},
 		{"🚀", false},
 		{"a\nb", false},
+		{"digits@0123456789abcdef", true},
+		{"digits@", false},
+		{"@0123", false},
+		{"digits@ab/c", false},
+		{"digits@1@2", false},
+		{"../x@1", false},
 	}
 	for _, c := range cases {
 		err := ValidAdapterID(c.id, 128)
