@@ -198,7 +198,7 @@ func (v Version) clone() Version {
 // on disk until release is called.
 func (d *Disk) Get(ctx context.Context, src Source, v Version) (dir string, release func(), err error) {
 	k := key(v.ID, v.Version)
-	for {
+	for waited := false; ; waited = true {
 		d.mu.Lock()
 		if e := d.entries[k]; e != nil {
 			e.readers++
@@ -217,9 +217,11 @@ func (d *Disk) Get(ctx context.Context, src Source, v Version) (dir string, rele
 				d.mu.Unlock()
 				continue // fetched again
 			}
-			d.mu.Lock()
-			d.stats.Hits++
-			d.mu.Unlock()
+			if !waited { // a caller that waited for the download counts as its miss
+				d.mu.Lock()
+				d.stats.Hits++
+				d.mu.Unlock()
+			}
 			now := time.Now()
 			_ = os.Chtimes(filepath.Join(dir, metaFile), now, now) // the LRU order survives restarts
 			var once sync.Once
