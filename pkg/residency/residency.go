@@ -97,6 +97,7 @@ type wire struct {
 	Sizes     []int64  `json:"sizes,omitempty"`
 	Device    *tier    `json:"dev,omitempty"`
 	Host      *tier    `json:"host,omitempty"`
+	Disk      *tier    `json:"disk,omitempty"` // files only, on the disk tier (older readers ignore it)
 	Loading   []string `json:"loading,omitempty"`
 	Truncated bool     `json:"trunc,omitempty"`
 
@@ -120,24 +121,24 @@ type tier struct {
 }
 
 // Encode serializes a record. A record too large for MaxRecordBytes is truncated (loading, then
-// host, then device entries left out, Truncated set) rather than refused, so a shard with too many
+// disk, then host, then device entries left out, Truncated set) rather than refused, so a shard with too many
 // adapters still publishes its load; dropped says how many entries were left out.
 func Encode(r *Record) (b []byte, dropped int, err error) {
-	dev, host := split(r.Adapters)
+	dev, host, disk := split(r.Adapters)
 	loading := r.Loading
 	truncated := r.Truncated
-	total := len(dev) + len(host) + len(loading)
+	total := len(dev) + len(host) + len(disk) + len(loading)
 	for {
-		b, err := json.Marshal(toWire(r, dev, host, loading, truncated))
+		b, err := json.Marshal(toWire(r, dev, host, disk, loading, truncated))
 		if err != nil {
 			return nil, 0, err
 		}
 		if len(b) <= MaxRecordBytes {
-			return b, total - len(dev) - len(host) - len(loading), nil
+			return b, total - len(dev) - len(host) - len(disk) - len(loading), nil
 		}
 		// Leave out about the excess, by the mean entry size, plus a margin; loading first, then
 		// host, then device entries (the last ids in order).
-		n := len(dev) + len(host) + len(loading)
+		n := len(dev) + len(host) + len(disk) + len(loading)
 		if n == 0 {
 			return nil, 0, fmt.Errorf("%w: %d bytes without adapters, limit %d", ErrInvalid, len(b), MaxRecordBytes)
 		}
@@ -146,6 +147,8 @@ func Encode(r *Record) (b []byte, dropped int, err error) {
 		switch {
 		case len(loading) > 0:
 			loading = loading[:max(0, len(loading)-drop)]
+		case len(disk) > 0:
+			disk = disk[:max(0, len(disk)-drop)]
 		case len(host) > 0:
 			host = host[:max(0, len(host)-drop)]
 		default:
@@ -155,21 +158,25 @@ func Encode(r *Record) (b []byte, dropped int, err error) {
 }
 
 // split sorts a copy of the adapters by id and splits it by tier.
-func split(all []Adapter) (dev, host []Adapter) {
+func split(all []Adapter) (dev, host, disk []Adapter) {
 	for _, a := range all {
-		if a.Tier == TierDevice {
+		switch a.Tier {
+		case TierDevice:
 			dev = append(dev, a)
-		} else {
+		case TierDisk:
+			disk = append(disk, a)
+		default:
 			host = append(host, a)
 		}
 	}
 	byID := func(a, b Adapter) int { return strings.Compare(a.ID, b.ID) }
 	slices.SortFunc(dev, byID)
 	slices.SortFunc(host, byID)
-	return dev, host
+	slices.SortFunc(disk, byID)
+	return dev, host, disk
 }
 
-func toWire(r *Record, dev, host []Adapter, loading []string, truncated bool) *wire {
+func toWire(r *Record, dev, host, disk []Adapter, loading []string, truncated bool) *wire {
 	w := &wire{
 		Schema: Schema, Minor: SchemaMinor, ShardID: r.ShardID, Addr: r.Addr, Seq: r.Seq, Epoch: r.Epoch,
 		UnixMillis: r.UnixMillis, Loading: loading, Truncated: truncated,
@@ -180,6 +187,7 @@ func toWire(r *Record, dev, host []Adapter, loading []string, truncated bool) *w
 	sizes := map[int64]int{}
 	w.Device = w.tier(dev, sizes)
 	w.Host = w.tier(host, sizes)
+	w.Disk = w.tier(disk, sizes)
 	return w
 }
 
@@ -242,7 +250,7 @@ func Decode(b []byte) (*Record, error) {
 		KVTotalBlocks: w.KVTotalBlocks, Draining: w.Draining,
 	}
 	n := len(w.Adapters)
-	for _, t := range []*tier{w.Device, w.Host} {
+	for _, t := range []*tier{w.Device, w.Host, w.Disk} {
 		if t != nil {
 			n += len(t.IDs)
 		}
@@ -258,7 +266,7 @@ func Decode(b []byte) (*Record, error) {
 		t    *tier
 		tier Tier
 		name string
-	}{{w.Device, TierDevice, "dev"}, {w.Host, TierHost, "host"}} {
+	}{{w.Device, TierDevice, "dev"}, {w.Host, TierHost, "host"}, {w.Disk, TierDisk, "disk"}} {
 		if err := x.t.decode(x.name, x.tier, w.Sizes, &r.Adapters); err != nil {
 			return nil, err
 		}

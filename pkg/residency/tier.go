@@ -2,8 +2,8 @@ package residency
 
 import "fmt"
 
-// Tier is where an adapter is resident, ordered by closeness to the device: TierNone < TierHost <
-// TierDevice, so a comparison says which copy serves a request sooner. It is the one Go spelling of
+// Tier is where an adapter is resident, ordered by closeness to the device: TierNone < TierDisk <
+// TierHost < TierDevice (the disk tier holds files downloaded from a remote store), so a comparison says which copy serves a request sooner. It is the one Go spelling of
 // a tier: the shard's adapter cache and engine, this record and the router's picker share it, and
 // only the wire forms differ (the record's JSON strings, via MarshalText; loraplex.v1.Tier, converted
 // in the shard's AdaptersService). The numbers never leave a process, so a tier added later (a local
@@ -13,11 +13,12 @@ type Tier uint8
 // Tiers.
 const (
 	TierNone Tier = iota
+	TierDisk
 	TierHost
 	TierDevice
 )
 
-var tierNames = [...]string{TierNone: "none", TierHost: "host", TierDevice: "device"}
+var tierNames = [...]string{TierNone: "none", TierDisk: "disk", TierHost: "host", TierDevice: "device"}
 
 func (t Tier) String() string {
 	if int(t) < len(tierNames) {
@@ -42,5 +43,5 @@ func (t *Tier) UnmarshalText(b []byte) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: tier %q: want none, host or device", ErrInvalid, b)
+	return fmt.Errorf("%w: tier %q: want none, disk, host or device", ErrInvalid, b)
 }

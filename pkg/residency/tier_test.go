@@ -8,7 +8,7 @@ import (
 
 // TestTierOrder: comparisons mean "closer to the device".
 func TestTierOrder(t *testing.T) {
-	if !(TierNone < TierHost && TierHost < TierDevice) || max(TierHost, TierDevice) != TierDevice {
+	if !(TierNone < TierDisk && TierDisk < TierHost && TierHost < TierDevice) || max(TierHost, TierDevice) != TierDevice {
 		t.Errorf("tiers out of order: none %d, host %d, device %d", TierNone, TierHost, TierDevice)
 	}
 }
@@ -16,7 +16,7 @@ func TestTierOrder(t *testing.T) {
 // TestTierText: a tier marshals to the strings records have always carried, and back; other strings
 // and numbers are refused, naming the tier.
 func TestTierText(t *testing.T) {
-	for tier, name := range map[Tier]string{TierNone: "none", TierHost: "host", TierDevice: "device"} {
+	for tier, name := range map[Tier]string{TierNone: "none", TierDisk: "disk", TierHost: "host", TierDevice: "device"} {
 		if tier.String() != name {
 			t.Errorf("%d.String() = %q, want %q", tier, tier.String(), name)
 		}
@@ -36,7 +36,7 @@ func TestTierText(t *testing.T) {
 		t.Errorf("String(9) = %q", Tier(9).String())
 	}
 	var x Tier
-	for _, s := range []string{"", "Device", "disk", "2"} {
+	for _, s := range []string{"", "Device", "ssd", "2"} {
 		if err := x.UnmarshalText([]byte(s)); !errors.Is(err, ErrInvalid) {
 			t.Errorf("UnmarshalText(%q): %v", s, err)
 		}
@@ -56,5 +56,30 @@ func TestAdapterJSONUnchanged(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(`{"id":"x","t":"tape","b":1}`), &a); err == nil {
 		t.Error("tier \"tape\" accepted")
+	}
+}
+
+// TestDiskTierRoundTrip: adapters on the disk tier travel in their own array with their versions,
+// and are left out before host and device entries when a record is too large.
+func TestDiskTierRoundTrip(t *testing.T) {
+	r := &Record{ShardID: "s", Addr: "a:1", Adapters: []Adapter{
+		{ID: "on-disk", Tier: TierDisk, Bytes: 10, Version: "0123456789abcdef"},
+		{ID: "on-host", Tier: TierHost, Bytes: 20, Version: "fedcba9876543210"},
+	}}
+	b, dropped, err := Encode(r)
+	if err != nil || dropped != 0 {
+		t.Fatal(err, dropped)
+	}
+	back, err := Decode(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Tier("on-disk") != TierDisk || back.Tier("on-host") != TierHost {
+		t.Fatalf("decoded tiers: %+v", back.Adapters)
+	}
+	for _, a := range back.Adapters {
+		if a.ID == "on-disk" && (a.Version != "0123456789abcdef" || a.Bytes != 10) {
+			t.Fatalf("disk entry %+v", a)
+		}
 	}
 }

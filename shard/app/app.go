@@ -459,7 +459,9 @@ func (s *Shard) Residency() *residency.Record {
 	if s.cache != nil {
 		st := s.cache.Stats()
 		r.DeviceBudget, r.DeviceFreeBytes = st.DeviceBudget, st.DeviceBudget-st.DeviceUsed
+		held := map[string]bool{}
 		for _, in := range s.cache.Snapshot() {
+			held[in.ID] = true
 			switch {
 			case in.Loading:
 				r.Loading = append(r.Loading, in.ID)
@@ -467,6 +469,16 @@ func (s *Shard) Residency() *residency.Record {
 				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierDevice, Bytes: in.DeviceBytes, Rank: in.Rank, Version: in.Version})
 			case in.Tier == residency.TierHost:
 				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierHost, Bytes: in.HostBytes, Rank: in.Rank, Version: in.Version})
+			}
+		}
+		if s.disk != nil {
+			// One entry per adapter whose files only are on disk, so routers prefer this shard over
+			// one that must download it.
+			for _, dv := range s.disk.Snapshot() {
+				if !held[dv.ID] {
+					held[dv.ID] = true
+					r.Adapters = append(r.Adapters, residency.Adapter{ID: dv.ID, Tier: residency.TierDisk, Bytes: dv.Bytes, Version: dv.Version})
+				}
 			}
 		}
 	}

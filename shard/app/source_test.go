@@ -20,7 +20,7 @@ import (
 )
 
 // TestShardFromS3 runs a shard on the demo model with -adapters s3://... against versitygw and
-// times the first token of a one-token request for each of the demo adapters cold from the store,
+// reports adapters only on its disk tier in its residency record, and times the first token of a one-token request for each of the demo adapters cold from the store,
 // from the disk tier, from the host tier and warm on the device; an unknown adapter is NOT_FOUND and
 // a version the shard never saw is NOT_FOUND, while the pinned current version serves.
 func TestShardFromS3(t *testing.T) {
@@ -71,6 +71,9 @@ func TestShardFromS3(t *testing.T) {
 	unload := func(id string) {
 		if err := s.cache.Unload(id); err != nil {
 			t.Fatal(err)
+		}
+		if tier := s.Residency().Tier(id); tier != residency.TierDisk {
+			t.Fatalf("after unloading %s the record says %v, want disk", id, tier)
 		}
 	}
 	_, _ = ttft("") // the base model's first step warms the backend

@@ -41,6 +41,14 @@ func (b *Builder) Device(ids ...string) *Builder {
 	return b
 }
 
+// Disk adds adapters whose files are on the shard's disk tier.
+func (b *Builder) Disk(ids ...string) *Builder {
+	for _, id := range ids {
+		b.state.Record.Adapters = append(b.state.Record.Adapters, residency.Adapter{ID: id, Tier: residency.TierDisk, Bytes: AdapterBytes})
+	}
+	return b
+}
+
 // Host adds adapters resident in host memory.
 func (b *Builder) Host(ids ...string) *Builder {
 	for _, id := range ids {

@@ -1,6 +1,6 @@
 // Package affinity is the routing scorer that prefers shards holding the request's adapter: on the
-// device (serves at once) over host memory (one copy away) over loading (ready soon) over a shard
-// with room for it on the device (loads without evicting) over the rest. Base-model requests score
+// device (serves at once) over host memory (one copy away) over loading (ready soon) over the disk
+// tier (its files are local: no download from the store) over a shard with room for it on the device (loads without evicting) over the rest. Base-model requests score
 // 0 everywhere: any shard serves them alike. Imported by the plugins registry.
 package affinity
 
@@ -20,11 +20,12 @@ type Params struct {
 	Device  float64 `json:"device"`
 	Host    float64 `json:"host"`
 	Loading float64 `json:"loading"`
+	Disk    float64 `json:"disk"` // the shard's disk tier holds its files
 	Room    float64 `json:"room"` // not held, but the device has free bytes for it
 }
 
 // DefaultParams returns the defaults.
-func DefaultParams() Params { return Params{Device: 1, Host: 0.6, Loading: 0.4, Room: 0.2} }
+func DefaultParams() Params { return Params{Device: 1, Host: 0.6, Loading: 0.4, Disk: 0.3, Room: 0.2} }
 
 // Scorer scores adapter placement.
 type Scorer struct{ p Params }
@@ -33,7 +34,7 @@ var _ picker.Scorer = (*Scorer)(nil)
 
 // New returns the scorer.
 func New(p Params) (*Scorer, error) {
-	for _, x := range []float64{p.Device, p.Host, p.Loading, p.Room} {
+	for _, x := range []float64{p.Device, p.Host, p.Loading, p.Disk, p.Room} {
 		if !(x >= 0 && x <= 1) {
 			return nil, fmt.Errorf("%w: %s: scores %+v must lie in [0,1]", picker.ErrConfig, Name, p)
 		}
@@ -68,6 +69,8 @@ func (s *Scorer) Score(c *picker.Cycle, shards []int, scores []float64) {
 			scores[k] = s.p.Host
 		case h.Loading:
 			scores[k] = s.p.Loading
+		case h.Tier == residency.TierDisk:
+			scores[k] = s.p.Disk
 		default:
 			r := c.View.Shard(i).Record
 			if r == nil {
