@@ -58,6 +58,8 @@ type Config struct {
 	// S3 and Disk configure an s3:// adapter source and the disk tier in front of it.
 	S3   adaptersource.S3Options
 	Disk adaptersource.DiskOptions
+	// RefreshInterval is how often resident adapters' versions are checked against the store (0: never).
+	RefreshInterval time.Duration
 	// Pinned adapters are loaded at start and never evicted.
 	Pinned       []string
 	MemoryBudget int64
@@ -91,7 +93,7 @@ type CUDAOptions struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Disk: adaptersource.DefaultDiskOptions(), Discovery: discovery.DefaultOptions(),
+		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Disk: adaptersource.DefaultDiskOptions(), RefreshInterval: 30 * time.Second, Discovery: discovery.DefaultOptions(),
 		Engine: autoKV(engine.DefaultOptions()), GPUMemoryFraction: 0.9, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
 		CUDA: CUDAOptions{Library: os.Getenv(cuda.LibraryEnv), StepGraphs: true, Fusion: true},
 	}
@@ -105,6 +107,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.AdapterDir, "adapters", c.AdapterDir, "adapter store: a local folder or s3://bucket/prefix, with one PEFT folder per adapter id")
 	c.S3.AddFlags(fs)
 	c.Disk.AddFlags(fs)
+	fs.DurationVar(&c.RefreshInterval, "adapter-refresh-interval", c.RefreshInterval,
+		"how often resident adapters are checked for a new version in the store (0: never; an explicit load always checks)")
 	fs.StringVar(&c.Backend, "backend", c.Backend, "compute backend: cpu, or cuda (needs libloraplex_kernels.so: see -kernels)")
 	fs.StringVar(&c.CUDA.Library, "kernels", c.CUDA.Library, "path of libloraplex_kernels.so for -backend cuda (default $"+cuda.LibraryEnv+"; empty: next to the binary)")
 	fs.IntVar(&c.MaxAdapterRank, "max-adapter-rank", c.MaxAdapterRank, "largest LoRA rank accepted")
@@ -209,6 +213,8 @@ type Shard struct {
 
 	gpuMetrics metric.Registration
 	healthSrv  *grpcserver.HealthServer
+	// stopRefresh ends the version polling (nil: none runs).
+	stopRefresh chan struct{}
 }
 
 // architectures is the model registry this shard serves from, wired explicitly.
@@ -329,6 +335,11 @@ func (s *Shard) load() (err error) {
 		if f, ok := s.source.(*adaptersource.Folder); ok {
 			copts.Stamp = f.Stamp // a changed adapter is retried at once, not after its failure backoff
 		}
+		src := s.source
+		copts.Version = func(ctx context.Context, id string) (string, error) {
+			v, err := src.Stat(ctx, id)
+			return v.Version, err
+		}
 	}
 	copts.Meter = s.tel.MeterProvider().Meter("github.com/loraplex/loraplex/shard/internal/adapters")
 	onEvent := copts.OnEvent
@@ -342,6 +353,10 @@ func (s *Shard) load() (err error) {
 	}
 	if s.cache, err = adapters.New(s.be, load, copts); err != nil {
 		return err
+	}
+	if cfg.AdapterDir != "" && cfg.RefreshInterval > 0 {
+		s.stopRefresh = make(chan struct{})
+		go s.refresh(cfg.RefreshInterval)
 	}
 	for _, id := range cfg.Pinned {
 		if err := s.cache.Pin(context.Background(), id); err != nil {
@@ -396,6 +411,24 @@ func (s *Shard) openSource() error {
 	s.log.Info("adapter source", zap.String("source", src.String()), zap.String("disk_tier", do.Dir), zap.Int64("disk_bytes", do.Bytes),
 		zap.Int("disk_versions", len(s.disk.Snapshot())))
 	return nil
+}
+
+// refresh checks resident adapters for new versions in the store until the shard closes.
+func (s *Shard) refresh(every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopRefresh:
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(context.Background(), every)
+			if n := s.cache.Refresh(ctx); n > 0 {
+				s.log.Info("adapters updated in the store", zap.Int("retired_versions", n))
+			}
+			cancel()
+		}
+	}
 }
 
 // autoKV marks the KV cache size as "from the device" (resolved by kvBytes at load).
@@ -550,6 +583,9 @@ func (s *Shard) close() {
 	}
 	if s.gpuMetrics != nil {
 		_ = s.gpuMetrics.Unregister()
+	}
+	if s.stopRefresh != nil {
+		close(s.stopRefresh)
 	}
 	if s.eng != nil {
 		s.eng.Close()

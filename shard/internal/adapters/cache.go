@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -98,6 +99,9 @@ type Options struct {
 	OnEvent func(Event)
 	// Meter receives the cache's instruments (nil: none).
 	Meter metric.Meter
+	// Version states an adapter's current version in the store (nil: versions are never checked).
+	// Refresh and explicit loads use it to pick up adapters updated in the store.
+	Version func(ctx context.Context, id string) (string, error)
 	// Now is the clock (tests); default time.Now.
 	Now func() time.Time
 }
@@ -138,8 +142,11 @@ type entry struct {
 	cancel  context.CancelCauseFunc
 	loadErr error
 
-	pins     int
-	pinned   bool // pinned by configuration or an operator
+	pins   int
+	pinned bool // pinned by configuration or an operator
+	// retired: a newer version replaced this one; sequences still pinning it finish on it and the
+	// last release frees its device copy.
+	retired  bool
 	lastUsed time.Time
 	hits     int64
 	loads    int64
@@ -169,6 +176,7 @@ type Cache struct {
 	stats      Stats
 	events     []Event
 	closed     bool
+	retired    map[*entry]struct{} // replaced versions still pinned by sequences
 
 	emitMu sync.Mutex // orders event delivery
 }
@@ -652,9 +660,83 @@ func (c *Cache) unpin(e *entry) {
 	}
 	e.lastUsed = c.opts.Now()
 	if e.pins == 0 {
+		if e.retired {
+			c.freeRetiredLocked(e)
+		}
 		c.signalSpaceLocked()
 	}
 	c.mu.Unlock()
+}
+
+// Refresh states the current version of every idle-or-used resident adapter (not pinned by an
+// operator, not loading, not pinned to a version by its id) and retires those the store has
+// replaced: new requests load the new version, requests running on the old one finish on it, and
+// the old device copy is freed when the last of them releases it. It returns how many were retired.
+func (c *Cache) Refresh(ctx context.Context) int {
+	if c.opts.Version == nil {
+		return 0
+	}
+	type held struct {
+		id, version string
+	}
+	var check []held
+	c.mu.Lock()
+	for id, e := range c.entries {
+		if e.loading == nil && !e.pinned && e.version != "" && !strings.Contains(id, "@") {
+			check = append(check, held{id, e.version})
+		}
+	}
+	c.mu.Unlock()
+	n := 0
+	for _, h := range check {
+		v, err := c.opts.Version(ctx, h.id)
+		if err != nil || v == h.version {
+			continue // an unreachable store keeps what is resident
+		}
+		if c.retire(h.id, h.version) {
+			n++
+		}
+	}
+	c.flush()
+	return n
+}
+
+// retire takes the entry of id at version out of the cache if it is still there and idle enough.
+func (c *Cache) retire(id, version string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e := c.entries[id]
+	if e == nil || e.version != version || e.loading != nil || e.pinned {
+		return false
+	}
+	delete(c.entries, id)
+	// The policies and the host tier are keyed by id: the new version takes the id's place.
+	c.dropHostLocked(e)
+	if e.dev != nil {
+		c.devPolicy.Remove(id)
+	}
+	e.retired = true
+	c.emitLocked(EventUnloaded, e, residency.TierNone, nil)
+	if e.pins == 0 {
+		c.freeRetiredLocked(e)
+		return true
+	}
+	if c.retired == nil {
+		c.retired = map[*entry]struct{}{}
+	}
+	c.retired[e] = struct{}{}
+	return true
+}
+
+// freeRetiredLocked frees a retired version's device copy (its id now belongs to the new version).
+func (c *Cache) freeRetiredLocked(e *entry) {
+	delete(c.retired, e)
+	if e.dev != nil {
+		c.be.FreeAdapter(e.dev)
+		e.dev = nil
+		c.devUsed -= e.bytes
+		c.signalSpaceLocked()
+	}
 }
 
 // Load warms an adapter into a tier without pinning it.
@@ -666,6 +748,22 @@ func (c *Cache) Load(ctx context.Context, id string, tier residency.Tier) error 
 		return fmt.Errorf("%w: adapter %s: this shard keeps no host tier (its budget is 0)", ErrTooLarge, id)
 	}
 	c.forgetFailure(id)
+	if c.opts.Version != nil && !strings.Contains(id, "@") {
+		// An explicit load refreshes: a version replaced in the store is retired first.
+		c.mu.Lock()
+		e := c.entries[id]
+		old := ""
+		if e != nil && e.loading == nil {
+			old = e.version
+		}
+		c.mu.Unlock()
+		if old != "" {
+			if v, err := c.opts.Version(ctx, id); err == nil && v != old {
+				c.retire(id, old)
+				c.flush()
+			}
+		}
+	}
 	_, err := c.ensure(ctx, id, tier, false)
 	return err
 }
@@ -810,5 +908,8 @@ func (c *Cache) Close() {
 		c.dropDeviceLocked(e)
 		c.dropHostLocked(e)
 		delete(c.entries, id)
+	}
+	for e := range c.retired {
+		c.freeRetiredLocked(e)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/adaptersource/s3test"
 	"github.com/loraplex/loraplex/pkg/demomodel"
 	"github.com/loraplex/loraplex/pkg/peft"
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
 	"github.com/loraplex/loraplex/shard/internal/model"
@@ -165,5 +166,85 @@ func TestSourceLoaderPinnedVersion(t *testing.T) {
 	}
 	if _, err := load(ctx, "digits@not/ok"); !errors.Is(err, peft.ErrInvalidID) {
 		t.Fatalf("malformed version = %v, want ErrInvalidID", err)
+	}
+}
+
+// TestRefreshVersions: an adapter updated in the store is picked up by Refresh and by an explicit
+// Load: a request running on the old version keeps it (its device copy stays until its release),
+// new requests get the new version, and the old copy's device bytes are freed at the last release.
+func TestRefreshVersions(t *testing.T) {
+	r := newRemote(t)
+	ctx := context.Background()
+	current := func(id string) string {
+		v, err := r.src.Stat(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v.Version
+	}
+	o := adapters.DefaultOptions()
+	o.Version = func(ctx context.Context, id string) (string, error) {
+		v, err := r.src.Stat(ctx, id)
+		return v.Version, err
+	}
+	c, err := adapters.New(cpu.New(cpu.Options{Workers: 1}), adapters.SourceLoader(r.src, r.disk, adapters.PEFTOptions(demoInfo, 64, 1<<30), demoInfo.Layers), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	version := func(id string) string {
+		for _, in := range c.Snapshot() {
+			if in.ID == id {
+				return in.Version
+			}
+		}
+		return ""
+	}
+	put := func(from string) {
+		for _, name := range adaptersource.Files {
+			b, err := os.ReadFile(filepath.Join(r.root, from, name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.srv.Put("models/digits/"+name, b)
+		}
+	}
+
+	old, releaseOld, err := c.Acquire(ctx, "digits")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1 := version("digits")
+	one := c.Stats().DeviceUsed
+	if n := c.Refresh(ctx); n != 0 {
+		t.Fatalf("Refresh with nothing changed retired %d", n)
+	}
+
+	put("double") // digits now holds double's files: a new version of the same size
+	if n := c.Refresh(ctx); n != 1 {
+		t.Fatalf("Refresh after an update retired %d, want 1", n)
+	}
+	cur, releaseNew, err := c.Acquire(ctx, "digits")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cur == old || version("digits") != current("digits") || version("digits") == v1 {
+		t.Fatalf("a new request got version %s (old %s, store %s)", version("digits"), v1, current("digits"))
+	}
+	if used := c.Stats().DeviceUsed; used != 2*one {
+		t.Fatalf("device bytes %d while a request runs on the old version, want both copies (%d)", used, 2*one)
+	}
+	releaseOld()
+	if used := c.Stats().DeviceUsed; used != one {
+		t.Fatalf("device bytes %d after the old version's last release, want %d", used, one)
+	}
+	releaseNew()
+
+	put("digits") // back to the original: an explicit load picks it up at once
+	if err := c.Load(ctx, "digits", residency.TierDevice); err != nil {
+		t.Fatal(err)
+	}
+	if version("digits") != v1 || c.Stats().DeviceUsed != one {
+		t.Fatalf("after an explicit load: version %s (want %s), device bytes %d", version("digits"), v1, c.Stats().DeviceUsed)
 	}
 }
