@@ -53,7 +53,7 @@ wait_serving() {
   return 1
 }
 
-"$work/shard" -listen 127.0.0.1:0 -shard-id s0 -model pkg/tinyllama/model -adapters pkg/tinyllama/adapters \
+"$work/shard" -listen 127.0.0.1:0 -shard-id s0 -model test/tinyllama/model -adapters test/tinyllama/adapters \
   >"$work/shard.log" 2>&1 &
 pids+=($!)
 shard=$(wait_serving "$work/shard.log" "shard serving")

@@ -10,8 +10,8 @@ import (
 
 // The real-PEFT fixtures made by scripts/make_fixtures.py.
 const (
-	tinyModelConfig = "../tinyllama/model/config.json"
-	tinyAdapters    = "../tinyllama/adapters"
+	tinyModelConfig = "../../test/tinyllama/model/config.json"
+	tinyAdapters    = "../../test/tinyllama/adapters"
 )
 
 // tinyShapeFromConfig reads the base model's config.json.

@@ -10,11 +10,11 @@ import (
 // realFiles are safetensors files written by the reference implementation
 // (via scripts/make_fixtures.py), when present.
 var realFiles = []string{
-	"../tinyllama/model/model.safetensors",
-	"../tinyllama/adapters/qv-r8/adapter_model.safetensors",
-	"../tinyllama/adapters/all-r16-rslora/adapter_model.safetensors",
-	"../tinyllama/adapters/mlp-r4-patterns/adapter_model.safetensors",
-	"../tinyllama/adapters/ko-r32-layers/adapter_model.safetensors",
+	"../../test/tinyllama/model/model.safetensors",
+	"../../test/tinyllama/adapters/qv-r8/adapter_model.safetensors",
+	"../../test/tinyllama/adapters/all-r16-rslora/adapter_model.safetensors",
+	"../../test/tinyllama/adapters/mlp-r4-patterns/adapter_model.safetensors",
+	"../../test/tinyllama/adapters/ko-r32-layers/adapter_model.safetensors",
 }
 
 // TestReferenceFiles parses files from the reference writer and checks that

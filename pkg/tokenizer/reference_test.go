@@ -75,7 +75,7 @@ func TestReferenceCases(t *testing.T) {
 // TestShippedModelTokenizer checks that the tiny model ships the byte-level
 // fixture's tokenizer, so the fixture's reference ids hold for it too.
 func TestShippedModelTokenizer(t *testing.T) {
-	shipped, err := os.ReadFile(filepath.Join("..", "tinyllama", "model", "tokenizer.json"))
+	shipped, err := os.ReadFile(filepath.Join("..", "..", "test", "tinyllama", "model", "tokenizer.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ func TestShippedModelTokenizer(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !slices.Equal(shipped, fixture) {
-		t.Fatal("pkg/tinyllama/model/tokenizer.json differs from testdata/bytelevel/tokenizer.json")
+		t.Fatal("test/tinyllama/model/tokenizer.json differs from testdata/bytelevel/tokenizer.json")
 	}
 }
 

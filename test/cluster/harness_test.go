@@ -28,8 +28,8 @@ import (
 	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/discovery/consultest"
 	"github.com/loraplex/loraplex/pkg/residency"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // rpcTimeout bounds every RPC a test sends, so a hang fails one request instead of the package.

@@ -17,9 +17,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/loraplex/loraplex/pkg/safetensors"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	shardapp "github.com/loraplex/loraplex/shard/app"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // adminShard is one shard, without a router, with clients for both of its services.

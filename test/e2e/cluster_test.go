@@ -19,11 +19,11 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/loraplex/loraplex/pkg/telemetry"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	routerapp "github.com/loraplex/loraplex/router/app"
 	shardapp "github.com/loraplex/loraplex/shard/app"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // rpcTimeout bounds every RPC a test sends, so a hang fails one request instead of the package. It

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"unicode/utf8"
 
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 const maxNew = 16

@@ -17,10 +17,10 @@ import (
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	routerapp "github.com/loraplex/loraplex/router/app"
 	shardapp "github.com/loraplex/loraplex/shard/app"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // The cancellation test's shard has a KV cache of exactly 64 blocks of 16 positions, and its long

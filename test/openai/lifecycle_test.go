@@ -19,8 +19,8 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/loraplex/loraplex/pkg/telemetry"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	shardapp "github.com/loraplex/loraplex/shard/app"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // long is a tiny-Llama completion of 1000 tokens that ignores the end-of-sequence token.

@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/loraplex/loraplex/pkg/demomodel"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // TestMeasureEdge measures what the HTTP edge adds to the gRPC edge for the same requests on one

@@ -90,3 +90,25 @@ func TestRouterLinksNoComputeCode(t *testing.T) {
 		}
 	}
 }
+
+// TestBinariesEmbedNoTestFixtures keeps the reference-test model and the demo model's held-out set
+// (test fixtures, megabytes embedded) out of every binary.
+func TestBinariesEmbedNoTestFixtures(t *testing.T) {
+	for _, bin := range []string{"./router", "./shard", "./cmd/loraplex", "./cmd/loraplex-dev"} {
+		cmd := exec.Command("go", "list", "-deps", bin)
+		cmd.Dir = root(t)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("go list %s: %v\n%s", bin, err, out)
+		}
+		deps := strings.Fields(string(out))
+		if len(deps) < 10 {
+			t.Fatalf("go list %s returned only %d packages", bin, len(deps))
+		}
+		for _, d := range deps {
+			if d == "github.com/loraplex/loraplex/test/tinyllama" || d == "github.com/loraplex/loraplex/pkg/demomodel/demomodeltest" {
+				t.Errorf("%s links the test fixtures %s", bin, d)
+			}
+		}
+	}
+}

@@ -10,14 +10,14 @@ import (
 	"testing"
 
 	"github.com/loraplex/loraplex/pkg/peft"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
 	"github.com/loraplex/loraplex/shard/internal/model"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
-// tinyInfo is the shipped model's shape (pkg/tinyllama/model/config.json).
+// tinyInfo is the shipped model's shape (test/tinyllama/model/config.json).
 var tinyInfo = model.Info{Arch: "llama", VocabSize: 1025, Hidden: 64, Intermediate: 172, Layers: 3, Heads: 4, KVHeads: 2, HeadDim: 16, MaxContext: 1024, BOS: 0, EOS: []int{1}}
 
 func openShipped(t *testing.T) *peft.Store {

@@ -23,7 +23,6 @@ import (
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/pkg/safetensors"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -31,6 +30,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // benchRig is the embedded model with a store of generated PEFT adapters and a cache over it.

@@ -18,7 +18,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/peft"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
@@ -26,6 +25,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
 	"github.com/loraplex/loraplex/shard/internal/sampling"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // The adapter cache tells the engine where an adapter is, for the acquire span.

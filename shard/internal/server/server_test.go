@@ -18,7 +18,6 @@ import (
 	"github.com/loraplex/loraplex/pkg/chattemplate"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/peft"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
@@ -26,6 +25,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
 	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // newGeneration serves the embedded tiny model (vocabulary 1025, context 1024) with the shipped

@@ -18,7 +18,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/loraplex/loraplex/pkg/safetensors"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
@@ -26,6 +25,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // The same forward pass on the CUDA backend, against the Hugging Face references (float64) and the

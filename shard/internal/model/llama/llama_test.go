@@ -8,13 +8,13 @@ import (
 	"testing"
 
 	"github.com/loraplex/loraplex/pkg/peft"
-	"github.com/loraplex/loraplex/pkg/tinyllama"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
 	"github.com/loraplex/loraplex/shard/internal/kvcache"
 	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
+	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
 // The reference logits are float64 from Hugging Face; ours are float32. A logit row matches when

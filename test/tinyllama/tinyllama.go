@@ -1,8 +1,8 @@
-// Package tinyllama ships Loraplex's embedded default: a small Llama-architecture model (3 layers,
+// Package tinyllama holds the reference-test fixtures: a small Llama-architecture model (3 layers,
 // hidden 64, GQA, its own byte-level BPE tokenizer) trained briefly on text, four PEFT LoRA
 // adapters of different ranks and targets, and the reference outputs Hugging Face transformers +
-// PEFT computed for them (scripts/make_fixtures.py made all of it). The dev cluster serves it and
-// the model tests compare against its reference. Importable by tools and tests.
+// PEFT computed for them (scripts/make_fixtures.py made all of it). The model, server, engine and
+// end-to-end tests compare against it. Test fixtures only: no binary imports it (test/repo checks).
 package tinyllama
 
 import (
