@@ -232,7 +232,28 @@ func (c *Cache) flush() {
 }
 
 func (c *Cache) emitLocked(kind EventKind, e *entry, tier residency.Tier, err error) {
-	c.events = append(c.events, Event{Kind: kind, Adapter: e.id, Tier: tier, Bytes: e.bytes, Rank: e.rank, Version: e.version, Err: err})
+	id, _, _ := strings.Cut(e.id, "@") // a pinned version is reported under its id, the version in its field
+	c.events = append(c.events, Event{Kind: kind, Adapter: id, Tier: tier, Bytes: e.bytes, Rank: e.rank, Version: e.version, Err: err})
+}
+
+// resolveLocked names the entry a reference uses: "id@version" is the entry of id when that entry
+// holds version (the current version, loaded once however it is named), else an entry of its own.
+// wait is set when id's entry is in its first load, its version not known yet: the caller waits for
+// it and resolves again rather than loading a second copy.
+func (c *Cache) resolveLocked(ref string) (key string, wait chan struct{}) {
+	id, version, pinned := strings.Cut(ref, "@")
+	if !pinned {
+		return ref, nil
+	}
+	if e := c.entries[id]; e != nil {
+		switch {
+		case e.version == version:
+			return id, nil
+		case e.version == "" && e.loading != nil:
+			return ref, e.loading
+		}
+	}
+	return ref, nil
 }
 
 // Acquire pins the adapter on the device for one sequence, loading or promoting it first if needed,
@@ -247,7 +268,7 @@ func (c *Cache) Acquire(ctx context.Context, id string) (compute.Adapter, func()
 }
 
 // ensure makes id resident in tier (and pins it on the device when pin is set).
-func (c *Cache) ensure(ctx context.Context, id string, tier residency.Tier, pin bool) (*entry, error) {
+func (c *Cache) ensure(ctx context.Context, ref string, tier residency.Tier, pin bool) (*entry, error) {
 	counted := false
 	stamp, stamped := "", false
 	for {
@@ -255,6 +276,16 @@ func (c *Cache) ensure(ctx context.Context, id string, tier residency.Tier, pin 
 		if c.closed {
 			c.mu.Unlock()
 			return nil, ErrClosed
+		}
+		id, first := c.resolveLocked(ref)
+		if first != nil {
+			c.mu.Unlock()
+			select {
+			case <-first:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			continue
 		}
 		if f, ok := c.failures[id]; ok && !(tier == residency.TierHost && errors.Is(f.err, ErrTooLarge)) && c.opts.Now().Before(f.until) {
 			if c.opts.Stamp != nil && !stamped {
@@ -790,9 +821,10 @@ func (c *Cache) Pin(ctx context.Context, id string) error {
 }
 
 // Unpin lets an operator-pinned adapter be evicted again.
-func (c *Cache) Unpin(id string) error {
+func (c *Cache) Unpin(ref string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	id, _ := c.resolveLocked(ref)
 	e := c.entries[id]
 	if e == nil || !e.pinned {
 		return fmt.Errorf("%w: %s is not pinned", ErrUnknown, id)
@@ -804,8 +836,9 @@ func (c *Cache) Unpin(id string) error {
 
 // Unload drops an adapter from both tiers; it is refused while a sequence uses the adapter. A load in
 // flight is cancelled (its waiters fail with ErrLoadCancelled) and Unload returns once it has stopped.
-func (c *Cache) Unload(id string) error {
+func (c *Cache) Unload(ref string) error {
 	c.mu.Lock()
+	id, _ := c.resolveLocked(ref)
 	e := c.entries[id]
 	if e != nil && e.loading != nil && e.pins == 0 && !e.pinned {
 		wait := e.loading
@@ -842,7 +875,10 @@ func (c *Cache) Unload(id string) error {
 
 // Info describes one resident adapter.
 type Info struct {
-	ID          string
+	// ID is the adapter's id, without a pinned version; Ref names the entry for Unload and Unpin:
+	// the id for the version requests without a pin get, "id@version" for an older one kept for
+	// requests that pinned it.
+	ID, Ref     string
 	Tier        residency.Tier
 	Loading     bool
 	DeviceBytes int64
@@ -856,22 +892,24 @@ type Info struct {
 }
 
 // TierOf reports where an adapter is resident now, for tracing (engine.TierReporter).
-func (c *Cache) TierOf(id string) residency.Tier {
+func (c *Cache) TierOf(ref string) residency.Tier {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	id, _ := c.resolveLocked(ref)
 	if e := c.entries[id]; e != nil && e.loading == nil {
 		return c.tierOf(e)
 	}
 	return residency.TierNone
 }
 
-// Snapshot lists every adapter the cache knows, sorted by id.
+// Snapshot lists every adapter the cache knows, sorted by Ref.
 func (c *Cache) Snapshot() []Info {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	out := make([]Info, 0, len(c.entries))
 	for _, e := range c.entries {
-		in := Info{ID: e.id, Tier: c.tierOf(e), Loading: e.loading != nil, Rank: e.rank, Version: e.version,
+		id, _, _ := strings.Cut(e.id, "@")
+		in := Info{ID: id, Ref: e.id, Tier: c.tierOf(e), Loading: e.loading != nil, Rank: e.rank, Version: e.version,
 			Pinned: e.pinned, InUse: e.pins, LastUsed: e.lastUsed, Loads: e.loads, Hits: e.hits}
 		if e.dev != nil {
 			in.DeviceBytes = e.bytes
@@ -881,7 +919,7 @@ func (c *Cache) Snapshot() []Info {
 		}
 		out = append(out, in)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })
 	return out
 }
 

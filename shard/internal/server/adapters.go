@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -47,12 +48,15 @@ func (s *Adapters) info(in adapters.Info) *loraplexv1.AdapterInfo {
 	return out
 }
 
-func (s *Adapters) lookup(id string) *loraplexv1.AdapterInfo {
+// lookup describes the entry ref names: its own (id, or id@version for an older version), or id's
+// when it holds that version.
+func (s *Adapters) lookup(ref string) *loraplexv1.AdapterInfo {
 	for _, in := range s.cache.Snapshot() {
-		if in.ID == id {
+		if in.Ref == ref || in.ID+"@"+in.Version == ref {
 			return s.info(in)
 		}
 	}
+	id, _, _ := strings.Cut(ref, "@")
 	return &loraplexv1.AdapterInfo{AdapterId: id, ShardId: s.shardID}
 }
 
