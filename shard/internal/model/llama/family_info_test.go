@@ -1,0 +1,67 @@
+//go:build familyfixtures
+
+// Enabled with -tags familyfixtures once scripts/make_family_fixtures.py has written the family
+// fixtures into testdata/{qwen2,qwen3,phi3,mistral} and testdata/family-info.json (the GPU machine
+// was not lent in time to make them; see docs/ARCHITECTURE.md).
+
+package llama
+
+import (
+	"encoding/json"
+	"math"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestDerivationMatchesTransformers checks what ParseConfig derives from each family fixture's
+// config.json (as saved, transformers 4.x or 5.x layout) against what transformers derived when
+// it built the model: the sliding layers, the rotary frequencies and the attention scaling.
+func TestDerivationMatchesTransformers(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("testdata", "family-info.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info map[string]json.RawMessage
+	if err := json.Unmarshal(data, &info); err != nil {
+		t.Fatal(err)
+	}
+	for _, fam := range []string{"qwen2", "qwen3", "phi3", "mistral"} {
+		t.Run(fam, func(t *testing.T) {
+			var fi struct {
+				LayerTypes       []string  `json:"config_layer_types"`
+				SlidingWindow    *int      `json:"sliding_window"`
+				InvFreq          []float64 `json:"inv_freq"`
+				AttentionScaling float64   `json:"attention_scaling"`
+			}
+			if err := json.Unmarshal(info[fam], &fi); err != nil {
+				t.Fatal(err)
+			}
+			cfgData, err := os.ReadFile(filepath.Join("testdata", fam, "model", "config.json"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := ParseConfig(cfgData)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for l, w := range c.windows {
+				sliding := fi.SlidingWindow != nil && (len(fi.LayerTypes) == 0 || fi.LayerTypes[l] == "sliding_attention")
+				if (w > 0) != sliding || (sliding && w != *fi.SlidingWindow) {
+					t.Errorf("layer %d: window %d, transformers: layer types %v, window %v", l, w, fi.LayerTypes, fi.SlidingWindow)
+				}
+			}
+			if len(fi.InvFreq) != len(c.inv) {
+				t.Fatalf("%d frequencies, transformers %d", len(c.inv), len(fi.InvFreq))
+			}
+			for i, f := range fi.InvFreq {
+				if math.Abs(float64(c.inv[i])-f) > 1e-6*f {
+					t.Errorf("inv_freq[%d] = %g, transformers %g", i, c.inv[i], f)
+				}
+			}
+			if math.Abs(c.attentionScaling()-fi.AttentionScaling) > 1e-6 {
+				t.Errorf("attention scaling %g, transformers %g", c.attentionScaling(), fi.AttentionScaling)
+			}
+		})
+	}
+}
