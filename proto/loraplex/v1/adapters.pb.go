@@ -31,6 +31,10 @@ const (
 	Tier_TIER_HOST Tier = 1
 	// In the memory the backend computes from.
 	Tier_TIER_DEVICE Tier = 2
+	// Files only, on the shard's local disk tier (a copy of a remote store's version).
+	Tier_TIER_DISK Tier = 3
+	// Only in the adapter store: the shard holds no copy (listed with include_store).
+	Tier_TIER_STORE Tier = 4
 )
 
 // Enum value maps for Tier.
@@ -39,11 +43,15 @@ var (
 		0: "TIER_UNSPECIFIED",
 		1: "TIER_HOST",
 		2: "TIER_DEVICE",
+		3: "TIER_DISK",
+		4: "TIER_STORE",
 	}
 	Tier_value = map[string]int32{
 		"TIER_UNSPECIFIED": 0,
 		"TIER_HOST":        1,
 		"TIER_DEVICE":      2,
+		"TIER_DISK":        3,
+		"TIER_STORE":       4,
 	}
 )
 
@@ -222,7 +230,17 @@ func (x *AdapterInfo) GetShardId() string {
 
 // ListAdaptersRequest lists adapters.
 type ListAdaptersRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// List the adapter store too: entries the shard does not hold come with tier TIER_STORE. The
+	// listing is paged by page_size and page_token in the store's id order; without include_store
+	// every adapter the shard holds is returned in one response and the paging fields are ignored.
+	IncludeStore bool `protobuf:"varint,1,opt,name=include_store,json=includeStore,proto3" json:"include_store,omitempty"`
+	// At most this many adapter ids per page (0: 100; above 1000 is INVALID_ARGUMENT). An id may
+	// have more than one entry (a version pinned by id@version besides the current one).
+	PageSize uint32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The next_page_token of the previous page; empty for the first page. A token not made by
+	// ListAdapters is INVALID_ARGUMENT.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -257,6 +275,27 @@ func (*ListAdaptersRequest) Descriptor() ([]byte, []int) {
 	return file_loraplex_v1_adapters_proto_rawDescGZIP(), []int{1}
 }
 
+func (x *ListAdaptersRequest) GetIncludeStore() bool {
+	if x != nil {
+		return x.IncludeStore
+	}
+	return false
+}
+
+func (x *ListAdaptersRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListAdaptersRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 // ListAdaptersResponse carries the adapters and the tier budgets.
 type ListAdaptersResponse struct {
 	state             protoimpl.MessageState `protogen:"open.v1"`
@@ -268,10 +307,12 @@ type ListAdaptersResponse struct {
 	ShardId           string                 `protobuf:"bytes,6,opt,name=shard_id,json=shardId,proto3" json:"shard_id,omitempty"`
 	// Cache outcomes since the shard started (summed over shards in the router's view): requests served
 	// from the device tier, promoted from the host tier, and read from the store; evictions from any tier.
-	DeviceHits    uint64 `protobuf:"varint,7,opt,name=device_hits,json=deviceHits,proto3" json:"device_hits,omitempty"`
-	HostHits      uint64 `protobuf:"varint,8,opt,name=host_hits,json=hostHits,proto3" json:"host_hits,omitempty"`
-	Misses        uint64 `protobuf:"varint,9,opt,name=misses,proto3" json:"misses,omitempty"`
-	Evictions     uint64 `protobuf:"varint,10,opt,name=evictions,proto3" json:"evictions,omitempty"`
+	DeviceHits uint64 `protobuf:"varint,7,opt,name=device_hits,json=deviceHits,proto3" json:"device_hits,omitempty"`
+	HostHits   uint64 `protobuf:"varint,8,opt,name=host_hits,json=hostHits,proto3" json:"host_hits,omitempty"`
+	Misses     uint64 `protobuf:"varint,9,opt,name=misses,proto3" json:"misses,omitempty"`
+	Evictions  uint64 `protobuf:"varint,10,opt,name=evictions,proto3" json:"evictions,omitempty"`
+	// Set when include_store was requested and more adapters follow: pass it as page_token.
+	NextPageToken string `protobuf:"bytes,11,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -374,6 +415,13 @@ func (x *ListAdaptersResponse) GetEvictions() uint64 {
 		return x.Evictions
 	}
 	return 0
+}
+
+func (x *ListAdaptersResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // LoadAdapterRequest warms an adapter.
@@ -750,8 +798,12 @@ const file_loraplex_v1_adapters_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\blastUsed\x12\x14\n" +
 	"\x05loads\x18\v \x01(\x04R\x05loads\x12\x12\n" +
 	"\x04hits\x18\f \x01(\x04R\x04hits\x12\x19\n" +
-	"\bshard_id\x18\r \x01(\tR\ashardId\"\x15\n" +
-	"\x13ListAdaptersRequest\"\x8b\x03\n" +
+	"\bshard_id\x18\r \x01(\tR\ashardId\"v\n" +
+	"\x13ListAdaptersRequest\x12#\n" +
+	"\rinclude_store\x18\x01 \x01(\bR\fincludeStore\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\rR\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"\xb3\x03\n" +
 	"\x14ListAdaptersResponse\x124\n" +
 	"\badapters\x18\x01 \x03(\v2\x18.loraplex.v1.AdapterInfoR\badapters\x12*\n" +
 	"\x11device_bytes_used\x18\x02 \x01(\x04R\x0fdeviceBytesUsed\x12.\n" +
@@ -764,7 +816,8 @@ const file_loraplex_v1_adapters_proto_rawDesc = "" +
 	"\thost_hits\x18\b \x01(\x04R\bhostHits\x12\x16\n" +
 	"\x06misses\x18\t \x01(\x04R\x06misses\x12\x1c\n" +
 	"\tevictions\x18\n" +
-	" \x01(\x04R\tevictions\"Z\n" +
+	" \x01(\x04R\tevictions\x12&\n" +
+	"\x0fnext_page_token\x18\v \x01(\tR\rnextPageToken\"Z\n" +
 	"\x12LoadAdapterRequest\x12\x1d\n" +
 	"\n" +
 	"adapter_id\x18\x01 \x01(\tR\tadapterId\x12%\n" +
@@ -783,11 +836,14 @@ const file_loraplex_v1_adapters_proto_rawDesc = "" +
 	"\x13UnpinAdapterRequest\x12\x1d\n" +
 	"\n" +
 	"adapter_id\x18\x01 \x01(\tR\tadapterId\"\x16\n" +
-	"\x14UnpinAdapterResponse*<\n" +
+	"\x14UnpinAdapterResponse*[\n" +
 	"\x04Tier\x12\x14\n" +
 	"\x10TIER_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tTIER_HOST\x10\x01\x12\x0f\n" +
-	"\vTIER_DEVICE\x10\x022\xb4\x03\n" +
+	"\vTIER_DEVICE\x10\x02\x12\r\n" +
+	"\tTIER_DISK\x10\x03\x12\x0e\n" +
+	"\n" +
+	"TIER_STORE\x10\x042\xb4\x03\n" +
 	"\x0fAdaptersService\x12S\n" +
 	"\fListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12P\n" +
 	"\vLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n" +

@@ -33,7 +33,8 @@ const (
 // AdaptersService manages a shard's adapter cache. Listing is open; loading, unloading and pinning
 // need the admin bearer token when the shard is configured with one.
 type AdaptersServiceClient interface {
-	// ListAdapters returns every adapter the shard holds or is loading.
+	// ListAdapters returns every adapter the shard holds or is loading; with include_store, a page of
+	// the adapters its store holds as well, merged with those it holds, in store order.
 	ListAdapters(ctx context.Context, in *ListAdaptersRequest, opts ...grpc.CallOption) (*ListAdaptersResponse, error)
 	// LoadAdapter warms an adapter into a tier without pinning it.
 	LoadAdapter(ctx context.Context, in *LoadAdapterRequest, opts ...grpc.CallOption) (*LoadAdapterResponse, error)
@@ -110,7 +111,8 @@ func (c *adaptersServiceClient) UnpinAdapter(ctx context.Context, in *UnpinAdapt
 // AdaptersService manages a shard's adapter cache. Listing is open; loading, unloading and pinning
 // need the admin bearer token when the shard is configured with one.
 type AdaptersServiceServer interface {
-	// ListAdapters returns every adapter the shard holds or is loading.
+	// ListAdapters returns every adapter the shard holds or is loading; with include_store, a page of
+	// the adapters its store holds as well, merged with those it holds, in store order.
 	ListAdapters(context.Context, *ListAdaptersRequest) (*ListAdaptersResponse, error)
 	// LoadAdapter warms an adapter into a tier without pinning it.
 	LoadAdapter(context.Context, *LoadAdapterRequest) (*LoadAdapterResponse, error)
