@@ -375,7 +375,7 @@ func (s *Shard) load() (err error) {
 		return err
 	}
 	s.gen.p.Store(server.NewGeneration(s.eng, tok, cfg.Limits, s.id, log).WithChatTemplate(chat))
-	s.adm.p.Store(server.NewAdapters(s.cache, cfg.Limits, s.id))
+	s.adm.p.Store(server.NewAdapters(s.cache, cfg.Limits, s.id).WithSource(s.source))
 	return nil
 }
 
