@@ -3,11 +3,15 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/router/internal/picker"
@@ -28,7 +32,8 @@ func NewAdapters(p *Proxy, shards func() []picker.Shard) *Adapters {
 }
 
 // ListAdapters implements loraplex.v1.AdaptersService by asking every shard at once. Shards that do
-// not answer within the deadline are left out (and logged); it fails only when none answers.
+// not answer within the deadline are left out (and logged); it fails only when none answers. A
+// listing with include_store goes to one shard instead (see storePage).
 func (a *Adapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersRequest) (*loraplexv1.ListAdaptersResponse, error) {
 	shards := a.shards()
 	if len(shards) == 0 {
@@ -36,6 +41,9 @@ func (a *Adapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersR
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	if r.GetIncludeStore() {
+		return a.storePage(ctx, shards, r)
+	}
 	var (
 		mu     sync.Mutex
 		out    = &loraplexv1.ListAdaptersResponse{}
@@ -86,4 +94,40 @@ func (a *Adapters) ListAdapters(ctx context.Context, r *loraplexv1.ListAdaptersR
 		return x.ShardId < y.ShardId
 	})
 	return out, nil
+}
+
+// storePage forwards a listing with include_store to one shard: the shards share the store, so any
+// one pages through it, and its page tokens are only meaningful to a shard listing the same store.
+// The entries show that shard's residency (the others' are in the listing without include_store).
+// Shards are tried in id order, the next when one fails; a shard's INVALID_ARGUMENT (a bad page
+// size or token) is the answer, not a reason to try another.
+func (a *Adapters) storePage(ctx context.Context, shards []picker.Shard, r *loraplexv1.ListAdaptersRequest) (*loraplexv1.ListAdaptersResponse, error) {
+	shards = slices.Clone(shards)
+	slices.SortFunc(shards, func(x, y picker.Shard) int { return strings.Compare(x.ID, y.ID) })
+	var lastErr error
+	for _, s := range shards {
+		conn, err := a.p.conn(s)
+		var resp *loraplexv1.ListAdaptersResponse
+		if err == nil {
+			resp, err = loraplexv1.NewAdaptersServiceClient(conn).ListAdapters(ctx, r)
+		}
+		if status.Code(err) == codes.InvalidArgument {
+			return nil, statusOf(&shardError{shard: s.ID, err: err})
+		}
+		if err != nil {
+			lastErr = &shardError{shard: s.ID, err: err}
+			a.p.log.Warn("shard did not list the adapter store", zap.String("shard", s.ID), zap.Error(err))
+			continue
+		}
+		for _, ad := range resp.GetAdapters() {
+			if ad.ShardId == "" {
+				ad.ShardId = s.ID
+			}
+		}
+		if resp.ShardId == "" {
+			resp.ShardId = s.ID
+		}
+		return resp, nil
+	}
+	return nil, statusOf(fmt.Errorf("%w: %w", ErrNoShard, lastErr))
 }
