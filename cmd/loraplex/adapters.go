@@ -14,9 +14,10 @@ import (
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 )
 
-const adaptersSynopsis = `list [--json] | load ID [--tier host|device] | unload ID | pin ID | unpin ID
+const adaptersSynopsis = `list [--json] [--store] | load ID [--tier host|device] | unload ID | pin ID | unpin ID
 
-  list works against a router (every shard's adapters) or a shard; load, unload, pin and unpin
+  list works against a router (every shard's adapters) or a shard; --store lists the adapter
+  store too (every page; through a router, one shard's view of it); load, unload, pin and unpin
   go to a shard's address and need its admin token when it has one (--token, --token-file or
   $` + tokenEnv + `).`
 
@@ -39,6 +40,12 @@ func (c *cli) adapters(args []string) error {
 }
 
 func (c *cli) listAdapters(o *conn) (*loraplexv1.ListAdaptersResponse, error) {
+	return c.listAdaptersPages(o, false)
+}
+
+// listAdaptersPages lists what the shards hold, and with store every page of the adapter store
+// too, gathered into one response.
+func (c *cli) listAdaptersPages(o *conn, store bool) (*loraplexv1.ListAdaptersResponse, error) {
 	cc, err := o.dial()
 	if err != nil {
 		return nil, err
@@ -49,17 +56,33 @@ func (c *cli) listAdapters(o *conn) (*loraplexv1.ListAdaptersResponse, error) {
 		return nil, err
 	}
 	defer cancel()
-	resp, err := loraplexv1.NewAdaptersServiceClient(cc).ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{}, o.callOptions()...)
+	cl := loraplexv1.NewAdaptersServiceClient(cc)
+	req := &loraplexv1.ListAdaptersRequest{IncludeStore: store, PageSize: storePageSize}
+	resp, err := cl.ListAdapters(ctx, req, o.callOptions()...)
 	if err != nil {
 		return nil, o.explain(err)
 	}
+	for tok := resp.GetNextPageToken(); tok != ""; {
+		req.PageToken = tok
+		page, err := cl.ListAdapters(ctx, req, o.callOptions()...)
+		if err != nil {
+			return nil, o.explain(err)
+		}
+		resp.Adapters = append(resp.Adapters, page.GetAdapters()...)
+		tok = page.GetNextPageToken()
+	}
+	resp.NextPageToken = ""
 	return resp, nil
 }
+
+// storePageSize is the largest page a shard serves.
+const storePageSize = 1000
 
 func (c *cli) adaptersList(args []string) error {
 	fs := c.newFlagSet("adapters list", "[flags]")
 	o := c.connFlags(fs, 10*time.Second)
 	asJSON := fs.Bool("json", false, "print the ListAdapters response as JSON (protojson)")
+	store := fs.Bool("store", false, "list the adapter store too: adapters held nowhere show tier store")
 	pos, err := cmdline.ParseArgs(fs, args)
 	if err != nil {
 		return err
@@ -67,7 +90,7 @@ func (c *cli) adaptersList(args []string) error {
 	if len(pos) > 0 {
 		return fmt.Errorf("%w: adapters list takes no arguments (got %q)", cmdline.ErrUsage, pos)
 	}
-	resp, err := c.listAdapters(o)
+	resp, err := c.listAdaptersPages(o, *store)
 	if err != nil {
 		return err
 	}
@@ -125,6 +148,10 @@ func tierString(a *loraplexv1.AdapterInfo) string {
 			return "host (loading)"
 		}
 		return "host"
+	case a.GetTier() == loraplexv1.Tier_TIER_DISK:
+		return "disk"
+	case a.GetTier() == loraplexv1.Tier_TIER_STORE:
+		return "store"
 	case a.GetLoading():
 		return "loading"
 	}
