@@ -3,14 +3,18 @@ package proxy
 import (
 	"context"
 	"net"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
+	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/loraplex/loraplex/pkg/genreq"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/router/internal/picker"
 )
@@ -91,5 +95,40 @@ func TestListAdaptersIncludeStore(t *testing.T) {
 	}
 	if c.calls.Load() != 1 || len(resp.GetAdapters()) != 2 || resp.GetNextPageToken() != "" {
 		t.Fatalf("without include_store: %v (s-c asked %d times), want both shards' held adapters", resp, c.calls.Load())
+	}
+}
+
+// recording picks fixed shards and records the adapter ids it is asked for.
+type recording struct {
+	fixed
+	mu  sync.Mutex
+	ids []string
+}
+
+func (r *recording) Pick(q picker.Request) []picker.Shard {
+	r.mu.Lock()
+	r.ids = append(r.ids, q.AdapterID)
+	r.mu.Unlock()
+	return r.fixed
+}
+
+// TestPinnedVersionRoutesByID: a request for id@version is routed by id, the name shards publish
+// their copies of any version under.
+func TestPinnedVersionRoutesByID(t *testing.T) {
+	f := &fakeShard{id: "s-0"}
+	pk := &recording{fixed: fixed{shard(t, f)}}
+	p := New(fast(), Deps{Picker: pk, Log: zaptest.NewLogger(t), Limits: genreq.DefaultLimits()})
+	t.Cleanup(p.Close)
+	for _, ref := range []string{"x@v1", "x", ""} {
+		r := req("r-" + ref)
+		r.AdapterId = ref
+		if _, err := p.Generate(context.Background(), r); err != nil {
+			t.Fatalf("%q: %v", ref, err)
+		}
+	}
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	if !slices.Equal(pk.ids, []string{"x", "x", ""}) {
+		t.Fatalf("picker asked for %q, want x, x and the base model", pk.ids)
 	}
 }
