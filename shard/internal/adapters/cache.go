@@ -359,13 +359,30 @@ func (c *Cache) ensure(ctx context.Context, ref string, tier residency.Tier, pin
 		}
 		// The load this caller waited for is its miss: take the adapter without counting a hit or
 		// touching the policy, or segmented LRU would promote every adapter on its first use.
-		if c.entries[id] == e && e.loading == nil && c.residentLocked(e, tier) {
+		if c.entries[e.id] == e && e.loading == nil && c.residentLocked(e, tier) {
 			c.takeLocked(e, pin)
 			c.mu.Unlock()
 			return e, nil
 		}
 		c.mu.Unlock() // e.g. a host load finished and this caller needs the device
 	}
+}
+
+// rekeyLocked files a version loaded as id@version under id: it turned out to be the store's current
+// version, so requests without a pin use it too instead of loading it again. Its waiters find it
+// by resolving their reference again.
+func (c *Cache) rekeyLocked(e *entry, id string) {
+	delete(c.entries, e.id)
+	if e.hostHeld {
+		c.hostPolicy.Remove(e.id)
+		c.hostPolicy.Insert(id, e.bytes)
+	}
+	if e.dev != nil {
+		c.devPolicy.Remove(e.id)
+		c.devPolicy.Insert(id, e.bytes)
+	}
+	e.id = id
+	c.entries[id] = e
 }
 
 func (c *Cache) residentLocked(e *entry, tier residency.Tier) bool {
@@ -391,11 +408,19 @@ func (c *Cache) fill(ctx context.Context, e *entry, tier residency.Tier) {
 	if err == nil && tier == residency.TierDevice {
 		err = c.fillDevice(ctx, e)
 	}
+	current := ""
+	id, _, pinned := strings.Cut(e.id, "@")
+	if err == nil && pinned && c.opts.Version != nil {
+		current, _ = c.opts.Version(ctx, id)
+	}
 	c.mu.Lock()
 	e.cancel(nil)
 	e.loadErr = err
 	close(e.loading)
 	e.loading = nil
+	if err == nil && current != "" && current == e.version && c.entries[id] == nil && c.entries[e.id] == e {
+		c.rekeyLocked(e, id)
+	}
 	if err == nil {
 		delete(c.failures, e.id)
 	}

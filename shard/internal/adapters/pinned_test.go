@@ -171,3 +171,48 @@ func loading(c *adapters.Cache, id string) bool {
 	}
 	return false
 }
+
+// TestPinnedLoadFiledUnderID: id@version loaded first, when it is the store's current version, is
+// filed under id, so a later request for id uses it (one load, no second copy); a pinned version
+// that is not current keeps its own entry.
+func TestPinnedLoadFiledUnderID(t *testing.T) {
+	ctx := context.Background()
+	s := &versioned{current: map[string]string{"old": "v2"}, calls: map[string]int{}, gates: map[string]chan struct{}{}}
+	o := options(4)
+	o.Version = func(_ context.Context, id string) (string, error) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if v := s.current[id]; v != "" {
+			return v, nil
+		}
+		return "v1", nil
+	}
+	c, err := adapters.New(newBackend(o), s.load, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, ref := range []string{"z@v1", "z", "z@v1", "old@v1", "old"} {
+		_, release, err := c.Acquire(ctx, ref)
+		if err != nil {
+			t.Fatalf("%s: %v", ref, err)
+		}
+		release()
+	}
+	if s.count("z@v1") != 1 || s.count("z") != 0 {
+		t.Fatalf("z@v1, z, z@v1: loads of z@v1 %d and z %d, want 1 and 0", s.count("z@v1"), s.count("z"))
+	}
+	if s.count("old@v1") != 1 || s.count("old") != 1 {
+		t.Fatalf("old@v1 (not current) then old: loads %d and %d, want 1 each", s.count("old@v1"), s.count("old"))
+	}
+	var refs []string
+	for _, in := range c.Snapshot() {
+		refs = append(refs, in.Ref+"="+in.Version)
+	}
+	if got := strings.Join(refs, " "); got != "old=v2 old@v1=v1 z=v1" {
+		t.Fatalf("snapshot %q, want %q", got, "old=v2 old@v1=v1 z=v1")
+	}
+	if st := c.Stats(); st.Misses != 3 || st.DeviceHits != 2 {
+		t.Fatalf("stats %+v, want 3 misses (z@v1, old@v1, old) and 2 device hits", st)
+	}
+}
