@@ -7,8 +7,10 @@
 // never exceeded. A failed load fails only the
 // requests waiting for that adapter and is remembered with a backoff per adapter (doubling up to
 // minutes, reset when its files change or by an explicit load). Every load has a deadline and is
-// cancelled by Unload. Residency changes are reported as events for the distributed layer. Imported
-// by the shard's engine wiring and servers.
+// cancelled by Unload. A reference id@version is the entry of id when that entry holds the version
+// (one copy however it is named), else an entry of its own; events and snapshots name every entry
+// by its plain id with the version in its field. Residency changes are reported as events for the
+// distributed layer. Imported by the shard's engine wiring and servers.
 package adapters
 
 import (
