@@ -2,6 +2,7 @@ package tokenizer
 
 import (
 	"encoding/binary"
+	"golang.org/x/text/unicode/norm"
 	"strings"
 	"sync"
 	"testing"
@@ -12,8 +13,17 @@ type fixture struct {
 	name  string
 	tk    *Tokenizer
 	cases []referenceCase
-	// byteLevel tokenizers give back any valid UTF-8 text unchanged.
+	// byteLevel tokenizers give back any valid UTF-8 text unchanged (after their normalizer: qwen2's
+	// is NFC).
 	byteLevel bool
+}
+
+// normalized is what a lossless round trip of s gives back with fx's normalizer.
+func (fx fixture) normalized(s string) string {
+	if fx.name == "qwen2" {
+		return norm.NFC.String(s)
+	}
+	return s
 }
 
 var (
@@ -26,7 +36,10 @@ func loadFixtures(t testing.TB) []fixture {
 	fixturesOnce.Do(func() {
 		for _, dir := range fixtureDirs {
 			tk, cases := loadFixture(t, dir)
-			fixtures = append(fixtures, fixture{name: dir, tk: tk, cases: cases, byteLevel: dir != "spm"})
+			// byte-level BPE layouts decode losslessly; the SentencePiece-style ones (spm: Llama 2,
+			// phi3, mistral) restore spaces by their own rules.
+			byteLevel := dir == "bytelevel" || dir == "gpt2" || dir == "qwen2"
+			fixtures = append(fixtures, fixture{name: dir, tk: tk, cases: cases, byteLevel: byteLevel})
 		}
 	})
 	if len(fixtures) != len(fixtureDirs) {
@@ -57,7 +70,7 @@ func FuzzEncode(f *testing.F) {
 			if err != nil {
 				t.Fatalf("%s: Decode: %v", fx.name, err)
 			}
-			if fx.byteLevel && utf8.ValidString(s) && back != s {
+			if fx.byteLevel && utf8.ValidString(s) && back != fx.normalized(s) {
 				t.Fatalf("%s: Decode(Encode(%q)) = %q", fx.name, s, back)
 			}
 			if got := streamAll(t, fx.tk, ids, true); got != mustDecode(t, fx.tk, ids, true) {
