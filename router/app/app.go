@@ -350,14 +350,41 @@ func (r *Router) Shards() []picker.Shard {
 	return out
 }
 
-// adapterIDs are the adapters the shards hold or are loading, for the HTTP edge's /v1/models: what
-// they answer to ListAdapters, or when none answers, what their residency records list.
+// maxModelPages bounds the store pages /v1/models reads (of storePageSize ids each).
+const (
+	maxModelPages = 10
+	storePageSize = 1000
+)
+
+// adapterIDs are the adapters the cluster knows, for the HTTP edge's /v1/models: what the shards
+// hold or are loading and what their store holds (ListAdapters, the store a page at a time, at most
+// maxModelPages pages), or when no shard answers, what their residency records list.
 func (r *Router) adapterIDs(ctx context.Context, list *proxy.Adapters) ([]string, error) {
 	var ids []string
+	seen := map[string]bool{}
+	add := func(id string) {
+		if !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
 	resp, err := list.ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{})
 	if err == nil {
 		for _, a := range resp.GetAdapters() {
-			ids = append(ids, a.GetAdapterId())
+			add(a.GetAdapterId())
+		}
+		token := ""
+		for range maxModelPages {
+			page, perr := list.ListAdapters(ctx, &loraplexv1.ListAdaptersRequest{IncludeStore: true, PageSize: storePageSize, PageToken: token})
+			if perr != nil {
+				break // shards without a store listing: what they hold is the answer
+			}
+			for _, a := range page.GetAdapters() {
+				add(a.GetAdapterId())
+			}
+			if token = page.GetNextPageToken(); token == "" {
+				break
+			}
 		}
 		return ids, nil
 	}

@@ -189,6 +189,25 @@ func TestCompletions(t *testing.T) {
 	})
 }
 
+// TestModelsListsTheStore: /v1/models lists what the shards can load, not only what they hold: on a
+// fresh cluster no adapter has been loaded, yet every adapter of the store is listed.
+func TestModelsListsTheStore(t *testing.T) {
+	checkLeaks(t)
+	c := startCluster(t, clusterOptions{shards: 1})
+	cl := c.client(t, "unused")
+	var ids []string
+	iter := cl.Models.ListAutoPaging(context.Background())
+	for iter.Next() {
+		ids = append(ids, iter.Current().ID)
+	}
+	if err := iter.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(ids, models()) {
+		t.Errorf("/v1/models on a fresh cluster lists %v, want %v", ids, models())
+	}
+}
+
 func TestChatCompletions(t *testing.T) {
 	checkLeaks(t)
 	c := startCluster(t, clusterOptions{shards: 1})
