@@ -136,8 +136,8 @@ func TestFamiliesOnBackendWithoutDecoderOps(t *testing.T) {
 // model are refused with peft's error rather than loaded.
 func TestAdapterOfAnotherFamilyRefused(t *testing.T) {
 	for _, tc := range []struct{ model, adapterFamily, adapter, mention string }{
-		{"phi3", "mistral", "qv-r8", "q_proj"},           // unfused targets on a fused model
-		{"mistral", "phi3", "qkv-o-r8", "qkv_proj"},      // fused targets on an unfused model
+		{"phi3", "mistral", "qv-r8", "q_proj"},                   // unfused targets on a fused model
+		{"mistral", "phi3", "qkv-o-r8", "qkv_proj"},              // fused targets on an unfused model
 		{"qwen2", "qwen3", "qk-r4", "layers.2"},                  // fewer layers than the model: targets without weights
 		{"qwen3", "qwen2", "all-r16-rslora", "too many tensors"}, // more layers than the model
 	} {
