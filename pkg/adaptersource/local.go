@@ -96,8 +96,8 @@ func (s *Folder) Stat(ctx context.Context, id string) (Version, error) {
 func (s *Folder) file(ctx context.Context, id, name string) (File, time.Time, error) {
 	path := id + "/" + name
 	fi, err := s.root.Stat(path)
-	if err != nil {
-		return File{}, time.Time{}, err
+	if err != nil { // a missing file stays fs.ErrNotExist; a symlink out of the root is invalid
+		return File{}, time.Time{}, fmt.Errorf("%w: adapter_id %q: %w", peft.ErrInvalidAdapter, id, err)
 	}
 	stamp := fmt.Sprintf("%d:%d:%o", fi.Size(), fi.ModTime().UnixNano(), fi.Mode())
 	s.mu.Lock()
