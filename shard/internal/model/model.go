@@ -39,6 +39,26 @@ type Info struct {
 	// FusedProjections: the checkpoint holds q, k, v as one qkv_proj and gate, up as one
 	// gate_up_proj (Phi-3), which is what its adapters target.
 	FusedProjections bool
+	// Window is the attention window when every layer attends only to its last Window positions
+	// (the smallest over the layers), else 0: a token at position p reads no key below p-Window+1 on
+	// any layer, so the engine frees the KV blocks that fall wholly below that.
+	Window int
+}
+
+// CommonWindow is Info.Window for a model whose layers have these attention windows (0: the layer
+// attends to all earlier positions): the smallest window when every layer has one, else 0, since a
+// layer that attends fully still reads every cached position.
+func CommonWindow(windows []int) int {
+	w := 0
+	for i, lw := range windows {
+		if lw <= 0 {
+			return 0
+		}
+		if i == 0 || lw < w {
+			w = lw
+		}
+	}
+	return w
 }
 
 // AdapterShape is what a PEFT adapter for this model is checked against: the projections it may

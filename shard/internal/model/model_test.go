@@ -69,3 +69,25 @@ func TestRegistry(t *testing.T) {
 		}
 	}
 }
+
+func TestCommonWindow(t *testing.T) {
+	cases := []struct {
+		name    string
+		windows []int
+		want    int
+	}{
+		{"no layers", nil, 0},
+		{"every layer attends fully", []int{0, 0}, 0},
+		{"every layer windowed", []int{10, 10, 10}, 10},
+		{"smallest window over the layers", []int{12, 8, 10}, 8},
+		{"one full layer frees nothing (qwen2 max_window_layers)", []int{0, 4096, 4096}, 0},
+		{"last layer full", []int{4096, 0}, 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := model.CommonWindow(c.windows); got != c.want {
+				t.Errorf("CommonWindow(%v) = %d, want %d", c.windows, got, c.want)
+			}
+		})
+	}
+}
