@@ -6,16 +6,22 @@
 //
 // Compatibility: the record carries a major schema version ("schema") and a minor one ("minor").
 // Readers accept every record of their major version, whatever its minor, and ignore fields they do
-// not know; a new major is for changes old readers must refuse. Minor 1 (this release) lists
-// adapters in per-tier arrays with a shared size table, about id length + 6 to 9 bytes per adapter,
-// so a shard with 10,000 adapters of ids up to about 40 bytes fits Consul's 512 KiB value limit; a
-// larger record is truncated, not refused (see Encode). Readers
-// of minor 0 (the previous release, which know only the "adapters" list) still read a minor-1
-// record's load, capacity and draining fields and route on load alone until they are upgraded; this
-// release reads both forms.
+// not know; a new major is for changes old readers must refuse. Minor 1 lists adapters in per-tier
+// arrays with a shared size table, about id length + 6 to 9 bytes per adapter. Minor 2 (this
+// release) adds each adapter's store modification time (Adapter.Modified), which routers compare to
+// tell an adapter's current version from older ones, and packs a tier's versions with those times
+// into one base64 string, 16 bytes per adapter, so a shard with 10,000 versioned adapters of 25-byte
+// ids still fits Consul's 512 KiB value limit; a larger record is truncated, not refused (see
+// Encode). Readers of minor 1 ignore the packed string: they see the adapters without versions,
+// which they never routed on. Readers of minor 0 (which know only the "adapters" list) still read
+// the load, capacity and draining fields and route on load alone until they are upgraded; this
+// release reads every form.
 package residency
 
 import (
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,7 +33,7 @@ import (
 const Schema = 1
 
 // SchemaMinor is the minor version this code writes; readers accept any minor of their major.
-const SchemaMinor = 1
+const SchemaMinor = 2
 
 // KeyPrefix is the Consul KV prefix holding one record per shard.
 const KeyPrefix = "loraplex/residency/"
@@ -48,6 +54,10 @@ type Adapter struct {
 	Bytes   int64  `json:"b"`
 	Rank    int    `json:"r,omitempty"`
 	Version string `json:"v,omitempty"`
+	// Modified is when the store last changed this version, in Unix seconds on the store's clock
+	// (0: unknown). Every shard reading the same store reports the same time for a version, so a
+	// router takes the version with the newest time as the adapter's current one.
+	Modified int64 `json:"m,omitempty"`
 }
 
 // Record is what a shard publishes.
@@ -111,13 +121,40 @@ type wire struct {
 	Draining        bool  `json:"draining,omitempty"`
 }
 
-// tier lists one tier's adapters in parallel arrays, sorted by id. Rank and Version are left out
-// when every entry's is zero.
+// tier lists one tier's adapters in parallel arrays, sorted by id. Rank, versions and times are
+// left out when every entry's is zero. Versions and times are packed when every version is one of
+// the 16 hex digits shards write (or none) and every time fits 32 bits; otherwise Version and
+// Modified list them.
 type tier struct {
-	IDs     []string `json:"ids"`
-	Size    []int    `json:"sz"`
-	Rank    []int    `json:"r,omitempty"`
-	Version []string `json:"v,omitempty"`
+	IDs      []string `json:"ids"`
+	Size     []int    `json:"sz"`
+	Rank     []int    `json:"r,omitempty"`
+	Version  []string `json:"v,omitempty"`
+	Modified []int64  `json:"m,omitempty"`
+	// Packed holds per entry 8 bytes of version (all zero: none) and 4 of Modified, big-endian.
+	Packed string `json:"vm,omitempty"`
+}
+
+// packedEntry is the size of one entry of tier.Packed before base64.
+const packedEntry = 12
+
+// packable reports whether a version and time fit tier.Packed.
+func packable(version string, modified int64) bool {
+	if modified < 0 || modified > 1<<32-1 {
+		return false
+	}
+	if version == "" {
+		return true
+	}
+	if len(version) != 16 || version == "0000000000000000" {
+		return false
+	}
+	for i := 0; i < len(version); i++ {
+		if c := version[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // Encode serializes a record. A record too large for MaxRecordBytes is truncated (loading, then
@@ -197,7 +234,8 @@ func (w *wire) tier(as []Adapter, sizes map[int64]int) *tier {
 		return nil
 	}
 	t := &tier{IDs: make([]string, len(as)), Size: make([]int, len(as))}
-	var ranked, versioned bool
+	var ranked, versioned, timed bool
+	pack := true
 	for i, a := range as {
 		t.IDs[i] = a.ID
 		k, ok := sizes[a.Bytes]
@@ -209,6 +247,8 @@ func (w *wire) tier(as []Adapter, sizes map[int64]int) *tier {
 		t.Size[i] = k
 		ranked = ranked || a.Rank != 0
 		versioned = versioned || a.Version != ""
+		timed = timed || a.Modified != 0
+		pack = pack && packable(a.Version, a.Modified)
 	}
 	if ranked {
 		t.Rank = make([]int, len(as))
@@ -216,10 +256,30 @@ func (w *wire) tier(as []Adapter, sizes map[int64]int) *tier {
 			t.Rank[i] = a.Rank
 		}
 	}
-	if versioned {
-		t.Version = make([]string, len(as))
+	switch {
+	case !versioned && !timed:
+	case pack:
+		b := make([]byte, packedEntry*len(as))
 		for i, a := range as {
-			t.Version[i] = a.Version
+			e := b[i*packedEntry:]
+			if a.Version != "" {
+				_, _ = hex.Decode(e[:8], []byte(a.Version)) // packable checked the digits
+			}
+			binary.BigEndian.PutUint32(e[8:12], uint32(a.Modified))
+		}
+		t.Packed = base64.StdEncoding.EncodeToString(b)
+	default:
+		if versioned {
+			t.Version = make([]string, len(as))
+			for i, a := range as {
+				t.Version[i] = a.Version
+			}
+		}
+		if timed {
+			t.Modified = make([]int64, len(as))
+			for i, a := range as {
+				t.Modified[i] = a.Modified
+			}
 		}
 	}
 	return t
@@ -272,7 +332,7 @@ func Decode(b []byte) (*Record, error) {
 		}
 	}
 	for _, a := range r.Adapters {
-		if a.ID == "" || a.Bytes < 0 {
+		if a.ID == "" || a.Bytes < 0 || a.Modified < 0 {
 			return nil, fmt.Errorf("%w: adapter entry %+v", ErrInvalid, a)
 		}
 	}
@@ -285,8 +345,20 @@ func (t *tier) decode(name string, tr Tier, sizes []int64, out *[]Adapter) error
 		return nil
 	}
 	n := len(t.IDs)
-	if len(t.Size) != n || (t.Rank != nil && len(t.Rank) != n) || (t.Version != nil && len(t.Version) != n) {
-		return fmt.Errorf("%w: %s: %d ids but %d sizes, %d ranks, %d versions", ErrInvalid, name, n, len(t.Size), len(t.Rank), len(t.Version))
+	if len(t.Size) != n || (t.Rank != nil && len(t.Rank) != n) || (t.Version != nil && len(t.Version) != n) ||
+		(t.Modified != nil && len(t.Modified) != n) {
+		return fmt.Errorf("%w: %s: %d ids but %d sizes, %d ranks, %d versions, %d times", ErrInvalid, name, n, len(t.Size), len(t.Rank),
+			len(t.Version), len(t.Modified))
+	}
+	var packed []byte
+	if t.Packed != "" {
+		var err error
+		if packed, err = base64.StdEncoding.DecodeString(t.Packed); err != nil || len(packed) != packedEntry*n {
+			return fmt.Errorf("%w: %s: packed versions are not %d base64 entries of %d bytes", ErrInvalid, name, n, packedEntry)
+		}
+		if t.Version != nil || t.Modified != nil {
+			return fmt.Errorf("%w: %s: versions both packed and listed", ErrInvalid, name)
+		}
 	}
 	for i, id := range t.IDs {
 		k := t.Size[i]
@@ -299,6 +371,16 @@ func (t *tier) decode(name string, tr Tier, sizes []int64, out *[]Adapter) error
 		}
 		if t.Version != nil {
 			a.Version = t.Version[i]
+		}
+		if t.Modified != nil {
+			a.Modified = t.Modified[i]
+		}
+		if packed != nil {
+			e := packed[i*packedEntry:]
+			if v := binary.BigEndian.Uint64(e[:8]); v != 0 {
+				a.Version = hex.EncodeToString(e[:8])
+			}
+			a.Modified = int64(binary.BigEndian.Uint32(e[8:12]))
 		}
 		*out = append(*out, a)
 	}

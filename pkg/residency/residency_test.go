@@ -33,6 +33,17 @@ func TestRoundTrip(t *testing.T) {
 		{"full", sample()},
 		{"empty", &Record{ShardID: "s", Addr: "h:1"}},
 		{"host only", &Record{ShardID: "s", Addr: "h:1", Adapters: []Adapter{{ID: "x", Tier: TierHost, Bytes: 0}}}},
+		{"packed versions", &Record{ShardID: "s", Addr: "h:1", Adapters: []Adapter{
+			{ID: "x", Tier: TierDevice, Bytes: 9, Version: "0123456789abcdef", Modified: 1764754000},
+			{ID: "x", Tier: TierHost, Bytes: 9, Version: "fedcba9876543210", Modified: 1764700000},
+			{ID: "y", Tier: TierDevice, Bytes: 9},
+			{ID: "z", Tier: TierDisk, Bytes: 3, Version: "00000000000000ff"},
+		}}},
+		{"listed versions", &Record{ShardID: "s", Addr: "h:1", Adapters: []Adapter{
+			{ID: "x", Tier: TierHost, Bytes: 9, Version: "v2", Modified: 1764754000},
+			{ID: "y", Tier: TierHost, Bytes: 9, Version: "0123456789abcdef", Modified: 1 << 40},
+			{ID: "z", Tier: TierHost, Bytes: 9},
+		}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b, _, err := Encode(tc.r)
@@ -63,7 +74,8 @@ func TestRoundTrip(t *testing.T) {
 }
 
 // TestTenThousandAdapters: a shard with 10,000 adapters of 25-byte ids in both tiers, of a few
-// dozen sizes, publishes a complete record under Consul's value limit.
+// dozen sizes, each with its version and store time, publishes a complete record under Consul's
+// value limit.
 func TestTenThousandAdapters(t *testing.T) {
 	r := &Record{ShardID: "s1", Addr: "10.0.0.7:50061", Epoch: "e", UnixMillis: 1764754000000}
 	for i := range 10000 {
@@ -72,7 +84,8 @@ func TestTenThousandAdapters(t *testing.T) {
 			tr = TierDevice
 		}
 		r.Adapters = append(r.Adapters, Adapter{ID: fmt.Sprintf("tenant-%04d-adapter-%05d", i%997, i), Tier: tr,
-			Bytes: int64(1+i%40) << 20, Rank: 8 << (i % 3)})
+			Bytes: int64(1+i%40) << 20, Rank: 8 << (i % 3), Version: fmt.Sprintf("%016x", uint64(i+1)*0x9e3779b97f4a7c15),
+			Modified: 1764754000 - int64(i)*3607})
 	}
 	b, dropped, err := Encode(r)
 	if err != nil || dropped != 0 {
@@ -85,6 +98,47 @@ func TestTenThousandAdapters(t *testing.T) {
 	}
 	if got.Truncated || len(got.Adapters) != 10000 {
 		t.Errorf("decoded %d adapters, truncated %v; want all 10000", len(got.Adapters), got.Truncated)
+	}
+	byID := map[string]Adapter{}
+	for _, a := range got.Adapters {
+		byID[a.ID] = a
+	}
+	for _, a := range r.Adapters {
+		if g := byID[a.ID]; g.Version != a.Version || g.Modified != a.Modified {
+			t.Fatalf("adapter %s: version %q at %d, want %q at %d", a.ID, g.Version, g.Modified, a.Version, a.Modified)
+		}
+	}
+}
+
+// minor1Tier is the previous release's tier (minor 1), kept to prove that its routers still read
+// the adapters of the records this release writes.
+type minor1Tier struct {
+	IDs     []string `json:"ids"`
+	Size    []int    `json:"sz"`
+	Version []string `json:"v,omitempty"`
+}
+
+// TestMinor1ReadsPackedRecord: a reader of minor 1 finds every adapter of a minor-2 record with
+// packed versions (and no versions, which it never routed on).
+func TestMinor1ReadsPackedRecord(t *testing.T) {
+	r := &Record{ShardID: "s", Addr: "h:1", Adapters: []Adapter{
+		{ID: "a", Tier: TierDevice, Bytes: 5, Version: "0123456789abcdef", Modified: 1764754000},
+		{ID: "b", Tier: TierDevice, Bytes: 6, Version: "fedcba9876543210", Modified: 1764754001},
+	}}
+	b, _, err := Encode(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var old struct {
+		Schema int         `json:"schema"`
+		Sizes  []int64     `json:"sizes"`
+		Device *minor1Tier `json:"dev"`
+	}
+	if err := json.Unmarshal(b, &old); err != nil {
+		t.Fatal(err)
+	}
+	if old.Schema != 1 || old.Device == nil || !slices.Equal(old.Device.IDs, []string{"a", "b"}) || len(old.Device.Size) != 2 || old.Device.Version != nil {
+		t.Errorf("a minor-1 reader reads %s as %+v", b, old)
 	}
 }
 
@@ -216,6 +270,11 @@ func TestDecodeRejects(t *testing.T) {
 		{"arrays disagree", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a","b"],"sz":[0]}}`},
 		{"ranks disagree", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"r":[1,2]}}`},
 		{"empty id", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":[""],"sz":[0]}}`},
+		{"times disagree", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"m":[1,2]}}`},
+		{"negative time", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"m":[-1]}}`},
+		{"packed not base64", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"vm":"!!"}}`},
+		{"packed short", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"vm":"AAAA"}}`},
+		{"packed and listed", `{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"v":["x"],"vm":"AAAAAAAAAAAAAAAA"}}`},
 		{"too large", `{"schema":1,"shard":"s","addr":"` + strings.Repeat("h", MaxRecordBytes) + `"}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -236,6 +295,7 @@ func FuzzDecode(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte(`{"schema":1,"shard":"s","addr":"h:1","sizes":[1],"host":{"ids":["a"],"sz":[0],"r":[3],"v":["x"]}}`))
+	f.Add([]byte(`{"schema":1,"minor":2,"shard":"s","addr":"h:1","sizes":[1],"dev":{"ids":["a"],"sz":[0],"vm":"ASNFZ4mrze9pLvxQ"}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := Decode(b)
 		if err != nil {
