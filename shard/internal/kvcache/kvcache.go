@@ -40,6 +40,24 @@ func (a *Allocator) Total() int { return a.total }
 // BlocksFor is the number of blocks that hold n positions.
 func (a *Allocator) BlocksFor(n int) int { return (n + a.blockSize - 1) / a.blockSize }
 
+// BehindWindow is the number of a sequence's leading blocks that no token it computes from position
+// next on reads when every token at position p attends only to positions p-window+1..p (window 0:
+// to all earlier positions, so none): the blocks that hold only positions below next-window+1.
+func (a *Allocator) BehindWindow(next, window int) int {
+	if window <= 0 {
+		return 0
+	}
+	return max(0, next-window+1) / a.blockSize
+}
+
+// WindowBlocks is the most blocks a sequence holds at once when its attention is limited to window
+// positions, its blocks behind the window are released after every step (ReleasePrefix), and a step
+// computes at most chunk of its positions: those steps read and write chunk+window-1 consecutive
+// positions, which span at most one block more than they fill.
+func (a *Allocator) WindowBlocks(window, chunk int) int {
+	return a.BlocksFor(window-1+chunk) + 1
+}
+
 // Free reports the number of free blocks.
 func (a *Allocator) Free() int {
 	a.mu.Lock()
@@ -81,4 +99,25 @@ func (a *Allocator) Release(table []int32) {
 		a.inUse[b] = false
 	}
 	a.free = append(a.free, table...)
+}
+
+// ReleasePrefix releases table[from:to], leading blocks that the sequence owning the table no longer
+// reads (they lie wholly behind its attention window, BehindWindow), and points table[:to] at
+// table[to], a block it still holds. The table keeps its length, so position p stays in block
+// table[p/BlockSize], and no entry names a block that may be handed to another sequence: a kernel
+// that read below the window by mistake would see this sequence's own memory, never another's.
+// table[:from] were released by an earlier call; the rest is released later with
+// Release(table[to:]). It panics unless 0 <= from <= to < len(table), or when a block in
+// table[from:to] is not allocated.
+func (a *Allocator) ReleasePrefix(table []int32, from, to int) {
+	if from < 0 || from > to || to >= len(table) {
+		panic(fmt.Sprintf("kvcache: release of blocks [%d,%d) of a table of %d: must keep its last block", from, to, len(table)))
+	}
+	if from == to {
+		return
+	}
+	a.Release(table[from:to])
+	for i := range table[:to] {
+		table[i] = table[to]
+	}
 }

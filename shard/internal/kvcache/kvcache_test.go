@@ -160,3 +160,90 @@ func TestConcurrentAllocRelease(t *testing.T) {
 		t.Errorf("%d free, want 64", a.Free())
 	}
 }
+
+func TestBehindWindow(t *testing.T) {
+	a := NewAllocator(10, 4)
+	cases := []struct {
+		next, window, want int
+	}{
+		{0, 0, 0},     // no window: every block stays
+		{100, 0, 0},   // no window, long sequence
+		{0, 3, 0},     // nothing computed
+		{6, 3, 1},     // lowest read position 4: block 0 (positions 0..3) is behind
+		{5, 3, 0},     // lowest read 3 is in block 0
+		{7, 3, 1},     // lowest read 5
+		{9, 1, 2},     // window 1: position 8 read only, blocks 0 and 1 behind
+		{10, 10, 0},   // lowest read 1
+		{100, 10, 22}, // lowest read 91, in block 22
+	}
+	for _, c := range cases {
+		if got := a.BehindWindow(c.next, c.window); got != c.want {
+			t.Errorf("BehindWindow(%d, %d) = %d, want %d", c.next, c.window, got, c.want)
+		}
+	}
+}
+
+// TestWindowBlocksBound checks WindowBlocks against every alignment: a sequence computing chunk
+// positions a step and releasing what falls behind its window never holds more blocks.
+func TestWindowBlocksBound(t *testing.T) {
+	for _, bs := range []int{1, 3, 4, 16} {
+		a := NewAllocator(1, bs)
+		for window := 1; window <= 20; window++ {
+			for chunk := 1; chunk <= 2*window; chunk++ {
+				most := 0
+				for c := 0; c < 200; c++ { // a step computing positions c..c+chunk-1
+					// Released after the step that ended at c, keeping the table's last block.
+					dead := min(a.BehindWindow(c, window), max(0, a.BlocksFor(c)-1))
+					held := a.BlocksFor(c+chunk) - dead
+					most = max(most, held)
+				}
+				if bound := a.WindowBlocks(window, chunk); most > bound {
+					t.Fatalf("block %d window %d chunk %d: %d blocks held, bound %d", bs, window, chunk, most, bound)
+				}
+			}
+		}
+	}
+	if got := NewAllocator(1, 16).WindowBlocks(4096, 1); got != 257 {
+		t.Errorf("decode with a 4096 window in blocks of 16 holds at most %d blocks, want 257", got)
+	}
+}
+
+func TestReleasePrefix(t *testing.T) {
+	a := NewAllocator(8, 4)
+	table, err := a.Alloc(nil, 4) // blocks 0 1 2 3
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.ReleasePrefix(table, 0, 2)
+	if !slices.Equal(table, []int32{2, 2, 2, 3}) || a.Free() != 6 {
+		t.Fatalf("after releasing 2 blocks: table %v, %d free", table, a.Free())
+	}
+	// The released blocks go to the next sequence; the table's leading entries still name its own.
+	other, err := a.Alloc(nil, 6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range other {
+		if slices.Contains(table, b) {
+			t.Errorf("block %d is in two tables: %v and %v", b, table, other)
+		}
+	}
+	a.ReleasePrefix(table, 2, 2) // nothing new behind the window
+	if !slices.Equal(table, []int32{2, 2, 2, 3}) || a.Free() != 0 {
+		t.Fatalf("empty release changed things: table %v, %d free", table, a.Free())
+	}
+	a.ReleasePrefix(table, 2, 3)
+	if !slices.Equal(table, []int32{3, 3, 3, 3}) || a.Free() != 1 {
+		t.Fatalf("after releasing block 2: table %v, %d free", table, a.Free())
+	}
+	mustPanic(t, "release the last block", func() { a.ReleasePrefix(table, 3, 4) })
+	mustPanic(t, "release backwards", func() { a.ReleasePrefix(table, 3, 2) })
+	mustPanic(t, "release from a negative entry", func() { a.ReleasePrefix(table, -1, 2) })
+	// Releasing the whole table, duplicates included, is refused: only table[to:] is still held.
+	mustPanic(t, "release the sentinel entries", func() { a.Release(table) })
+	a.Release(table[3:])
+	a.Release(other)
+	if a.Free() != 8 {
+		t.Errorf("%d free at the end, want 8", a.Free())
+	}
+}
