@@ -39,24 +39,23 @@ type Info struct {
 	// FusedProjections: the checkpoint holds q, k, v as one qkv_proj and gate, up as one
 	// gate_up_proj (Phi-3), which is what its adapters target.
 	FusedProjections bool
-	// Window is the attention window when every layer attends only to its last Window positions
-	// (the smallest over the layers), else 0: a token at position p reads no key below p-Window+1 on
-	// any layer, so the engine frees the KV blocks that fall wholly below that.
+	// Window is the attention window when every layer attends only to its last positions (the
+	// largest window over the layers), else 0: a token at position p reads no key below p-Window+1
+	// on any layer, so the engine frees the KV blocks that fall wholly below that.
 	Window int
 }
 
 // CommonWindow is Info.Window for a model whose layers have these attention windows (0: the layer
-// attends to all earlier positions): the smallest window when every layer has one, else 0, since a
-// layer that attends fully still reads every cached position.
+// attends to all earlier positions): the largest window when every layer has one, since the layer
+// with the largest reads furthest back, else 0, since a layer that attends fully reads every
+// cached position.
 func CommonWindow(windows []int) int {
 	w := 0
-	for i, lw := range windows {
+	for _, lw := range windows {
 		if lw <= 0 {
 			return 0
 		}
-		if i == 0 || lw < w {
-			w = lw
-		}
+		w = max(w, lw)
 	}
 	return w
 }

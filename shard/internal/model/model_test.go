@@ -79,7 +79,7 @@ func TestCommonWindow(t *testing.T) {
 		{"no layers", nil, 0},
 		{"every layer attends fully", []int{0, 0}, 0},
 		{"every layer windowed", []int{10, 10, 10}, 10},
-		{"smallest window over the layers", []int{12, 8, 10}, 8},
+		{"largest window over the layers: its layer reads furthest back", []int{8, 12, 10}, 12},
 		{"one full layer frees nothing (qwen2 max_window_layers)", []int{0, 4096, 4096}, 0},
 		{"last layer full", []int{4096, 0}, 0},
 	}
