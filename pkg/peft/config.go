@@ -381,13 +381,6 @@ func (c *Config) RankAlpha(module string) (rank int, alpha float64) {
 	return rank, alpha
 }
 
-// Scaling is the factor applied to B·A·x for the named module: alpha/r, or
-// alpha/sqrt(r) with use_rslora.
-func (c *Config) Scaling(module string) float32 {
-	r, alpha := c.RankAlpha(module)
-	return scaling(r, alpha, c.UseRSLoRA)
-}
-
 func scaling(r int, alpha float64, rslora bool) float32 {
 	if r <= 0 {
 		return 0

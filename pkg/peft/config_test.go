@@ -188,7 +188,7 @@ func TestRankAlphaScaling(t *testing.T) {
 		if r != tt.rank || a != tt.alpha {
 			t.Errorf("RankAlpha(%q) = %d, %g; want %d, %g", tt.module, r, a, tt.rank, tt.alpha)
 		}
-		if s := c.Scaling(tt.module); s != tt.scaling {
+		if s := scaling(r, a, c.UseRSLoRA); s != tt.scaling {
 			t.Errorf("Scaling(%q) = %g, want %g", tt.module, s, tt.scaling)
 		}
 	}
@@ -196,10 +196,14 @@ func TestRankAlphaScaling(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s := rs.Scaling("model.layers.0.self_attn.q_proj"); s != 8 {
+	rsScaling := func(module string) float32 {
+		r, a := rs.RankAlpha(module)
+		return scaling(r, a, rs.UseRSLoRA)
+	}
+	if s := rsScaling("model.layers.0.self_attn.q_proj"); s != 8 {
 		t.Errorf("rslora scaling r=16 alpha=32 = %g, want 8", s)
 	}
-	if s := rs.Scaling("model.layers.0.self_attn.k_proj"); s != 16 {
+	if s := rsScaling("model.layers.0.self_attn.k_proj"); s != 16 {
 		t.Errorf("rslora scaling r=4 alpha=32 = %g, want 16", s)
 	}
 }

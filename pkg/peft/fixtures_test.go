@@ -63,7 +63,7 @@ func TestTinyLlamaFixtures(t *testing.T) {
 		}
 		t.Run(e.Name(), func(t *testing.T) {
 			dir := filepath.Join(tinyAdapters, e.Name())
-			a, err := Load(dir, Options{Model: shape, MaxRank: 64})
+			a, err := loadDir(dir, Options{Model: shape, MaxRank: 64})
 			if err != nil {
 				t.Fatalf("Load: %v", err)
 			}

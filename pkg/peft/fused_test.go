@@ -32,7 +32,7 @@ func TestFusedModules(t *testing.T) {
 	dir := t.TempDir()
 	writeAdapter(t, dir, configJSON("r", "4", "lora_alpha", "8", "target_modules", `["qkv_proj", "gate_up_proj"]`,
 		"layers_to_transform", "[1, 2]"), slices.Concat(qkv, gu, qkv2, gu1))
-	a, err := Load(dir, Options{Model: shape})
+	a, err := loadDir(dir, Options{Model: shape})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,13 +70,13 @@ func TestFusedModules(t *testing.T) {
 func TestFusedModelRefusesLlamaTargets(t *testing.T) {
 	dir := t.TempDir()
 	writeAdapter(t, dir, configJSON(), pairs(allLayers(), []Module{Q, V}, 8))
-	if _, err := Load(dir, Options{Model: FusedShape(tiny)}); !errors.Is(err, ErrInvalidAdapter) {
+	if _, err := loadDir(dir, Options{Model: FusedShape(tiny)}); !errors.Is(err, ErrInvalidAdapter) {
 		t.Errorf("q_proj adapter on a fused model: %v, want ErrInvalidAdapter", err)
 	}
 	fused := filepath.Join(t.TempDir(), "fused")
 	ts, _, _ := fusedPair(FusedShape(tiny), 0, QKV, 4)
 	writeAdapter(t, fused, configJSON("r", "4", "target_modules", `["qkv_proj"]`, "layers_to_transform", "[0]"), ts)
-	if _, err := Load(fused, Options{Model: tiny}); !errors.Is(err, ErrInvalidAdapter) {
+	if _, err := loadDir(fused, Options{Model: tiny}); !errors.Is(err, ErrInvalidAdapter) {
 		t.Errorf("qkv_proj adapter on an unfused model: %v, want ErrInvalidAdapter", err)
 	}
 }

@@ -23,11 +23,11 @@ func FuzzParseConfig(f *testing.F) {
 		}
 		for _, m := range modules {
 			c.Targets(m)
-			r, _ := c.RankAlpha(m)
+			r, a := c.RankAlpha(m)
 			if r < 1 {
 				t.Fatalf("RankAlpha(%q) rank %d", m, r)
 			}
-			_ = c.Scaling(m)
+			_ = scaling(r, a, c.UseRSLoRA)
 		}
 	})
 }

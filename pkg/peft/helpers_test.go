@@ -2,6 +2,7 @@ package peft
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -10,6 +11,11 @@ import (
 
 	"github.com/loraplex/loraplex/pkg/safetensors"
 )
+
+// loadDir loads the adapter in dir under the folder's name.
+func loadDir(dir string, opts Options) (*Adapter, error) {
+	return LoadFolder(context.Background(), dir, filepath.Base(dir), opts)
+}
 
 // tiny is the test model: 3 layers, hidden 64, intermediate 172, 4 heads,
 // 2 kv heads of 16.

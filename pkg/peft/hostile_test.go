@@ -18,12 +18,12 @@ import (
 	"github.com/loraplex/loraplex/pkg/safetensors"
 )
 
-// loadWithin runs Load and fails the test if it blocks.
+// loadWithin runs LoadFolder and fails the test if it blocks.
 func loadWithin(t *testing.T, dir string) error {
 	t.Helper()
 	done := make(chan error, 1)
 	go func() {
-		_, err := Load(dir, Options{Model: tiny})
+		_, err := loadDir(dir, Options{Model: tiny})
 		done <- err
 	}()
 	select {
@@ -93,16 +93,11 @@ func TestLoadBoundsHeader(t *testing.T) {
 
 // TestLoadHonoursContext: a cancelled load stops with the context's error.
 func TestLoadHonoursContext(t *testing.T) {
-	root := t.TempDir()
-	writeAdapter(t, filepath.Join(root, "a"), configJSON(), pairs(allLayers(), []Module{Q, V}, 8))
-	s, err := OpenStore(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	dir := t.TempDir()
+	writeAdapter(t, dir, configJSON(), pairs(allLayers(), []Module{Q, V}, 8))
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := s.Load(ctx, "a", Options{Model: tiny}); !errors.Is(err, context.Canceled) {
+	if _, err := LoadFolder(ctx, dir, "a", Options{Model: tiny}); !errors.Is(err, context.Canceled) {
 		t.Fatalf("got %v, want context.Canceled", err)
 	}
 }
@@ -146,7 +141,7 @@ func TestLoadRefusesNonFinite(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			writeAdapter(t, dir, tt.config, tt.tensors)
-			_, err := Load(dir, Options{Model: tiny})
+			_, err := loadDir(dir, Options{Model: tiny})
 			if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.substr) {
 				t.Fatalf("got %v, want %v naming %q", err, tt.want, tt.substr)
 			}
@@ -154,27 +149,5 @@ func TestLoadRefusesNonFinite(t *testing.T) {
 				t.Fatalf("got %v, want ErrInvalidAdapter", err)
 			}
 		})
-	}
-}
-
-// TestStampChangesWithFiles: the stamp changes when a file is rewritten and stays when nothing does.
-func TestStampChangesWithFiles(t *testing.T) {
-	root := t.TempDir()
-	writeAdapter(t, filepath.Join(root, "a"), configJSON(), pairs(allLayers(), []Module{Q, V}, 8))
-	s, err := OpenStore(root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	first := s.Stamp("a")
-	if first == "" || s.Stamp("a") != first {
-		t.Fatalf("stamp %q is empty or unstable", first)
-	}
-	writeAdapter(t, filepath.Join(root, "a"), configJSON("lora_alpha", "32"), nil)
-	if s.Stamp("a") == first {
-		t.Error("stamp did not change when the config was rewritten")
-	}
-	if s.Stamp("missing") == first || s.Stamp("../x") != "" {
-		t.Error("stamps of a missing or invalid id")
 	}
 }

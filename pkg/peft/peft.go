@@ -3,7 +3,7 @@
 // their scaling, checked against the base model's shape. Pickle files
 // (adapter_model.bin) are never read, and PEFT options that would change
 // the adapter's output but that Loraplex does not implement are refused,
-// not ignored. Store resolves adapter ids strictly inside a root folder.
+// not ignored. ValidateID keeps an adapter id a plain folder name.
 // Only regular files are opened (a FIFO or device fails at once), the
 // weights header is bounded by the model's shape, and weights or scalings
 // that are not finite are refused.
@@ -20,7 +20,6 @@ import (
 	"io/fs"
 	"math"
 	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -65,13 +64,10 @@ const (
 	GateUp Module = "gate_up_proj"
 )
 
-// Modules lists every Module of the Llama layer in layer order (FusedModules are the others).
+// Modules lists every unfused Module of the Llama layer in layer order.
 func Modules() []Module { return []Module{Q, K, V, O, Gate, Up, Down} }
 
-// FusedModules lists the fused projections.
-func FusedModules() []Module { return []Module{QKV, GateUp} }
-
-// allModules is Modules and FusedModules in layer order.
+// allModules is Modules and the fused projections (QKV, GateUp) in layer order.
 func allModules() []Module { return []Module{QKV, Q, K, V, O, GateUp, Gate, Up, Down} }
 
 // Parent is the sub-block holding the module: "self_attn" or "mlp"; "" for
@@ -134,7 +130,7 @@ func LlamaShape(numLayers, hidden, intermediate, numHeads, numKVHeads, headDim i
 	}}
 }
 
-// Options bound what Load accepts.
+// Options bound what LoadFolder accepts.
 type Options struct {
 	Model ModelShape
 	// MaxRank refuses adapters with a larger rank on any module; 0: no limit.
@@ -144,7 +140,7 @@ type Options struct {
 	MaxBytes int64
 }
 
-// Validate reports options Load cannot work with.
+// Validate reports options LoadFolder cannot work with.
 func (o Options) Validate() error {
 	if o.Model.NumLayers <= 0 {
 		return fmt.Errorf("%w: Model.NumLayers must be positive, got %d", ErrInvalidOptions, o.Model.NumLayers)
@@ -200,26 +196,39 @@ type Adapter struct {
 	MaxRank int
 }
 
-// Load reads the adapter in dir. Files are opened through an os.Root, so
-// symlinks cannot lead outside dir.
-func Load(dir string, opts Options) (*Adapter, error) {
+// LoadFolder loads the adapter in dir under the name id (a local source's folder or a disk tier's
+// copy of a remote adapter). Files are opened through an os.Root, so symlinks cannot lead outside
+// dir; it stops when ctx ends.
+func LoadFolder(ctx context.Context, dir, id string, opts Options) (*Adapter, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
 	root, err := os.OpenRoot(dir)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%w: %s", ErrNotFound, dir)
+		return nil, fmt.Errorf("%w: adapter_id %q", ErrNotFound, id)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInvalidAdapter, err)
+		return nil, fmt.Errorf("%w: adapter_id %q: %w", ErrInvalidAdapter, id, err)
 	}
 	defer root.Close()
-	a, err := load(context.Background(), root, opts)
+	a, err := load(ctx, root, opts)
 	if err != nil {
-		return nil, fmt.Errorf("adapter %s: %w", dir, err)
+		return nil, fmt.Errorf("adapter %q: %w", id, err)
 	}
-	a.Name = filepath.Base(filepath.Clean(dir))
+	a.Name = id
 	return a, nil
+}
+
+// FileLimits are the largest adapter_config.json and adapter_model.safetensors Load can accept under
+// opts, so a remote source can refuse an object by its length before downloading it. The weights
+// bound is twice MaxBytes (an F64 file stores each float32 weight in 8 bytes) plus the largest
+// header the model's shape allows; 0 when MaxBytes is 0 (no limit).
+func FileLimits(opts Options) (config, weights int64) {
+	if opts.MaxBytes <= 0 {
+		return maxConfigSize, 0
+	}
+	maxTensors := int64(2 * opts.Model.NumLayers * len(Modules()))
+	return maxConfigSize, 2*opts.MaxBytes + 8 + headerSlack + headerBytesPerTensor*maxTensors
 }
 
 // slot identifies one projection of one layer.

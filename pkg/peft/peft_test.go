@@ -107,7 +107,7 @@ func TestLoad(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "my-adapter")
 			writeAdapter(t, dir, tt.config, tt.tensors)
-			a, err := Load(dir, Options{Model: tiny, MaxRank: 64, MaxBytes: 1 << 30})
+			a, err := loadDir(dir, Options{Model: tiny, MaxRank: 64, MaxBytes: 1 << 30})
 			if err != nil {
 				t.Fatalf("Load: %v", err)
 			}
@@ -245,7 +245,7 @@ func TestLoadRefusals(t *testing.T) {
 			if opts.Model.NumLayers == 0 {
 				opts.Model = tiny
 			}
-			a, err := Load(dir, opts)
+			a, err := loadDir(dir, opts)
 			if err == nil {
 				t.Fatalf("Load succeeded with %d layers", len(a.Layers))
 			}
@@ -265,7 +265,7 @@ func TestLoadPickleOnly(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "adapter_model.bin"), []byte("PK\x03\x04pickle"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err := Load(dir, Options{Model: tiny})
+	_, err := loadDir(dir, Options{Model: tiny})
 	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "only safetensors") {
 		t.Fatalf("got %v, want ErrUnsupported saying only safetensors is supported", err)
 	}
@@ -277,14 +277,14 @@ func TestLoadCorruptWeights(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, WeightsFileName), []byte("\x10\x00\x00\x00\x00\x00\x00\x00{not json}      "), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err := Load(dir, Options{Model: tiny})
+	_, err := loadDir(dir, Options{Model: tiny})
 	if !errors.Is(err, ErrInvalidAdapter) || !errors.Is(err, safetensors.ErrInvalidHeader) {
 		t.Fatalf("got %v, want ErrInvalidAdapter wrapping safetensors.ErrInvalidHeader", err)
 	}
 }
 
 func TestLoadMissingFolder(t *testing.T) {
-	_, err := Load(filepath.Join(t.TempDir(), "nope"), Options{Model: tiny})
+	_, err := loadDir(filepath.Join(t.TempDir(), "nope"), Options{Model: tiny})
 	if !errors.Is(err, ErrNotFound) {
 		t.Fatalf("got %v, want ErrNotFound", err)
 	}
@@ -308,7 +308,7 @@ func TestOptionsValidate(t *testing.T) {
 			if !errors.Is(err, ErrInvalidOptions) || !strings.Contains(err.Error(), tt.substr) {
 				t.Fatalf("got %v, want ErrInvalidOptions mentioning %q", err, tt.substr)
 			}
-			if _, err := Load(t.TempDir(), tt.opts); !errors.Is(err, ErrInvalidOptions) {
+			if _, err := loadDir(t.TempDir(), tt.opts); !errors.Is(err, ErrInvalidOptions) {
 				t.Errorf("Load: got %v, want ErrInvalidOptions", err)
 			}
 		})

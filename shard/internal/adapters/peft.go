@@ -2,11 +2,8 @@ package adapters
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/fnv"
-	"math"
 
 	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/peft"
@@ -35,50 +32,6 @@ func FromPEFT(a *peft.Adapter, layers int) (*compute.AdapterWeights, error) {
 		}
 	}
 	return w, nil
-}
-
-// StoreLoader reads adapters from a PEFT store, validated against the model's shapes and limits.
-func StoreLoader(store *peft.Store, opts peft.Options, layers int) Loader {
-	return func(ctx context.Context, id string) (*Loaded, error) {
-		a, err := store.Load(ctx, id, opts)
-		if err != nil {
-			return nil, err
-		}
-		w, err := FromPEFT(a, layers)
-		if err != nil {
-			return nil, err
-		}
-		return &Loaded{Weights: w, Rank: w.MaxRank(), Version: version(w)}, nil
-	}
-}
-
-// version fingerprints an adapter's weights (FNV-1a over shapes, scales and values), so a changed
-// adapter gets a new version whatever its file dates say.
-func version(w *compute.AdapterWeights) string {
-	h := fnv.New64a()
-	var b [4]byte
-	put := func(v uint32) {
-		binary.LittleEndian.PutUint32(b[:], v)
-		h.Write(b[:])
-	}
-	for l, mods := range w.Layers {
-		for m, lw := range mods {
-			if lw == nil {
-				continue
-			}
-			put(uint32(l))
-			put(uint32(m))
-			put(uint32(lw.Rank))
-			put(math.Float32bits(lw.Scale))
-			for _, v := range lw.A {
-				put(math.Float32bits(v))
-			}
-			for _, v := range lw.B {
-				put(math.Float32bits(v))
-			}
-		}
-	}
-	return fmt.Sprintf("%016x", h.Sum64())
 }
 
 // ErrNoVersion means a request pinned a version (id@version) that neither the store nor the disk

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -20,29 +21,31 @@ import (
 // tinyInfo is the shipped model's shape (test/tinyllama/model/config.json).
 var tinyInfo = model.Info{Arch: "llama", VocabSize: 1025, Hidden: 64, Intermediate: 172, Layers: 3, Heads: 4, KVHeads: 2, HeadDim: 16, MaxContext: 1024, BOS: 0, EOS: []int{1}}
 
-func openShipped(t *testing.T) *peft.Store {
+// shipped extracts the shipped adapters and returns their root folder.
+func shipped(t *testing.T) string {
 	t.Helper()
 	_, root, err := tinyllama.Extract(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	return openStore(t, root)
+	return root
 }
 
-func openStore(t *testing.T, root string) *peft.Store {
+// folderLoader loads adapters from root the way the shard does with a local -adapters folder.
+func folderLoader(t *testing.T, root string, maxRank int) adapters.Loader {
 	t.Helper()
-	st, err := peft.OpenStore(root)
+	f, err := adaptersource.OpenFolder(root)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { st.Close() })
-	return st
+	t.Cleanup(func() { f.Close() })
+	return adapters.SourceLoader(f, nil, adapters.PEFTOptions(tinyInfo, maxRank, 1<<30), tinyInfo.Layers)
 }
 
-func TestStoreLoader(t *testing.T) {
-	load := adapters.StoreLoader(openShipped(t), adapters.PEFTOptions(tinyInfo, 64, 1<<30), tinyInfo.Layers)
-	// Loaded from a second extraction: versions depend on the weights, not the files' place.
-	again := adapters.StoreLoader(openShipped(t), adapters.PEFTOptions(tinyInfo, 64, 1<<30), tinyInfo.Layers)
+func TestFolderLoader(t *testing.T) {
+	load := folderLoader(t, shipped(t), 64)
+	// Loaded from a second extraction: versions depend on the content, not the files' place.
+	again := folderLoader(t, shipped(t), 64)
 	ranks := map[string]int{"all-r16-rslora": 16, "ko-r32-layers": 32, "mlp-r4-patterns": 4, "qv-r8": 8}
 	versions := map[string]string{}
 	for _, id := range tinyllama.Adapters {
@@ -86,7 +89,7 @@ func TestStoreLoader(t *testing.T) {
 			t.Errorf("%q loaded", id)
 		}
 	}
-	small := adapters.StoreLoader(openShipped(t), adapters.PEFTOptions(tinyInfo, 16, 1<<30), tinyInfo.Layers)
+	small := folderLoader(t, shipped(t), 16)
 	if _, err := small(context.Background(), "ko-r32-layers"); !errors.Is(err, peft.ErrTooLarge) {
 		t.Errorf("rank 32 with max rank 16: %v", err)
 	}
@@ -96,7 +99,7 @@ func TestStoreLoader(t *testing.T) {
 }
 
 // TestVersionFollowsTheWeights copies a shipped adapter twice, changes one weight of the second copy,
-// and checks the version follows the weights, not the adapter's name.
+// and checks the version follows the content, not the adapter's name.
 func TestVersionFollowsTheWeights(t *testing.T) {
 	_, root, err := tinyllama.Extract(t.TempDir())
 	if err != nil {
@@ -120,7 +123,7 @@ func TestVersionFollowsTheWeights(t *testing.T) {
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	load := adapters.StoreLoader(openStore(t, root), adapters.PEFTOptions(tinyInfo, 64, 1<<30), tinyInfo.Layers)
+	load := folderLoader(t, root, 64)
 	versions := map[string]string{}
 	for _, id := range []string{"qv-r8", "same", "edited"} {
 		ld, err := load(context.Background(), id)
@@ -137,10 +140,10 @@ func TestVersionFollowsTheWeights(t *testing.T) {
 	}
 }
 
-// TestStoreLoaderThroughCache serves the shipped adapters from the cache: the snapshot carries their
+// TestFolderLoaderThroughCache serves the shipped adapters from the cache: the snapshot carries their
 // ranks and versions and the backend holds exactly their bytes.
-func TestStoreLoaderThroughCache(t *testing.T) {
-	load := adapters.StoreLoader(openShipped(t), adapters.PEFTOptions(tinyInfo, 64, 1<<30), tinyInfo.Layers)
+func TestFolderLoaderThroughCache(t *testing.T) {
+	load := folderLoader(t, shipped(t), 64)
 	be := cpu.New(cpu.Options{Workers: 1})
 	o := adapters.DefaultOptions()
 	c, err := adapters.New(be, load, o)

@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	"go.uber.org/zap"
 
+	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/pkg/safetensors"
@@ -72,19 +73,19 @@ func newBenchRig(b *testing.B) *benchRig {
 		b.Fatal(err)
 	}
 	root := b.TempDir()
-	store, err := peft.OpenStore(root)
+	src, err := adaptersource.OpenFolder(root)
 	if err != nil {
 		b.Fatal(err)
 	}
 	info := m.Info()
-	cache, err := adapters.New(be, adapters.StoreLoader(store, adapters.PEFTOptions(info, 128, 1<<30), info.Layers), adapters.DefaultOptions())
+	cache, err := adapters.New(be, adapters.SourceLoader(src, nil, adapters.PEFTOptions(info, 128, 1<<30), info.Layers), adapters.DefaultOptions())
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() {
 		cache.Close()
 		m.Close()
-		store.Close()
+		src.Close()
 	})
 	p := ref.Base[0].PromptIDs
 	prompt := append(slices.Clone(p), p[1:4]...)

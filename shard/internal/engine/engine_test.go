@@ -17,6 +17,7 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 
+	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/peft"
 	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
@@ -66,14 +67,14 @@ func newEnv(t testing.TB, opts engine.Options, maxResident int) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := peft.OpenStore(adapterDir)
+	src, err := adaptersource.OpenFolder(adapterDir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	info := m.Info()
 	copts := adapters.DefaultOptions()
 	copts.DeviceBytes = int64(maxResident) * 256 << 10 // the largest shipped adapter is 227 KB
-	cache, err := adapters.New(be, adapters.StoreLoader(store, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), copts)
+	cache, err := adapters.New(be, adapters.SourceLoader(src, nil, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), copts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +88,7 @@ func newEnv(t testing.TB, opts engine.Options, maxResident int) *env {
 			e.Close()
 			cache.Close()
 			m.Close()
-			store.Close()
+			src.Close()
 		})
 	}}
 	t.Cleanup(v.close)

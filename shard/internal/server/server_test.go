@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/chattemplate"
 	"github.com/loraplex/loraplex/pkg/genreq"
 	"github.com/loraplex/loraplex/pkg/peft"
@@ -50,13 +51,13 @@ func newGeneration(t *testing.T, limits genreq.Limits, kvBlocks int) *Generation
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := peft.OpenStore(adapterDir)
+	src, err := adaptersource.OpenFolder(adapterDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { store.Close() })
+	t.Cleanup(func() { src.Close() })
 	info := m.Info()
-	cache, err := adapters.New(be, adapters.StoreLoader(store, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), adapters.DefaultOptions())
+	cache, err := adapters.New(be, adapters.SourceLoader(src, nil, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), adapters.DefaultOptions())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@
 package llama_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -145,7 +146,7 @@ func TestAdapterOfAnotherFamilyRefused(t *testing.T) {
 			modelDir, _, _ := familyFixture(t, tc.model)
 			_, adapterDir, _ := familyFixture(t, tc.adapterFamily)
 			m := loadModel(t, modelDir, cpu.New(cpu.Options{}))
-			_, err := peft.Load(filepath.Join(adapterDir, tc.adapter), adapters.PEFTOptions(m.Info(), 64, 1<<30))
+			_, err := peft.LoadFolder(context.Background(), filepath.Join(adapterDir, tc.adapter), tc.adapter, adapters.PEFTOptions(m.Info(), 64, 1<<30))
 			if !errors.Is(err, peft.ErrInvalidAdapter) || !strings.Contains(err.Error(), tc.mention) {
 				t.Fatalf("got %v, want ErrInvalidAdapter mentioning %q", err, tc.mention)
 			}

@@ -1,6 +1,7 @@
 package llama_test
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"os"
@@ -174,7 +175,7 @@ func checkGreedy(t *testing.T, name string, s *seq, c tinyllama.Case) {
 
 func loadAdapter(t testing.TB, be compute.Backend, info model.Info, dir string) compute.Adapter {
 	t.Helper()
-	a, err := peft.Load(dir, adapters.PEFTOptions(info, 64, 1<<30))
+	a, err := peft.LoadFolder(context.Background(), dir, filepath.Base(dir), adapters.PEFTOptions(info, 64, 1<<30))
 	if err != nil {
 		t.Fatalf("load adapter %s: %v", dir, err)
 	}
