@@ -89,6 +89,29 @@ void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cuda
 __device__ __forceinline__ float ld(const float *p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
 
+// The KV cache's element type is float or bf16 (LP_DTYPE_F32 / LP_DTYPE_BF16): written rounded to
+// nearest even, read back to float32; attention accumulates in float32 either way.
+__device__ __forceinline__ void st(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// Four consecutive elements c*4 .. c*4+3 of a row (16 bytes of float, 8 of bf16; aligned by the
+// caller), through the read-only cache.
+__device__ __forceinline__ float4 ld4(const float *row, int c) { return __ldg(reinterpret_cast<const float4 *>(row) + c); }
+__device__ __forceinline__ float4 ld4(const __nv_bfloat16 *row, int c) {
+  const uint2 u = __ldg(reinterpret_cast<const uint2 *>(row) + c);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ void st4(float *row, int c, float4 v) { reinterpret_cast<float4 *>(row)[c] = v; }
+__device__ __forceinline__ void st4(__nv_bfloat16 *row, int c, float4 v) {
+  __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+  uint2 u;
+  u.x = *reinterpret_cast<uint32_t *>(&a);
+  u.y = *reinterpret_cast<uint32_t *>(&b);
+  reinterpret_cast<uint2 *>(row)[c] = u;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -182,6 +205,14 @@ __global__ void add_kernel(float *out, const float *a, const float *b, size_t n)
     out[i] = a[i] + b[i];
 }
 
+// x[r, c] += bias[c] over [rows, n] (total = rows * n).
+__global__ void add_bias_kernel(float *x, const float *bias, int n, size_t total) {
+  pdl_enter();
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    x[i] += bias[i % n];
+}
+
 __global__ void silu_mul_kernel(float *out, __nv_bfloat16 *ob, const float *g, const float *u, size_t n) {
   pdl_enter();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
@@ -252,12 +283,17 @@ __global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, 
 }
 
 // RoPE on q and k and the KV cache write in one pass: grid (tokens, head groups of ROPE_HEADS over the
-// heads of q then those of k); a thread owns frequency i. For a k head it also writes the rotated k
-// and v pair into the cache slot of the token's position. Same arithmetic as rope_kernel and
-// kv_write_kernel.
-__global__ void rope_kv_write_kernel(float *q, float *k, const float *v, float *kc, float *vc, int heads, int kv_heads,
+// heads of q then those of k); a thread owns frequency i, that is elements i and i + half of each
+// head of its group. Before rotating, the family options of pp: bias added to q, k and v, then
+// RMSNorm per head of q and k (a block reduction per head of the group; each thread rereads only its
+// own elements, so nothing is overwritten before every thread has read it). For a k head it also
+// writes the rotated k and the (biased) v into the cache slot of the token's position. Without
+// options, the same arithmetic as rope_kv_write's unfused composition (rope_kernel, kv_write_kernel).
+template <typename KV>
+__global__ void rope_kv_write_kernel(float *q, float *k, const float *v, KV *kc, KV *vc, int heads, int kv_heads,
                                      int hd, const float *inv_freq, const int32_t *positions,
-                                     const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs) {
+                                     const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs,
+                                     lp_qkv_prep pp) {
   pdl_enter();
   const int half = hd / 2, t = blockIdx.x;
   const int pos = positions[t];
@@ -266,6 +302,45 @@ __global__ void rope_kv_write_kernel(float *q, float *k, const float *v, float *
   const int kvw = kv_heads * hd;
   const int32_t *table = bt + bt_off[seq_index[t]];
   const size_t dst = (static_cast<size_t>(table[pos / bs]) * bs + pos % bs) * kvw;
+  auto row_of = [&](int h) -> float * {
+    return h >= heads ? k + static_cast<size_t>(t) * kvw + (h - heads) * hd : q + static_cast<size_t>(t) * heads * hd + h * hd;
+  };
+  auto bias_of = [&](int h) -> const float * {
+    const float *b = h >= heads ? pp.k_bias : pp.q_bias;
+    return b == nullptr ? nullptr : b + (h >= heads ? h - heads : h) * hd;
+  };
+  // Per-head RMSNorm multipliers (1 without a norm).
+  float inv[ROPE_HEADS];
+  const bool norm = pp.q_norm != nullptr || pp.k_norm != nullptr;
+  if (norm) {
+    float ss[ROPE_HEADS];
+#pragma unroll
+    for (int g = 0; g < ROPE_HEADS; g++) ss[g] = 0.f;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+#pragma unroll
+      for (int g = 0; g < ROPE_HEADS; g++) {
+        const int h = h0 + g;
+        if (h >= h1) break;
+        const float *row = row_of(h), *b = bias_of(h);
+        const float x1 = b ? row[i] + b[i] : row[i], x2 = b ? row[i + half] + b[i + half] : row[i + half];
+        ss[g] += x1 * x1 + x2 * x2;
+      }
+    }
+    __shared__ float red[ROPE_HEADS][4];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int g = 0; g < ROPE_HEADS; g++) {
+      const float w = warp_sum(ss[g]);
+      if (lane == 0) red[g][warp] = w;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < ROPE_HEADS; g++) {
+      float tot = 0.f;
+      for (int w = 0; w < static_cast<int>(blockDim.x >> 5); w++) tot += red[g][w];
+      inv[g] = static_cast<float>(1.0 / sqrt(static_cast<double>(tot / static_cast<float>(hd) + pp.eps)));
+    }
+  }
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     const float ang = p * inv_freq[i];
     const float c = static_cast<float>(cos(static_cast<double>(ang)));
@@ -273,8 +348,18 @@ __global__ void rope_kv_write_kernel(float *q, float *k, const float *v, float *
     for (int h = h0; h < h1; h++) {
       const bool isk = h >= heads;
       const int hh = isk ? h - heads : h;
-      float *row = isk ? k + static_cast<size_t>(t) * kvw + hh * hd : q + static_cast<size_t>(t) * heads * hd + hh * hd;
-      const float x1 = row[i], x2 = row[i + half];
+      float *row = row_of(h);
+      const float *b = bias_of(h);
+      float x1 = row[i], x2 = row[i + half];
+      if (b != nullptr) {
+        x1 += b[i];
+        x2 += b[i + half];
+      }
+      const float *nw = isk ? pp.k_norm : pp.q_norm;
+      if (nw != nullptr) {
+        x1 = x1 * inv[h - h0] * nw[i];
+        x2 = x2 * inv[h - h0] * nw[i + half];
+      }
       const float y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
       const float y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
       row[i] = y1;
@@ -282,10 +367,15 @@ __global__ void rope_kv_write_kernel(float *q, float *k, const float *v, float *
       if (isk) {
         const size_t o = dst + hh * hd;
         const float *vr = v + static_cast<size_t>(t) * kvw + hh * hd;
-        kc[o + i] = y1;
-        kc[o + i + half] = y2;
-        vc[o + i] = vr[i];
-        vc[o + i + half] = vr[i + half];
+        float v1 = vr[i], v2 = vr[i + half];
+        if (pp.v_bias != nullptr) {
+          v1 += pp.v_bias[hh * hd + i];
+          v2 += pp.v_bias[hh * hd + i + half];
+        }
+        st(kc, o + i, y1);
+        st(kc, o + i + half, y2);
+        st(vc, o + i, v1);
+        st(vc, o + i + half, v2);
       }
     }
   }
@@ -297,11 +387,11 @@ __device__ __forceinline__ size_t slot(const int32_t *table, int j, int bs) {
   return static_cast<size_t>(table[j / bs]) * bs + j % bs;
 }
 
-// Grid (tokens, column chunks): each thread moves one 16-byte vector of k and of v (kvw % 4 == 0 and
+// Grid (tokens, column chunks): each thread moves four elements of k and of v (kvw % 4 == 0 and
 // 16-byte aligned rows; kv_write_scalar_kernel otherwise).
-__global__ void kv_write_kernel(float *kc, float *vc, const float *k, const float *v, int kvw,
-                                const int32_t *positions, const int32_t *seq_index, const int32_t *bt,
-                                const int32_t *bt_off, int bs) {
+template <typename KV>
+__global__ void kv_write_kernel(KV *kc, KV *vc, const float *k, const float *v, int kvw, const int32_t *positions,
+                                const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs) {
   pdl_enter();
   const int t = blockIdx.x;
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
@@ -309,11 +399,12 @@ __global__ void kv_write_kernel(float *kc, float *vc, const float *k, const floa
   const int32_t *table = bt + bt_off[seq_index[t]];
   const size_t off = slot(table, positions[t], bs) * kvw;
   const size_t src = static_cast<size_t>(t) * kvw;
-  reinterpret_cast<float4 *>(kc + off)[i] = reinterpret_cast<const float4 *>(k + src)[i];
-  reinterpret_cast<float4 *>(vc + off)[i] = reinterpret_cast<const float4 *>(v + src)[i];
+  st4(kc + off, i, reinterpret_cast<const float4 *>(k + src)[i]);
+  st4(vc + off, i, reinterpret_cast<const float4 *>(v + src)[i]);
 }
 
-__global__ void kv_write_scalar_kernel(float *kc, float *vc, const float *k, const float *v, int kvw,
+template <typename KV>
+__global__ void kv_write_scalar_kernel(KV *kc, KV *vc, const float *k, const float *v, int kvw,
                                        const int32_t *positions, const int32_t *seq_index, const int32_t *bt,
                                        const int32_t *bt_off, int bs) {
   pdl_enter();
@@ -322,21 +413,21 @@ __global__ void kv_write_scalar_kernel(float *kc, float *vc, const float *k, con
   const size_t off = slot(table, positions[t], bs) * kvw;
   const size_t src = static_cast<size_t>(t) * kvw;
   for (int i = threadIdx.x; i < kvw; i += blockDim.x) {
-    kc[off + i] = k[src + i];
-    vc[off + i] = v[src + i];
+    st(kc, off + i, k[src + i]);
+    st(vc, off + i, v[src + i]);
   }
 }
 
 constexpr int ATT_WARPS = 4;
 
-// One block per (token, query head). Each warp walks positions j = warp, warp+4, ... <= the token's
-// position with its own online softmax; lanes hold head dims lane, lane+32, ...; the warps' partial
-// results are merged at the end.
-template <int DPL>
+// One block per (token, query head). Each warp walks positions j = lo + warp, lo + warp + 4, ... <= the
+// token's position p (lo = 0, or p - window + 1 with a sliding window) with its own online softmax;
+// lanes hold head dims lane, lane+32, ...; the warps' partial results are merged at the end.
+template <int DPL, typename KV>
 __global__ void __launch_bounds__(ATT_WARPS * 32)
-    attention_kernel(float *out, const float *q, const float *kc, const float *vc, int heads, int kv_heads,
+    attention_kernel(float *out, const float *q, const KV *kc, const KV *vc, int heads, int kv_heads,
                      int hd, float scale, const int32_t *positions, const int32_t *seq_index,
-                     const int32_t *bt, const int32_t *bt_off, int bs) {
+                     const int32_t *bt, const int32_t *bt_off, int bs, int window) {
   pdl_enter();
   const int t = blockIdx.x, h = blockIdx.y;
   const int kvh = h / (heads / kv_heads);
@@ -353,13 +444,14 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
     acc[i] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
-  for (int j = warp; j <= p; j += ATT_WARPS) {
+  const int lo = window > 0 ? max(0, p - window + 1) : 0;
+  for (int j = lo + warp; j <= p; j += ATT_WARPS) {
     const size_t off = slot(table, j, bs) * kvw + static_cast<size_t>(kvh) * hd;
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < DPL; i++) {
       const int d = lane + 32 * i;
-      if (d < hd) dot += qv[i] * kc[off + d];
+      if (d < hd) dot += qv[i] * ld(kc, off + d);
     }
     const float sc = warp_sum(dot) * scale;
     const float mn = fmaxf(m, sc);
@@ -369,7 +461,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 #pragma unroll
     for (int i = 0; i < DPL; i++) {
       const int d = lane + 32 * i;
-      acc[i] = acc[i] * corr + (d < hd ? e * vc[off + d] : 0.f);
+      acc[i] = acc[i] * corr + (d < hd ? e * ld(vc, off + d) : 0.f);
     }
     m = mn;
   }
@@ -421,11 +513,11 @@ __device__ __forceinline__ float dot4(const float4 a, const float4 b) {
   return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
-template <int NV, int GB>
+template <int NV, int GB, typename KV>
 __global__ void __launch_bounds__(FA_WARPS * 32)
-    flash_attention_kernel(float *out, float *part, const float *q, const float *kc, const float *vc, int heads,
+    flash_attention_kernel(float *out, float *part, const float *q, const KV *kc, const KV *vc, int heads,
                            int kv_heads, int hd, float scale, const int32_t *positions, const int32_t *seq_index,
-                           const int32_t *bt, const int32_t *bt_off, int bs, int chunk, int splits) {
+                           const int32_t *bt, const int32_t *bt_off, int bs, int chunk, int splits, int window) {
   pdl_enter();
   const int t = blockIdx.x;
   const int G = heads / kv_heads;
@@ -435,7 +527,9 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
   const int split = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int p = positions[t];
-  const int j0 = split * chunk;
+  // The splits cover lo .. p: the whole context, or the sliding window's last positions.
+  const int lo = window > 0 ? max(0, p - window + 1) : 0;
+  const int j0 = lo + split * chunk;
   // The last split runs to the token's position whatever max_ctx said.
   const int j1 = split == splits - 1 ? p + 1 : min(j0 + chunk, p + 1);
   const int32_t *table = bt + bt_off[seq_index[t]];
@@ -473,13 +567,11 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
       if (j < j1) {
         const size_t sl = stable ? static_cast<size_t>(stab[j / bs - b0]) * bs + j % bs : slot(table, j, bs);
         const size_t off = sl * kvw + static_cast<size_t>(kvh) * hd;
-        const float4 *kp = reinterpret_cast<const float4 *>(kc + off);
-        const float4 *vp = reinterpret_cast<const float4 *>(vc + off);
 #pragma unroll
         for (int i = 0; i < NV; i++) {
           const int c = lane + 32 * i;
-          kr[pp][i] = c < nv4 ? __ldg(kp + c) : zero;
-          vr[pp][i] = c < nv4 ? __ldg(vp + c) : zero;
+          kr[pp][i] = c < nv4 ? ld4(kc + off, c) : zero;
+          vr[pp][i] = c < nv4 ? ld4(vc + off, c) : zero;
         }
       } else {
 #pragma unroll
@@ -785,6 +877,77 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   }
 }
 
+template <typename KV>
+void kv_write_launch(KV *kc, KV *vc, const float *k, const float *v, int tokens, int kvw, const int32_t *positions,
+                     const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs, cudaStream_t s) {
+  const bool vec = kvw % 4 == 0 && aligned16(kc) && aligned16(vc) && aligned16(k) && aligned16(v);
+  if (vec)
+    launch_k(kv_write_kernel<KV>, dim3(tokens, (kvw / 4 + 127) / 128), 128, 0, s, kc, vc, k, v, kvw, positions,
+             seq_index, bt, bt_off, bs);
+  else
+    launch_k(kv_write_scalar_kernel<KV>, tokens, 128, 0, s, kc, vc, k, v, kvw, positions, seq_index, bt, bt_off, bs);
+}
+
+template <typename KV>
+int attention_launch(float *out, const float *q, const KV *kc, const KV *vc, int tokens, int heads, int kv_heads,
+                     int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
+                     const int32_t *bt, const int32_t *bt_off, int bs, int max_ctx, int window, void *workspace,
+                     size_t workspace_bytes, cudaStream_t s) {
+  const bool aligned = head_dim % 4 == 0 &&
+                       ((reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(q) |
+                         reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc)) &
+                        15) == 0;
+  if (aligned) {
+    int splits = 1, chunk = 1 << 30;
+    if (workspace != nullptr && max_ctx > 0 &&
+        lp_attention_workspace(tokens, heads, kv_heads, head_dim, max_ctx) <= workspace_bytes &&
+        (reinterpret_cast<uintptr_t>(workspace) & 15) == 0)
+      flash_split(tokens, heads, kv_heads, max_ctx, &splits, &chunk);
+    float *part = static_cast<float *>(workspace);
+    const int gb = flash_gb(heads, kv_heads);
+    const dim3 grid(tokens, heads / gb, splits);
+#define LP_FA(NV, GB)                                                                                            \
+  launch_k(flash_attention_kernel<NV, GB, KV>, grid, FA_WARPS * 32, 0, s, out, part, q, kc, vc, heads, kv_heads, \
+           head_dim, scale, positions, seq_index, bt, bt_off, bs, chunk, splits, window)
+    if (head_dim <= 128) {
+      if (gb == 4)
+        LP_FA(1, 4);
+      else if (gb == 2)
+        LP_FA(1, 2);
+      else
+        LP_FA(1, 1);
+    } else {
+      if (gb == 4)
+        LP_FA(2, 4);
+      else if (gb == 2)
+        LP_FA(2, 2);
+      else
+        LP_FA(2, 1);
+    }
+#undef LP_FA
+    if (splits > 1) {
+      int c = launched();
+      if (c != LP_OK) return c;
+      launch_k(attention_combine_kernel, dim3(tokens, heads), 128, 0, s, out, part, heads, head_dim, splits);
+    }
+    return launched();
+  }
+  const dim3 grid(tokens, heads);
+#define LP_ATT(DPL)                                                                                                \
+  launch_k(attention_kernel<DPL, KV>, grid, ATT_WARPS * 32, 0, s, out, q, kc, vc, heads, kv_heads, head_dim, scale, \
+           positions, seq_index, bt, bt_off, bs, window)
+  if (head_dim <= 32)
+    LP_ATT(1);
+  else if (head_dim <= 64)
+    LP_ATT(2);
+  else if (head_dim <= 128)
+    LP_ATT(4);
+  else
+    LP_ATT(8);
+#undef LP_ATT
+  return launched();
+}
+
 }  // namespace
 
 extern "C" {
@@ -945,34 +1108,50 @@ int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq
   return launched();
 }
 
-int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *v_cache, int tokens, int heads,
-                     int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
+int lp_rope_kv_write(int kv_dtype, float *q, float *k, const float *v, void *k_cache, void *v_cache, int tokens,
+                     int heads, int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
                      const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
-                     int block_size, lp_stream stream) {
+                     int block_size, const lp_qkv_prep *prep, lp_stream stream) {
   if (tokens < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || block_size <= 0)
     return LP_ERR_INVALID;
+  if (kv_dtype != LP_DTYPE_F32 && kv_dtype != LP_DTYPE_BF16) return LP_ERR_INVALID;
+  lp_qkv_prep pp = {};
+  if (prep != nullptr) pp = *prep;
+  if ((pp.q_norm != nullptr || pp.k_norm != nullptr) && !(pp.eps >= 0.f)) return LP_ERR_INVALID;
   if (tokens == 0) return LP_OK;
   const dim3 grid(tokens, (heads + kv_heads + ROPE_HEADS - 1) / ROPE_HEADS);
-  launch_k(rope_kv_write_kernel, grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream), 
-      q, k, v, k_cache, v_cache, heads, kv_heads, head_dim, inv_freq, positions, seq_index, block_tables,
-      table_offsets, block_size);
+  const int threads = min(128, (head_dim / 2 + 31) / 32 * 32);
+  if (kv_dtype == LP_DTYPE_BF16)
+    launch_k(rope_kv_write_kernel<__nv_bfloat16>, grid, threads, 0, cs(stream), q, k, v,
+             static_cast<__nv_bfloat16 *>(k_cache), static_cast<__nv_bfloat16 *>(v_cache), heads, kv_heads, head_dim,
+             inv_freq, positions, seq_index, block_tables, table_offsets, block_size, pp);
+  else
+    launch_k(rope_kv_write_kernel<float>, grid, threads, 0, cs(stream), q, k, v, static_cast<float *>(k_cache),
+             static_cast<float *>(v_cache), heads, kv_heads, head_dim, inv_freq, positions, seq_index, block_tables,
+             table_offsets, block_size, pp);
   return launched();
 }
 
-int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, int tokens, int kv_width,
+int lp_kv_write(int kv_dtype, void *k_cache, void *v_cache, const float *k, const float *v, int tokens, int kv_width,
                 const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
                 const int32_t *table_offsets, int block_size, lp_stream stream) {
   if (tokens < 0 || kv_width <= 0 || block_size <= 0) return LP_ERR_INVALID;
+  if (kv_dtype != LP_DTYPE_F32 && kv_dtype != LP_DTYPE_BF16) return LP_ERR_INVALID;
   if (tokens == 0) return LP_OK;
-  const bool vec = kv_width % 4 == 0 && aligned16(k_cache) && aligned16(v_cache) && aligned16(k) && aligned16(v);
-  if (vec) {
-    const dim3 grid(tokens, (kv_width / 4 + 127) / 128);
-    launch_k(kv_write_kernel, grid, 128, 0, cs(stream), k_cache, v_cache, k, v, kv_width, positions, seq_index,
-                                                  block_tables, table_offsets, block_size);
-  } else {
-    launch_k(kv_write_scalar_kernel, tokens, 128, 0, cs(stream), k_cache, v_cache, k, v, kv_width, positions, seq_index,
-                                                           block_tables, table_offsets, block_size);
-  }
+  if (kv_dtype == LP_DTYPE_BF16)
+    kv_write_launch(static_cast<__nv_bfloat16 *>(k_cache), static_cast<__nv_bfloat16 *>(v_cache), k, v, tokens,
+                    kv_width, positions, seq_index, block_tables, table_offsets, block_size, cs(stream));
+  else
+    kv_write_launch(static_cast<float *>(k_cache), static_cast<float *>(v_cache), k, v, tokens, kv_width, positions,
+                    seq_index, block_tables, table_offsets, block_size, cs(stream));
+  return launched();
+}
+
+int lp_add_bias(float *x, const float *bias, int rows, int n, lp_stream stream) {
+  if (rows < 0 || n <= 0) return LP_ERR_INVALID;
+  if (rows == 0) return LP_OK;
+  const size_t total = static_cast<size_t>(rows) * n;
+  launch_k(add_bias_kernel, elem_blocks(total), 256, 0, cs(stream), x, bias, n, total);
   return launched();
 }
 
@@ -984,71 +1163,24 @@ size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim,
   return static_cast<size_t>(tokens) * heads * splits * (head_dim + 4) * sizeof(float);
 }
 
-int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
-                 int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
-                 const int32_t *block_tables, const int32_t *table_offsets, int block_size, int max_ctx,
-                 void *workspace, size_t workspace_bytes, lp_stream stream) {
-  if (tokens < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || block_size <= 0)
+int lp_attention(int kv_dtype, float *out, const float *q, const void *k_cache, const void *v_cache, int tokens,
+                 int heads, int kv_heads, int head_dim, float scale, const int32_t *positions,
+                 const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets, int block_size,
+                 int max_ctx, int window, void *workspace, size_t workspace_bytes, lp_stream stream) {
+  if (tokens < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || block_size <= 0 ||
+      window < 0)
     return LP_ERR_INVALID;
+  if (kv_dtype != LP_DTYPE_F32 && kv_dtype != LP_DTYPE_BF16) return LP_ERR_INVALID;
   if (head_dim > 256) return LP_ERR_UNSUPPORTED;
   if (tokens == 0) return LP_OK;
-  const cudaStream_t s = cs(stream);
-  const bool aligned = head_dim % 4 == 0 &&
-                       ((reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(q) |
-                         reinterpret_cast<uintptr_t>(k_cache) | reinterpret_cast<uintptr_t>(v_cache)) &
-                        15) == 0;
-  if (aligned) {
-    int splits = 1, chunk = 1 << 30;
-    if (workspace != nullptr && max_ctx > 0 &&
-        lp_attention_workspace(tokens, heads, kv_heads, head_dim, max_ctx) <= workspace_bytes &&
-        (reinterpret_cast<uintptr_t>(workspace) & 15) == 0)
-      flash_split(tokens, heads, kv_heads, max_ctx, &splits, &chunk);
-    float *part = static_cast<float *>(workspace);
-    const int gb = flash_gb(heads, kv_heads);
-    const dim3 grid(tokens, heads / gb, splits);
-#define LP_FA(NV, GB)                                                                                          \
-  launch_k(flash_attention_kernel<NV, GB>, grid, FA_WARPS * 32, 0, s, out, part, q, k_cache, v_cache, heads, kv_heads, \
-                                                                head_dim, scale, positions, seq_index,          \
-                                                                block_tables, table_offsets, block_size, chunk, \
-                                                                splits)
-    if (head_dim <= 128) {
-      if (gb == 4)
-        LP_FA(1, 4);
-      else if (gb == 2)
-        LP_FA(1, 2);
-      else
-        LP_FA(1, 1);
-    } else {
-      if (gb == 4)
-        LP_FA(2, 4);
-      else if (gb == 2)
-        LP_FA(2, 2);
-      else
-        LP_FA(2, 1);
-    }
-#undef LP_FA
-    if (splits > 1) {
-      int c = launched();
-      if (c != LP_OK) return c;
-      launch_k(attention_combine_kernel, dim3(tokens, heads), 128, 0, s, out, part, heads, head_dim, splits);
-    }
-    return launched();
-  }
-  const dim3 grid(tokens, heads);
-#define LP_ATT(DPL)                                                                                     \
-  launch_k(attention_kernel<DPL>, grid, ATT_WARPS * 32, 0, s, out, q, k_cache, v_cache, heads, kv_heads, head_dim, \
-                                                        scale, positions, seq_index, block_tables,         \
-                                                        table_offsets, block_size)
-  if (head_dim <= 32)
-    LP_ATT(1);
-  else if (head_dim <= 64)
-    LP_ATT(2);
-  else if (head_dim <= 128)
-    LP_ATT(4);
-  else
-    LP_ATT(8);
-#undef LP_ATT
-  return launched();
+  if (kv_dtype == LP_DTYPE_BF16)
+    return attention_launch(out, q, static_cast<const __nv_bfloat16 *>(k_cache),
+                            static_cast<const __nv_bfloat16 *>(v_cache), tokens, heads, kv_heads, head_dim, scale,
+                            positions, seq_index, block_tables, table_offsets, block_size, max_ctx, window, workspace,
+                            workspace_bytes, cs(stream));
+  return attention_launch(out, q, static_cast<const float *>(k_cache), static_cast<const float *>(v_cache), tokens,
+                          heads, kv_heads, head_dim, scale, positions, seq_index, block_tables, table_offsets,
+                          block_size, max_ctx, window, workspace, workspace_bytes, cs(stream));
 }
 
 int lp_sgmv_shrink_f32(int wdtype, float *v, int ldv, const float *x, int in_features, const void *const *a_ptrs,

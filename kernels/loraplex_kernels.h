@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 5
+#define LP_ABI_VERSION 6
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -39,7 +39,7 @@ extern "C" {
 /* A failed cuBLAS call: LP_ERR_BLAS - cublasStatus_t (so -1001 .. -1099). */
 #define LP_ERR_BLAS (-1000)
 
-/* Element types of activations and adapter weights. */
+/* Element types of activations, adapter weights and the KV cache. */
 #define LP_DTYPE_BF16 1
 #define LP_DTYPE_F16 2
 #define LP_DTYPE_F32 3 /* the forward-pass functions below only */
@@ -114,8 +114,9 @@ LP_API int lp_set_pdl(int enabled);
  * [tokens, width]; a matrix weight is float32 or bf16 (LP_DTYPE_F32 / LP_DTYPE_BF16). The batch
  * metadata lives in device int32 arrays: positions[T], seq_index[T] (the token's sequence),
  * block_tables (every sequence's KV block table, concatenated) and table_offsets[S] (where sequence
- * s's table starts in block_tables). A KV cache layer is float32 [blocks, block_size, kv_heads,
- * head_dim] for keys and the same for values. Nothing here checks indices against the host's view:
+ * s's table starts in block_tables). A KV cache layer is [blocks, block_size, kv_heads, head_dim] for
+ * keys and the same for values, of kv_dtype LP_DTYPE_F32 or LP_DTYPE_BF16 (written rounded to
+ * nearest even, read as float32; attention accumulates in float32 either way). Nothing here checks indices against the host's view:
  * the caller validates the batch before it queues these.
  */
 
@@ -157,6 +158,10 @@ LP_API int lp_rmsnorm(float *out, const float *x, const float *w, int rows, int 
 /* out = a + b over n elements; out may alias a or b. */
 LP_API int lp_add(float *out, const float *a, const float *b, size_t n, lp_stream stream);
 
+/* x[r, :] += bias over x float32 [rows, n], bias float32 [n] (Qwen2's q/k/v biases on the unfused
+ * path). Per-head RMSNorm (Qwen3's q/k norms) is lp_rmsnorm over [tokens * heads, head_dim]. */
+LP_API int lp_add_bias(float *x, const float *bias, int rows, int n, lp_stream stream);
+
 /* out = silu(gate) * up over n elements; out may alias gate or up. */
 LP_API int lp_silu_mul(float *out, const float *gate, const float *up, size_t n, lp_stream stream);
 
@@ -175,24 +180,42 @@ LP_API int lp_rope(float *x, int tokens, int heads, int head_dim, const float *i
                    lp_stream stream);
 
 /* Writes k and v [tokens, kv_width] into one layer of the paged cache at each token's position. */
-LP_API int lp_kv_write(float *k_cache, float *v_cache, const float *k, const float *v, int tokens, int kv_width,
-                       const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
+LP_API int lp_kv_write(int kv_dtype, void *k_cache, void *v_cache, const float *k, const float *v, int tokens,
+                       int kv_width, const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
                        const int32_t *table_offsets, int block_size, lp_stream stream);
 
-/* lp_rope on q [tokens, heads*head_dim] and on k [tokens, kv_heads*head_dim], then
- * lp_kv_write of the rotated k and of v, in one kernel (same results as the three calls). */
-LP_API int lp_rope_kv_write(float *q, float *k, const float *v, float *k_cache, float *v_cache, int tokens, int heads,
-                            int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
-                            const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
-                            int block_size, lp_stream stream);
+/* What some model families do to q, k and v between their projections and RoPE, in this order:
+ * add a bias (q_bias float32 [heads * head_dim], k_bias and v_bias [kv_heads * head_dim]), then
+ * RMSNorm each head of q and of k with weights q_norm, k_norm float32 [head_dim] and eps. A NULL
+ * pointer skips that part; all NULL (or a NULL lp_qkv_prep*) is plain Llama. Read on the host
+ * during the call (the pointers are device memory). */
+typedef struct lp_qkv_prep {
+  const float *q_bias, *k_bias, *v_bias;
+  const float *q_norm, *k_norm;
+  float eps;
+  int32_t reserved; /* 0 */
+} lp_qkv_prep; /* 48 bytes */
 
-/* Causal grouped-query attention of q [tokens, heads*head_dim] over positions 0..position of each
- * token's sequence in one cache layer, into out [tokens, heads*head_dim]; head_dim <= 256. Scores
- * are scaled by scale; softmax and accumulation in float32. Run lp_kv_write first. */
-LP_API int lp_attention(float *out, const float *q, const float *k_cache, const float *v_cache, int tokens, int heads,
-                        int kv_heads, int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
-                        const int32_t *block_tables, const int32_t *table_offsets, int block_size, int max_ctx,
-                        void *workspace, size_t workspace_bytes, lp_stream stream);
+/* prep's options on q, k and v, lp_rope on q [tokens, heads*head_dim] and on k [tokens,
+ * kv_heads*head_dim], then lp_kv_write of the rotated k and of v (with its bias), in one kernel (the
+ * same results as the separate calls). q and k are updated in place; v is left as it was. */
+LP_API int lp_rope_kv_write(int kv_dtype, float *q, float *k, const float *v, void *k_cache, void *v_cache,
+                            int tokens, int heads, int kv_heads, int head_dim, const float *inv_freq,
+                            const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
+                            const int32_t *table_offsets, int block_size, const lp_qkv_prep *prep,
+                            lp_stream stream);
+
+/* Causal grouped-query attention of q [tokens, heads*head_dim] over positions lo..position of each
+ * token's sequence in one cache layer, into out [tokens, heads*head_dim]; head_dim <= 256; lo is 0,
+ * or position - window + 1 (at least 0) for a sliding window (window > 0), so block-table entries
+ * below it are never read. Scores are scaled by scale; softmax and accumulation in float32. Run
+ * lp_kv_write first. max_ctx: the longest span any token attends to (its context, or the window if
+ * smaller), which sizes the context split (see lp_attention_workspace). */
+LP_API int lp_attention(int kv_dtype, float *out, const float *q, const void *k_cache, const void *v_cache,
+                        int tokens, int heads, int kv_heads, int head_dim, float scale, const int32_t *positions,
+                        const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
+                        int block_size, int max_ctx, int window, void *workspace, size_t workspace_bytes,
+                        lp_stream stream);
 
 /* Bytes of device workspace lp_attention wants to split the context of a batch whose longest
  * context (largest position + 1) is max_ctx across blocks (flash-decoding); 0 when it would not split.

@@ -189,7 +189,26 @@ type KVShape struct {
 
 // Bytes is the memory of the whole cache (keys and values) in float32.
 func (s KVShape) Bytes() int64 {
-	return 2 * 4 * int64(s.Layers) * int64(s.NumBlocks) * int64(s.BlockSize) * int64(s.KVHeads) * int64(s.HeadDim)
+	return 4 * s.elements()
+}
+
+func (s KVShape) elements() int64 {
+	return 2 * int64(s.Layers) * int64(s.NumBlocks) * int64(s.BlockSize) * int64(s.KVHeads) * int64(s.HeadDim)
+}
+
+// KVElementSizer is implemented by backends whose KV cache does not hold float32 elements (the CUDA
+// backend's bf16 cache).
+type KVElementSizer interface {
+	// KVElementBytes is the size of one cached key or value element.
+	KVElementBytes() int
+}
+
+// KVBytes is the memory a cache of shape s takes on be: float32 elements unless be says otherwise.
+func KVBytes(be Backend, s KVShape) int64 {
+	if z, ok := be.(KVElementSizer); ok {
+		return int64(z.KVElementBytes()) * s.elements()
+	}
+	return s.Bytes()
 }
 
 // KVCache is a paged key/value store in backend memory.

@@ -13,7 +13,9 @@ import (
 
 // Backend is the CUDA implementation of compute.Backend.
 //
-// Precision: activations, the KV cache and RMSNorm weights are float32 in device memory. A tensor
+// Precision: activations and RMSNorm weights are float32 in device memory; the KV cache holds
+// KVDType (bf16 by default with bf16 weights: half the bytes of float32, so twice the sequences x
+// context in the same memory; attention reads it as float32 and accumulates in float32). A tensor
 // used as the weight of MatMul or MatMulRows is converted in place, on that first use, to the
 // backend's WeightDType (bf16 by default; its float32 copy is freed); activations are rounded to
 // the same dtype at the GEMM's input and cuBLAS accumulates in float32 (no TF32). LoRA weights are
@@ -31,6 +33,7 @@ type Backend struct {
 	stream *Stream
 	blas   uintptr
 	wdt    DType
+	kvdt   DType
 	budget int64
 	up     *uploader // adapter uploads (upload.go): their stream, pinned staging buffers, events
 
@@ -58,6 +61,8 @@ var (
 	_ compute.Switches       = (*Backend)(nil)
 	_ compute.MemoryBudgeter = (*Backend)(nil)
 	_ compute.Closer         = (*Backend)(nil)
+	_ compute.DecoderOps     = (*Backend)(nil)
+	_ compute.KVElementSizer = (*Backend)(nil)
 )
 
 // Options configure the CUDA backend.
@@ -78,6 +83,9 @@ type Options struct {
 	NoStepGraphs bool
 	// NoFusion turns off the fused projections (fused.go): every projection is its own GEMM.
 	NoFusion bool
+	// KVDType is the KV cache's element type: BF16 or F32 (0: BF16 with bf16 weights, F32 with
+	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
+	KVDType DType
 }
 
 // New opens the kernels library and returns a backend on the chosen device. It fails with
@@ -98,6 +106,13 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 	case BF16, F32:
 	default:
 		return nil, fmt.Errorf("cuda: weight dtype %v: want bf16 or f32", o.WeightDType)
+	}
+	switch o.KVDType {
+	case 0:
+		o.KVDType = o.WeightDType
+	case BF16, F32:
+	default:
+		return nil, fmt.Errorf("cuda: KV cache dtype %v: want bf16 or f32", o.KVDType)
 	}
 	if o.MemoryBudget < 0 {
 		return nil, fmt.Errorf("cuda: negative memory budget %d", o.MemoryBudget)
@@ -120,7 +135,7 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 		_ = s.Close()
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion}
 	b.up = up
 	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
 		_ = up.close()
@@ -161,6 +176,12 @@ func (b *Backend) Stream() *Stream { return b.stream }
 
 // WeightDType is the storage dtype of matrix and LoRA weights.
 func (b *Backend) WeightDType() DType { return b.wdt }
+
+// KVDType is the KV cache's element type.
+func (b *Backend) KVDType() DType { return b.kvdt }
+
+// KVElementBytes implements compute.KVElementSizer.
+func (b *Backend) KVElementBytes() int { return int(b.kvdt.Size()) }
 
 // Sync waits for all work queued by the backend.
 func (b *Backend) Sync() error { return b.lib.Sync(b.stream) }
@@ -508,10 +529,11 @@ func (b *Backend) FreeAdapter(a compute.Adapter) {
 	ca.buf, ca.layers = nil, nil
 }
 
-// kvCache is a paged KV cache: per layer, keys then values, each float32 [blocks, blockSize,
-// kvHeads, headDim], in one buffer.
+// kvCache is a paged KV cache: per layer, keys then values, each [blocks, blockSize, kvHeads,
+// headDim] of dt, in one buffer.
 type kvCache struct {
 	shape compute.KVShape
+	dt    DType
 	buf   *Buffer
 	per   int64 // bytes of one layer's keys (or values)
 }
@@ -531,7 +553,7 @@ func (b *Backend) NewKVCache(s compute.KVShape) (compute.KVCache, error) {
 	if s.NumBlocks > math.MaxInt32 {
 		return nil, fmt.Errorf("%w: %d blocks", compute.ErrShape, s.NumBlocks)
 	}
-	buf, err := b.alloc(s.Bytes())
+	buf, err := b.alloc(compute.KVBytes(b, s))
 	if err != nil {
 		return nil, err
 	}
@@ -539,7 +561,8 @@ func (b *Backend) NewKVCache(s compute.KVShape) (compute.KVCache, error) {
 		b.release(buf)
 		return nil, err
 	}
-	return &kvCache{shape: s, buf: buf, per: 4 * int64(s.NumBlocks) * int64(s.BlockSize) * int64(s.KVHeads) * int64(s.HeadDim)}, nil
+	per := int64(b.kvdt.Size()) * int64(s.NumBlocks) * int64(s.BlockSize) * int64(s.KVHeads) * int64(s.HeadDim)
+	return &kvCache{shape: s, dt: b.kvdt, buf: buf, per: per}, nil
 }
 
 // FreeKVCache implements compute.Backend.

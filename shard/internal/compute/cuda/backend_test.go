@@ -18,6 +18,8 @@ import (
 const (
 	tolElementwise = 1e-6 // Add, SiLUMul, RoPE, RMSNorm, Embed: one or two roundings apart
 	tolReduction   = 2e-5 // MatMul, Attention, SGMV: summation order differs
+	// Attention over a bf16 KV cache of values that are not bf16 already: k and v rounded once.
+	tolKVBF16 = 1e-2
 )
 
 func newGPUBackend(t *testing.T, o Options) *Backend {
@@ -248,6 +250,22 @@ func testElementwise(p *parity, r *rand.Rand) {
 	if err := p.g.Add(o.g, a.g, w.g); !errors.Is(err, compute.ErrShape) {
 		p.t.Errorf("add of mismatched shapes: %v, want ErrShape", err)
 	}
+
+	// The decoder families' operations: a bias on every row, RMSNorm per head of 64.
+	bias := p.tensor(randVals(r, d, 1), d)
+	must(p.t, p.g.AddBias(out.g, bias.g))
+	must(p.t, p.c.AddBias(out.c, bias.c))
+	p.same("add bias", out, 0)
+	hw := p.tensor(randVals(r, 60, 2), 60)
+	must(p.t, p.g.HeadRMSNorm(out.g, hw.g, 60, 1e-6))
+	must(p.t, p.c.HeadRMSNorm(out.c, hw.c, 60, 1e-6))
+	p.same("head rmsnorm", out, tolElementwise)
+	if err := p.g.AddBias(out.g, hw.g); !errors.Is(err, compute.ErrShape) {
+		p.t.Errorf("bias of 60 on rows of %d: %v, want ErrShape", d, err)
+	}
+	if err := p.g.HeadRMSNorm(out.g, hw.g, 64, 1e-6); !errors.Is(err, compute.ErrShape) {
+		p.t.Errorf("head rmsnorm with a weight of 60 for heads of 64: %v, want ErrShape", err)
+	}
 }
 
 func testRoPE(p *parity, r *rand.Rand) {
@@ -274,7 +292,7 @@ func testRoPE(p *parity, r *rand.Rand) {
 // testAttention runs two steps over three sequences with shuffled, non-contiguous blocks: prefills of
 // different lengths, then a decode, a prefill continuation and a decode, on two layers.
 func testAttention(p *parity, r *rand.Rand) {
-	for _, c := range []struct{ heads, kvHeads, hd int }{{6, 2, 16}, {4, 1, 40}, {8, 8, 128}} {
+	for ci, c := range []struct{ heads, kvHeads, hd int }{{6, 2, 16}, {4, 1, 40}, {8, 8, 128}} {
 		shape := compute.KVShape{Layers: 3, NumBlocks: 40, BlockSize: 4, KVHeads: c.kvHeads, HeadDim: c.hd}
 		gc, err := p.g.NewKVCache(shape)
 		must(p.t, err)
@@ -290,6 +308,21 @@ func testAttention(p *parity, r *rand.Rand) {
 			tables = append(tables, tb)
 		}
 		lens := []int{0, 0, 0}
+		// With a bf16 KV cache the GPU stores k and v rounded; values already bf16 keep the plain
+		// attention comparison exact to summation order, and the fused path (which rounds the
+		// rotated k) gets the bf16 tolerance.
+		kvBF16 := p.g.KVDType() == BF16
+		kvVals := func(n int) []float32 {
+			v := randVals(r, n, 2)
+			if kvBF16 {
+				return roundBF16(v)
+			}
+			return v
+		}
+		tolFused := tolReduction
+		if kvBF16 {
+			tolFused = tolKVBF16
+		}
 		for step, adds := range [][]int{{7, 10, 1}, {1, 3, 1}, {1, 1, 9}} {
 			m := &compute.BatchMeta{}
 			for s, n := range adds {
@@ -307,16 +340,24 @@ func testAttention(p *parity, r *rand.Rand) {
 			gb, cb := p.batch(m)
 			qw, kvw := c.heads*c.hd, c.kvHeads*c.hd
 			scale := float32(1 / math.Sqrt(float64(c.hd)))
-			for layer := range 2 {
+			// Layer 0: full causal attention; layer 1: a sliding window (1, 4, then 6 positions).
+			for layer, window := range []int{0, []int{1, 4, 6}[step]} {
 				q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
-				k := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
-				v := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
+				k := p.tensor(kvVals(tk*kvw), tk, kvw)
+				v := p.tensor(kvVals(tk*kvw), tk, kvw)
 				out := p.tensor(make([]float32, tk*qw), tk, qw)
-				must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, layer, scale, gb))
-				must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
-				p.same(fmt.Sprintf("attention %d/%d heads of %d, step %d, layer %d", c.heads, c.kvHeads, c.hd, step, layer), out, tolReduction)
+				if window == 0 {
+					must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, layer, scale, gb))
+					must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
+				} else {
+					must(p.t, p.g.WindowAttention(out.g, q.g, k.g, v.g, gc, layer, scale, window, gb))
+					must(p.t, p.c.WindowAttention(out.c, q.c, k.c, v.c, cc, layer, scale, window, cb))
+				}
+				p.same(fmt.Sprintf("attention %d/%d heads of %d, step %d, layer %d, window %d", c.heads, c.kvHeads, c.hd, step, layer, window), out, tolReduction)
 			}
-			// Layer 2: RoPEAttention (RoPE and the KV write in one kernel) against RoPE, RoPE, Attention.
+			// Layer 2: RoPEAttention (the family options, RoPE and the KV write in one kernel)
+			// against AddBias, HeadRMSNorm, RoPE and (window) attention; plain Llama on the first
+			// shape, q/k/v biases on the second, q/k norms and a window of 5 on the third.
 			inv := make([]float32, c.hd/2)
 			for i := range inv {
 				inv[i] = float32(1 / math.Pow(10000, float64(2*i)/float64(c.hd)))
@@ -325,14 +366,38 @@ func testAttention(p *parity, r *rand.Rand) {
 			k := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
 			v := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)
 			out := p.tensor(make([]float32, tk*qw), tk, qw)
-			must(p.t, p.g.RoPEAttention(out.g, q.g, k.g, v.g, inv, gc, 2, scale, gb))
+			var opt, copt compute.AttnOptions
+			switch ci {
+			case 1:
+				qb, kb, vb := p.tensor(randVals(r, qw, 1), qw), p.tensor(randVals(r, kvw, 1), kvw), p.tensor(randVals(r, kvw, 1), kvw)
+				opt = compute.AttnOptions{QBias: qb.g, KBias: kb.g, VBias: vb.g}
+				copt = compute.AttnOptions{QBias: qb.c, KBias: kb.c, VBias: vb.c}
+			case 2:
+				qn, kn := p.tensor(randVals(r, c.hd, 1.5), c.hd), p.tensor(randVals(r, c.hd, 1.5), c.hd)
+				opt = compute.AttnOptions{QNorm: qn.g, KNorm: kn.g, NormEps: 1e-6, Window: 5}
+				copt = compute.AttnOptions{QNorm: qn.c, KNorm: kn.c, NormEps: 1e-6, Window: 5}
+			}
+			must(p.t, p.g.RoPEAttention(out.g, q.g, k.g, v.g, inv, gc, 2, scale, opt, gb))
+			for _, b := range []struct{ x, bias compute.Tensor }{{q.c, copt.QBias}, {k.c, copt.KBias}, {v.c, copt.VBias}} {
+				if b.bias != nil {
+					must(p.t, p.c.AddBias(b.x, b.bias))
+				}
+			}
+			if copt.QNorm != nil {
+				must(p.t, p.c.HeadRMSNorm(q.c, copt.QNorm, c.hd, copt.NormEps))
+				must(p.t, p.c.HeadRMSNorm(k.c, copt.KNorm, c.hd, copt.NormEps))
+			}
 			must(p.t, p.c.RoPE(q.c, c.heads, c.hd, inv, cb))
 			must(p.t, p.c.RoPE(k.c, c.kvHeads, c.hd, inv, cb))
-			must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, 2, scale, cb))
-			name := fmt.Sprintf("rope attention %d/%d heads of %d, step %d", c.heads, c.kvHeads, c.hd, step)
-			p.same(name+" q", q, tolElementwise)
-			p.same(name+" k", k, tolElementwise)
-			p.same(name, out, tolReduction)
+			if copt.Window > 0 {
+				must(p.t, p.c.WindowAttention(out.c, q.c, k.c, v.c, cc, 2, scale, copt.Window, cb))
+			} else {
+				must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, 2, scale, cb))
+			}
+			name := fmt.Sprintf("rope attention %d/%d heads of %d, step %d, options %d", c.heads, c.kvHeads, c.hd, step, ci)
+			p.same(name+" q", q, tolReduction)
+			p.same(name+" k", k, tolReduction)
+			p.same(name, out, tolFused)
 		}
 		// A block outside the cache is refused before any kernel runs.
 		bad := &compute.BatchMeta{Tokens: []int32{1}, Positions: []int32{0}, SeqIndex: []int32{0},

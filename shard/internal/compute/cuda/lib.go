@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 5
+const ABIVersion = 6
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -114,10 +114,10 @@ type Lib struct {
 	add         func(out, a, b uintptr, n uintptr, s uintptr) int32
 	siluMul     func(out, gate, up uintptr, n uintptr, s uintptr) int32
 	rope        func(x uintptr, tokens, heads, headDim int32, invFreq, positions uintptr, s uintptr) int32
-	kvWrite     func(kc, vc, k, v uintptr, tokens, kvWidth int32, positions, seqIndex, tables, offsets uintptr,
+	kvWrite     func(kvdt int32, kc, vc, k, v uintptr, tokens, kvWidth int32, positions, seqIndex, tables, offsets uintptr,
 		blockSize int32, s uintptr) int32
-	attention func(out, q, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, scale float32,
-		positions, seqIndex, tables, offsets uintptr, blockSize, maxCtx int32, ws, wsBytes uintptr, s uintptr) int32
+	attention func(kvdt int32, out, q, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, scale float32,
+		positions, seqIndex, tables, offsets uintptr, blockSize, maxCtx, window int32, ws, wsBytes uintptr, s uintptr) int32
 	attentionWorkspace func(tokens, heads, kvHeads, headDim, maxCtx int32) uintptr
 	sgmvShrinkF32      func(wdt int32, v uintptr, ldv int32, x uintptr, in int32, a, ranks, tokSeg uintptr,
 		tokens, maxRank int32, s uintptr) int32
@@ -130,7 +130,7 @@ type Lib struct {
 	sgmvExpandGroupY32 func(wdt int32, y uintptr, ldy int32, v uintptr, ldv int32, g *sgmvGroup, starts uintptr,
 		nseg, maxLen, maxRank int32, s uintptr) int32
 	setPDL          func(enabled int32) int32
-	ropeKVWrite     func(q, k, v, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, invFreq, positions, seqIndex, tables, offsets uintptr, blockSize int32, s uintptr) int32
+	ropeKVWrite     func(kvdt int32, q, k, v, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, invFreq, positions, seqIndex, tables, offsets uintptr, blockSize int32, prep *qkvPrep, s uintptr) int32
 	gemv            func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, s uintptr) int32
 	gemmEx          func(h uintptr, dt int32, out uintptr, ldo int32, x, w uintptr, tokens, n, k, acc int32) int32
 	splitCols       func(p uintptr, rows, ldp int32, o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, s uintptr) int32
@@ -143,6 +143,18 @@ type Lib struct {
 	sampleWorkspace func(rows, vocab int32) uintptr
 	sample          func(logits uintptr, rows, vocab int32, params, seen, results, ws, wsBytes uintptr, s uintptr) int32
 	eventQuery      func(e uintptr, done *int32) int32
+
+	// ABI 6: the decoder families' operations, a bf16 KV cache, sliding-window attention.
+	addBias func(x, bias uintptr, rows, n int32, s uintptr) int32
+}
+
+// qkvPrep is lp_qkv_prep: the biases and per-head norms applied to q, k and v before RoPE (device
+// pointers; 0 skips a part).
+type qkvPrep struct {
+	qBias, kBias, vBias uintptr
+	qNorm, kNorm        uintptr
+	eps                 float32
+	_                   int32 // reserved, 0
 }
 
 // Open loads the library at path (see LibraryPath), checks its ABI version and that a CUDA device is
@@ -249,6 +261,7 @@ func (l *Lib) symbols() []symbol {
 		{&l.sampleWorkspace, "lp_sample_workspace"},
 		{&l.sample, "lp_sample"},
 		{&l.eventQuery, "lp_event_query"},
+		{&l.addBias, "lp_add_bias"},
 	}
 }
 

@@ -339,20 +339,61 @@ func (bt *batch) checkTables(c *kvCache) error {
 
 // Attention implements compute.Backend.
 func (b *Backend) Attention(out, q, k, v compute.Tensor, cache compute.KVCache, layer int, scale float32, cb compute.Batch) error {
-	return b.attention(out, q, k, v, nil, cache, layer, scale, cb)
+	return b.attention(out, q, k, v, nil, cache, layer, scale, compute.AttnOptions{}, cb)
 }
 
-// RoPEAttention implements compute.Fuser: RoPE on q and k, the KV cache write and attention, with the
-// first two in one kernel (lp_rope_kv_write).
-func (b *Backend) RoPEAttention(out, q, k, v compute.Tensor, invFreq []float32, cache compute.KVCache, layer int, scale float32, cb compute.Batch) error {
+// WindowAttention implements compute.DecoderOps.
+func (b *Backend) WindowAttention(out, q, k, v compute.Tensor, cache compute.KVCache, layer int, scale float32, window int, cb compute.Batch) error {
+	if window < 1 {
+		return fmt.Errorf("%w: attention window %d, must be at least 1", compute.ErrShape, window)
+	}
+	return b.attention(out, q, k, v, nil, cache, layer, scale, compute.AttnOptions{Window: window}, cb)
+}
+
+// RoPEAttention implements compute.Fuser: opt's biases and q/k norms, RoPE on q and k and the KV
+// cache write in one kernel (lp_rope_kv_write), then attention.
+func (b *Backend) RoPEAttention(out, q, k, v compute.Tensor, invFreq []float32, cache compute.KVCache, layer int, scale float32, opt compute.AttnOptions, cb compute.Batch) error {
 	if invFreq == nil {
 		return fmt.Errorf("%w: rope attention without frequencies", compute.ErrShape)
 	}
-	return b.attention(out, q, k, v, invFreq, cache, layer, scale, cb)
+	return b.attention(out, q, k, v, invFreq, cache, layer, scale, opt, cb)
 }
 
-// attention queues the KV write (with RoPE on q and k first when invFreq is set) and attention.
-func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cache compute.KVCache, layer int, scale float32, cb compute.Batch) error {
+// prep checks opt's biases and norms against the attention's widths and returns them as the
+// kernel's lp_qkv_prep.
+func (b *Backend) prep(opt compute.AttnOptions, qw, kvw, headDim int) (*qkvPrep, error) {
+	var p qkvPrep
+	for _, f := range []struct {
+		t    compute.Tensor
+		n    int
+		what string
+		dst  *uintptr
+	}{
+		{opt.QBias, qw, "q bias", &p.qBias}, {opt.KBias, kvw, "k bias", &p.kBias}, {opt.VBias, kvw, "v bias", &p.vBias},
+		{opt.QNorm, headDim, "q norm", &p.qNorm}, {opt.KNorm, headDim, "k norm", &p.kNorm},
+	} {
+		if f.t == nil {
+			continue
+		}
+		ts, err := activations(f.t)
+		if err != nil {
+			return nil, err
+		}
+		if ts[0].n != f.n {
+			return nil, fmt.Errorf("%w: %s %v for width %d", compute.ErrShape, f.what, ts[0].shape, f.n)
+		}
+		*f.dst = ts[0].ptr()
+	}
+	if (p.qNorm != 0 || p.kNorm != 0) && !(opt.NormEps >= 0) {
+		return nil, fmt.Errorf("%w: norm eps %v", compute.ErrShape, opt.NormEps)
+	}
+	p.eps = opt.NormEps
+	return &p, nil
+}
+
+// attention queues the KV write (with opt's biases and norms and RoPE on q and k first when invFreq
+// is set) and attention.
+func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cache compute.KVCache, layer int, scale float32, opt compute.AttnOptions, cb compute.Batch) error {
 	bt, err := asBatch(cb)
 	if err != nil {
 		return err
@@ -380,8 +421,15 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 	if heads%s.KVHeads != 0 {
 		return fmt.Errorf("%w: %d query heads for %d kv heads", compute.ErrShape, heads, s.KVHeads)
 	}
-	if !fits32(n, qw, kvw) {
-		return fmt.Errorf("%w: attention over %d tokens of width %d", compute.ErrShape, n, qw)
+	if !fits32(n, qw, kvw, opt.Window) || opt.Window < 0 {
+		return fmt.Errorf("%w: attention over %d tokens of width %d, window %d", compute.ErrShape, n, qw, opt.Window)
+	}
+	prep, err := b.prep(opt, qw, kvw, s.HeadDim)
+	if err != nil {
+		return err
+	}
+	if invFreq == nil && (prep.qBias|prep.kBias|prep.vBias|prep.qNorm|prep.kNorm) != 0 {
+		return fmt.Errorf("%w: biases and norms need the fused rope attention", compute.ErrShape)
 	}
 	if err := bt.checkTables(c); err != nil {
 		return err
@@ -393,6 +441,7 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 	o.halfOK = false
 	kc, vc := c.layer(layer)
 	st := b.stream.handle()
+	kvdt := int32(c.dt)
 	if invFreq != nil {
 		if len(invFreq) != s.HeadDim/2 || s.HeadDim%2 != 0 {
 			return fmt.Errorf("%w: rope with %d frequencies for head dim %d", compute.ErrShape, len(invFreq), s.HeadDim)
@@ -402,17 +451,22 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 			return err
 		}
 		qt.halfOK, kt.halfOK = false, false
-		if err := b.lib.check("rope + kv write", b.lib.ropeKVWrite(qt.ptr(), kt.ptr(), vt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
-			inv, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
+		if err := b.lib.check("rope + kv write", b.lib.ropeKVWrite(kvdt, qt.ptr(), kt.ptr(), vt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
+			inv, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), prep, st)); err != nil {
 			return err
 		}
-	} else if err := b.lib.check("kv write", b.lib.kvWrite(kc, vc, kt.ptr(), vt.ptr(), int32(n), int32(kvw), bt.positions, bt.seqIndex,
+	} else if err := b.lib.check("kv write", b.lib.kvWrite(kvdt, kc, vc, kt.ptr(), vt.ptr(), int32(n), int32(kvw), bt.positions, bt.seqIndex,
 		bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
 		return err
 	}
-	// The longest context of the batch (rounded up, see PrepareBatch) lets the kernel split it across
-	// blocks (flash-decoding); the workspace holds the splits' partial results until they are merged.
-	maxCtx := int32(bt.maxCtx)
+	// The longest span a token attends to (its context, rounded up, see PrepareBatch, or the window)
+	// lets the kernel split it across blocks (flash-decoding); the workspace holds the splits'
+	// partial results until they are merged.
+	span := bt.maxCtx
+	if opt.Window > 0 {
+		span = min(span, opt.Window)
+	}
+	maxCtx := int32(span)
 	var ws *Buffer
 	if wsb := b.lib.attentionWorkspace(int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim), maxCtx); wsb > 0 {
 		if ws, err = b.scratch(int64(wsb)); err != nil {
@@ -424,8 +478,37 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 	if ws != nil {
 		wsPtr, wsBytes = ws.ptr, uintptr(ws.size)
 	}
-	return b.lib.check("attention", b.lib.attention(o.ptr(), qt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
-		scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), maxCtx, wsPtr, wsBytes, st))
+	return b.lib.check("attention", b.lib.attention(kvdt, o.ptr(), qt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
+		scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), maxCtx, int32(opt.Window), wsPtr, wsBytes, st))
+}
+
+// AddBias implements compute.DecoderOps.
+func (b *Backend) AddBias(x, bias compute.Tensor) error {
+	ts, err := activations(x, bias)
+	if err != nil {
+		return err
+	}
+	xt, bt := ts[0], ts[1]
+	n, w := rows(xt)
+	if bt.n != w || w == 0 || !fits32(n, w) {
+		return fmt.Errorf("%w: bias %v for rows of %v", compute.ErrShape, bt.shape, xt.shape)
+	}
+	xt.halfOK = false
+	return b.lib.check("add bias", b.lib.addBias(xt.ptr(), bt.ptr(), int32(n), int32(w), b.stream.handle()))
+}
+
+// HeadRMSNorm implements compute.DecoderOps: RMSNorm over [tokens*heads, headDim].
+func (b *Backend) HeadRMSNorm(x, weight compute.Tensor, headDim int, eps float32) error {
+	ts, err := activations(x, weight)
+	if err != nil {
+		return err
+	}
+	xt, w := ts[0], ts[1]
+	if headDim <= 0 || w.n != headDim || xt.n%headDim != 0 || !fits32(xt.n/headDim, headDim) {
+		return fmt.Errorf("%w: head rmsnorm of %v with weight %v, head_dim %d", compute.ErrShape, xt.shape, w.shape, headDim)
+	}
+	xt.halfOK = false
+	return b.lib.check("head rmsnorm", b.lib.rmsNorm(xt.ptr(), xt.ptr(), w.ptr(), int32(xt.n/headDim), int32(headDim), eps, b.stream.handle()))
 }
 
 // maxTunedRank is LP_MAX_RANK, the largest rank the tuned SGMV kernels take.

@@ -45,7 +45,7 @@ type gpuPrecision struct {
 var gpuPrecisions = []gpuPrecision{
 	// float32 throughout (cuBLAS without TF32): only the order of summation differs from the CPU.
 	{cuda.F32, 2e-4, 1e-3},
-	// bf16 weights and GEMM and LoRA-shrink inputs, float32 accumulation, activations and KV cache.
+	// bf16 weights, KV cache and GEMM and LoRA-shrink inputs, float32 accumulation and activations.
 	// Logits then differ from the float64 reference by up to about 0.2 (1.8e-2 of max|ref| ~ 11 on
 	// the shipped model), so greedy tokens are compared only where the reference's margin exceeds
 	// that: below it the choice is rounding noise (qv-r8 prompt 2, token 20, margin 0.083, flips
@@ -55,7 +55,13 @@ var gpuPrecisions = []gpuPrecision{
 
 func gpuBackend(t testing.TB, dt cuda.DType) *cuda.Backend {
 	t.Helper()
-	be, err := cuda.New(cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: dt})
+	return gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: dt})
+}
+
+// gpuBackendWith opens a CUDA backend with o, skipping the test where there is no GPU.
+func gpuBackendWith(t testing.TB, o cuda.Options) *cuda.Backend {
+	t.Helper()
+	be, err := cuda.New(o)
 	if errors.Is(err, cuda.ErrNoLibrary) || errors.Is(err, cuda.ErrNoDevice) {
 		t.Skipf("no GPU to test on: %v (build kernels/ with nvcc and set %s)", err, cuda.LibraryEnv)
 	}
@@ -269,6 +275,15 @@ func newRandWeights(cfg *llama.Config) *randWeights {
 		w.shapes[p+"mlp.gate_proj.weight"] = []int{inter, h}
 		w.shapes[p+"mlp.up_proj.weight"] = []int{inter, h}
 		w.shapes[p+"mlp.down_proj.weight"] = []int{h, inter}
+		// What other families read (each reads only its own): Qwen2's biases, Qwen3's q/k norms,
+		// Phi-3's fused weights.
+		w.shapes[p+"self_attn.q_proj.bias"] = []int{q}
+		w.shapes[p+"self_attn.k_proj.bias"] = []int{kv}
+		w.shapes[p+"self_attn.v_proj.bias"] = []int{kv}
+		w.shapes[p+"self_attn.q_norm.weight"] = []int{cfg.HeadDim}
+		w.shapes[p+"self_attn.k_norm.weight"] = []int{cfg.HeadDim}
+		w.shapes[p+"self_attn.qkv_proj.weight"] = []int{q + 2*kv, h}
+		w.shapes[p+"mlp.gate_up_proj.weight"] = []int{2 * inter, h}
 	}
 	return w
 }
@@ -545,11 +560,36 @@ func TestCUDADecodeBench(t *testing.T) {
 	m, wb, ideal := randomLlama(t, be, bw, `{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
 		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
 		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
-	defer m.Close()
 	for _, batch := range []int{1, 32} {
 		st := decodeTiming(t, be, m, batch, 128, 32)
-		t.Logf("random llama (hidden 2048, 16 layers, inter 5632, 16/8 heads, vocab 32000), bf16 weights %.2f GB, batch %d, prompt 128: prefill %v; decode step %v (logits on device; host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth = %v; ratio %.2fx (graph %.2fx)",
-			float64(wb)/1e9, batch, st.prefill, st.device, st.host, st.withCopy, st.graph, ideal, float64(st.device)/float64(ideal), float64(st.graph)/float64(ideal))
+		// The KV bytes a step reads at the run's middle context (128 prompt + 16 decoded).
+		info := m.Info()
+		kvb := int64(batch) * 144 * int64(info.Layers) * 2 * int64(info.KVHeads*info.HeadDim) * int64(be.KVElementBytes())
+		floor := ideal + time.Duration(float64(kvb)/(bw*1e9)*1e9)
+		t.Logf("random llama (hidden 2048, 16 layers, inter 5632, 16/8 heads, vocab 32000), bf16 weights %.2f GB, %v KV cache, batch %d, prompt 128: prefill %v; decode step %v (logits on device; host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth = %v; ratio %.2fx (graph %.2fx); (weight + KV %.0f MB) / bandwidth = %v: graph %.2fx",
+			float64(wb)/1e9, be.KVDType(), batch, st.prefill, st.device, st.host, st.withCopy, st.graph, ideal, float64(st.device)/float64(ideal), float64(st.graph)/float64(ideal),
+			float64(kvb)/1e6, floor, float64(st.graph)/float64(floor))
+	}
+	m.Close()
+
+	// The same shape in each family's layout: the family's extra work (biases, q/k norms, a window
+	// shorter than the context) against the same weight-bytes floor.
+	const shape = `"vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,"num_hidden_layers":16,"num_attention_heads":16,
+		"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-6,"rope_theta":10000.0,"tie_word_embeddings":false,"eos_token_id":2`
+	for _, f := range []struct{ name, config string }{
+		{"llama", `{"model_type":"llama",` + shape + `}`},
+		{"qwen2 (q/k/v biases)", `{"model_type":"qwen2",` + shape + `}`},
+		{"qwen3 (q/k norms)", `{"model_type":"qwen3","head_dim":128,` + shape + `}`},
+		{"mistral (window 64)", `{"model_type":"mistral","sliding_window":64,` + shape + `}`},
+		{"phi3 (fused checkpoint)", `{"model_type":"phi3",` + shape + `}`},
+	} {
+		fm, fwb, fideal := randomLlama(t, be, bw, f.config)
+		for _, batch := range []int{1, 32} {
+			st := decodeTiming(t, be, fm, batch, 128, 32)
+			t.Logf("family %s, bf16 weights %.2f GB, batch %d, prompt 128: decode step %v, CUDA graph replay %v; floor %v; ratio %.2fx (graph %.2fx)",
+				f.name, float64(fwb)/1e9, batch, st.device, st.graph, fideal, float64(st.device)/float64(fideal), float64(st.graph)/float64(fideal))
+		}
+		fm.Close()
 	}
 }
 
@@ -728,7 +768,7 @@ func opBreakdown(t *testing.T, be *cuda.Backend, sh breakdownShape) {
 	ops = append(ops, []op{
 		{"lm_head rows", 1, int64(2 * hidden * vocab), func() error { return be.MatMulRows(lmOut, xh, lm, b) }},
 		{"attention (kv write + attend), unfused", 0, 0, func() error { return be.Attention(o, q, k, v, cache, 0, 0.088, b) }},
-		{"rope q + k, kv write, attention (fused)", layers, 0, func() error { return be.RoPEAttention(o, q, k, v, inv, cache, 0, 0.088, b) }},
+		{"rope q + k, kv write, attention (fused)", layers, 0, func() error { return be.RoPEAttention(o, q, k, v, inv, cache, 0, 0.088, compute.AttnOptions{}, b) }},
 		{"rmsnorm", 2*layers + 1, 0, func() error { return be.RMSNorm(xh, xh, norm, 1e-5) }},
 		{"rope q, unfused", 0, 0, func() error { return be.RoPE(q, heads, hd, inv, b) }},
 		{"rope k, unfused", 0, 0, func() error { return be.RoPE(k, kvHeads, hd, inv, b) }},

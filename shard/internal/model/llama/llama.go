@@ -209,8 +209,8 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 			}
 		}
 	}
-	// The fused projections compute the plain Llama layer; a config needing more runs unfused.
-	if f, ok := be.(compute.Fuser); ok && compute.On(be, compute.CapFusion) && ops == nil {
+	// The fused projections take the family's options (biases, q/k norms, windows) around them.
+	if f, ok := be.(compute.Fuser); ok && compute.On(be, compute.CapFusion) {
 		if err := m.pack(f); err != nil {
 			return nil, err
 		}
@@ -452,13 +452,24 @@ func (m *Model) fusedLayers(b compute.Batch, cache compute.KVCache, s *scratch, 
 	be, f := m.be, m.fuse
 	for l := range m.layers {
 		ly := &m.layers[l]
+		opt := compute.AttnOptions{
+			QBias: ly.bias[compute.ModQ], KBias: ly.bias[compute.ModK], VBias: ly.bias[compute.ModV],
+			QNorm: ly.qNorm, KNorm: ly.kNorm, NormEps: eps, Window: m.cfg.windows[l],
+		}
+		oBias := func() error {
+			if bias := ly.bias[compute.ModO]; bias != nil {
+				return m.ops.AddBias(s.x, bias)
+			}
+			return nil
+		}
 		steps := []func() error{
 			func() error { return be.RMSNorm(s.h, s.x, ly.inNorm, eps) },
 			func() error {
 				return f.Project([]compute.Tensor{s.q, s.k, s.v}, s.h, ly.qkv, l, []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, b)
 			},
-			func() error { return f.RoPEAttention(s.attn, s.q, s.k, s.v, m.invFreq, cache, l, scale, b) },
+			func() error { return f.RoPEAttention(s.attn, s.q, s.k, s.v, m.invFreq, cache, l, scale, opt, b) },
 			func() error { return f.ProjectAdd(s.x, s.attn, ly.proj[compute.ModO], l, compute.ModO, b) },
+			oBias,
 			func() error { return be.RMSNorm(s.h, s.x, ly.postNorm, eps) },
 			func() error {
 				return f.Project([]compute.Tensor{s.gate, s.up}, s.h, ly.gateUp, l, []compute.Module{compute.ModGate, compute.ModUp}, b)
