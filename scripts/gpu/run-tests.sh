@@ -19,12 +19,12 @@ for what in "${@:-tests}"; do
     tests)
       cuda -test.v -test.count=1 -test.run 'TestBackend|TestSGMVRandom|TestBF16|TestF16|TestDeviceAndNVML|TestFused|TestUpload(AdapterReadBack|AdapterConcurrent|OverlapsCompute)|TestSample' >"$out/cuda-tests.log" 2>&1 || rc=1
       grep -E '^(--- |FAIL|ok|PASS)' "$out/cuda-tests.log" | grep -v '^--- PASS' | tail -30
-      llama -test.v -test.count=1 -test.run 'TestCUDAMatchesReference|TestCUDAStepGraphsMatchEager' >"$out/llama-tests.log" 2>&1 || rc=1
+      llama -test.v -test.count=1 -test.run 'TestCUDAMatchesReference|TestCUDAFamiliesMatchReference|TestCUDAStepGraphsMatchEager' >"$out/llama-tests.log" 2>&1 || rc=1
       grep -E '^(--- |FAIL|ok|PASS)|worst logit|graph stats|steps:' "$out/llama-tests.log" | tail -30
       ;;
     bench)
       llama -test.v -test.count=1 -test.run 'TestCUDADecodeBench' -cuda.bench >"$out/decode-bench.log" 2>&1 || rc=1
-      grep -E 'decode step|FAIL|copy bandwidth' "$out/decode-bench.log" | tail -20
+      grep -E 'decode step|FAIL|copy bandwidth' "$out/decode-bench.log" | tail -30
       ;;
     breakdown)
       llama -test.v -test.count=1 -test.run 'TestCUDAOpBreakdown' -cuda.bench >"$out/breakdown.log" 2>&1 || rc=1
