@@ -20,6 +20,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/discovery/consultest"
 	"github.com/loraplex/loraplex/pkg/residency"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // grpcHealth serves grpc.health.v1 on a loopback port, as a shard does.
@@ -68,18 +69,6 @@ func (v *views) get() discovery.Snapshot {
 	return v.last
 }
 
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > within {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return time.Since(start)
-}
-
 // watch runs a watcher until the test ends and collects its snapshots.
 func watch(t *testing.T, c *api.Client, o discovery.Options, log *zap.Logger) (*discovery.Watcher, *views) {
 	t.Helper()
@@ -119,7 +108,7 @@ func TestRegisterPublishWatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "healthy instance and record in the view", func() bool {
+	poll.Until(t, 5*time.Second, "healthy instance and record in the view", func() bool {
 		s := v.get()
 		return len(s.Instances) == 1 && s.Instances[0].Addr == addr && s.Records["shard-a"] != nil
 	})
@@ -127,7 +116,7 @@ func TestRegisterPublishWatch(t *testing.T) {
 	// A new adapter is visible within a second of Notify.
 	st.adapters.Store([]residency.Adapter{{ID: "qv-r8", Tier: residency.TierDevice, Bytes: 1000, Rank: 8, Version: "v1"}})
 	reg.Notify()
-	took := eventually(t, time.Second, "adapter residency visible", func() bool {
+	took := poll.Until(t, time.Second, "adapter residency visible", func() bool {
 		r := v.get().Records["shard-a"]
 		return r != nil && r.Tier("qv-r8") == residency.TierDevice
 	})
@@ -135,15 +124,15 @@ func TestRegisterPublishWatch(t *testing.T) {
 
 	// An unhealthy shard leaves the healthy list; its record stays until its session ends.
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
-	eventually(t, 5*time.Second, "unhealthy shard dropped", func() bool { return len(v.get().Instances) == 0 })
+	poll.Until(t, 5*time.Second, "unhealthy shard dropped", func() bool { return len(v.get().Instances) == 0 })
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	eventually(t, 5*time.Second, "shard healthy again", func() bool { return len(v.get().Instances) == 1 })
+	poll.Until(t, 5*time.Second, "shard healthy again", func() bool { return len(v.get().Instances) == 1 })
 
 	// Deregistration removes the record and the instance at once.
 	if err := reg.Deregister(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 2*time.Second, "record and instance gone", func() bool {
+	poll.Until(t, 2*time.Second, "record and instance gone", func() bool {
 		s := v.get()
 		return len(s.Instances) == 0 && len(s.Records) == 0
 	})
@@ -166,7 +155,7 @@ func TestSessionTTLRemovesDeadShard(t *testing.T) {
 	// Simulate kill -9: stop renewing without deleting anything.
 	reg.Abandon()
 	start := time.Now()
-	eventually(t, 2*o.SessionTTL+5*time.Second, "residency key deleted by the session", func() bool {
+	poll.Until(t, 2*o.SessionTTL+5*time.Second, "residency key deleted by the session", func() bool {
 		p, _, err := c.KV().Get(key, nil)
 		return err == nil && p == nil
 	})
@@ -197,13 +186,13 @@ func TestConsulRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = reg.Deregister(context.Background()) }()
-	eventually(t, 5*time.Second, "initial view", func() bool {
+	poll.Until(t, 5*time.Second, "initial view", func() bool {
 		s := v.get()
 		return len(s.Instances) == 1 && s.Records["shard-r"] != nil
 	})
 
 	agent.Stop()
-	eventually(t, 10*time.Second, "watcher marks its view stale", func() bool { return w.Snapshot().Stale })
+	poll.Until(t, 10*time.Second, "watcher marks its view stale", func() bool { return w.Snapshot().Stale })
 	if s := w.Snapshot(); len(s.Instances) != 1 || s.Records["shard-r"] == nil {
 		t.Fatalf("view lost while consul is down: %+v", s)
 	}
@@ -211,7 +200,7 @@ func TestConsulRestart(t *testing.T) {
 	agent.Restart()
 	st.adapters.Store([]residency.Adapter{{ID: "a2", Tier: residency.TierDevice, Bytes: 10}})
 	reg.Notify()
-	eventually(t, 20*time.Second, "views converge after the restart", func() bool {
+	poll.Until(t, 20*time.Second, "views converge after the restart", func() bool {
 		s := w.Snapshot()
 		r := s.Records["shard-r"]
 		return !s.Stale && len(s.Instances) == 1 && r != nil && r.Tier("a2") == residency.TierDevice
@@ -239,7 +228,7 @@ func TestCheckOnHealthPort(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = reg.Deregister(context.Background()) }()
-	eventually(t, 10*time.Second, "shard healthy through its health port", func() bool {
+	poll.Until(t, 10*time.Second, "shard healthy through its health port", func() bool {
 		entries, _, err := c.Health().Service(o.Service, "", true, nil)
 		return err == nil && len(entries) == 1 && fmt.Sprintf("%s:%d", entries[0].Service.Address, entries[0].Service.Port) == mainAddr
 	})

@@ -16,6 +16,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/discovery/consultest"
 	"github.com/loraplex/loraplex/pkg/residency"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // counter reads a counter's total from a manual reader.
@@ -83,11 +84,11 @@ func TestPublishBacksOffDuringOutage(t *testing.T) {
 		t.Errorf("%d failed publishes in %v, want 2..15 (backoff capped at %v)", failures, outage, o.MaxBackoff)
 	}
 	agent.Restart()
-	eventually(t, 20*time.Second, "the shard publishes again", func() bool {
+	poll.Until(t, 20*time.Second, "the shard publishes again", func() bool {
 		p, _, err := c.KV().Get(reg.Key(), nil)
 		return err == nil && p != nil
 	})
-	eventually(t, 5*time.Second, "recovery logged", func() bool {
+	poll.Until(t, 5*time.Second, "recovery logged", func() bool {
 		return logs.FilterMessage("residency publish recovered").Len() == 1
 	})
 	if n := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessageSnippet("residency publish failed").Len(); n != 1 {
@@ -116,12 +117,12 @@ func TestJunkKeyWarnedOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	warnings := func() int { return logs.FilterField(zap.String("key", junk)).Len() }
-	eventually(t, 5*time.Second, "junk key warned about", func() bool { return warnings() == 1 })
+	poll.Until(t, 5*time.Second, "junk key warned about", func() bool { return warnings() == 1 })
 	for i := range 10 { // ten updates of the prefix
 		st.adapters.Store([]residency.Adapter{{ID: string(rune('a' + i)), Tier: residency.TierHost, Bytes: 1}})
 		reg.Notify()
 		want := string(rune('a' + i))
-		eventually(t, 5*time.Second, "update seen", func() bool {
+		poll.Until(t, 5*time.Second, "update seen", func() bool {
 			r := v.get().Records["s"]
 			return r != nil && r.Tier(want) == residency.TierHost
 		})
@@ -132,7 +133,7 @@ func TestJunkKeyWarnedOnce(t *testing.T) {
 	if _, err := c.KV().Put(&api.KVPair{Key: junk, Value: []byte("still not a record")}, nil); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "changed junk key warned about again", func() bool { return warnings() == 2 })
+	poll.Until(t, 5*time.Second, "changed junk key warned about again", func() bool { return warnings() == 2 })
 }
 
 // TestStaleRecordIgnored: a record whose publish time is older than RecordMaxAge (a shard whose
@@ -153,12 +154,12 @@ func TestStaleRecordIgnored(t *testing.T) {
 	}
 	put("fresh", 0)
 	put("frozen", time.Hour)
-	eventually(t, 5*time.Second, "fresh record seen", func() bool { return v.get().Records["fresh"] != nil })
+	poll.Until(t, 5*time.Second, "fresh record seen", func() bool { return v.get().Records["fresh"] != nil })
 	if v.get().Records["frozen"] != nil {
 		t.Error("an hour-old record is in the view")
 	}
 	// Without any Consul change, the fresh record ages out of the view.
-	took := eventually(t, 2*o.RecordMaxAge, "fresh record ages out", func() bool { return v.get().Records["fresh"] == nil })
+	took := poll.Until(t, 2*o.RecordMaxAge, "fresh record ages out", func() bool { return v.get().Records["fresh"] == nil })
 	t.Logf("record left the view %v after it was seen (max age %v)", took, o.RecordMaxAge)
 }
 
@@ -189,19 +190,19 @@ func TestRecoveryKeepsUnlistedShards(t *testing.T) {
 		}
 		return out
 	}
-	eventually(t, 10*time.Second, "both shards healthy", func() bool { return slices.Equal(ids(), []string{"back", "gone"}) })
+	poll.Until(t, 10*time.Second, "both shards healthy", func() bool { return slices.Equal(ids(), []string{"back", "gone"}) })
 
 	agent.Stop()
-	eventually(t, 10*time.Second, "watcher marks its view stale", func() bool { return w.Snapshot().Stale })
+	poll.Until(t, 10*time.Second, "watcher marks its view stale", func() bool { return w.Snapshot().Stale })
 	regs[1].Abandon() // "gone" dies during the outage
 	agent.Restart()
 	recovered := time.Now()
-	eventually(t, 20*time.Second, "view current again", func() bool { return !w.Snapshot().Stale })
+	poll.Until(t, 20*time.Second, "view current again", func() bool { return !w.Snapshot().Stale })
 	// Consul lists only "back" once it re-registers; "gone" stays for now.
 	if got := ids(); !slices.Contains(got, "gone") {
 		t.Errorf("view right after recovery: %v, want the unlisted shard kept", got)
 	}
-	eventually(t, 3*o.RecordMaxAge, "the shard that never came back leaves the view", func() bool {
+	poll.Until(t, 3*o.RecordMaxAge, "the shard that never came back leaves the view", func() bool {
 		return slices.Equal(ids(), []string{"back"})
 	})
 	t.Logf("unlisted shard kept %v after the recovery (record max age %v)", time.Since(recovered).Round(time.Millisecond), o.RecordMaxAge)

@@ -21,6 +21,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/discovery/consultest"
 	"github.com/loraplex/loraplex/pkg/residency"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 func start(t *testing.T, cfg Config) *Router {
@@ -52,17 +53,6 @@ func healthOf(t *testing.T, addr string) healthpb.HealthCheckResponse_ServingSta
 		t.Fatal(err)
 	}
 	return resp.GetStatus()
-}
-
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // TestHealthFollowsView: a router with a static list serves at once; a Consul router reports
@@ -117,7 +107,7 @@ func TestHealthFollowsView(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer func() { _ = reg.Deregister(context.Background()) }()
-		eventually(t, 10*time.Second, "router SERVING once a shard is healthy", func() bool {
+		poll.Until(t, 10*time.Second, "router SERVING once a shard is healthy", func() bool {
 			return healthOf(t, r.Addr()) == healthpb.HealthCheckResponse_SERVING
 		})
 	})

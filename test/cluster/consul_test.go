@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // TestConsulOutage: while the Consul agent is down the router keeps routing on its last view; after
@@ -46,7 +48,7 @@ func TestConsulOutage(t *testing.T) {
 	watchFailures := r.out.count("consul watch failed")
 	c.agent.Stop()
 	stopped := time.Now()
-	noticed := eventually(t, 15*time.Second, "the router notices consul is down", func() bool {
+	noticed := poll.Until(t, 15*time.Second, "the router notices consul is down", func() bool {
 		return r.out.count("consul watch failed") > watchFailures
 	})
 	t.Logf("router noticed the outage after %v", noticed.Round(time.Millisecond))
@@ -124,7 +126,7 @@ func TestConsulOutage(t *testing.T) {
 		}
 	}()
 
-	converged := eventually(t, 30*time.Second, "shards registered, healthy and republished after the restart, and the router's view whole", func() bool {
+	converged := poll.Until(t, 30*time.Second, "shards registered, healthy and republished after the restart, and the router's view whole", func() bool {
 		ids, err := c.passing()
 		if err != nil || !slices.Equal(ids, []string{"s0", "s1", "s2"}) {
 			return false

@@ -12,6 +12,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // TestDrainOnSIGTERM: a shard told to stop mid-stream leaves Consul at once (service and residency
@@ -52,7 +54,7 @@ func TestDrainOnSIGTERM(t *testing.T) {
 
 	// Consul forgets the shard while it drains: no service (passing or not) and no residency key.
 	var left time.Duration
-	eventually(t, drainTimeout, "the draining shard leaves consul", func() bool {
+	poll.Until(t, drainTimeout, "the draining shard leaves consul", func() bool {
 		select {
 		case <-termed:
 		default:

@@ -20,6 +20,7 @@ import (
 
 	"github.com/loraplex/loraplex/pkg/discovery"
 	"github.com/loraplex/loraplex/pkg/residency"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // firstResponse is the routers' -first-response-timeout in these tests (the default).
@@ -135,7 +136,7 @@ func TestBrokenRegisteredShard(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { _ = reg.Deregister(context.Background()) }()
-	eventually(t, 15*time.Second, "the broken shard passes its check", func() bool { return c.isPassing("zz-broken") })
+	poll.Until(t, 15*time.Second, "the broken shard passes its check", func() bool { return c.isPassing("zz-broken") })
 
 	r := c.startRouter(t, "router", "-routing", "affinity") // its view size counts the shards that answer ListAdapters
 	c.routerCaughtUp(t, r)

@@ -29,6 +29,7 @@ import (
 	"github.com/loraplex/loraplex/pkg/discovery/consultest"
 	"github.com/loraplex/loraplex/pkg/residency"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+	"github.com/loraplex/loraplex/test/poll"
 	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
@@ -451,7 +452,7 @@ func (c *cluster) routerCaughtUp(t *testing.T, r *proc) time.Duration {
 			want[id] = 0
 		}
 	}
-	return eventually(t, 10*time.Second, fmt.Sprintf("%s routes on consul's shards %v and their records", r.name, ids), func() bool {
+	return poll.Until(t, 10*time.Second, fmt.Sprintf("%s routes on consul's shards %v and their records", r.name, ids), func() bool {
 		got := r.samples(t, "loraplex_router_view_record_seq", "shard")
 		if len(got) != len(want) {
 			return false
@@ -479,7 +480,7 @@ func (c *cluster) routerViewSize(t *testing.T, r *proc) int {
 
 func (c *cluster) waitRouterView(t *testing.T, r *proc, n int, within time.Duration) time.Duration {
 	t.Helper()
-	return eventually(t, within, fmt.Sprintf("%s's view holds %d shards", r.name, n), func() bool { return c.routerViewSize(t, r) == n })
+	return poll.Until(t, within, fmt.Sprintf("%s's view holds %d shards", r.name, n), func() bool { return c.routerViewSize(t, r) == n })
 }
 
 // passing lists the shard ids whose Consul health check passes.
@@ -546,21 +547,7 @@ func (c *cluster) load(t *testing.T, id string, adapters ...string) {
 			t.Fatalf("load %s on %s: %v", a, id, err)
 		}
 	}
-	eventually(t, 5*time.Second, fmt.Sprintf("%s shows %v on the device in consul", id, adapters), func() bool { return c.onDevice(id, adapters...) })
-}
-
-// eventually polls cond every 10ms until it holds, failing the test after within; it returns how
-// long it took. It is the package's one polling helper.
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > within {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return time.Since(start)
+	poll.Until(t, 5*time.Second, fmt.Sprintf("%s shows %v on the device in consul", id, adapters), func() bool { return c.onDevice(id, adapters...) })
 }
 
 // request asks for n greedy tokens of adapter after a short prompt; ignore_eos makes every

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
+
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 const (
@@ -208,7 +210,7 @@ func (c *cluster) unloadAll(t *testing.T) {
 			}
 		}
 	}
-	eventually(t, 5*time.Second, "empty residency records in consul", func() bool {
+	poll.Until(t, 5*time.Second, "empty residency records in consul", func() bool {
 		for _, s := range c.shards {
 			r, err := c.record(s.name)
 			if err != nil || r == nil || len(r.Adapters) > 0 || len(r.Loading) > 0 {

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/loraplex/loraplex/pkg/discovery"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // longTokens is the length of the streams that outlive a shard's death or drain.
@@ -134,7 +135,7 @@ func TestKillShardMidStream(t *testing.T) {
 
 	// Once the health check fails, nothing is routed to the dead shard (the one-attempt router
 	// would fail such a request).
-	eventually(t, 15*time.Second, "consul marks the dead shard critical", func() bool {
+	poll.Until(t, 15*time.Second, "consul marks the dead shard critical", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return critical > 0

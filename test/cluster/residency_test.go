@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // TestResidencyVisibleAndRouted: an adapter a shard loads shows in its Consul record within a second
@@ -22,7 +24,7 @@ func TestResidencyVisibleAndRouted(t *testing.T) {
 	if resp.GetShardId() != "s1" {
 		t.Fatalf("s1 answered as %q", resp.GetShardId())
 	}
-	eventually(t, 5*time.Second, "a05 on s1's device in consul", func() bool { return c.onDevice("s1", "a05") })
+	poll.Until(t, 5*time.Second, "a05 on s1's device in consul", func() bool { return c.onDevice("s1", "a05") })
 	visible := time.Since(answered)
 	var bytes int64
 	if rec, err := c.record("s1"); err == nil && rec != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/loraplex/loraplex/pkg/demomodel"
 	routerapp "github.com/loraplex/loraplex/router/app"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 func completion(model string) openai.CompletionNewParams {
@@ -43,7 +44,7 @@ func TestErrors(t *testing.T) {
 		// Rotation: the file is re-read when it changes, without a restart.
 		writeKeys(t, keys, "key-3")
 		rotated := c.client(t, "key-3")
-		eventually(t, 10*time.Second, "key-3 accepted after the key file changed", func() bool {
+		poll.Until(t, 10*time.Second, "key-3 accepted after the key file changed", func() bool {
 			_, err := rotated.Completions.New(ctx, completion("reverse"))
 			return err == nil
 		})

@@ -164,13 +164,3 @@ func writeKeys(t *testing.T, path string, keys ...string) string {
 	}
 	return path
 }
-
-// eventually polls cond every 20 ms until it holds or the bound passes.
-func eventually(t *testing.T, bound time.Duration, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(bound); !cond(); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v: %s", bound, what)
-		}
-	}
-}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/loraplex/loraplex/pkg/telemetry"
 	shardapp "github.com/loraplex/loraplex/shard/app"
+	"github.com/loraplex/loraplex/test/poll"
 	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
@@ -83,7 +84,7 @@ func TestClientCancel(t *testing.T) {
 			t.Errorf("stream %d after cancel: %v", i, st.Err())
 		}
 		_ = st.Close()
-		eventually(t, 10*time.Second, "the shard's in-flight count returns to zero", func() bool { return inFlight() == 0 })
+		poll.Until(t, 10*time.Second, "the shard's in-flight count returns to zero", func() bool { return inFlight() == 0 })
 	}
 	if n := counterSum(t, reader, "loraplex.engine.generated.tokens", nil); n >= 3000 || n < 3 {
 		t.Errorf("the shard generated %d tokens for 3 streams cancelled after their first chunk (of 1000 each)", n)
@@ -160,7 +161,7 @@ func TestTelemetry(t *testing.T) {
 		}
 		return nil
 	}
-	eventually(t, 5*time.Second, "the HTTP and shard spans exported", func() bool {
+	poll.Until(t, 5*time.Second, "the HTTP and shard spans exported", func() bool {
 		spans = exp.GetSpans()
 		return find("POST /v1/completions") != nil && find("engine.decode") != nil
 	})

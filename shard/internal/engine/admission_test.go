@@ -12,6 +12,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/engine"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // hangingSource is the real adapter cache, except that the adapter "stuck" never finishes loading
@@ -47,7 +48,7 @@ func TestWaitingForALoadIsBoundedPerAdapter(t *testing.T) {
 			stuck <- e.Submit(ctx, &engine.Request{ID: "s", AdapterID: "stuck", Prompt: prompt, MaxNewTokens: 2}, func(engine.Event) error { return nil })
 		}()
 	}
-	waitFor(t, "the stuck requests to wait", func() bool { return e.Stats().Loading == o.MaxWaitingPerAdapter })
+	poll.Until(t, 10*time.Second, "the stuck requests to wait", func() bool { return e.Stats().Loading == o.MaxWaitingPerAdapter })
 
 	start := time.Now()
 	err = e.Submit(ctx, &engine.Request{ID: "over", AdapterID: "stuck", Prompt: prompt, MaxNewTokens: 2}, func(engine.Event) error { return nil })

@@ -26,6 +26,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
 	"github.com/loraplex/loraplex/shard/internal/sampling"
+	"github.com/loraplex/loraplex/test/poll"
 	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
@@ -538,19 +539,8 @@ func (v *env) startLong(t *testing.T, ctx context.Context, id string) <-chan err
 		_, err := v.run(t, ctx, v.longRequest(id))
 		done <- err
 	}()
-	waitFor(t, "the long request to run", func() bool { return v.e.Stats().Running == 1 })
+	poll.Until(t, 10*time.Second, "the long request to run", func() bool { return v.e.Stats().Running == 1 })
 	return done
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
 }
 
 func wait(t *testing.T, what string, ch <-chan error) error {
@@ -574,7 +564,7 @@ func TestQueueFull(t *testing.T) {
 		_, err := v.run(t, ctx, &engine.Request{ID: "queued", Prompt: []int{0, 5}, MaxNewTokens: 2})
 		queued <- err
 	}()
-	waitFor(t, "the second request to queue", func() bool { return v.e.Stats().Queued == 1 })
+	poll.Until(t, 10*time.Second, "the second request to queue", func() bool { return v.e.Stats().Queued == 1 })
 
 	start := time.Now()
 	called := false
@@ -622,7 +612,7 @@ func TestDeadlineWhileQueued(t *testing.T) {
 		res, err := v.run(t, dctx, &engine.Request{ID: "deadline", AdapterID: "qv-r8", Prompt: []int{0, 5, 6}, MaxNewTokens: 4})
 		done <- outcome{res, err}
 	}()
-	waitFor(t, "the request to queue", func() bool { return v.e.Stats().Queued == 1 })
+	poll.Until(t, 10*time.Second, "the request to queue", func() bool { return v.e.Stats().Queued == 1 })
 	var out outcome
 	select {
 	case out = <-done:
@@ -659,7 +649,7 @@ func TestQueueTimingEndsAtFirstStep(t *testing.T) {
 		_, err := v.run(t, context.Background(), &engine.Request{ID: "first", Prompt: []int{0, 7}, MaxNewTokens: 300, IgnoreEOS: true})
 		first <- err
 	}()
-	waitFor(t, "the first request to run", func() bool { return v.e.Stats().Running == 1 })
+	poll.Until(t, 10*time.Second, "the first request to run", func() bool { return v.e.Stats().Running == 1 })
 	res := v.mustRun(t, &engine.Request{ID: "second", Prompt: []int{0, 8}, MaxNewTokens: 1})
 	if err := wait(t, "the first request", first); err != nil {
 		t.Fatal(err)
@@ -765,7 +755,7 @@ func TestClose(t *testing.T) {
 		_, err := v.run(t, context.Background(), &engine.Request{ID: "queued", AdapterID: "qv-r8", Prompt: []int{0, 5}, MaxNewTokens: 2})
 		queued <- err
 	}()
-	waitFor(t, "the second request to queue", func() bool { return v.e.Stats().Queued == 1 })
+	poll.Until(t, 10*time.Second, "the second request to queue", func() bool { return v.e.Stats().Queued == 1 })
 
 	closed := make(chan struct{})
 	go func() {

@@ -15,6 +15,7 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/engine"
 	"github.com/loraplex/loraplex/shard/internal/model"
+	"github.com/loraplex/loraplex/test/poll"
 )
 
 // TestPreemptionKeepsResults: six sequences whose caches together need more than twice the KV
@@ -86,7 +87,7 @@ func TestFairnessBoundsWaiting(t *testing.T) {
 		})
 		_ = i
 	}
-	waitFor(t, "the flood to queue", func() bool { return v.e.Stats().Queued >= flood-2 })
+	poll.Until(t, 10*time.Second, "the flood to queue", func() bool { return v.e.Stats().Queued >= flood-2 })
 	if err := run("victim", "mlp-r4-patterns"); err != nil {
 		t.Fatal(err)
 	}
@@ -174,9 +175,9 @@ func TestQueueFullRetryHint(t *testing.T) {
 		})
 	}
 	long()
-	waitFor(t, "one running", func() bool { return v.e.Stats().Running == 1 })
+	poll.Until(t, 10*time.Second, "one running", func() bool { return v.e.Stats().Running == 1 })
 	long()
-	waitFor(t, "one running and one queued", func() bool { st := v.e.Stats(); return st.Running == 1 && st.Queued == 1 })
+	poll.Until(t, 10*time.Second, "one running and one queued", func() bool { st := v.e.Stats(); return st.Running == 1 && st.Queued == 1 })
 	start := time.Now()
 	err := v.e.Submit(context.Background(), &engine.Request{Prompt: []int{0, 4}, MaxNewTokens: 1}, func(engine.Event) error { return nil })
 	var qf *engine.QueueFullError
