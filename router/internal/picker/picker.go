@@ -17,9 +17,11 @@ type Shard struct {
 }
 
 // Request is what a routing decision knows of a request. An empty AdapterID asks for the base
-// model.
+// model. Version is the version a request for id@version pinned (AdapterID is then the id): shards
+// holding exactly that version are preferred; without it, shards holding the current one.
 type Request struct {
 	AdapterID string
+	Version   string
 	RequestID string
 }
 

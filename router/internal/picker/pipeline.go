@@ -57,11 +57,12 @@ type Cycle struct {
 	total   []float64 // by view index
 }
 
-// Holding returns how shard i of the view holds the request's adapter (nothing for base-model
-// requests).
+// Holding returns how shard i of the view holds the version the request gets of its adapter
+// (nothing for base-model requests).
 func (c *Cycle) Holding(i int) Holding { return c.holds[i] }
 
-// Held reports whether any shard of the view holds the request's adapter, in any tier or loading.
+// Held reports whether any shard of the view holds the version the request gets of its adapter, in
+// any tier or loading.
 func (c *Cycle) Held() bool { return c.held }
 
 // Weight is the rendezvous weight of the request's key (RendezvousKey) on shard i, the same on
@@ -96,9 +97,11 @@ func (c *Cycle) reset(v *View, r Request) {
 	}
 	if e := v.lookup(r.AdapterID); e != nil {
 		for _, h := range e.holders {
-			c.holds[h.shard] = h.Holding
+			e.merge(h, r.Version, &c.holds[h.shard])
 		}
-		c.held = len(e.holders) > 0
+		for _, h := range e.holders {
+			c.held = c.held || c.holds[h.shard].Held()
+		}
 	}
 }
 

@@ -25,13 +25,20 @@ type ShardState struct {
 // own in-flight requests (no residency record: a static -shards list, or a record not yet seen).
 const LocalSlots = 8
 
-// Holding is how a shard holds an adapter: the tier it is resident in (residency.TierNone when it is
-// not) and whether a load is under way, which is not a tier: a shard may hold an adapter on the host
-// while loading it to the device. A request finds an adapter on the device ready, in host memory
-// one copy away, loading soon ready.
+// Holding is how a shard holds an adapter for a request: the tier of its closest copy of the version
+// the request gets (residency.TierNone when it has none) and whether a load is under way, which is
+// not a tier: a shard may hold an adapter on the host while loading it to the device. A request
+// finds an adapter on the device ready, in host memory one copy away, loading soon ready.
+//
+// The version a request gets is the one it pinned (Request.Version), else the adapter's current
+// version: the one with the newest store time any shard reports (residency.Adapter.Modified). A
+// copy of an older version does not count; a shard with nothing else is Stale, since it serves the
+// older version to requests without a pin until it notices the update (its refresh interval).
+// Copies whose version or time is unknown (records of older shards) count as current.
 type Holding struct {
 	Tier    residency.Tier
 	Loading bool
+	Stale   bool
 }
 
 // Held reports whether the shard has the adapter in some tier or is loading it.
@@ -72,16 +79,72 @@ func (s *ShardInfo) Load() (load float64, ok bool) {
 	return 0, false
 }
 
-// holding is one shard's holding of an adapter.
+// holding is one copy (or load) of an adapter on a shard, as its record lists it.
 type holding struct {
-	shard int32
-	Holding
+	shard   int32
+	version int32 // index in the adapter's versions, -1 when the record states none
+	tier    residency.Tier
+	loading bool
+}
+
+// version is one version of an adapter stated in the view, with the newest store time any shard
+// reports for it (0: unknown).
+type version struct {
+	name     string
+	modified int64
 }
 
 // adapterIndex is an adapter's entry in a view.
 type adapterIndex struct {
-	holders []holding // by shard index, each shard once
-	bytes   int64     // largest size any shard reports, 0 when none does
+	holders  []holding // in shard order; a shard holding several copies appears once per copy
+	versions []version // nil when no shard states a version
+	current  int64     // newest store time of any version (0: none known)
+	bytes    int64     // largest size any shard reports, 0 when none does
+}
+
+// stale reports whether the copy is of a version older than the current one.
+func (e *adapterIndex) stale(h holding) bool {
+	if h.version < 0 {
+		return false
+	}
+	m := e.versions[h.version].modified
+	return m > 0 && m < e.current
+}
+
+// merge adds a copy to a shard's Holding for a request pinning version (empty: the current one).
+// A load's version is not published, so a load counts for any request.
+func (e *adapterIndex) merge(h holding, pinned string, into *Holding) {
+	switch {
+	case h.loading:
+		into.Loading = true
+	case pinned != "":
+		if h.version >= 0 && e.versions[h.version].name == pinned {
+			into.Tier = max(into.Tier, h.tier)
+		}
+	case e.stale(h):
+		into.Stale = true
+	default:
+		into.Tier = max(into.Tier, h.tier)
+	}
+	if into.Held() {
+		into.Stale = false
+	}
+}
+
+// versionOf returns the index of a stated version, adding it (with its time) when new.
+func (e *adapterIndex) versionOf(name string, modified int64) int32 {
+	if name == "" {
+		return -1
+	}
+	e.current = max(e.current, modified)
+	for k := range e.versions {
+		if e.versions[k].name == name {
+			e.versions[k].modified = max(e.versions[k].modified, modified)
+			return int32(k)
+		}
+	}
+	e.versions = append(e.versions, version{name, modified})
+	return int32(len(e.versions) - 1)
 }
 
 // View is an immutable snapshot of the shards, built once per residency update and shared by every
@@ -174,7 +237,7 @@ func (v *View) index() {
 		for _, a := range r.Adapters {
 			e := &entries[seen[next]]
 			next++
-			e.add(int32(i), Holding{Tier: a.Tier})
+			e.holders = append(e.holders, holding{shard: int32(i), version: e.versionOf(a.Version, a.Modified), tier: a.Tier})
 			if a.Bytes > 0 {
 				e.bytes = max(e.bytes, a.Bytes)
 				sumBytes += a.Bytes
@@ -182,7 +245,8 @@ func (v *View) index() {
 			}
 		}
 		for range r.Loading {
-			entries[seen[next]].add(int32(i), Holding{Loading: true})
+			e := &entries[seen[next]]
+			e.holders = append(e.holders, holding{shard: int32(i), version: -1, loading: true})
 			next++
 		}
 	}
@@ -190,19 +254,6 @@ func (v *View) index() {
 		v.typicalBytes = sumBytes / nBytes
 	}
 	v.slot, v.entries = slot, entries
-}
-
-// add records a holding, merging the entries of one shard: a record may list an adapter twice (on
-// the host and loading to the device, or a duplicate entry); the closest tier wins. Shards are added
-// in order, so a repeat is the last holder. The holders' capacity was counted, so append never
-// reallocates.
-func (e *adapterIndex) add(shard int32, h Holding) {
-	if n := len(e.holders); n > 0 && e.holders[n-1].shard == shard {
-		last := &e.holders[n-1].Holding
-		last.Tier, last.Loading = max(last.Tier, h.Tier), last.Loading || h.Loading
-		return
-	}
-	e.holders = append(e.holders, holding{shard, h})
 }
 
 // lookup returns the adapter's entry, nil when no shard holds it.
@@ -224,17 +275,18 @@ func (v *View) Index(id string) (int, bool) {
 	return slices.BinarySearchFunc(v.shards, id, func(s ShardInfo, id string) int { return strings.Compare(s.ID, id) })
 }
 
-// Holding returns how shard i holds an adapter. A decision uses its Cycle instead, which looks the
-// adapter up once.
+// Holding returns how shard i holds an adapter for a request without a version pin. A decision
+// uses its Cycle instead, which looks the adapter up once.
 func (v *View) Holding(adapterID string, i int) Holding {
+	var out Holding
 	if e := v.lookup(adapterID); e != nil {
 		for _, h := range e.holders {
 			if int(h.shard) == i {
-				return h.Holding
+				e.merge(h, "", &out)
 			}
 		}
 	}
-	return Holding{}
+	return out
 }
 
 // AdapterBytes is the adapter's size as shards report it, or else the mean size of the adapters

@@ -132,9 +132,10 @@ func (a *Adapters) storePage(ctx context.Context, shards []picker.Shard, r *lora
 	return nil, statusOf(fmt.Errorf("%w: %w", ErrNoShard, lastErr))
 }
 
-// pickID is the id the picker routes a reference by: shards publish an adapter under its plain id,
-// a version pinned with id@version in the record's version field, so id@version goes where id is.
-func pickID(ref string) string {
-	id, _, _ := strings.Cut(ref, "@")
-	return id
+// pickRef splits a reference into the id the picker routes by and the version it pins: shards
+// publish every copy of an adapter under its plain id, with the copy's version in the record's
+// version field, so the picker prefers shards holding exactly a pinned version.
+func pickRef(ref string) (id, version string) {
+	id, version, _ = strings.Cut(ref, "@")
+	return id, version
 }

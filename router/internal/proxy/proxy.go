@@ -224,7 +224,8 @@ func (p *Proxy) candidates(r genreq.Request) (cands []picker.Shard, probes map[s
 	if err := genreq.Validate(r, p.deps.Limits); err != nil {
 		return nil, nil, err
 	}
-	all := p.deps.Picker.Pick(picker.Request{AdapterID: pickID(r.GetAdapterId()), RequestID: r.GetRequestId()})
+	id, version := pickRef(r.GetAdapterId())
+	all := p.deps.Picker.Pick(picker.Request{AdapterID: id, Version: version, RequestID: r.GetRequestId()})
 	if len(all) == 0 {
 		return nil, nil, ErrNoShard
 	}

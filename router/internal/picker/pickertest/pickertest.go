@@ -57,6 +57,16 @@ func (b *Builder) Host(ids ...string) *Builder {
 	return b
 }
 
+// Version adds a copy of one version of an adapter in a tier, stated as the store changed it at
+// modified (Unix seconds; 0: unknown), as a shard reads it from its adapter store.
+func (b *Builder) Version(tier residency.Tier, id, version string, modified int64) *Builder {
+	b.state.Record.Adapters = append(b.state.Record.Adapters, residency.Adapter{ID: id, Tier: tier, Bytes: AdapterBytes, Version: version, Modified: modified})
+	if tier == residency.TierDevice {
+		b.state.Record.DeviceFreeBytes = max(0, b.state.Record.DeviceFreeBytes-AdapterBytes)
+	}
+	return b
+}
+
 // Loading adds adapters being loaded.
 func (b *Builder) Loading(ids ...string) *Builder {
 	b.state.Record.Loading = append(b.state.Record.Loading, ids...)

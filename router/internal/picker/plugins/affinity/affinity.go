@@ -1,7 +1,9 @@
 // Package affinity is the routing scorer that prefers shards holding the request's adapter: on the
 // device (serves at once) over host memory (one copy away) over loading (ready soon) over the disk
-// tier (its files are local: no download from the store) over a shard with room for it on the device (loads without evicting) over the rest. Base-model requests score
-// 0 everywhere: any shard serves them alike. Imported by the plugins registry.
+// tier (its files are local: no download from the store) over a shard with room for it on the device (loads without evicting) over the rest. Only copies of the
+// version the request gets count (picker.Holding): a shard holding only an older version scores
+// 0, below one with room. Base-model requests score 0 everywhere: any shard serves them alike.
+// Imported by the plugins registry.
 package affinity
 
 import (
@@ -71,6 +73,8 @@ func (s *Scorer) Score(c *picker.Cycle, shards []int, scores []float64) {
 			scores[k] = s.p.Loading
 		case h.Tier == residency.TierDisk:
 			scores[k] = s.p.Disk
+		case h.Stale:
+			// It would serve the older version it holds until it notices the update: no room bonus.
 		default:
 			r := c.View.Shard(i).Record
 			if r == nil {

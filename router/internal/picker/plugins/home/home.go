@@ -3,7 +3,8 @@
 // whose load stays within Bound times the mean, as in consistent hashing with bounded loads. Every
 // router replica computes the same home from the same view, removing a shard moves only the
 // adapters it was home to, and a busy home passes its newcomers on in rendezvous order rather than
-// to one shared runner-up. Warm adapters and base-model requests score 0 everywhere: affinity and
+// to one shared runner-up. A shard holding only an older version of the adapter (picker.Holding's
+// Stale) is skipped like a busy one: it would serve that version. Warm adapters and base-model requests score 0 everywhere: affinity and
 // load decide them. Imported by the plugins registry.
 package home
 
@@ -95,6 +96,9 @@ func (s *Scorer) Home(c *picker.Cycle, shards []int) int {
 		if sh := c.View.Shard(i); capacity > 0 && sh.Record != nil && sh.Capacity > 0 &&
 			float64(sh.InFlight+1) > math.Ceil(perSlot*float64(sh.Capacity)) {
 			continue
+		}
+		if c.Holding(i).Stale {
+			continue // it would serve the older version it holds
 		}
 		if best < 0 || w > bestW {
 			best, bestW = k, w
