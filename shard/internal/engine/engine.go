@@ -173,6 +173,11 @@ type Engine struct {
 	log      *zap.Logger
 	cache    compute.KVCache
 	blocks   *kvcache.Allocator
+	// window is the model's sliding attention window (model.Info.Window; 0: none). With one, blocks
+	// behind every future token's window are released after each step, prefill chunks are at most
+	// window tokens, and a sequence holds at most windowBlocks blocks however long it grows.
+	window       int
+	windowBlocks int
 
 	metrics *metrics
 
@@ -202,7 +207,7 @@ func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokeniz
 		opts.MaxWaitingPerAdapter = DefaultOptions().MaxWaitingPerAdapter
 	}
 	if opts.KVBlocks <= 0 {
-		per := info.KVShape(1, opts.BlockSize).Bytes()
+		per := compute.KVBytes(be, info.KVShape(1, opts.BlockSize))
 		opts.KVBlocks = int(opts.KVCacheBytes / per)
 		if opts.KVBlocks < 1 {
 			return nil, fmt.Errorf("%w: KV cache budget of %d bytes holds no block of %d bytes", ErrInvalid, opts.KVCacheBytes, per)
@@ -218,6 +223,9 @@ func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokeniz
 		wake: make(chan struct{}, 1), stopped: make(chan struct{}),
 	}
 	e.sampler, _ = be.(compute.Sampler)
+	if info.Window > 0 {
+		e.window, e.windowBlocks = info.Window, e.blocks.WindowBlocks(info.Window, info.Window)
+	}
 	if e.metrics, err = newMetrics(meter, e); err != nil {
 		be.FreeKVCache(cache)
 		return nil, err
@@ -230,8 +238,13 @@ func New(opts Options, be compute.Backend, m model.Model, tok *tokenizer.Tokeniz
 func (e *Engine) Info() model.Info { return e.info }
 
 // Model is what request validation needs to know of the served model and this engine's KV cache.
+// With a sliding window, a cache that holds one sequence's window holds a sequence of any length.
 func (e *Engine) Model() genreq.Model {
-	return genreq.Model{VocabSize: e.info.VocabSize, ContextTokens: e.info.MaxContext, CacheTokens: e.blocks.Total() * e.opts.BlockSize}
+	cacheTokens := e.blocks.Total() * e.opts.BlockSize
+	if e.window > 0 && e.blocks.Total() >= e.windowBlocks {
+		cacheTokens = max(cacheTokens, e.info.MaxContext)
+	}
+	return genreq.Model{VocabSize: e.info.VocabSize, ContextTokens: e.info.MaxContext, CacheTokens: cacheTokens}
 }
 
 // Close stops admitting, fails queued and running sequences with ErrClosed and frees the cache.
@@ -411,7 +424,10 @@ func (e *Engine) failAll(err error) {
 
 // admit moves waiting sequences into the running batch, one adapter's turn at a time (fairQueue),
 // while sequence slots, the distinct-adapter cap and free KV blocks allow. A sequence gets blocks for
-// the tokens it has now; it grows one block at a time and may be preempted later.
+// the tokens it has now (with a sliding window: for its first prefill chunk); it grows one block at
+// a time and may be preempted later. With a sliding window every sequence's growth is bounded
+// (windowBlocks), so a sequence is admitted only while the free blocks cover what it and the running
+// sequences may still take: sequences then run their whole length without preempting each other.
 func (e *Engine) admit() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -434,8 +450,15 @@ func (e *Engine) admit() {
 			// joins until one of them drains: the wait is bounded by one sequence's length.
 			break
 		}
-		need := e.blocks.BlocksFor(len(s.tokens) + 1)
-		if len(e.running) > 0 && e.blocks.Free() < need+headroom {
+		need, want := e.blocks.BlocksFor(len(s.tokens)+1), 0
+		if e.window > 0 {
+			need = e.blocks.BlocksFor(min(len(s.tokens)+1, e.window))
+			want = max(0, e.mostBlocks(s)-need)
+			for _, r := range e.running {
+				want += max(0, e.mostBlocks(r)-(len(r.blocks)-r.dead))
+			}
+		}
+		if len(e.running) > 0 && e.blocks.Free() < need+want+headroom {
 			break
 		}
 		table, err := e.blocks.Alloc(nil, need)
@@ -443,13 +466,24 @@ func (e *Engine) admit() {
 			break
 		}
 		e.queue.pop()
-		s.blocks, s.computed = table, 0
+		s.blocks, s.dead, s.computed = table, 0, 0
 		e.running = append(e.running, s)
 		if s.r.AdapterID != "" {
 			inBatch[s.r.AdapterID] = true
 		}
 	}
 	e.setRunning()
+}
+
+// mostBlocks is the most blocks a sequence will hold at once with a sliding window: the window's
+// bound for the chunks it still has to prefill (or, once decoding, for one token a step), or its
+// whole length's when that is less.
+func (e *Engine) mostBlocks(s *sequence) int {
+	bound := e.windowBlocks
+	if s.computed >= len(s.tokens)-1 {
+		bound = e.blocks.WindowBlocks(e.window, 1)
+	}
+	return min(e.blocks.BlocksFor(len(s.r.Prompt)+s.maxNew), bound)
 }
 
 // part is one sequence's share of a step.
@@ -460,7 +494,8 @@ type part struct {
 }
 
 // plan splits the step's token budget: every decoding sequence gets its token, then prefill chunks
-// go to sequences in admission order.
+// go to sequences in admission order. With a sliding window a chunk is at most the window, which
+// bounds the blocks a step reads (windowBlocks).
 func (e *Engine) plan() []part {
 	budget := e.opts.MaxBatchTokens
 	parts := make([]part, len(e.running))
@@ -477,6 +512,9 @@ func (e *Engine) plan() []part {
 			continue
 		}
 		p.n = min(len(p.s.tokens)-p.s.computed, budget)
+		if e.window > 0 {
+			p.n = min(p.n, e.window)
+		}
 		budget -= p.n
 		p.sample = p.s.computed+p.n == len(p.s.tokens)
 	}
@@ -548,8 +586,8 @@ func (e *Engine) youngest(gone map[*sequence]bool) *sequence {
 // preempt frees a sequence's KV blocks and puts it back at the head of its adapter's queue; it keeps
 // its tokens, sampler and adapter pin, and recomputes its cache when readmitted.
 func (e *Engine) preempt(s *sequence) {
-	e.blocks.Release(s.blocks)
-	s.blocks, s.computed = nil, 0
+	e.releaseBlocks(s)
+	s.computed = 0
 	e.preemptions.Add(1)
 	e.metrics.preempted()
 	e.mu.Lock()
@@ -623,6 +661,7 @@ func (e *Engine) step() error {
 	defer e.be.Free(logits)
 	for _, p := range parts {
 		p.s.computed += p.n
+		e.releaseBehindWindow(p.s)
 	}
 	e.metrics.stepDone(len(meta.Tokens), len(sampled), time.Since(start))
 	if len(sampled) == 0 {
@@ -699,13 +738,30 @@ func (e *Engine) finish(s *sequence, err error) {
 
 // finishLocked releases everything a sequence holds and sends its last event (or error).
 func (e *Engine) finishLocked(s *sequence, err error) {
-	if s.blocks != nil {
-		e.blocks.Release(s.blocks)
-		s.blocks = nil
-	}
+	e.releaseBlocks(s)
 	s.release()
 	s.release = func() {}
 	s.close(err)
+}
+
+// releaseBlocks returns the blocks a sequence still holds to the allocator.
+func (e *Engine) releaseBlocks(s *sequence) {
+	if s.blocks != nil {
+		e.blocks.Release(s.blocks[s.dead:])
+	}
+	s.blocks, s.dead = nil, 0
+}
+
+// releaseBehindWindow releases the blocks that no token the sequence computes from now on reads:
+// with a sliding window, every one of them attends at lowest to position computed-window+1. The
+// kernels read no position below a token's window, so the released entries, which keep naming a
+// block of the sequence's own (kvcache.ReleasePrefix), are never read.
+func (e *Engine) releaseBehindWindow(s *sequence) {
+	to := min(e.blocks.BehindWindow(s.computed, e.window), len(s.blocks)-1)
+	if to > s.dead {
+		e.blocks.ReleasePrefix(s.blocks, s.dead, to)
+		s.dead = to
+	}
 }
 
 // stopHoldback is the longest suffix of text that is a proper prefix of a stop sequence; that much

@@ -27,12 +27,15 @@ type sequence struct {
 
 	tokens   []int // prompt then generated
 	computed int   // positions already in the KV cache
-	blocks   []int32
-	sampler  *sampling.Sampler
-	stream   *tokenizer.Stream
-	pending  string // decoded text held back while it may begin a stop sequence
-	stops    map[int]bool
-	eos      map[int]bool
+	// blocks holds position p in blocks[p/BlockSize]. With sliding-window attention blocks[:dead]
+	// were released once the window passed them and name blocks[dead], which the sequence holds.
+	blocks  []int32
+	dead    int
+	sampler *sampling.Sampler
+	stream  *tokenizer.Stream
+	pending string // decoded text held back while it may begin a stop sequence
+	stops   map[int]bool
+	eos     map[int]bool
 
 	arrived, firstStep, firstToken, ended time.Time
 
