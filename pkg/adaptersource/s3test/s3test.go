@@ -1,6 +1,6 @@
 // Package s3test runs a real S3-compatible server for tests: versitygw (Apache-2.0) with its posix
 // backend over a temporary folder, on a loopback port, with test credentials. The binary comes from
-// $LORAPLEX_VERSITYGW or the cache scripts/install-versitygw.sh fills; when neither has it the test
+// $LORAPLEX_VERSITYGW, the cache scripts/install-versitygw.sh fills, or PATH; when none has it the test
 // is skipped with that reason, except under CI (CI=true), where that fails. Proxy sits between a
 // client and the server to make the network slow or cut transfers short. Imported by tests only.
 package s3test
@@ -8,16 +8,12 @@ package s3test
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -26,6 +22,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/loraplex/loraplex/pkg/adaptersource"
+	"github.com/loraplex/loraplex/test/subprocess"
 )
 
 // Version is the versitygw release the project tests with.
@@ -38,104 +35,45 @@ const (
 	Bucket    = "adapters"
 )
 
-// Binary finds the versitygw executable.
-func Binary() (string, error) {
-	if p := os.Getenv("LORAPLEX_VERSITYGW"); p != "" {
-		return p, nil
-	}
-	cache := os.Getenv("LORAPLEX_CACHE")
-	if cache == "" {
-		base := os.Getenv("XDG_CACHE_HOME")
-		if base == "" {
-			home, _ := os.UserHomeDir()
-			base = filepath.Join(home, ".cache")
-		}
-		cache = filepath.Join(base, "loraplex")
-	}
-	p := filepath.Join(cache, "versitygw-"+Version)
-	if st, err := os.Stat(p); err == nil && st.Mode()&0o111 != 0 {
-		return p, nil
-	}
-	return "", fmt.Errorf("no versitygw: LORAPLEX_VERSITYGW is unset and %s is missing; run scripts/install-versitygw.sh", p)
-}
-
 // Server is a running versitygw.
 type Server struct {
 	Addr string // host:port
 	t    testing.TB
-	bin  string
-	root string
-	side string
-
-	mu  sync.Mutex
-	cmd *exec.Cmd
-	out *bytes.Buffer
+	proc *subprocess.Process
 }
 
 // Start runs a server with an empty Bucket and stops it at cleanup.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	bin, err := Binary()
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("versitygw is required in CI: %v", err)
-		}
-		t.Skipf("skipping: %v", err)
-	}
+	bin := subprocess.Require(t, "LORAPLEX_VERSITYGW", "versitygw", Version)
 	dir := t.TempDir()
-	s := &Server{t: t, bin: bin, root: filepath.Join(dir, "root"), side: filepath.Join(dir, "meta"), Addr: freeAddr(t)}
-	for _, d := range []string{s.root, s.side} {
+	root, side := filepath.Join(dir, "root"), filepath.Join(dir, "meta")
+	for _, d := range []string{root, side} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	s.Start()
-	t.Cleanup(s.Stop)
-	if _, err := s.Client().CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(Bucket)}); err != nil {
+	s := &Server{t: t, Addr: "127.0.0.1:" + strconv.Itoa(subprocess.FreePorts(t, 1)[0])}
+	c := s.Client()
+	s.proc = subprocess.Start(t, bin, []string{"--access", AccessKey, "--secret", SecretKey, "--port", s.Addr, "--quiet",
+		"posix", "--sidecar", side, root}, func() error {
+		_, err := c.ListBuckets(context.Background(), &s3.ListBucketsInput{})
+		return err
+	})
+	if _, err := c.CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(Bucket)}); err != nil {
 		t.Fatalf("create bucket: %v", err)
 	}
 	return s
 }
 
-// Start (re)starts the server process on the same address and folder.
+// Start starts the stopped server again on the same address and folder.
 func (s *Server) Start() {
 	s.t.Helper()
-	cmd := exec.Command(s.bin, "--access", AccessKey, "--secret", SecretKey, "--port", s.Addr, "--quiet",
-		"posix", "--sidecar", s.side, s.root)
-	out := &bytes.Buffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		s.t.Fatalf("start versitygw: %v", err)
-	}
-	s.mu.Lock()
-	s.cmd, s.out = cmd, out
-	s.mu.Unlock()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, err := s.Client().ListBuckets(context.Background(), &s3.ListBucketsInput{}); err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			s.Stop()
-			s.t.Fatalf("versitygw did not answer in 30s:\n%s", out.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	s.proc.Restart()
 }
 
 // Stop kills the server (idempotent); its files stay for a restart.
-func (s *Server) Stop() {
-	s.mu.Lock()
-	cmd := s.cmd
-	s.cmd = nil
-	s.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-	_ = cmd.Wait()
-}
+func (s *Server) Stop() { s.proc.Stop() }
 
 // Endpoint is the server's URL.
 func (s *Server) Endpoint() string { return "http://" + s.Addr }
@@ -204,15 +142,6 @@ func (s *Server) PutDir(prefix, dir string) {
 		}
 		s.Put(prefix+"/"+e.Name(), b)
 	}
-}
-
-func freeAddr(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return "127.0.0.1:" + strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
 }
 
 // Proxy relays TCP connections to a server and can slow them or cut them short, to test a store
