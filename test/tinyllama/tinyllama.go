@@ -9,7 +9,6 @@ import (
 	"embed"
 	"encoding/json"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 )
@@ -21,23 +20,9 @@ var files embed.FS
 var Adapters = []string{"all-r16-rslora", "ko-r32-layers", "mlp-r4-patterns", "qv-r8"}
 
 // Extract writes the model to dir/model and the adapters to dir/adapters/<name>, returning the two
-// folders. Existing files are overwritten.
+// folders. It refuses to overwrite: tests extract into a fresh folder.
 func Extract(dir string) (modelDir, adapterRoot string, err error) {
-	err = fs.WalkDir(files, ".", func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		dst := filepath.Join(dir, filepath.FromSlash(path))
-		if d.IsDir() {
-			return os.MkdirAll(dst, 0o755)
-		}
-		data, err := files.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		return os.WriteFile(dst, data, 0o644)
-	})
-	if err != nil {
+	if err := os.CopyFS(dir, files); err != nil {
 		return "", "", fmt.Errorf("tinyllama: extract to %s: %w", dir, err)
 	}
 	return filepath.Join(dir, "model"), filepath.Join(dir, "adapters"), nil
