@@ -728,8 +728,15 @@ inline int flash_gb(int heads, int kv_heads) {
   return g % 4 == 0 ? 4 : g % 2 == 0 ? 2 : 1;
 }
 
-// The context split for a launch: enough blocks for about eight per SM, chunks of at least 32 positions.
-inline void flash_split(int tokens, int heads, int kv_heads, int max_ctx, int *splits, int *chunk) {
+// The context split for a launch: with fixed_chunk > 0, chunks of that many positions (what a token
+// computes then depends on its own context only, not on the batch); otherwise enough blocks for
+// about eight per SM, chunks of at least 32 positions.
+inline void flash_split(int tokens, int heads, int kv_heads, int max_ctx, int fixed_chunk, int *splits, int *chunk) {
+  if (fixed_chunk > 0 && max_ctx > 0) {
+    *chunk = fixed_chunk;
+    *splits = (max_ctx + fixed_chunk - 1) / fixed_chunk;
+    return;
+  }
   const long blocks = static_cast<long>(tokens) * (heads / flash_gb(heads, kv_heads));
   int s = 1;
   if (max_ctx > 0) {
@@ -891,8 +898,8 @@ void kv_write_launch(KV *kc, KV *vc, const float *k, const float *v, int tokens,
 template <typename KV>
 int attention_launch(float *out, const float *q, const KV *kc, const KV *vc, int tokens, int heads, int kv_heads,
                      int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
-                     const int32_t *bt, const int32_t *bt_off, int bs, int max_ctx, int window, void *workspace,
-                     size_t workspace_bytes, cudaStream_t s) {
+                     const int32_t *bt, const int32_t *bt_off, int bs, int max_ctx, int window, int split_chunk,
+                     void *workspace, size_t workspace_bytes, cudaStream_t s) {
   const bool aligned = head_dim % 4 == 0 &&
                        ((reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(q) |
                          reinterpret_cast<uintptr_t>(kc) | reinterpret_cast<uintptr_t>(vc)) &
@@ -900,9 +907,9 @@ int attention_launch(float *out, const float *q, const KV *kc, const KV *vc, int
   if (aligned) {
     int splits = 1, chunk = 1 << 30;
     if (workspace != nullptr && max_ctx > 0 &&
-        lp_attention_workspace(tokens, heads, kv_heads, head_dim, max_ctx) <= workspace_bytes &&
+        lp_attention_workspace(tokens, heads, kv_heads, head_dim, max_ctx, split_chunk) <= workspace_bytes &&
         (reinterpret_cast<uintptr_t>(workspace) & 15) == 0)
-      flash_split(tokens, heads, kv_heads, max_ctx, &splits, &chunk);
+      flash_split(tokens, heads, kv_heads, max_ctx, split_chunk, &splits, &chunk);
     float *part = static_cast<float *>(workspace);
     const int gb = flash_gb(heads, kv_heads);
     const dim3 grid(tokens, heads / gb, splits);
@@ -1155,10 +1162,12 @@ int lp_add_bias(float *x, const float *bias, int rows, int n, lp_stream stream) 
   return launched();
 }
 
-size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx) {
-  if (tokens <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || max_ctx <= 0) return 0;
+size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx, int split_chunk) {
+  if (tokens <= 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || max_ctx <= 0 ||
+      split_chunk < 0)
+    return 0;
   int splits, chunk;
-  flash_split(tokens, heads, kv_heads, max_ctx, &splits, &chunk);
+  flash_split(tokens, heads, kv_heads, max_ctx, split_chunk, &splits, &chunk);
   if (splits == 1) return 0;
   return static_cast<size_t>(tokens) * heads * splits * (head_dim + 4) * sizeof(float);
 }
@@ -1166,9 +1175,10 @@ size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim,
 int lp_attention(int kv_dtype, float *out, const float *q, const void *k_cache, const void *v_cache, int tokens,
                  int heads, int kv_heads, int head_dim, float scale, const int32_t *positions,
                  const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets, int block_size,
-                 int max_ctx, int window, void *workspace, size_t workspace_bytes, lp_stream stream) {
+                 int max_ctx, int window, int split_chunk, void *workspace, size_t workspace_bytes,
+                 lp_stream stream) {
   if (tokens < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0 || block_size <= 0 ||
-      window < 0)
+      window < 0 || split_chunk < 0 || split_chunk % (FA_P * FA_WARPS) != 0)
     return LP_ERR_INVALID;
   if (kv_dtype != LP_DTYPE_F32 && kv_dtype != LP_DTYPE_BF16) return LP_ERR_INVALID;
   if (head_dim > 256) return LP_ERR_UNSUPPORTED;
@@ -1176,11 +1186,11 @@ int lp_attention(int kv_dtype, float *out, const float *q, const void *k_cache, 
   if (kv_dtype == LP_DTYPE_BF16)
     return attention_launch(out, q, static_cast<const __nv_bfloat16 *>(k_cache),
                             static_cast<const __nv_bfloat16 *>(v_cache), tokens, heads, kv_heads, head_dim, scale,
-                            positions, seq_index, block_tables, table_offsets, block_size, max_ctx, window, workspace,
-                            workspace_bytes, cs(stream));
+                            positions, seq_index, block_tables, table_offsets, block_size, max_ctx, window,
+                            split_chunk, workspace, workspace_bytes, cs(stream));
   return attention_launch(out, q, static_cast<const float *>(k_cache), static_cast<const float *>(v_cache), tokens,
                           heads, kv_heads, head_dim, scale, positions, seq_index, block_tables, table_offsets,
-                          block_size, max_ctx, window, workspace, workspace_bytes, cs(stream));
+                          block_size, max_ctx, window, split_chunk, workspace, workspace_bytes, cs(stream));
 }
 
 int lp_sgmv_shrink_f32(int wdtype, float *v, int ldv, const float *x, int in_features, const void *const *a_ptrs,

@@ -210,17 +210,21 @@ LP_API int lp_rope_kv_write(int kv_dtype, float *q, float *k, const float *v, vo
  * or position - window + 1 (at least 0) for a sliding window (window > 0), so block-table entries
  * below it are never read. Scores are scaled by scale; softmax and accumulation in float32. Run
  * lp_kv_write first. max_ctx: the longest span any token attends to (its context, or the window if
- * smaller), which sizes the context split (see lp_attention_workspace). */
+ * smaller), which sizes the context split (see lp_attention_workspace). split_chunk 0 splits the
+ * context as occupancy suggests (the split, and so the order of the float32 sums, then depends on the
+ * batch); a positive multiple of 16 splits every token's span into chunks of that many positions from
+ * its first, so a token's result depends on its own context only (batch-invariant attention). */
 LP_API int lp_attention(int kv_dtype, float *out, const float *q, const void *k_cache, const void *v_cache,
                         int tokens, int heads, int kv_heads, int head_dim, float scale, const int32_t *positions,
                         const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
-                        int block_size, int max_ctx, int window, void *workspace, size_t workspace_bytes,
-                        lp_stream stream);
+                        int block_size, int max_ctx, int window, int split_chunk, void *workspace,
+                        size_t workspace_bytes, lp_stream stream);
 
 /* Bytes of device workspace lp_attention wants to split the context of a batch whose longest
  * context (largest position + 1) is max_ctx across blocks (flash-decoding); 0 when it would not split.
  * With a smaller or NULL workspace (or max_ctx <= 0) lp_attention runs unsplit, still correct. */
-LP_API size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx);
+LP_API size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx,
+                                     int split_chunk);
 
 /*
  * SGMV (segmented gather matrix-vector) for LoRA: tokens are grouped in num_segs consecutive

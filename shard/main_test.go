@@ -57,6 +57,7 @@ func TestStartupFailures(t *testing.T) {
 		{"port in use", []string{"-model", modelDir, "-adapters", adapterDir, "-listen", busy.Addr().String()}, "address already in use"},
 		{"health port in use", []string{"-model", modelDir, "-health-listen", busy.Addr().String()}, "address already in use"},
 		{"bad backend", []string{"-model", modelDir, "-backend", "tpu"}, "tpu"},
+		{"bad KV cache dtype", []string{"-model", modelDir, "-cuda-kv-dtype", "fp8"}, `-cuda-kv-dtype "fp8": want bf16 or f32`},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			args := append([]string{"-listen", "127.0.0.1:0", "-log-level", "warn"}, c.args...)

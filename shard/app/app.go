@@ -88,6 +88,10 @@ type CUDAOptions struct {
 	StepGraphs   bool
 	Fusion       bool
 	StagingBytes int64
+	// KVDType is the KV cache's element type: "bf16" (default) or "f32".
+	KVDType string
+	// BatchInvariant: a request's tokens and log-probabilities do not depend on its batch.
+	BatchInvariant bool
 }
 
 // DefaultConfig returns the defaults.
@@ -95,7 +99,7 @@ func DefaultConfig() Config {
 	return Config{
 		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Disk: adaptersource.DefaultDiskOptions(), RefreshInterval: 30 * time.Second, Discovery: discovery.DefaultOptions(),
 		Engine: autoKV(engine.DefaultOptions()), GPUMemoryFraction: 0.9, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
-		CUDA: CUDAOptions{Library: os.Getenv(cuda.LibraryEnv), StepGraphs: true, Fusion: true},
+		CUDA: CUDAOptions{Library: os.Getenv(cuda.LibraryEnv), StepGraphs: true, Fusion: true, KVDType: "bf16"},
 	}
 }
 
@@ -132,6 +136,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Float64Var(&c.GPUMemoryFraction, "gpu-memory-fraction", c.GPUMemoryFraction, "share of the GPU's free memory the shard may use when -memory-budget is 0 (cuda)")
 	fs.BoolVar(&c.CUDA.StepGraphs, "cuda-step-graphs", c.CUDA.StepGraphs, "record decode steps in CUDA graphs and replay them (cuda)")
 	fs.BoolVar(&c.CUDA.Fusion, "cuda-fusion", c.CUDA.Fusion, "fused projections: packed q/k/v and gate/up GEMMs, residual adds in the GEMM, RoPE with the KV write (cuda)")
+	fs.StringVar(&c.CUDA.KVDType, "cuda-kv-dtype", c.CUDA.KVDType, "KV cache element type: bf16 (half the memory of f32, so twice the sequences x context) or f32 (cuda)")
+	fs.BoolVar(&c.CUDA.BatchInvariant, "cuda-batch-invariant", c.CUDA.BatchInvariant, "make a request's tokens and log-probabilities independent of what shares its batch (one kernel path per op; slower prefill) (cuda)")
 	fs.Int64Var(&c.CUDA.StagingBytes, "cuda-staging-bytes", c.CUDA.StagingBytes, "pinned host memory for staging adapter uploads (cuda; 0: 256 MiB)")
 	fs.IntVar(&c.Engine.BlockSize, "kv-block-size", c.Engine.BlockSize, "positions per KV cache block")
 	fs.IntVar(&c.Engine.DefaultMaxNewTokens, "default-max-new-tokens", c.Engine.DefaultMaxNewTokens, "max_new_tokens when a request leaves it 0")
@@ -176,6 +182,9 @@ func (c *Config) Validate() error {
 	}
 	if err := server.ValidateLimits(c.Limits); err != nil {
 		return err
+	}
+	if c.CUDA.KVDType != "bf16" && c.CUDA.KVDType != "f32" {
+		return fmt.Errorf("shard: -cuda-kv-dtype %q: want bf16 or f32", c.CUDA.KVDType)
 	}
 	if c.CUDA.StagingBytes < 0 {
 		return fmt.Errorf("shard: -cuda-staging-bytes %d must not be negative", c.CUDA.StagingBytes)
@@ -298,7 +307,7 @@ func (s *Shard) load() (err error) {
 			}
 		}
 		be, err := cuda.New(cuda.Options{Library: cfg.CUDA.Library, MemoryBudget: budget, NoStepGraphs: !cfg.CUDA.StepGraphs, NoFusion: !cfg.CUDA.Fusion,
-			StagingBytes: cfg.CUDA.StagingBytes})
+			StagingBytes: cfg.CUDA.StagingBytes, KVDType: kvDType(cfg.CUDA.KVDType), BatchInvariant: cfg.CUDA.BatchInvariant})
 		if err != nil {
 			return fmt.Errorf("shard: -backend cuda: %w (build kernels/ with nvcc; set -kernels or %s to the library's path, or put %s next to the binary)",
 				err, cuda.LibraryEnv, cuda.LibraryName)
@@ -499,9 +508,11 @@ func (s *Shard) Residency() *residency.Record {
 			case in.Loading:
 				r.Loading = append(r.Loading, in.ID)
 			case in.Tier == residency.TierDevice:
-				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierDevice, Bytes: in.DeviceBytes, Rank: in.Rank, Version: in.Version})
+				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierDevice, Bytes: in.DeviceBytes, Rank: in.Rank, Version: in.Version,
+					Modified: unixSeconds(in.Modified)})
 			case in.Tier == residency.TierHost:
-				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierHost, Bytes: in.HostBytes, Rank: in.Rank, Version: in.Version})
+				r.Adapters = append(r.Adapters, residency.Adapter{ID: in.ID, Tier: residency.TierHost, Bytes: in.HostBytes, Rank: in.Rank, Version: in.Version,
+					Modified: unixSeconds(in.Modified)})
 			}
 		}
 		if s.disk != nil {
@@ -510,7 +521,8 @@ func (s *Shard) Residency() *residency.Record {
 			for _, dv := range s.disk.Snapshot() {
 				if !held[dv.ID] {
 					held[dv.ID] = true
-					r.Adapters = append(r.Adapters, residency.Adapter{ID: dv.ID, Tier: residency.TierDisk, Bytes: dv.Bytes, Version: dv.Version})
+					r.Adapters = append(r.Adapters, residency.Adapter{ID: dv.ID, Tier: residency.TierDisk, Bytes: dv.Bytes, Version: dv.Version,
+						Modified: unixSeconds(dv.Modified)})
 				}
 			}
 		}
@@ -520,6 +532,14 @@ func (s *Shard) Residency() *residency.Record {
 		r.QueueDepth, r.Running, r.KVFreeBlocks, r.KVTotalBlocks = st.Queued+st.Loading, st.Running, st.FreeBlocks, st.TotalBlocks
 	}
 	return r
+}
+
+// unixSeconds is a store time as the residency record carries it (0: unknown).
+func unixSeconds(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return max(0, t.Unix())
 }
 
 // Addr is the address the shard listens on.
@@ -645,4 +665,12 @@ func (l *lateAdapters) PinAdapter(ctx context.Context, r *loraplexv1.PinAdapterR
 
 func (l *lateAdapters) UnpinAdapter(ctx context.Context, r *loraplexv1.UnpinAdapterRequest) (*loraplexv1.UnpinAdapterResponse, error) {
 	return l.p.Load().UnpinAdapter(ctx, r)
+}
+
+// kvDType maps -cuda-kv-dtype (validated) to the backend's dtype.
+func kvDType(s string) cuda.DType {
+	if s == "f32" {
+		return cuda.F32
+	}
+	return cuda.BF16
 }

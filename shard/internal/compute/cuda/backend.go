@@ -54,6 +54,8 @@ type Backend struct {
 	captureMu sync.Mutex
 	noGraphs  bool
 	noFusion  bool
+	// invariant: the batch-invariant mode (Options.BatchInvariant).
+	invariant bool
 }
 
 var (
@@ -86,6 +88,11 @@ type Options struct {
 	// KVDType is the KV cache's element type: BF16 or F32 (0: BF16 with bf16 weights, F32 with
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
+	// BatchInvariant makes a sequence's results independent of what else shares its steps: every
+	// matmul runs the bf16 GEMV in chunks of 8 rows, SGMV and attention use kernels whose sums for a
+	// token run in one order (attention split in fixed chunks), and the fused projections are off.
+	// Needs bf16 weights; it costs speed on large steps (prefill), see docs/benchmarks-cuda.md.
+	BatchInvariant bool
 }
 
 // New opens the kernels library and returns a backend on the chosen device. It fails with
@@ -114,6 +121,12 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 	default:
 		return nil, fmt.Errorf("cuda: KV cache dtype %v: want bf16 or f32", o.KVDType)
 	}
+	if o.BatchInvariant {
+		if o.WeightDType != BF16 {
+			return nil, fmt.Errorf("cuda: the batch-invariant mode needs bf16 weights, not %v", o.WeightDType)
+		}
+		o.NoFusion = true
+	}
 	if o.MemoryBudget < 0 {
 		return nil, fmt.Errorf("cuda: negative memory budget %d", o.MemoryBudget)
 	}
@@ -135,7 +148,7 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 		_ = s.Close()
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant}
 	b.up = up
 	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
 		_ = up.close()

@@ -511,3 +511,35 @@ func TestBackendMemoryBudget(t *testing.T) {
 		t.Errorf("FromHost with a wrong shape: %v, want ErrShape", err)
 	}
 }
+
+// TestKVCacheDType: the bf16 cache takes half the bytes of the float32 one (twice the positions in
+// the same memory), KVBytes says so for the engine's sizing, and other dtypes are refused.
+func TestKVCacheDType(t *testing.T) {
+	shape := compute.KVShape{Layers: 2, NumBlocks: 8, BlockSize: 16, KVHeads: 2, HeadDim: 64}
+	for _, c := range []struct {
+		o    Options
+		want DType
+	}{{Options{}, BF16}, {Options{WeightDType: F32}, F32}, {Options{KVDType: F32}, F32}, {Options{WeightDType: F32, KVDType: BF16}, BF16}} {
+		be := newGPUBackend(t, c.o)
+		if be.KVDType() != c.want {
+			t.Errorf("options %+v: KV dtype %v, want %v", c.o, be.KVDType(), c.want)
+		}
+		bytes := shape.Bytes() / 4 * c.want.Size()
+		if got := compute.KVBytes(be, shape); got != bytes {
+			t.Errorf("options %+v: KVBytes %d, want %d", c.o, got, bytes)
+		}
+		before := be.MemoryUsed()
+		kv, err := be.NewKVCache(shape)
+		must(t, err)
+		if got := be.MemoryUsed() - before; got != bytes {
+			t.Errorf("options %+v: the cache holds %d bytes, want %d", c.o, got, bytes)
+		}
+		be.FreeKVCache(kv)
+	}
+	if _, err := NewWithLib(gpu(t), Options{KVDType: F16}); err == nil {
+		t.Error("an f16 KV cache was accepted")
+	}
+	if _, err := NewWithLib(gpu(t), Options{WeightDType: F32, BatchInvariant: true}); err == nil {
+		t.Error("the batch-invariant mode was accepted with float32 weights")
+	}
+}

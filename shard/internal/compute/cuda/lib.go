@@ -117,8 +117,8 @@ type Lib struct {
 	kvWrite     func(kvdt int32, kc, vc, k, v uintptr, tokens, kvWidth int32, positions, seqIndex, tables, offsets uintptr,
 		blockSize int32, s uintptr) int32
 	attention func(kvdt int32, out, q, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, scale float32,
-		positions, seqIndex, tables, offsets uintptr, blockSize, maxCtx, window int32, ws, wsBytes uintptr, s uintptr) int32
-	attentionWorkspace func(tokens, heads, kvHeads, headDim, maxCtx int32) uintptr
+		positions, seqIndex, tables, offsets uintptr, blockSize, maxCtx, window, splitChunk int32, ws, wsBytes uintptr, s uintptr) int32
+	attentionWorkspace func(tokens, heads, kvHeads, headDim, maxCtx, splitChunk int32) uintptr
 	sgmvShrinkF32      func(wdt int32, v uintptr, ldv int32, x uintptr, in int32, a, ranks, tokSeg uintptr,
 		tokens, maxRank int32, s uintptr) int32
 	sgmvExpandF32 func(wdt int32, y uintptr, out int32, v uintptr, ldv int32, b, ranks, scales, tokSeg uintptr,

@@ -150,6 +150,9 @@ func (b *Backend) matmulTo(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *
 	if w.dtype == F32 {
 		return gemm(F32, x)
 	}
+	if b.invariant {
+		return b.invariantMatMul(out, ldo, acc, x, xHalf, w, t, n, k)
+	}
 	if xHalf != 0 {
 		if ldo == n {
 			if ok, err := b.gemv([]uintptr{out}, []int{n}, xHalf, w, t, k, acc); ok || err != nil {
@@ -167,6 +170,37 @@ func (b *Backend) matmulTo(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *
 		return err
 	}
 	return gemm(BF16, xb.ptr)
+}
+
+// invariantMatMul is matmulTo in the batch-invariant mode: lp_gemv_bf16 over chunks of at most
+// maxGEMVTokens rows, whose sums for a row run in one order whatever the chunk holds, where cuBLAS
+// picks its algorithm (and split of k) by the number of rows.
+func (b *Backend) invariantMatMul(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *Tensor, t, n, k int) error {
+	if ldo != n {
+		return fmt.Errorf("%w: batch-invariant matmul into a strided output", compute.ErrShape)
+	}
+	if xHalf == 0 {
+		xb, err := b.scratch(2 * int64(t) * int64(k))
+		if err != nil {
+			return err
+		}
+		defer b.release(xb)
+		if err := b.lib.check("convert activations", b.lib.convert(int32(BF16), xb.ptr, int32(F32), x, uintptr(t*k), b.stream.handle())); err != nil {
+			return err
+		}
+		xHalf = xb.ptr
+	}
+	for r := 0; r < t; r += maxGEMVTokens {
+		rows := min(maxGEMVTokens, t-r)
+		ok, err := b.gemv([]uintptr{out + uintptr(4*r*ldo)}, []int{n}, xHalf+uintptr(2*r*k), w, rows, k, acc)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("%w: batch-invariant matmul of %dx%d by %dx%d (needs bf16 weights and k a multiple of 8)", compute.ErrShape, t, k, n, k)
+		}
+	}
+	return nil
 }
 
 // MatMul implements compute.Backend.
@@ -468,7 +502,7 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 	}
 	maxCtx := int32(span)
 	var ws *Buffer
-	if wsb := b.lib.attentionWorkspace(int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim), maxCtx); wsb > 0 {
+	if wsb := b.lib.attentionWorkspace(int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim), maxCtx, b.splitChunk()); wsb > 0 {
 		if ws, err = b.scratch(int64(wsb)); err != nil {
 			return err
 		}
@@ -479,7 +513,20 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 		wsPtr, wsBytes = ws.ptr, uintptr(ws.size)
 	}
 	return b.lib.check("attention", b.lib.attention(kvdt, o.ptr(), qt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
-		scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), maxCtx, int32(opt.Window), wsPtr, wsBytes, st))
+		scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), maxCtx, int32(opt.Window), b.splitChunk(), wsPtr, wsBytes, st))
+}
+
+// invariantChunk is the attention context split of the batch-invariant mode: every token's span is
+// cut into chunks of this many positions from its first, whatever else is in the batch.
+const invariantChunk = 256
+
+// splitChunk is lp_attention's split_chunk: fixed in the batch-invariant mode, else chosen by the
+// kernel for occupancy.
+func (b *Backend) splitChunk() int32 {
+	if b.invariant {
+		return invariantChunk
+	}
+	return 0
 }
 
 // AddBias implements compute.DecoderOps.
@@ -552,7 +599,9 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb comp
 	}
 	defer b.release(v)
 	h := b.stream.handle()
-	tuned := b.wdt == BF16 && bt.segContig && st.maxRank <= maxTunedRank
+	// The batch-invariant mode keeps to forward.cu's kernels: one warp per (token, rank row) and one
+	// thread per (token, output), sums in one order whatever the segments.
+	tuned := b.wdt == BF16 && bt.segContig && st.maxRank <= maxTunedRank && !b.invariant
 	if tuned && xt.halfOK {
 		// The tuned shrink of sgmv.cu on the bf16 activations the projection's GEMM read (RMSNorm,
 		// SiLU-mul or the GEMM itself wrote them), as PEFT computes lora_A on a bf16 model.

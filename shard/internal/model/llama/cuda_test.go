@@ -591,6 +591,16 @@ func TestCUDADecodeBench(t *testing.T) {
 		}
 		fm.Close()
 	}
+
+	// The batch-invariant mode's cost on the same steps.
+	ib := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, BatchInvariant: true})
+	im, iwb, iideal := randomLlama(t, ib, bw, `{"model_type":"llama",`+shape+`}`)
+	for _, batch := range []int{1, 32} {
+		st := decodeTiming(t, ib, im, batch, 128, 32)
+		t.Logf("batch-invariant mode, random llama, bf16 weights %.2f GB, batch %d, prompt 128: prefill %v; decode step %v, CUDA graph replay %v; floor %v; ratio %.2fx (graph %.2fx)",
+			float64(iwb)/1e9, batch, st.prefill, st.device, st.graph, iideal, float64(st.device)/float64(iideal), float64(st.graph)/float64(iideal))
+	}
+	im.Close()
 }
 
 // timeOp captures reps calls of f in a CUDA graph (after one warm call: pool, weight conversion)

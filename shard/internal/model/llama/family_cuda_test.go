@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -75,3 +76,101 @@ func TestCUDAFamiliesMatchReference(t *testing.T) {
 	}
 }
 
+
+// TestCUDABatchInvariant runs the shipped model's prompts (base and every adapter) on a backend in
+// the batch-invariant mode, each alone, then all in one batch, then all beside random traffic
+// (other prompts of random lengths and adapters), and requires bit-identical logits at every step:
+// so tokens and log-probabilities too. It also counts, for the record, how many sequences part ways
+// in the default mode.
+func TestCUDABatchInvariant(t *testing.T) {
+	const steps = 16
+	modelDir, adapterDir, ref := shippedModel(t)
+	run := func(o cuda.Options) (alone, mixed, busy []*seq) {
+		o.Library = os.Getenv(cuda.LibraryEnv)
+		be := gpuBackendWith(t, o)
+		m := loadModel(t, modelDir, be)
+		ads := []compute.Adapter{nil}
+		var prompts [][]int
+		var owner []int
+		for _, c := range ref.Base {
+			prompts, owner = append(prompts, c.PromptIDs), append(owner, 0)
+		}
+		for i, name := range tinyllama.Adapters {
+			ads = append(ads, loadAdapter(t, be, m.Info(), filepath.Join(adapterDir, name)))
+			for _, c := range ref.Adapters[name] {
+				prompts, owner = append(prompts, c.PromptIDs), append(owner, i+1)
+			}
+		}
+		mk := func() []*seq {
+			out := make([]*seq, len(prompts))
+			for i, p := range prompts {
+				out[i] = &seq{name: fmt.Sprintf("prompt%d", i), adapter: ads[owner[i]], tokens: append([]int(nil), p...)}
+			}
+			return out
+		}
+		alone = mk()
+		for _, s := range alone {
+			newRunner(t, be, m, 512).generate([]*seq{s}, steps)
+		}
+		mixed = mk()
+		newRunner(t, be, m, 2048).generate(mixed, steps)
+		// Random traffic: 24 more sequences, 3..200-token prompts, any adapter, interleaved.
+		busy = mk()
+		all := append([]*seq(nil), busy...)
+		x := uint64(0x9e3779b97f4a7c15)
+		next := func(n int) int {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			return int(x % uint64(n))
+		}
+		vocab := m.Info().VocabSize
+		for i := range 24 {
+			p := make([]int, 3+next(198))
+			for j := range p {
+				p[j] = 3 + next(vocab-3)
+			}
+			s := &seq{name: fmt.Sprintf("noise%d", i), adapter: ads[next(len(ads))], tokens: p}
+			at := next(len(all) + 1)
+			all = append(all[:at], append([]*seq{s}, all[at:]...)...)
+		}
+		// The runner groups sequences by adapter as the engine does.
+		grouped := make([]*seq, 0, len(all))
+		for _, ad := range ads {
+			for _, s := range all {
+				if s.adapter == ad {
+					grouped = append(grouped, s)
+				}
+			}
+		}
+		newRunner(t, be, m, 8192).generate(grouped, steps)
+		return alone, mixed, busy
+	}
+	differ := func(a, b []*seq) (seqs int, firstStep []int) {
+		for i := range a {
+			for st := range a[i].logits {
+				if !slices.Equal(a[i].logits[st], b[i].logits[st]) {
+					seqs++
+					firstStep = append(firstStep, st)
+					break
+				}
+			}
+		}
+		return seqs, firstStep
+	}
+	alone, mixed, busy := run(cuda.Options{WeightDType: cuda.BF16, BatchInvariant: true})
+	if n, at := differ(alone, mixed); n > 0 {
+		t.Errorf("batch-invariant mode: %d of %d sequences' logits differ between alone and one mixed batch (first differing steps %v)", n, len(alone), at)
+	}
+	if n, at := differ(alone, busy); n > 0 {
+		t.Errorf("batch-invariant mode: %d of %d sequences' logits differ between alone and beside random traffic (first differing steps %v)", n, len(alone), at)
+	}
+	for i := range alone {
+		if !slices.Equal(alone[i].tokens, busy[i].tokens) {
+			t.Errorf("batch-invariant mode: %s: tokens %v alone, %v beside traffic", alone[i].name, alone[i].tokens, busy[i].tokens)
+		}
+	}
+	da, _, db := run(cuda.Options{WeightDType: cuda.BF16})
+	n1, _ := differ(da, db)
+	t.Logf("%d sequences x %d steps bit-identical alone, mixed and beside random traffic in the batch-invariant mode; in the default mode %d of them differ somewhere beside random traffic", len(alone), steps, n1)
+}
