@@ -1,6 +1,6 @@
 // Package grpcserver builds the gRPC servers of both binaries in one place: explicit message-size,
-// stream and keepalive limits, an interceptor chain (panic recovery, logging), the standard health
-// service and switchable reflection. Imported by the router and shard binaries.
+// stream and keepalive limits, an interceptor chain (panic recovery, one "rpc" log line per call
+// with its request and adapter ids), the standard health service and switchable reflection. Imported by the router and shard binaries.
 package grpcserver
 
 import (
@@ -202,10 +202,41 @@ func recoverStream(log *zap.Logger) grpc.StreamServerInterceptor {
 	}
 }
 
-func logDone(ctx context.Context, log *zap.Logger, method string, start time.Time, err error) {
+// The generated getters of the messages that concern one request or one adapter.
+type (
+	requestIDer interface{ GetRequestId() string }
+	adapterIDer interface{ GetAdapterId() string }
+)
+
+// maxLoggedID bounds an id on the rpc line: it is logged whether or not the handler accepted it.
+const maxLoggedID = 256
+
+// idFields are the request and adapter ids of msg, read after the handler ran (the router mints a
+// missing request id), so the rpc line joins the request's other lines.
+func idFields(msg any) []zap.Field {
+	var f []zap.Field
+	add := func(key, id string) {
+		if len(id) > maxLoggedID {
+			id = id[:maxLoggedID]
+		}
+		if id != "" {
+			f = append(f, zap.String(key, id))
+		}
+	}
+	if r, ok := msg.(requestIDer); ok {
+		add("request_id", r.GetRequestId())
+	}
+	if r, ok := msg.(adapterIDer); ok {
+		add("adapter_id", r.GetAdapterId())
+	}
+	return f
+}
+
+func logDone(ctx context.Context, log *zap.Logger, method string, msg any, start time.Time, err error) {
 	code := status.Code(err)
 	fields := append([]zap.Field{zap.String("method", method), zap.String("code", code.String()), zap.Duration("elapsed", time.Since(start))},
-		telemetry.TraceFields(ctx)...)
+		idFields(msg)...)
+	fields = append(fields, telemetry.TraceFields(ctx)...)
 	switch code {
 	case codes.OK:
 		log.Debug("rpc", fields...)
@@ -220,16 +251,31 @@ func logUnary(log *zap.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := h(ctx, req)
-		logDone(ctx, log, info.FullMethod, start, err)
+		logDone(ctx, log, info.FullMethod, req, start, err)
 		return resp, err
 	}
+}
+
+// firstRecv keeps the first message a stream received: the request of a server-streaming call.
+type firstRecv struct {
+	grpc.ServerStream
+	first any
+}
+
+func (s *firstRecv) RecvMsg(m any) error {
+	err := s.ServerStream.RecvMsg(m)
+	if err == nil && s.first == nil {
+		s.first = m
+	}
+	return err
 }
 
 func logStream(log *zap.Logger) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		start := time.Now()
-		err := h(srv, ss)
-		logDone(ss.Context(), log, info.FullMethod, start, err)
+		fs := &firstRecv{ServerStream: ss}
+		err := h(srv, fs)
+		logDone(ss.Context(), log, info.FullMethod, fs.first, start, err)
 		return err
 	}
 }
