@@ -89,6 +89,7 @@ type DiskStats struct {
 type DiskVersion struct {
 	ID, Version string
 	Bytes       int64
+	Modified    time.Time // when the store last changed the version
 }
 
 // Disk is the disk tier: a cache of remote adapter versions on local disk. Safe for concurrent use.
@@ -423,7 +424,7 @@ func (d *Disk) Snapshot() []DiskVersion {
 	defer d.mu.Unlock()
 	out := make([]DiskVersion, 0, len(d.entries))
 	for _, e := range d.entries {
-		out = append(out, DiskVersion{ID: e.Version.ID, Version: e.Version.Version, Bytes: e.bytes})
+		out = append(out, DiskVersion{ID: e.Version.ID, Version: e.Version.Version, Bytes: e.bytes, Modified: e.Version.Modified})
 	}
 	slices.SortFunc(out, func(a, b DiskVersion) int { return strings.Compare(a.ID+"@"+a.Version, b.ID+"@"+b.Version) })
 	return out

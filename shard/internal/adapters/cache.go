@@ -50,6 +50,9 @@ type Loaded struct {
 	Weights *compute.AdapterWeights
 	Rank    int    // largest rank over its projections
 	Version string // changes when the adapter's files change
+	// Modified is when the store last changed this version (zero: unknown); routers compare it
+	// across shards to tell the current version from replaced ones.
+	Modified time.Time
 }
 
 // Loader reads an adapter from the store into host memory.
@@ -127,10 +130,11 @@ func (o Options) Validate() error {
 }
 
 type entry struct {
-	id      string
-	rank    int
-	version string
-	bytes   int64 // size of the weights (the same in both tiers)
+	id       string
+	rank     int
+	version  string
+	modified time.Time
+	bytes    int64 // size of the weights (the same in both tiers)
 
 	host     *compute.AdapterWeights // nil: no host copy
 	hostHeld bool                    // host is counted in the host tier (else held only until the upload)
@@ -179,6 +183,10 @@ type Cache struct {
 	events     []Event
 	closed     bool
 	retired    map[*entry]struct{} // replaced versions still pinned by sequences
+	// pending holds, per id without an entry of its own, an id@version entry in its first load:
+	// a request for id waits for it, since the version may be the current one (then filed under
+	// id and shared) rather than load a second copy.
+	pending map[string]*entry
 
 	emitMu sync.Mutex // orders event delivery
 }
@@ -208,7 +216,7 @@ func New(be compute.Backend, load Loader, o Options) (*Cache, error) {
 	hp, _ := eviction.New(o.Policy, o.HostBytes)
 	c := &Cache{
 		be: be, load: load, opts: o, entries: map[string]*entry{}, devPolicy: dp, hostPolicy: hp,
-		failures: map[string]failure{}, spaceFreed: make(chan struct{}),
+		failures: map[string]failure{}, spaceFreed: make(chan struct{}), pending: map[string]*entry{},
 	}
 	var err error
 	if c.metrics, err = newMetrics(o.Meter, c); err != nil {
@@ -240,11 +248,15 @@ func (c *Cache) emitLocked(kind EventKind, e *entry, tier residency.Tier, err er
 
 // resolveLocked names the entry a reference uses: "id@version" is the entry of id when that entry
 // holds version (the current version, loaded once however it is named), else an entry of its own.
-// wait is set when id's entry is in its first load, its version not known yet: the caller waits for
-// it and resolves again rather than loading a second copy.
+// wait is set when the other name's first load is in flight, its version not known yet (id's entry
+// for id@version, an id@version entry for id without an entry): the caller waits for it and
+// resolves again rather than loading a second copy.
 func (c *Cache) resolveLocked(ref string) (key string, wait chan struct{}) {
 	id, version, pinned := strings.Cut(ref, "@")
 	if !pinned {
+		if p := c.pending[ref]; p != nil && c.entries[ref] == nil && p.loading != nil {
+			return ref, p.loading
+		}
 		return ref, nil
 	}
 	if e := c.entries[id]; e != nil {
@@ -333,6 +345,9 @@ func (c *Cache) ensure(ctx context.Context, ref string, tier residency.Tier, pin
 		if e == nil {
 			e = &entry{id: id}
 			c.entries[id] = e
+			if plain, _, ok := strings.Cut(id, "@"); ok && c.pending[plain] == nil {
+				c.pending[plain] = e
+			}
 		}
 		if e.loading == nil {
 			e.loading = make(chan struct{})
@@ -420,6 +435,9 @@ func (c *Cache) fill(ctx context.Context, e *entry, tier residency.Tier) {
 	e.loadErr = err
 	close(e.loading)
 	e.loading = nil
+	if c.pending[id] == e {
+		delete(c.pending, id)
+	}
 	if err == nil && current != "" && current == e.version && c.entries[id] == nil && c.entries[e.id] == e {
 		c.rekeyLocked(e, id)
 	}
@@ -515,7 +533,7 @@ func (c *Cache) fillHost(ctx context.Context, e *entry, tier residency.Tier) err
 	if c.closed {
 		return ErrClosed
 	}
-	e.rank, e.version, e.bytes = ld.Rank, ld.Version, size
+	e.rank, e.version, e.modified, e.bytes = ld.Rank, ld.Version, ld.Modified, size
 	e.loads++
 	switch {
 	case size > c.opts.HostBytes:
@@ -726,10 +744,12 @@ func (c *Cache) unpin(e *entry) {
 	c.mu.Unlock()
 }
 
-// Refresh states the current version of every idle-or-used resident adapter (not pinned by an
-// operator, not loading, not pinned to a version by its id) and retires those the store has
-// replaced: new requests load the new version, requests running on the old one finish on it, and
-// the old device copy is freed when the last of them releases it. It returns how many were retired.
+// Refresh states the current version of every resident adapter (not loading, not pinned to a
+// version by its id) and replaces those the store has updated: new requests load the new version,
+// requests running on the old one finish on it, and the old device copy is freed when the last of
+// them releases it. An operator-pinned adapter's new version is loaded and pinned first, then the
+// old one unpinned and retired; if the new one fails to load, the old one stays pinned (the next
+// refresh tries again). It returns how many versions were replaced.
 func (c *Cache) Refresh(ctx context.Context) int {
 	if c.opts.Version == nil {
 		return 0
@@ -740,7 +760,7 @@ func (c *Cache) Refresh(ctx context.Context) int {
 	var check []held
 	c.mu.Lock()
 	for id, e := range c.entries {
-		if e.loading == nil && !e.pinned && e.version != "" && !strings.Contains(id, "@") {
+		if e.loading == nil && e.version != "" && !strings.Contains(id, "@") {
 			check = append(check, held{id, e.version})
 		}
 	}
@@ -751,7 +771,7 @@ func (c *Cache) Refresh(ctx context.Context) int {
 		if err != nil || v == h.version {
 			continue // an unreachable store keeps what is resident
 		}
-		if c.retire(h.id, h.version) {
+		if c.replace(ctx, h.id, h.version, v) == nil {
 			n++
 		}
 	}
@@ -759,31 +779,71 @@ func (c *Cache) Refresh(ctx context.Context) int {
 	return n
 }
 
-// retire takes the entry of id at version out of the cache if it is still there and idle enough.
-func (c *Cache) retire(id, version string) bool {
+// errStillCurrent means a replacement found the entry changed under it (another refresh or load
+// replaced it, or it is loading): nothing to do.
+var errStillCurrent = errors.New("adapters: entry changed during its refresh")
+
+// replace puts version current of id in place of version old: an unpinned entry is retired (the
+// next request loads current), an operator-pinned one is replaced by a pinned copy of current.
+func (c *Cache) replace(ctx context.Context, id, old, current string) error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	e := c.entries[id]
-	if e == nil || e.version != version || e.loading != nil || e.pinned {
-		return false
+	if e == nil || e.version != old || e.loading != nil {
+		c.mu.Unlock()
+		return errStillCurrent
 	}
-	delete(c.entries, id)
+	if !e.pinned {
+		c.retireLocked(e)
+		c.mu.Unlock()
+		return nil
+	}
+	c.mu.Unlock()
+	return c.repin(ctx, id, old, current)
+}
+
+// repin loads version current of an operator-pinned adapter under id@current and pins it, then
+// unpins and retires the old entry and files the new one under id. Loading first needs device room
+// for both copies for a moment, but never leaves the adapter unpinned or, when the new version
+// does not load, without its old copy.
+func (c *Cache) repin(ctx context.Context, id, old, current string) error {
+	e, err := c.ensure(ctx, id+"@"+current, residency.TierDevice, true)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	e.pinned = true
+	if prev := c.entries[id]; prev != nil && prev != e && prev.version == old && prev.loading == nil {
+		prev.pinned = false
+		c.retireLocked(prev)
+	}
+	if c.entries[id] == nil && c.entries[e.id] == e {
+		c.rekeyLocked(e, id)
+	}
+	c.mu.Unlock()
+	c.unpin(e) // the operator pin replaces the acquire pin
+	c.flush()
+	return nil
+}
+
+// retireLocked takes a replaced version out of the cache: its host copy goes at once, its device
+// copy when the last sequence using it releases it.
+func (c *Cache) retireLocked(e *entry) {
+	delete(c.entries, e.id)
 	// The policies and the host tier are keyed by id: the new version takes the id's place.
 	c.dropHostLocked(e)
 	if e.dev != nil {
-		c.devPolicy.Remove(id)
+		c.devPolicy.Remove(e.id)
 	}
 	e.retired = true
 	c.emitLocked(EventUnloaded, e, residency.TierNone, nil)
 	if e.pins == 0 {
 		c.freeRetiredLocked(e)
-		return true
+		return
 	}
 	if c.retired == nil {
 		c.retired = map[*entry]struct{}{}
 	}
 	c.retired[e] = struct{}{}
-	return true
 }
 
 // freeRetiredLocked frees a retired version's device copy (its id now belongs to the new version).
@@ -807,7 +867,8 @@ func (c *Cache) Load(ctx context.Context, id string, tier residency.Tier) error 
 	}
 	c.forgetFailure(id)
 	if c.opts.Version != nil && !strings.Contains(id, "@") {
-		// An explicit load refreshes: a version replaced in the store is retired first.
+		// An explicit load refreshes: a version replaced in the store is replaced first (a pinned
+		// one by a pinned copy of the new version).
 		c.mu.Lock()
 		e := c.entries[id]
 		old := ""
@@ -817,7 +878,9 @@ func (c *Cache) Load(ctx context.Context, id string, tier residency.Tier) error 
 		c.mu.Unlock()
 		if old != "" {
 			if v, err := c.opts.Version(ctx, id); err == nil && v != old {
-				c.retire(id, old)
+				if err := c.replace(ctx, id, old, v); err != nil && !errors.Is(err, errStillCurrent) {
+					return err
+				}
 				c.flush()
 			}
 		}
@@ -912,6 +975,7 @@ type Info struct {
 	HostBytes   int64
 	Rank        int
 	Version     string
+	Modified    time.Time // when the store last changed the version (zero: unknown)
 	Pinned      bool
 	InUse       int
 	LastUsed    time.Time
@@ -937,7 +1001,7 @@ func (c *Cache) Snapshot() []Info {
 	for _, e := range c.entries {
 		id, _, _ := strings.Cut(e.id, "@")
 		in := Info{ID: id, Ref: e.id, Tier: c.tierOf(e), Loading: e.loading != nil, Rank: e.rank, Version: e.version,
-			Pinned: e.pinned, InUse: e.pins, LastUsed: e.lastUsed, Loads: e.loads, Hits: e.hits}
+			Modified: e.modified, Pinned: e.pinned, InUse: e.pins, LastUsed: e.lastUsed, Loads: e.loads, Hits: e.hits}
 		if e.dev != nil {
 			in.DeviceBytes = e.bytes
 		}

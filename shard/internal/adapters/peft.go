@@ -85,7 +85,7 @@ func SourceLoader(src adaptersource.Source, disk *adaptersource.Disk, opts peft.
 			if err != nil {
 				return nil, err
 			}
-			return &Loaded{Weights: w, Rank: w.MaxRank(), Version: v.Version}, nil
+			return &Loaded{Weights: w, Rank: w.MaxRank(), Version: v.Version, Modified: v.Modified}, nil
 		}
 	}
 }
