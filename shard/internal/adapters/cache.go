@@ -8,8 +8,9 @@
 // requests waiting for that adapter and is remembered with a backoff per adapter (doubling up to
 // minutes, reset when its files change or by an explicit load). Every load has a deadline and is
 // cancelled by Unload. A reference id@version is the entry of id when that entry holds the version
-// (one copy however it is named), else an entry of its own; events and snapshots name every entry
-// by its plain id with the version in its field. Residency changes are reported as events for the
+// (one copy however it is named, one load however the first requests name it), else an entry of
+// its own; events and snapshots name every entry by its plain id with the version in its field.
+// Refresh and explicit loads replace versions the store has updated, operator-pinned ones included. Residency changes are reported as events for the
 // distributed layer. Imported by the shard's engine wiring and servers.
 package adapters
 
