@@ -45,8 +45,8 @@ for what in "${@:-tests}"; do
       grep -E 'E2E|FAIL|loaded' "$out/e2e.log" | tail -20
       ;;
     8b)
-      llama -test.v -test.count=1 -test.run 'TestCUDADecode8B' -cuda.bench8b >"$out/8b.log" 2>&1 || rc=1
-      grep -E '8B|FAIL' "$out/8b.log" | tail -10
+      llama -test.v -test.count=1 -test.run 'TestCUDADecode8B|TestCUDAColdAdapter8B' -cuda.bench8b >"$out/8b.log" 2>&1 || rc=1
+      grep -E '8B|FAIL|prefill|decode step' "$out/8b.log" | tail -12
       ;;
   esac
 done

@@ -76,7 +76,6 @@ func TestCUDAFamiliesMatchReference(t *testing.T) {
 	}
 }
 
-
 // TestCUDABatchInvariant runs the shipped model's prompts (base and every adapter) on a backend in
 // the batch-invariant mode, each alone, then all in one batch, then all beside random traffic
 // (other prompts of random lengths and adapters), and requires bit-identical logits at every step:
