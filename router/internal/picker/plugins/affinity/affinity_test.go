@@ -5,6 +5,7 @@ import (
 	"maps"
 	"testing"
 
+	"github.com/loraplex/loraplex/pkg/residency"
 	"github.com/loraplex/loraplex/router/internal/picker"
 	"github.com/loraplex/loraplex/router/internal/picker/pickertest"
 	"github.com/loraplex/loraplex/router/internal/picker/plugins/affinity"
@@ -34,6 +35,10 @@ func TestScore(t *testing.T) {
 			map[string]float64{"a": 0, "b": 0.2}},
 		{"no sizes known: any free byte", "new",
 			[]*pickertest.Builder{sh("a").DeviceFree(1), sh("b").Full()}, map[string]float64{"a": 0.2, "b": 0}},
+		{"only the current version counts; a replaced one earns no room", "x",
+			[]*pickertest.Builder{sh("old").Version(residency.TierDevice, "x", "1111111111111111", 100),
+				sh("new").Version(residency.TierHost, "x", "2222222222222222", 200), sh("room")},
+			map[string]float64{"old": 0, "new": 0.6, "room": 0.2}},
 		{"no record", "x", []*pickertest.Builder{sh("a").NoRecord()}, map[string]float64{"a": 0}},
 		{"base model ignores affinity", "",
 			[]*pickertest.Builder{sh("a").Device("x"), sh("b")}, map[string]float64{"a": 0, "b": 0}},
