@@ -114,12 +114,6 @@ type Local interface {
 	Dir(id string) string
 }
 
-// IsRemote reports whether s must be downloaded through a disk tier.
-func IsRemote(s Source) bool {
-	_, local := s.(Local)
-	return !local
-}
-
 // Spec is how -adapters names a source: a local folder, or s3://bucket/prefix.
 type Spec struct {
 	Bucket, Prefix string // set for s3://

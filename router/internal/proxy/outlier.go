@@ -106,9 +106,3 @@ func (o *outliers) ejected(id string) bool {
 	s := o.shards[id]
 	return s != nil && !s.until.IsZero() && o.now().Before(s.until)
 }
-
-// admitted reports admit's verdict alone (tests).
-func (o *outliers) admitted(id string) bool {
-	ok, _ := o.admit(id)
-	return ok
-}

@@ -507,3 +507,9 @@ func TestEjectionBacksOff(t *testing.T) {
 		t.Fatalf("faults not forgotten: ejected for %v after one", d)
 	}
 }
+
+// admitted reports admit's verdict alone.
+func (o *outliers) admitted(id string) bool {
+	ok, _ := o.admit(id)
+	return ok
+}
