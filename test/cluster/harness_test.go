@@ -271,6 +271,39 @@ func (p *proc) signal(t *testing.T, sig syscall.Signal) {
 	if err := p.cmd.Process.Signal(sig); err != nil {
 		t.Fatalf("signal %v to %s: %v", sig, p.name, err)
 	}
+	if sig == syscall.SIGSTOP {
+		p.waitStopped(t)
+	}
+}
+
+// waitStopped returns once every thread of the process is stopped: kill(2) returns before a
+// busy process's threads have all taken the SIGSTOP, and one still running could accept a request
+// sent right after (Linux: /proc/PID/task/*/stat, state T).
+func (p *proc) waitStopped(t *testing.T) {
+	t.Helper()
+	tasks := fmt.Sprintf("/proc/%d/task", p.cmd.Process.Pid)
+	if _, err := os.Stat(tasks); err != nil {
+		t.Logf("cannot see %s (%v): not waiting for the stop to take effect", tasks, err)
+		return
+	}
+	poll.Until(t, 5*time.Second, p.name+" stopped", func() bool {
+		ents, err := os.ReadDir(tasks)
+		if err != nil {
+			return false
+		}
+		for _, e := range ents {
+			b, err := os.ReadFile(filepath.Join(tasks, e.Name(), "stat"))
+			if err != nil {
+				continue // the thread exited
+			}
+			// The state follows the parenthesized command name: "pid (comm) S ...".
+			i := bytes.LastIndexByte(b, ')')
+			if i < 0 || i+2 >= len(b) || (b[i+2] != 'T' && b[i+2] != 't') {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 // alive reports whether the process has not exited.
