@@ -7,6 +7,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/loraplex/loraplex/pkg/demomodel"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cuda"
 	"github.com/loraplex/loraplex/test/tinyllama"
@@ -76,29 +77,46 @@ func TestCUDAFamiliesMatchReference(t *testing.T) {
 	}
 }
 
-// TestCUDABatchInvariant runs the shipped model's prompts (base and every adapter) on a backend in
-// the batch-invariant mode, each alone, then all in one batch, then all beside random traffic
-// (other prompts of random lengths and adapters), and requires bit-identical logits at every step:
-// so tokens and log-probabilities too. It also counts, for the record, how many sequences part ways
-// in the default mode.
+// TestCUDABatchInvariant runs prompts on the demo model (base and its four adapters; its widths are
+// multiples of 8, as the bf16 GEMV needs) on a backend in the batch-invariant mode, each alone, then
+// all in one batch, then all beside random traffic (other prompts of random lengths and adapters),
+// and requires bit-identical logits at every step: so tokens and log-probabilities too. It also
+// counts, for the record, how many sequences part ways in the default mode.
 func TestCUDABatchInvariant(t *testing.T) {
 	const steps = 16
-	modelDir, adapterDir, ref := shippedModel(t)
+	modelDir, adapterDir, err := demomodel.Extract(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := []string{"reverse", "digits", "double", "template"}
 	run := func(o cuda.Options) (alone, mixed, busy []*seq) {
 		o.Library = os.Getenv(cuda.LibraryEnv)
 		be := gpuBackendWith(t, o)
 		m := loadModel(t, modelDir, be)
+		vocab := m.Info().VocabSize
+		x := uint64(0x9e3779b97f4a7c15)
+		next := func(n int) int {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			return int(x % uint64(n))
+		}
+		randPrompt := func(lo, hi int) []int {
+			p := make([]int, lo+next(hi-lo))
+			for j := range p {
+				p[j] = 3 + next(vocab-3)
+			}
+			return p
+		}
 		ads := []compute.Adapter{nil}
+		for _, name := range names {
+			ads = append(ads, loadAdapter(t, be, m.Info(), filepath.Join(adapterDir, name)))
+		}
+		// 15 prompts of 5..60 tokens, three per adapter and three on the base model.
 		var prompts [][]int
 		var owner []int
-		for _, c := range ref.Base {
-			prompts, owner = append(prompts, c.PromptIDs), append(owner, 0)
-		}
-		for i, name := range tinyllama.Adapters {
-			ads = append(ads, loadAdapter(t, be, m.Info(), filepath.Join(adapterDir, name)))
-			for _, c := range ref.Adapters[name] {
-				prompts, owner = append(prompts, c.PromptIDs), append(owner, i+1)
-			}
+		for i := range 15 {
+			prompts, owner = append(prompts, randPrompt(5, 60)), append(owner, i%len(ads))
 		}
 		mk := func() []*seq {
 			out := make([]*seq, len(prompts))
@@ -107,42 +125,31 @@ func TestCUDABatchInvariant(t *testing.T) {
 			}
 			return out
 		}
+		// The runner groups sequences by adapter as the engine does.
+		grouped := func(all []*seq) []*seq {
+			g := make([]*seq, 0, len(all))
+			for _, ad := range ads {
+				for _, s := range all {
+					if s.adapter == ad {
+						g = append(g, s)
+					}
+				}
+			}
+			return g
+		}
 		alone = mk()
 		for _, s := range alone {
 			newRunner(t, be, m, 512).generate([]*seq{s}, steps)
 		}
 		mixed = mk()
-		newRunner(t, be, m, 2048).generate(mixed, steps)
-		// Random traffic: 24 more sequences, 3..200-token prompts, any adapter, interleaved.
+		newRunner(t, be, m, 2048).generate(grouped(mixed), steps)
+		// Random traffic: 24 more sequences, 3..200-token prompts, any adapter.
 		busy = mk()
 		all := append([]*seq(nil), busy...)
-		x := uint64(0x9e3779b97f4a7c15)
-		next := func(n int) int {
-			x ^= x << 13
-			x ^= x >> 7
-			x ^= x << 17
-			return int(x % uint64(n))
-		}
-		vocab := m.Info().VocabSize
 		for i := range 24 {
-			p := make([]int, 3+next(198))
-			for j := range p {
-				p[j] = 3 + next(vocab-3)
-			}
-			s := &seq{name: fmt.Sprintf("noise%d", i), adapter: ads[next(len(ads))], tokens: p}
-			at := next(len(all) + 1)
-			all = append(all[:at], append([]*seq{s}, all[at:]...)...)
+			all = append(all, &seq{name: fmt.Sprintf("noise%d", i), adapter: ads[next(len(ads))], tokens: randPrompt(3, 200)})
 		}
-		// The runner groups sequences by adapter as the engine does.
-		grouped := make([]*seq, 0, len(all))
-		for _, ad := range ads {
-			for _, s := range all {
-				if s.adapter == ad {
-					grouped = append(grouped, s)
-				}
-			}
-		}
-		newRunner(t, be, m, 8192).generate(grouped, steps)
+		newRunner(t, be, m, 8192).generate(grouped(all), steps)
 		return alone, mixed, busy
 	}
 	differ := func(a, b []*seq) (seqs int, firstStep []int) {
