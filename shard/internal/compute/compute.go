@@ -308,6 +308,14 @@ type MemoryBudgeter interface {
 	MemoryUsed() int64
 }
 
+// WeightPreparer is implemented by backends that store matmul weights in another form than
+// float32 (the CUDA backend's bf16), converting a tensor on its first use as a weight. A model whose
+// tensor is also read otherwise (a tied embedding table) prepares it at load, so that every read sees
+// the same values.
+type WeightPreparer interface {
+	PrepareWeight(w Tensor) error
+}
+
 // Closer is implemented by backends holding resources the garbage collector cannot release
 // (device memory, streams, a loaded library); the shard closes the backend last.
 type Closer interface {

@@ -65,6 +65,7 @@ var (
 	_ compute.Closer         = (*Backend)(nil)
 	_ compute.DecoderOps     = (*Backend)(nil)
 	_ compute.KVElementSizer = (*Backend)(nil)
+	_ compute.WeightPreparer = (*Backend)(nil)
 )
 
 // Options configure the CUDA backend.
@@ -456,6 +457,15 @@ func (b *Backend) Free(t compute.Tensor) {
 }
 
 // asWeight converts a weight tensor to the backend's weight dtype on its first use as one.
+// PrepareWeight implements compute.WeightPreparer: w takes the weight dtype now.
+func (b *Backend) PrepareWeight(w compute.Tensor) error {
+	ts, err := tensors(w)
+	if err != nil {
+		return err
+	}
+	return b.asWeight(ts[0])
+}
+
 func (b *Backend) asWeight(w *Tensor) error {
 	if w.dtype == b.wdt {
 		return nil

@@ -161,6 +161,13 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 		}
 	} else {
 		m.lmHead = m.embed
+		// The tied table is the head's matmul weight: in the backend's weight form from the start,
+		// so the first step's embeddings read what every later step reads.
+		if p, ok := be.(compute.WeightPreparer); ok {
+			if err := p.PrepareWeight(m.embed); err != nil {
+				return nil, err
+			}
+		}
 	}
 	for l := range m.layers {
 		p := fmt.Sprintf("model.layers.%d.", l)
