@@ -11,8 +11,8 @@ set -u
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/gpu-out}
 dir=${BENCH_DIR:-/tmp/bench8b}
-rates=("${@:-4 16 48}")
-[ $# -eq 0 ] && rates=(4 16 48)
+rates=("$@")
+[ $# -eq 0 ] && rates=(4 12 24)
 duration=${BENCH_DURATION:-25s}
 mkdir -p "$out"
 if [ ! -f "$root/kernels/libloraplex_kernels.so" ]; then
@@ -22,7 +22,10 @@ export LORAPLEX_KERNELS=$root/kernels/libloraplex_kernels.so
 [ -d "$dir/adapters/a99" ] || python3 "$root/scripts/gpu/make_bench_model.py" "$dir" >"$out/make-model.log" 2>&1 || { tail -20 "$out/make-model.log"; exit 1; }
 tail -2 "$out/make-model.log" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# A device tier that holds every adapter (2.6 GB in bf16; the budget counts float32 bytes): the
+# default 512 MiB suits small models, not 100 adapters of an 8B one.
 "$root/.devrun/shard" -backend cuda -model "$dir/model" -adapters "$dir/adapters" -listen 127.0.0.1:50061 \
+  -adapter-device-bytes 17179869184 \
   -metrics-listen 127.0.0.1:9095 >"$out/bench-shard.log" 2>&1 &
 pid=$!
 start=$(date +%s)
