@@ -23,8 +23,10 @@ const (
 	// uses its halves in turn, converting into one while the other is being copied.
 	minStagingBuf = 64 << 10
 	maxStagingBuf = 32 << 20
-	// uploadWorkers converts one chunk in parallel: conversion, not PCIe, bounds an upload.
-	uploadWorkers = 4
+	// uploadWorkers converts one chunk in parallel (at most GOMAXPROCS of them): conversion, not
+	// PCIe, bounds an upload (4 workers converted 5.5 GB/s of float32 on an H200 host, where the
+	// pinned copy runs at 44 GB/s).
+	uploadWorkers = 8
 )
 
 // uploader is the state adapter uploads share: their stream, the staging pool and idle events.
