@@ -25,18 +25,14 @@ import (
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
 	"github.com/loraplex/loraplex/shard/internal/engine"
+	"github.com/loraplex/loraplex/shard/internal/model"
 	"github.com/loraplex/loraplex/shard/internal/model/llama"
 	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
-// newGeneration serves the embedded tiny model (vocabulary 1025, context 1024) with the shipped
-// adapters on the CPU backend, behind limits; its KV cache holds kvBlocks blocks of 16 positions.
-func newGeneration(t *testing.T, limits genreq.Limits, kvBlocks int) *Generation {
+// loadTiny loads the tiny model in modelDir and its tokenizer on a CPU backend.
+func loadTiny(t *testing.T, modelDir string) (*cpu.Backend, model.Model, *tokenizer.Tokenizer) {
 	t.Helper()
-	modelDir, adapterDir, err := tinyllama.Extract(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
 	be := cpu.New(cpu.Options{})
 	cfg, err := os.ReadFile(filepath.Join(modelDir, "config.json"))
 	if err != nil {
@@ -51,6 +47,18 @@ func newGeneration(t *testing.T, limits genreq.Limits, kvBlocks int) *Generation
 	if err != nil {
 		t.Fatal(err)
 	}
+	return be, m, tok
+}
+
+// newGeneration serves the embedded tiny model (vocabulary 1025, context 1024) with the shipped
+// adapters on the CPU backend, behind limits; its KV cache holds kvBlocks blocks of 16 positions.
+func newGeneration(t *testing.T, limits genreq.Limits, kvBlocks int) *Generation {
+	t.Helper()
+	modelDir, adapterDir, err := tinyllama.Extract(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	be, m, tok := loadTiny(t, modelDir)
 	src, err := adaptersource.OpenFolder(adapterDir)
 	if err != nil {
 		t.Fatal(err)

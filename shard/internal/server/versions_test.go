@@ -12,13 +12,10 @@ import (
 
 	"github.com/loraplex/loraplex/pkg/adaptersource"
 	"github.com/loraplex/loraplex/pkg/genreq"
-	"github.com/loraplex/loraplex/pkg/tokenizer"
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
-	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
 	"github.com/loraplex/loraplex/shard/internal/engine"
-	"github.com/loraplex/loraplex/shard/internal/model/llama"
 	"github.com/loraplex/loraplex/test/tinyllama"
 )
 
@@ -140,20 +137,7 @@ func TestAdapterUpdatedWhileStreaming(t *testing.T) {
 	const oldID, newID = "qv-r8", "mlp-r4-patterns"
 	copyFiles(oldID, "x")
 
-	be := cpu.New(cpu.Options{})
-	cfg, err := os.ReadFile(filepath.Join(modelDir, "config.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := llama.Load(modelDir, cfg, be)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(m.Close)
-	tok, err := tokenizer.Load(filepath.Join(modelDir, "tokenizer.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	be, m, tok := loadTiny(t, modelDir)
 	src, err := adaptersource.OpenFolder(root)
 	if err != nil {
 		t.Fatal(err)
