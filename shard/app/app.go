@@ -329,6 +329,11 @@ func (s *Shard) load() (err error) {
 		return fmt.Errorf("shard: load chat template: %w", err)
 	}
 	info := s.model.Info()
+	if cfg.Backend == "cuda" && cfg.CUDA.BatchInvariant {
+		if err := cuda.CheckBatchInvariant(info.Hidden, info.Heads*info.HeadDim, info.Intermediate); err != nil {
+			return fmt.Errorf("shard: -cuda-batch-invariant: %w", err)
+		}
+	}
 	log.Info("model loaded", zap.String("dir", cfg.ModelDir), zap.Int("layers", info.Layers), zap.Int("hidden", info.Hidden),
 		zap.Int("vocab", info.VocabSize), zap.String("chat_template", chat.Origin()), zap.Duration("elapsed", time.Since(start)))
 

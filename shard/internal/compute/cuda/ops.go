@@ -172,6 +172,18 @@ func (b *Backend) matmulTo(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *
 	return gemm(BF16, xb.ptr)
 }
 
+// CheckBatchInvariant says whether a model whose matmuls reduce over these widths (hidden, attention
+// output, intermediate) can run in the batch-invariant mode: its bf16 GEMV reads rows in 16-byte
+// chunks, so every width must be a multiple of 8 (true of every released model).
+func CheckBatchInvariant(widths ...int) error {
+	for _, k := range widths {
+		if k <= 0 || k%8 != 0 {
+			return fmt.Errorf("%w: the batch-invariant mode needs matmul widths that are multiples of 8; this model has %d", compute.ErrShape, k)
+		}
+	}
+	return nil
+}
+
 // invariantMatMul is matmulTo in the batch-invariant mode: lp_gemv_bf16 over chunks of at most
 // maxGEMVTokens rows, whose sums for a row run in one order whatever the chunk holds, where cuBLAS
 // picks its algorithm (and split of k) by the number of rows.

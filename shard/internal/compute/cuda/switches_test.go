@@ -1,6 +1,8 @@
 package cuda
 
 import (
+	"errors"
+	"strings"
 	"testing"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -17,5 +19,15 @@ func TestSwitches(t *testing.T) {
 		if got := compute.On(b, compute.CapStepGraphs); got == o.NoStepGraphs {
 			t.Errorf("%+v: step graphs on = %v", o, got)
 		}
+	}
+}
+
+func TestCheckBatchInvariant(t *testing.T) {
+	if err := CheckBatchInvariant(4096, 4096, 14336); err != nil {
+		t.Errorf("Llama-3-8B widths refused: %v", err)
+	}
+	err := CheckBatchInvariant(4096, 172, 512)
+	if !errors.Is(err, compute.ErrShape) || !strings.Contains(err.Error(), "172") {
+		t.Errorf("width 172: %v, want ErrShape naming 172", err)
 	}
 }
