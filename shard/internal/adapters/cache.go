@@ -135,7 +135,10 @@ type entry struct {
 	rank     int
 	version  string
 	modified time.Time
-	bytes    int64 // size of the weights (the same in both tiers)
+	bytes    int64 // size of the weights in the host tier (float32)
+	// devBytes is what the device copy holds, charged to the device tier: the backend's own size
+	// (half of bytes with bf16 weights), at most bytes, which is reserved during the upload.
+	devBytes int64
 
 	host     *compute.AdapterWeights // nil: no host copy
 	hostHeld bool                    // host is counted in the host tier (else held only until the upload)
@@ -244,7 +247,11 @@ func (c *Cache) flush() {
 
 func (c *Cache) emitLocked(kind EventKind, e *entry, tier residency.Tier, err error) {
 	id, _, _ := strings.Cut(e.id, "@") // a pinned version is reported under its id, the version in its field
-	c.events = append(c.events, Event{Kind: kind, Adapter: id, Tier: tier, Bytes: e.bytes, Rank: e.rank, Version: e.version, Err: err})
+	n := e.bytes
+	if tier == residency.TierDevice && e.devBytes > 0 {
+		n = e.devBytes
+	}
+	c.events = append(c.events, Event{Kind: kind, Adapter: id, Tier: tier, Bytes: n, Rank: e.rank, Version: e.version, Err: err})
 }
 
 // resolveLocked names the entry a reference uses: "id@version" is the entry of id when that entry
@@ -397,7 +404,7 @@ func (c *Cache) rekeyLocked(e *entry, id string) {
 	}
 	if e.dev != nil {
 		c.devPolicy.Remove(e.id)
-		c.devPolicy.Insert(id, e.bytes)
+		c.devPolicy.Insert(id, e.devBytes)
 	}
 	e.id = id
 	c.entries[id] = e
@@ -618,6 +625,9 @@ func (c *Cache) fillDevice(ctx context.Context, e *entry) error {
 	defer deadline.Stop()
 	c.mu.Lock()
 	size := e.bytes
+	if z, ok := c.be.(compute.AdapterSizer); ok && e.host != nil {
+		size = z.AdapterBytes(e.host)
+	}
 	if size > c.opts.DeviceBytes {
 		c.mu.Unlock()
 		return fmt.Errorf("%w: adapter %s is %d bytes, device tier budget %d", ErrTooLarge, e.id, size, c.opts.DeviceBytes)
@@ -672,7 +682,15 @@ func (c *Cache) fillDevice(ctx context.Context, e *entry) error {
 		return fmt.Errorf("adapter %s: upload: %w", e.id, err)
 	}
 	e.dev = a
-	c.devPolicy.Insert(e.id, size)
+	// The reservation was the backend's estimate (the float32 size without one); charge what the
+	// device copy holds when that is less, so the tier's byte budget counts device bytes.
+	e.devBytes = size
+	if n := a.Bytes(); n > 0 && n < size {
+		e.devBytes = n
+		c.devUsed -= size - n
+		c.signalSpaceLocked()
+	}
+	c.devPolicy.Insert(e.id, e.devBytes)
 	if !e.hostHeld {
 		e.host = nil
 	}
@@ -685,7 +703,7 @@ func (c *Cache) pinnedBytesLocked() int64 {
 	var n int64
 	for _, e := range c.entries {
 		if e.pinned && e.dev != nil {
-			n += e.bytes
+			n += e.devBytes
 		}
 	}
 	return n
@@ -718,7 +736,7 @@ func (c *Cache) dropDeviceLocked(e *entry) {
 	}
 	c.be.FreeAdapter(e.dev)
 	e.dev = nil
-	c.devUsed -= e.bytes
+	c.devUsed -= e.devBytes
 	c.devPolicy.Remove(e.id)
 	c.signalSpaceLocked()
 }
@@ -853,7 +871,7 @@ func (c *Cache) freeRetiredLocked(e *entry) {
 	if e.dev != nil {
 		c.be.FreeAdapter(e.dev)
 		e.dev = nil
-		c.devUsed -= e.bytes
+		c.devUsed -= e.devBytes
 		c.signalSpaceLocked()
 	}
 }
@@ -1004,7 +1022,7 @@ func (c *Cache) Snapshot() []Info {
 		in := Info{ID: id, Ref: e.id, Tier: c.tierOf(e), Loading: e.loading != nil, Rank: e.rank, Version: e.version,
 			Modified: e.modified, Pinned: e.pinned, InUse: e.pins, LastUsed: e.lastUsed, Loads: e.loads, Hits: e.hits}
 		if e.dev != nil {
-			in.DeviceBytes = e.bytes
+			in.DeviceBytes = e.devBytes
 		}
 		if e.hostHeld {
 			in.HostBytes = e.bytes

@@ -308,6 +308,13 @@ type MemoryBudgeter interface {
 	MemoryUsed() int64
 }
 
+// AdapterSizer is implemented by backends whose uploaded adapters do not take their float32 bytes
+// (the CUDA backend stores them in its weight dtype): the adapter cache charges its device tier
+// AdapterBytes, before the upload, instead of AdapterWeights.Bytes.
+type AdapterSizer interface {
+	AdapterBytes(w *AdapterWeights) int64
+}
+
 // WeightPreparer is implemented by backends that store matmul weights in another form than
 // float32 (the CUDA backend's bf16), converting a tensor on its first use as a weight. A model whose
 // tensor is also read otherwise (a tied embedding table) prepares it at load, so that every read sees

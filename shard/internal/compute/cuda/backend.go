@@ -66,6 +66,7 @@ var (
 	_ compute.DecoderOps     = (*Backend)(nil)
 	_ compute.KVElementSizer = (*Backend)(nil)
 	_ compute.WeightPreparer = (*Backend)(nil)
+	_ compute.AdapterSizer   = (*Backend)(nil)
 )
 
 // Options configure the CUDA backend.
@@ -505,6 +506,23 @@ type adapter struct {
 }
 
 func (a *adapter) Bytes() int64 { return a.bytes }
+
+// AdapterBytes implements compute.AdapterSizer: the device bytes UploadAdapter will hold for w (its
+// A and B matrices in the weight dtype, each 16-byte aligned, in one buffer of whole 256 bytes).
+func (b *Backend) AdapterBytes(w *compute.AdapterWeights) int64 {
+	es := b.wdt.Size()
+	var size int64
+	for _, mods := range w.Layers {
+		for _, lw := range mods {
+			if lw == nil || lw.Rank <= 0 {
+				continue
+			}
+			size = (size + int64(len(lw.A))*es + 15) &^ 15
+			size = (size + int64(len(lw.B))*es + 15) &^ 15
+		}
+	}
+	return (size + 255) &^ 255
+}
 
 // UploadAdapter implements compute.Backend. It may run concurrently with the step's calls: it copies
 // on its own stream and waits only for its own copies (upload.go).

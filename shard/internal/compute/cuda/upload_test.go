@@ -326,6 +326,9 @@ func TestUploadAdapterReadBack(t *testing.T) {
 					if used := be.MemoryUsed(); used != before+a.Bytes() {
 						t.Errorf("adapter %s of %d bytes: MemoryUsed %d -> %d", w.Name, a.Bytes(), before, used)
 					}
+					if n := be.AdapterBytes(w); n != a.Bytes() {
+						t.Errorf("adapter %s: AdapterBytes says %d, the upload holds %d", w.Name, n, a.Bytes())
+					}
 					must(t, checkAdapter(s, a, w, dt))
 					be.FreeAdapter(a)
 					// Again, into the buffer just freed (the pooled path, ordered after the compute stream).
