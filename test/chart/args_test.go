@@ -176,10 +176,13 @@ func TestShardCUDAArgs(t *testing.T) {
 		backend       string
 		graphs, fused bool
 		staging       int64
+		kv            string
+		invariant     bool
 	}{
-		{"defaults", nil, "cuda", true, true, 0},
-		{"switched off", []string{"shard.cuda.stepGraphs=false", "shard.cuda.fusion=false", "shard.cuda.stagingBytes=67108864"}, "cuda", false, false, 64 << 20},
-		{"cpu", []string{"shard.backend=cpu", "shard.cuda.stepGraphs=false"}, "cpu", true, true, 0},
+		{"defaults", nil, "cuda", true, true, 0, "bf16", false},
+		{"switched off", []string{"shard.cuda.stepGraphs=false", "shard.cuda.fusion=false", "shard.cuda.stagingBytes=67108864",
+			"shard.cuda.kvDtype=f32", "shard.cuda.batchInvariant=true"}, "cuda", false, false, 64 << 20, "f32", true},
+		{"cpu", []string{"shard.backend=cpu", "shard.cuda.stepGraphs=false"}, "cpu", true, true, 0, "bf16", false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			o := render(t, "", nil, c.set...)
@@ -195,7 +198,8 @@ func TestShardCUDAArgs(t *testing.T) {
 					t.Fatal(err)
 				}
 				s := a.shard
-				if s.Backend != c.backend || s.CUDA.StepGraphs != c.graphs || s.CUDA.Fusion != c.fused || s.CUDA.StagingBytes != c.staging {
+				if s.Backend != c.backend || s.CUDA.StepGraphs != c.graphs || s.CUDA.Fusion != c.fused || s.CUDA.StagingBytes != c.staging ||
+					s.CUDA.KVDType != c.kv || s.CUDA.BatchInvariant != c.invariant {
 					t.Errorf("shard parsed -backend %s, cuda %+v; want %s, graphs %v, fusion %v, staging %d (args %v)",
 						s.Backend, s.CUDA, c.backend, c.graphs, c.fused, c.staging, ct.Args)
 				}
