@@ -13,6 +13,22 @@ import (
 	loraplexv1 "github.com/loraplex/loraplex/proto/loraplex/v1"
 )
 
+// startShard starts a shard with cfg and a client connection to it; both end with the test.
+func startShard(t *testing.T, cfg Config) (*Shard, *grpc.ClientConn) {
+	t.Helper()
+	s, err := Start(cfg, Wiring{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Stop(context.Background()) })
+	conn, err := grpc.NewClient(s.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return s, conn
+}
+
 // TestResidencyCarriesVersions: the record a shard publishes names each resident adapter's version
 // and the time the store last changed it, which routers compare across shards to find the current
 // version; the record survives its wire codec with both.
@@ -23,16 +39,7 @@ func TestResidencyCarriesVersions(t *testing.T) {
 	}
 	cfg := DefaultConfig()
 	cfg.Listen, cfg.ModelDir, cfg.AdapterDir = "127.0.0.1:0", modelDir, root
-	s, err := Start(cfg, Wiring{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Stop(context.Background())
-	conn, err := grpc.NewClient(s.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	s, conn := startShard(t, cfg)
 	id := demomodel.Adapters()[0]
 	if _, err := loraplexv1.NewGenerationServiceClient(conn).Generate(context.Background(), &loraplexv1.GenerateRequest{AdapterId: id,
 		Prompt: &loraplexv1.GenerateRequest_Text{Text: demomodel.Prompt("12 34")}, Stopping: &loraplexv1.StoppingCriteria{MaxNewTokens: 1}}); err != nil {

@@ -8,9 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/loraplex/loraplex/pkg/adaptersource/s3test"
@@ -37,16 +35,7 @@ func TestShardFromS3(t *testing.T) {
 	cfg.Listen, cfg.ModelDir, cfg.AdapterDir = "127.0.0.1:0", modelDir, "s3://"+s3test.Bucket+"/models"
 	cfg.S3 = srv.Options()
 	cfg.Disk.Dir = t.TempDir()
-	s, err := Start(cfg, Wiring{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Stop(context.Background())
-	conn, err := grpc.NewClient(s.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	s, conn := startShard(t, cfg)
 	cl := loraplexv1.NewGenerationServiceClient(conn)
 	ttft := func(id string) (time.Duration, error) {
 		start := time.Now()
