@@ -53,6 +53,12 @@ func serve(t *testing.T, o grpcserver.Options, w grpcserver.Wiring) string {
 	}
 	loraplexv1.RegisterAdaptersServiceServer(s, adapters{})
 	h.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	return listen(t, s)
+}
+
+// listen serves s on a loopback port until the test ends and returns its address.
+func listen(t *testing.T, s *grpc.Server) string {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

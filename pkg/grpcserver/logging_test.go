@@ -3,7 +3,6 @@ package grpcserver_test
 import (
 	"context"
 	"io"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -45,13 +44,7 @@ func TestRPCLineCarriesIDs(t *testing.T) {
 	}
 	loraplexv1.RegisterGenerationServiceServer(s, minting{})
 	loraplexv1.RegisterAdaptersServiceServer(s, adapters{})
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = s.Serve(lis) }()
-	t.Cleanup(s.Stop)
-	conn := dial(t, lis.Addr().String(), plain(t))
+	conn := dial(t, listen(t, s), plain(t))
 	gen, adm := loraplexv1.NewGenerationServiceClient(conn), loraplexv1.NewAdaptersServiceClient(conn)
 	ctx := context.Background()
 	long := strings.Repeat("r", 10_000)

@@ -2,7 +2,6 @@ package grpcserver_test
 
 import (
 	"context"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -76,13 +75,7 @@ func TestInvalidUTF8(t *testing.T) {
 	}
 	loraplexv1.RegisterAdaptersServiceServer(s, adapters{})
 	loraplexv1.RegisterGenerationServiceServer(s, generation{})
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = s.Serve(lis) }()
-	t.Cleanup(s.Stop)
-	conn := dial(t, lis.Addr().String(), plain(t))
+	conn := dial(t, listen(t, s), plain(t))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
