@@ -3,7 +3,7 @@
 # elsewhere (no Go needed here):
 #   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go test -tags nvml -c -o .devrun/cuda.test ./shard/internal/compute/cuda/
 #   (the same for ./shard/internal/model/llama/ into .devrun/llama.test)
-# Usage: scripts/gpu/run-tests.sh [tests|bench|breakdown|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
+# Usage: scripts/gpu/run-tests.sh [tests|bench|breakdown|prefill|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/gpu-out}
@@ -29,6 +29,13 @@ for what in "${@:-tests}"; do
     breakdown)
       llama -test.v -test.count=1 -test.run 'TestCUDAOpBreakdown' -cuda.bench >"$out/breakdown.log" 2>&1 || rc=1
       grep -E 'cuda_test|RUN|FAIL' "$out/breakdown.log" | tail -50
+      ;;
+    prefill)
+      # The dense bf16 rate (cuBLAS through torch) beside the prefill breakdown, in the same run.
+      python3 "$root/scripts/gpu/dense_rate.py" >"$out/dense.log" 2>&1 || { rc=1; tail -5 "$out/dense.log"; }
+      grep -E '^(device|dense)' "$out/dense.log"
+      llama -test.v -test.count=1 -test.run 'TestCUDAPrefillBreakdown' -cuda.bench >"$out/prefill.log" 2>&1 || rc=1
+      grep -E 'prefill_cuda_test|RUN|FAIL' "$out/prefill.log" | tail -40
       ;;
     smoke)
       (cd "$root" && OUT=$out timeout 240 bash scripts/gpusmoke/check.sh) >"$out/smoke.log" 2>&1 || rc=1
