@@ -263,10 +263,12 @@ __global__ void bf16_to_f32_kernel(float *dst, const __nv_bfloat16 *src, size_t 
 // Grid (tokens, head groups of ROPE_HEADS): a thread owns one frequency i, computes its angle's cosine
 // and sine once (in double, as the CPU backend does) and rotates pair i of each head of its group.
 constexpr int ROPE_HEADS = 4;
-__global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, const int32_t *positions) {
+__global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, const int32_t *positions,
+                            const int32_t *rope_set) {
   pdl_enter();
   const int half = hd / 2;
   const float p = static_cast<float>(positions[blockIdx.x]);
+  if (rope_set != nullptr) inv_freq += rope_set[blockIdx.x] * half;
   float *row = x + static_cast<size_t>(blockIdx.x) * heads * hd;
   const int h0 = blockIdx.y * ROPE_HEADS, h1 = min(heads, h0 + ROPE_HEADS);
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -292,10 +294,11 @@ __global__ void rope_kernel(float *x, int heads, int hd, const float *inv_freq, 
 template <typename KV>
 __global__ void rope_kv_write_kernel(float *q, float *k, const float *v, KV *kc, KV *vc, int heads, int kv_heads,
                                      int hd, const float *inv_freq, const int32_t *positions,
-                                     const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs,
-                                     lp_qkv_prep pp) {
+                                     const int32_t *rope_set, const int32_t *seq_index, const int32_t *bt,
+                                     const int32_t *bt_off, int bs, lp_qkv_prep pp) {
   pdl_enter();
   const int half = hd / 2, t = blockIdx.x;
+  if (rope_set != nullptr) inv_freq += rope_set[t] * half;
   const int pos = positions[t];
   const float p = static_cast<float>(pos);
   const int h0 = blockIdx.y * ROPE_HEADS, h1 = min(heads + kv_heads, h0 + ROPE_HEADS);
@@ -1107,17 +1110,19 @@ int lp_silu_mul_bf16(float *out, void *out_bf16, const float *gate, const float 
 }
 
 int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq, const int32_t *positions,
-            lp_stream stream) {
+            const int32_t *rope_set, lp_stream stream) {
   if (tokens < 0 || heads <= 0 || head_dim <= 0 || head_dim % 2 != 0) return LP_ERR_INVALID;
   if (tokens == 0) return LP_OK;
   const dim3 grid(tokens, (heads + ROPE_HEADS - 1) / ROPE_HEADS);
-  launch_k(rope_kernel, grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream), x, heads, head_dim, inv_freq, positions);
+  launch_k(rope_kernel, grid, min(128, (head_dim / 2 + 31) / 32 * 32), 0, cs(stream), x, heads, head_dim, inv_freq, positions,
+           rope_set);
   return launched();
 }
 
 int lp_rope_kv_write(int kv_dtype, float *q, float *k, const float *v, void *k_cache, void *v_cache, int tokens,
                      int heads, int kv_heads, int head_dim, const float *inv_freq, const int32_t *positions,
-                     const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
+                     const int32_t *rope_set, const int32_t *seq_index, const int32_t *block_tables,
+                     const int32_t *table_offsets,
                      int block_size, const lp_qkv_prep *prep, lp_stream stream) {
   if (tokens < 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || block_size <= 0)
     return LP_ERR_INVALID;
@@ -1131,11 +1136,11 @@ int lp_rope_kv_write(int kv_dtype, float *q, float *k, const float *v, void *k_c
   if (kv_dtype == LP_DTYPE_BF16)
     launch_k(rope_kv_write_kernel<__nv_bfloat16>, grid, threads, 0, cs(stream), q, k, v,
              static_cast<__nv_bfloat16 *>(k_cache), static_cast<__nv_bfloat16 *>(v_cache), heads, kv_heads, head_dim,
-             inv_freq, positions, seq_index, block_tables, table_offsets, block_size, pp);
+             inv_freq, positions, rope_set, seq_index, block_tables, table_offsets, block_size, pp);
   else
     launch_k(rope_kv_write_kernel<float>, grid, threads, 0, cs(stream), q, k, v, static_cast<float *>(k_cache),
-             static_cast<float *>(v_cache), heads, kv_heads, head_dim, inv_freq, positions, seq_index, block_tables,
-             table_offsets, block_size, pp);
+             static_cast<float *>(v_cache), heads, kv_heads, head_dim, inv_freq, positions, rope_set, seq_index,
+             block_tables, table_offsets, block_size, pp);
   return launched();
 }
 

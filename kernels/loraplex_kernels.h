@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 6
+#define LP_ABI_VERSION 7
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -175,9 +175,11 @@ LP_API int lp_silu_mul_bf16(float *out, void *out_bf16, const float *gate, const
 /* Positions, the paged KV cache and attention. */
 
 /* Rotates x [tokens, heads*head_dim] in place, rotate-half layout, at each token's position:
- * angle = float(position) * inv_freq[i] (formed in float32), inv_freq float32 [head_dim/2]. */
+ * angle = float(position) * f[i] (formed in float32), f the head_dim/2 float32 inverse frequencies
+ * of the token's set: inv_freq + rope_set[token] * head_dim/2 (rope_set int32 [tokens], naming sets
+ * of inv_freq the caller has checked; NULL: inv_freq itself for every token, as with one set). */
 LP_API int lp_rope(float *x, int tokens, int heads, int head_dim, const float *inv_freq, const int32_t *positions,
-                   lp_stream stream);
+                   const int32_t *rope_set, lp_stream stream);
 
 /* Writes k and v [tokens, kv_width] into one layer of the paged cache at each token's position. */
 LP_API int lp_kv_write(int kv_dtype, void *k_cache, void *v_cache, const float *k, const float *v, int tokens,
@@ -201,7 +203,8 @@ typedef struct lp_qkv_prep {
  * same results as the separate calls). q and k are updated in place; v is left as it was. */
 LP_API int lp_rope_kv_write(int kv_dtype, float *q, float *k, const float *v, void *k_cache, void *v_cache,
                             int tokens, int heads, int kv_heads, int head_dim, const float *inv_freq,
-                            const int32_t *positions, const int32_t *seq_index, const int32_t *block_tables,
+                            const int32_t *positions, const int32_t *rope_set, const int32_t *seq_index,
+                            const int32_t *block_tables,
                             const int32_t *table_offsets, int block_size, const lp_qkv_prep *prep,
                             lp_stream stream);
 

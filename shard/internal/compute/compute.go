@@ -141,13 +141,48 @@ type BatchMeta struct {
 	Segments []Segment
 	// LogitRows lists the token rows whose logits are needed (usually each sequence's last token).
 	LogitRows []int32
+	// RopeSets, for a model with more than one set of rotary frequencies (Phi-3's longrope: short
+	// and long), names each token's set [T]: RoPE rotates token t with the set's headDim/2 inverse
+	// frequencies, invFreq[RopeSets[t]*headDim/2:][:headDim/2]. nil: set 0 for every token.
+	RopeSets []int32
+}
+
+// RopeFreqs returns the inverse frequencies that rotate token t: invFreq holds one or more sets of
+// half values, picked by m.RopeSets (set 0 without it). CheckRopeSets has validated them.
+func RopeFreqs(invFreq []float32, half int, m *BatchMeta, t int) []float32 {
+	if m.RopeSets == nil {
+		return invFreq[:half]
+	}
+	s := int(m.RopeSets[t]) * half
+	return invFreq[s : s+half]
+}
+
+// CheckRopeSets checks that invFreq holds whole sets of half frequencies and that every token of m
+// names one of them.
+func CheckRopeSets(invFreq []float32, half int, m *BatchMeta) error {
+	if half <= 0 || len(invFreq) == 0 || len(invFreq)%half != 0 {
+		return fmt.Errorf("%w: %d rotary frequencies are not whole sets of %d", ErrShape, len(invFreq), half)
+	}
+	if m.RopeSets == nil {
+		return nil
+	}
+	if len(m.RopeSets) != len(m.Tokens) {
+		return fmt.Errorf("%w: %d rope sets for %d tokens", ErrShape, len(m.RopeSets), len(m.Tokens))
+	}
+	sets := len(invFreq) / half
+	for t, s := range m.RopeSets {
+		if s < 0 || int(s) >= sets {
+			return fmt.Errorf("%w: token %d names rope set %d of %d", ErrShape, t, s, sets)
+		}
+	}
+	return nil
 }
 
 // Validate checks the internal consistency of a step description.
 func (b *BatchMeta) Validate(blockSize int) error {
 	t := len(b.Tokens)
-	if len(b.Positions) != t || len(b.SeqIndex) != t {
-		return fmt.Errorf("%w: batch has %d tokens, %d positions, %d sequence indices", ErrShape, t, len(b.Positions), len(b.SeqIndex))
+	if len(b.Positions) != t || len(b.SeqIndex) != t || (b.RopeSets != nil && len(b.RopeSets) != t) {
+		return fmt.Errorf("%w: batch has %d tokens, %d positions, %d sequence indices, %d rope sets", ErrShape, t, len(b.Positions), len(b.SeqIndex), len(b.RopeSets))
 	}
 	for i, s := range b.SeqIndex {
 		if int(s) < 0 || int(s) >= len(b.Seqs) {
@@ -260,7 +295,7 @@ type Backend interface {
 	// SiLUMul: out = silu(gate) * up elementwise (out may alias gate).
 	SiLUMul(out, gate, up Tensor) error
 	// RoPE rotates x [T, heads*headDim] in place (rotate-half layout) at the batch positions, with
-	// inverse frequencies invFreq [headDim/2].
+	// inverse frequencies invFreq [sets*headDim/2], the batch's RopeSets picking each token's set.
 	RoPE(x Tensor, heads, headDim int, invFreq []float32, b Batch) error
 	// Attention writes this step's k and v [T, kvHeads*headDim] into the cache at layer, then computes
 	// causal attention of q [T, heads*headDim] over each token's sequence into out [T, heads*headDim].

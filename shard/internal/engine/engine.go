@@ -637,6 +637,9 @@ func (e *Engine) step() error {
 			meta.Tokens = append(meta.Tokens, int32(s.tokens[pos]))
 			meta.Positions = append(meta.Positions, int32(pos))
 			meta.SeqIndex = append(meta.SeqIndex, si)
+			if e.info.LongRopeFrom > 0 {
+				meta.RopeSets = append(meta.RopeSets, e.info.RopeSet(len(s.r.Prompt), pos))
+			}
 		}
 		if p.sample {
 			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))

@@ -143,13 +143,28 @@ func (c *windowCheck) Forward(b compute.Batch, cache compute.KVCache) (compute.T
 // still attends within the window, so both engines produce the same tokens.
 func newWindowEnv(t *testing.T, opts engine.Options, hideWindow bool) (*env, *windowCheck) {
 	t.Helper()
-	dir := filepath.Join(families, "mistral")
+	var check *windowCheck
+	v := newFixtureEnv(t, "mistral", opts, func(m model.Model) model.Model {
+		if w := m.Info().Window; w != mistralWindow {
+			t.Fatalf("the Mistral fixture's window is %d, the test expects %d", w, mistralWindow)
+		}
+		check = &windowCheck{Model: m, t: t, window: mistralWindow, hideWindow: hideWindow}
+		return check
+	})
+	return v, check
+}
+
+// newFixtureEnv is an engine on a family fixture (testdata/<family>) with its adapters, on the CPU
+// backend; wrap, when set, sits between the engine and the model.
+func newFixtureEnv(t *testing.T, family string, opts engine.Options, wrap func(model.Model) model.Model) *env {
+	t.Helper()
+	dir := filepath.Join(families, family)
 	be := cpu.New(cpu.Options{})
 	m := loadFixture(t, be, filepath.Join(dir, "model"))
-	if w := m.Info().Window; w != mistralWindow {
-		t.Fatalf("the Mistral fixture's window is %d, the test expects %d", w, mistralWindow)
+	var run model.Model = m
+	if wrap != nil {
+		run = wrap(m)
 	}
-	check := &windowCheck{Model: m, t: t, window: mistralWindow, hideWindow: hideWindow}
 	tok, err := tokenizer.Load(filepath.Join(dir, "model", "tokenizer.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -163,7 +178,7 @@ func newWindowEnv(t *testing.T, opts engine.Options, hideWindow bool) (*env, *wi
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := engine.New(opts, be, check, tok, cache, zap.NewNop(), nil)
+	e, err := engine.New(opts, be, run, tok, cache, zap.NewNop(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +192,7 @@ func newWindowEnv(t *testing.T, opts engine.Options, hideWindow bool) (*env, *wi
 		})
 	}}
 	t.Cleanup(v.close)
-	return v, check
+	return v
 }
 
 var mistralAdapters = []string{"", "qv-r8", "all-r16-rslora"}

@@ -43,6 +43,23 @@ type Info struct {
 	// largest window over the layers), else 0: a token at position p reads no key below p-Window+1
 	// on any layer, so the engine frees the KV blocks that fall wholly below that.
 	Window int
+	// LongRopeFrom > 0 (Phi-3's longrope): the model has two sets of rotary frequencies, short and
+	// long, and rotates a token with the long set when its sequence's prompt, or its own position + 1,
+	// exceeds this many tokens (RopeSet). This is what transformers does in generation: it picks the
+	// set per forward call from the call's longest position, the prompt as a whole and then each new
+	// token, while keys already cached keep the rotation they were written with.
+	LongRopeFrom int
+}
+
+// RopeSet is the rotary frequency set (compute.BatchMeta.RopeSets) of the token at position pos of
+// a sequence whose prompt has promptLen tokens: 0, or 1 for the long set (see LongRopeFrom). It
+// depends on the prompt, not on how the prompt was split into chunks or batched, so a preempted and
+// recomputed sequence gets its keys back exactly.
+func (i Info) RopeSet(promptLen, pos int) int32 {
+	if i.LongRopeFrom > 0 && max(promptLen, pos+1) > i.LongRopeFrom {
+		return 1
+	}
+	return 0
 }
 
 // CommonWindow is Info.Window for a model whose layers have these attention windows (0: the layer

@@ -91,3 +91,28 @@ func TestCommonWindow(t *testing.T) {
 		})
 	}
 }
+
+// TestRopeSet: with LongRopeFrom 256, a token is rotated with the long set when its prompt or its
+// own position + 1 exceeds 256, whatever chunk or batch it is in; without it, always set 0.
+func TestRopeSet(t *testing.T) {
+	long := model.Info{LongRopeFrom: 256}
+	for _, tc := range []struct {
+		info           model.Info
+		promptLen, pos int
+		want           int32
+	}{
+		{long, 10, 0, 0},
+		{long, 256, 0, 0},   // a prompt of exactly 256 stays short...
+		{long, 256, 255, 0}, // ...through its last token
+		{long, 256, 256, 1}, // and its first new token is long
+		{long, 257, 0, 1},   // a longer prompt is long from its first position
+		{long, 100, 255, 0},
+		{long, 100, 256, 1},
+		{long, 100, 5000, 1},
+		{model.Info{}, 5000, 5000, 0},
+	} {
+		if got := tc.info.RopeSet(tc.promptLen, tc.pos); got != tc.want {
+			t.Errorf("LongRopeFrom %d, prompt %d, position %d: set %d, want %d", tc.info.LongRopeFrom, tc.promptLen, tc.pos, got, tc.want)
+		}
+	}
+}

@@ -313,16 +313,20 @@ func (b *Backend) SiLUMul(out, gate, up compute.Tensor) error {
 func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, bt compute.Batch) error {
 	xt := x.(*Tensor)
 	n, w := rows(xt)
-	pos := bt.Meta().Positions
+	m := bt.Meta()
+	pos := m.Positions
 	half := headDim / 2
-	if n != len(pos) || w != heads*headDim || headDim%2 != 0 || len(invFreq) != half {
-		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions, %d frequencies", compute.ErrShape, xt.shape, heads, headDim, len(pos), len(invFreq))
+	if n != len(pos) || w != heads*headDim || headDim%2 != 0 {
+		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions", compute.ErrShape, xt.shape, heads, headDim, len(pos))
+	}
+	if err := compute.CheckRopeSets(invFreq, half, m); err != nil {
+		return err
 	}
 	cos := make([]float32, half)
 	sin := make([]float32, half)
 	for t := range n {
 		p := float32(pos[t])
-		for i, f := range invFreq {
+		for i, f := range compute.RopeFreqs(invFreq, half, m, t) {
 			ang := float64(p * f) // the angle is formed in float32, as in the reference
 			cos[i] = float32(math.Cos(ang))
 			sin[i] = float32(math.Sin(ang))

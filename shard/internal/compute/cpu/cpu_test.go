@@ -408,6 +408,50 @@ func TestRoPE(t *testing.T) {
 	}
 }
 
+// TestRoPESets: with two sets of frequencies, each token is rotated with the set its RopeSets entry
+// names (the same result as one set holding those frequencies), and a set the frequencies do not
+// hold, or rope sets that do not cover the tokens, are refused.
+func TestRoPESets(t *testing.T) {
+	r := newRand(7)
+	const heads, headDim = 2, 8
+	b := New(Options{})
+	short, long := []float32{1, 0.1, 0.01, 0.001}, []float32{0.5, 0.04, 0.002, 0.0001}
+	both := append(append([]float32(nil), short...), long...)
+	pos := []int32{3, 300, 4000, 9}
+	sets := []int32{0, 1, 1, 0}
+	xd := randSlice(r, len(pos)*heads*headDim)
+	x := tensor(t, b, xd, len(pos), heads*headDim)
+	meta := &compute.BatchMeta{Tokens: make([]int32, len(pos)), Positions: pos, RopeSets: sets}
+	if err := b.RoPE(x, heads, headDim, both, prepare(t, b, meta)); err != nil {
+		t.Fatal(err)
+	}
+	for ti := range pos {
+		one := tensor(t, b, xd[ti*heads*headDim:(ti+1)*heads*headDim], 1, heads*headDim)
+		f := [][]float32{short, long}[sets[ti]]
+		if err := b.RoPE(one, heads, headDim, f, prepare(t, b, &compute.BatchMeta{Positions: pos[ti : ti+1]})); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(x.data[ti*heads*headDim:(ti+1)*heads*headDim], one.data) {
+			t.Errorf("token %d (set %d): %v, rotated alone with the set %v", ti, sets[ti], x.data[ti*heads*headDim:(ti+1)*heads*headDim], one.data)
+		}
+	}
+	for _, bad := range []struct {
+		name  string
+		sets  []int32
+		freqs []float32
+	}{
+		{"set 2 of 2", []int32{0, 2, 1, 0}, both},
+		{"set 1 of 1", sets, short},
+		{"3 sets for 4 tokens", sets[:3], both},
+		{"negative set", []int32{0, -1, 1, 0}, both},
+	} {
+		m := &compute.BatchMeta{Tokens: make([]int32, len(pos)), Positions: pos, RopeSets: bad.sets}
+		if err := b.RoPE(x, heads, headDim, bad.freqs, prepare(t, b, m)); !errors.Is(err, compute.ErrShape) {
+			t.Errorf("%s: got %v, want ErrShape", bad.name, err)
+		}
+	}
+}
+
 // attnSeq is one sequence of the attention test, with the full k/v history the reference reads.
 type attnSeq struct {
 	table        []int32

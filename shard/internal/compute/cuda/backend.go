@@ -631,6 +631,8 @@ type batch struct {
 	tables [][compute.NumModules]segTable
 
 	tokens, positions, seqIndex, tokSeg, logitRows, tableOff, blockTables uintptr
+	// ropeSets (int32[T]) is the batch's RopeSets on the device, 0 (NULL) without them.
+	ropeSets uintptr
 
 	// segStarts (int32[len(Segments)+1]) is valid when segContig: the segments cover the tokens in
 	// order, as the tuned SGMV kernels (sgmv.cu) need; maxSegLen bounds them.
@@ -654,8 +656,8 @@ func (bt *batch) Meta() *compute.BatchMeta { return bt.m }
 // PrepareBatch implements compute.Backend: one host-to-device copy per step.
 func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	t := len(m.Tokens)
-	if len(m.Positions) != t || len(m.SeqIndex) != t {
-		return nil, fmt.Errorf("%w: batch has %d tokens, %d positions, %d sequence indices", compute.ErrShape, t, len(m.Positions), len(m.SeqIndex))
+	if len(m.Positions) != t || len(m.SeqIndex) != t || (m.RopeSets != nil && len(m.RopeSets) != t) {
+		return nil, fmt.Errorf("%w: batch has %d tokens, %d positions, %d sequence indices, %d rope sets", compute.ErrShape, t, len(m.Positions), len(m.SeqIndex), len(m.RopeSets))
 	}
 	for i, s := range m.SeqIndex {
 		if int(s) < 0 || int(s) >= len(m.Seqs) || m.Positions[i] < 0 {
@@ -708,6 +710,8 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	i32 = append(i32, tokSeg...)
 	offRows := mark()
 	i32 = append(i32, m.LogitRows...)
+	offRopeSets := mark()
+	i32 = append(i32, m.RopeSets...)
 	offSegStarts := mark()
 	bt.segContig = len(m.Segments) > 0 && m.Segments[0].Start == 0 && m.Segments[len(m.Segments)-1].End == t
 	for i, sg := range m.Segments {
@@ -805,6 +809,9 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	bt.tokens, bt.positions, bt.seqIndex, bt.tokSeg = p+offTokens, p+offPos, p+offSeq, p+offTokSeg
 	bt.logitRows, bt.tableOff, bt.blockTables = p+offRows, p+offTableOff, p+offTables
 	bt.segStarts = p + offSegStarts
+	if m.RopeSets != nil {
+		bt.ropeSets = p + offRopeSets
+	}
 	for _, ta := range targeted {
 		st := &bt.tables[ta.l][ta.mod]
 		st.ranks, st.scales, st.aptr, st.bptr = p+st.ranks, p+st.scales, p+st.aptr, p+st.bptr

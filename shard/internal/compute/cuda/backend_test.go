@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -268,8 +269,26 @@ func testElementwise(p *parity, r *rand.Rand) {
 	}
 }
 
+// twoRopeSets is a short and a long set of inverse frequencies (longrope-like: the long set divided
+// by per-frequency factors) and random per-token choices between them.
+func twoRopeSets(r *rand.Rand, hd, tokens int) ([]float32, []int32) {
+	inv := make([]float32, hd)
+	for i := range hd / 2 {
+		f := 1 / math.Pow(10000, float64(2*i)/float64(hd))
+		inv[i], inv[hd/2+i] = float32(f), float32(f/(1+7*r.Float64()))
+	}
+	sets := make([]int32, tokens)
+	for i := range sets {
+		sets[i] = int32(r.IntN(2))
+	}
+	return inv, sets
+}
+
 func testRoPE(p *parity, r *rand.Rand) {
-	for _, c := range []struct{ heads, hd int }{{4, 16}, {3, 32}, {2, 128}} {
+	for _, c := range []struct {
+		heads, hd int
+		sets      bool
+	}{{4, 16, false}, {3, 32, false}, {2, 128, false}, {3, 32, true}, {2, 128, true}} {
 		const tokens = 9
 		inv := make([]float32, c.hd/2)
 		for i := range inv {
@@ -277,6 +296,9 @@ func testRoPE(p *parity, r *rand.Rand) {
 		}
 		m := &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
 			Seqs: []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}}, Segments: []compute.Segment{{Start: 0, End: tokens}}}
+		if c.sets {
+			inv, m.RopeSets = twoRopeSets(r, c.hd, tokens)
+		}
 		for i := range m.Positions {
 			m.Positions[i] = int32(r.IntN(5000))
 		}
@@ -285,7 +307,17 @@ func testRoPE(p *parity, r *rand.Rand) {
 		x := p.tensor(randVals(r, tokens*c.heads*c.hd, 2), tokens, c.heads*c.hd)
 		must(p.t, p.g.RoPE(x.g, c.heads, c.hd, inv, gb))
 		must(p.t, p.c.RoPE(x.c, c.heads, c.hd, inv, cb))
-		p.same(fmt.Sprintf("rope %d heads of %d", c.heads, c.hd), x, tolElementwise)
+		p.same(fmt.Sprintf("rope %d heads of %d, rope sets %v", c.heads, c.hd, m.RopeSets), x, tolElementwise)
+		if c.sets {
+			// A token naming a set the frequencies do not hold is refused before any launch.
+			bad := *m
+			bad.RopeSets = slices.Clone(m.RopeSets)
+			bad.RopeSets[tokens-1] = 2
+			gbad, _ := p.batch(&bad)
+			if err := p.g.RoPE(x.g, c.heads, c.hd, inv, gbad); !errors.Is(err, compute.ErrShape) {
+				p.t.Errorf("rope set 2 of 2: %v, want ErrShape", err)
+			}
+		}
 	}
 }
 
@@ -358,9 +390,14 @@ func testAttention(p *parity, r *rand.Rand) {
 			// Layer 2: RoPEAttention (the family options, RoPE and the KV write in one kernel)
 			// against AddBias, HeadRMSNorm, RoPE and (window) attention; plain Llama on the first
 			// shape, q/k/v biases on the second, q/k norms and a window of 5 on the third.
+			// Two rotary sets chosen per token (Phi-3's longrope) on the plain Llama shape.
 			inv := make([]float32, c.hd/2)
 			for i := range inv {
 				inv[i] = float32(1 / math.Pow(10000, float64(2*i)/float64(c.hd)))
+			}
+			if ci == 0 {
+				inv, m.RopeSets = twoRopeSets(r, c.hd, tk)
+				gb, cb = p.batch(m)
 			}
 			q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
 			k := p.tensor(randVals(r, tk*kvw, 2), tk, kvw)

@@ -111,6 +111,9 @@ func batchSignature(tokens, logitRows, seqs, segs, tableEntries int, bt *batch, 
 	if bt.segContig {
 		buf = append(buf, 'c')
 	}
+	if bt.m.RopeSets != nil {
+		buf = append(buf, 'r')
+	}
 	buf = append(buf, ';')
 	for _, v := range tables {
 		buf = strconv.AppendInt(buf, int64(v), 36)

@@ -325,15 +325,18 @@ func (b *Backend) RoPE(x compute.Tensor, heads, headDim int, invFreq []float32, 
 	xt := ts[0]
 	n, w := rows(xt)
 	half := headDim / 2
-	if n != len(bt.m.Positions) || heads <= 0 || headDim <= 0 || w != heads*headDim || headDim%2 != 0 || len(invFreq) != half || !fits32(n) {
-		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions, %d frequencies", compute.ErrShape, xt.shape, heads, headDim, len(bt.m.Positions), len(invFreq))
+	if n != len(bt.m.Positions) || heads <= 0 || headDim <= 0 || w != heads*headDim || headDim%2 != 0 || !fits32(n) {
+		return fmt.Errorf("%w: rope on %v with %d heads of %d, %d positions", compute.ErrShape, xt.shape, heads, headDim, len(bt.m.Positions))
+	}
+	if err := compute.CheckRopeSets(invFreq, half, bt.m); err != nil {
+		return err
 	}
 	inv, err := b.invFreq(invFreq)
 	if err != nil {
 		return err
 	}
 	xt.halfOK = false
-	return b.lib.check("rope", b.lib.rope(xt.ptr(), int32(n), int32(heads), int32(headDim), inv, bt.positions, b.stream.handle()))
+	return b.lib.check("rope", b.lib.rope(xt.ptr(), int32(n), int32(heads), int32(headDim), inv, bt.positions, bt.ropeSets, b.stream.handle()))
 }
 
 // invFreq returns RoPE's inverse frequencies on the device, uploading them when they change.
@@ -489,8 +492,11 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 	st := b.stream.handle()
 	kvdt := int32(c.dt)
 	if invFreq != nil {
-		if len(invFreq) != s.HeadDim/2 || s.HeadDim%2 != 0 {
-			return fmt.Errorf("%w: rope with %d frequencies for head dim %d", compute.ErrShape, len(invFreq), s.HeadDim)
+		if s.HeadDim%2 != 0 {
+			return fmt.Errorf("%w: rope with head dim %d", compute.ErrShape, s.HeadDim)
+		}
+		if err := compute.CheckRopeSets(invFreq, s.HeadDim/2, bt.m); err != nil {
+			return err
 		}
 		inv, err := b.invFreq(invFreq)
 		if err != nil {
@@ -498,7 +504,7 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 		}
 		qt.halfOK, kt.halfOK = false, false
 		if err := b.lib.check("rope + kv write", b.lib.ropeKVWrite(kvdt, qt.ptr(), kt.ptr(), vt.ptr(), kc, vc, int32(n), int32(heads), int32(s.KVHeads), int32(s.HeadDim),
-			inv, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), prep, st)); err != nil {
+			inv, bt.positions, bt.ropeSets, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), prep, st)); err != nil {
 			return err
 		}
 	} else if err := b.lib.check("kv write", b.lib.kvWrite(kvdt, kc, vc, kt.ptr(), vt.ptr(), int32(n), int32(kvw), bt.positions, bt.seqIndex,

@@ -138,7 +138,8 @@ func (c *Config) rope() RopeParams {
 	return p
 }
 
-// invFreq computes the rotary inverse frequencies [head_dim/2] for default, linear and llama3 rope.
+// invFreq computes the rotary inverse frequencies [head_dim/2] for default, linear and llama3 rope,
+// and for longrope two such sets, short then long.
 func (c *Config) invFreq() ([]float32, error) {
 	p := c.rope()
 	theta := *p.RopeTheta
@@ -185,9 +186,9 @@ func (c *Config) invFreq() ([]float32, error) {
 			out[i] = float32(v)
 		}
 	case "longrope", "su":
-		// Only the short factors: maxContext caps the context at original_max_position_embeddings,
-		// below which transformers uses them (past it, it switches the whole sequence to the long
-		// factors, which a paged cache of keys rotated earlier cannot follow).
+		// Two sets, short then long: transformers rotates a forward call with the long factors when
+		// its longest position + 1 exceeds original_max_position_embeddings (Info.LongRopeFrom says
+		// which tokens those are here; keys cached earlier keep the rotation they were written with).
 		orig := c.longropeOriginal(p)
 		if orig <= 0 {
 			return nil, fmt.Errorf("%w: longrope needs original_max_position_embeddings > 0", model.ErrConfig)
@@ -195,14 +196,17 @@ func (c *Config) invFreq() ([]float32, error) {
 		if len(p.ShortFactor) != half || len(p.LongFactor) != half {
 			return nil, fmt.Errorf("%w: longrope short_factor and long_factor need %d values (head_dim/2), got %d and %d", model.ErrConfig, half, len(p.ShortFactor), len(p.LongFactor))
 		}
-		for i := range half {
-			e := float32(float32(2*i) / float32(c.HeadDim))
-			pw := float32(math.Pow(theta, float64(e)))
-			ext := float32(p.ShortFactor[i])
-			if !(ext > 0) {
-				return nil, fmt.Errorf("%w: longrope short_factor[%d] = %g, must be > 0", model.ErrConfig, i, p.ShortFactor[i])
+		out = make([]float32, 2*half)
+		for set, factors := range [][]float64{p.ShortFactor, p.LongFactor} {
+			for i := range half {
+				e := float32(float32(2*i) / float32(c.HeadDim))
+				pw := float32(math.Pow(theta, float64(e)))
+				ext := float32(factors[i])
+				if !(ext > 0) {
+					return nil, fmt.Errorf("%w: longrope %s[%d] = %g, must be > 0", model.ErrConfig, [...]string{"short_factor", "long_factor"}[set], i, factors[i])
+				}
+				out[set*half+i] = float32(1 / float64(ext*pw))
 			}
-			out[i] = float32(1 / float64(ext*pw))
 		}
 	default:
 		return nil, fmt.Errorf("%w: rope_type %q (supported: default, linear, llama3, longrope)", model.ErrUnsupported, p.RopeType)

@@ -107,7 +107,7 @@ func (c *Config) deriveWindows() error {
 	}
 	// A window covering the whole context never binds: such layers run plain causal attention.
 	for i, w := range c.windows {
-		if w >= c.maxContext() {
+		if w >= c.MaxPositionEmbeddings {
 			c.windows[i] = 0
 		}
 	}
@@ -152,16 +152,14 @@ func (c *Config) longropeOriginal(p RopeParams) int {
 	return c.OriginalMaxPositionEmbeddings
 }
 
-// maxContext is the longest sequence served: max_position_embeddings, or with longrope the
-// original context whose short factors are implemented.
-func (c *Config) maxContext() int {
+// longFrom is Info.LongRopeFrom: longrope's original context, past which the long factors rotate;
+// 0 for other rope types.
+func (c *Config) longFrom() int {
 	p := c.rope()
-	if p.RopeType == "longrope" || p.RopeType == "su" {
-		if orig := c.longropeOriginal(p); orig > 0 {
-			return min(c.MaxPositionEmbeddings, orig)
-		}
+	if p.RopeType != "longrope" && p.RopeType != "su" {
+		return 0
 	}
-	return c.MaxPositionEmbeddings
+	return c.longropeOriginal(p)
 }
 
 // attentionScaling is the factor transformers multiplies the rotary cos and sin by (longrope's

@@ -48,8 +48,10 @@ func TestDerivationMatchesTransformers(t *testing.T) {
 					t.Errorf("layer %d: window %d, transformers: layer types %v, window %v", l, w, fi.LayerTypes, fi.SlidingWindow)
 				}
 			}
-			if len(fi.InvFreq) != len(c.inv) {
-				t.Fatalf("%d frequencies, transformers %d", len(c.inv), len(fi.InvFreq))
+			// transformers starts from the short set; longrope's long set follows it in c.inv (its
+			// values are checked by the long-context reference, TestLongropeMatchesReference).
+			if sets := 1 + min(c.longFrom(), 1); len(fi.InvFreq)*sets != len(c.inv) {
+				t.Fatalf("%d frequencies, transformers %d in the first of %d sets", len(c.inv), len(fi.InvFreq), sets)
 			}
 			for i, f := range fi.InvFreq {
 				if math.Abs(float64(c.inv[i])-f) > 1e-6*f {
@@ -60,5 +62,38 @@ func TestDerivationMatchesTransformers(t *testing.T) {
 				t.Errorf("attention scaling %g, transformers %g", c.attentionScaling(), fi.AttentionScaling)
 			}
 		})
+	}
+}
+
+// TestLongropeSetsMatchTransformers checks both of Phi-3's rotary sets against the inverse
+// frequencies transformers used below and past the switch (reference-long.json).
+func TestLongropeSetsMatchTransformers(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("testdata", "phi3", "reference-long.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ref struct {
+		Short []float64 `json:"short_inv_freq"`
+		Long  []float64 `json:"long_inv_freq"`
+	}
+	if err := json.Unmarshal(data, &ref); err != nil {
+		t.Fatal(err)
+	}
+	cfgData, err := os.ReadFile(filepath.Join("testdata", "phi3", "model", "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ParseConfig(cfgData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append(append([]float64(nil), ref.Short...), ref.Long...)
+	if c.longFrom() != 256 || len(c.inv) != len(want) || len(ref.Short) == 0 {
+		t.Fatalf("longFrom %d, %d frequencies; want 256 and %d (short %d + long %d)", c.longFrom(), len(c.inv), len(want), len(ref.Short), len(ref.Long))
+	}
+	for i, f := range want {
+		if math.Abs(float64(c.inv[i])-f) > 1e-6*f {
+			t.Errorf("frequency %d (set %d) = %g, transformers %g", i, i/len(ref.Short), c.inv[i], f)
+		}
 	}
 }

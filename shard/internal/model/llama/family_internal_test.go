@@ -30,26 +30,26 @@ func TestFamilyOptions(t *testing.T) {
 		windows                []int
 		biases                 []compute.Module
 		qkNorm, fused          bool
-		maxContext             int
+		longFrom               int
 	}{
-		{name: "llama ignores sliding_window", modelType: "llama", extra: `"sliding_window": 8`, windows: []int{0, 0, 0, 0}, maxContext: 128},
+		{name: "llama ignores sliding_window", modelType: "llama", extra: `"sliding_window": 8`, windows: []int{0, 0, 0, 0}},
 		{name: "llama attention_bias", modelType: "llama", extra: `"attention_bias": true`, windows: []int{0, 0, 0, 0},
-			biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV, compute.ModO}, maxContext: 128},
-		{name: "mistral window on every layer", modelType: "mistral", extra: `"sliding_window": 8`, windows: []int{8, 8, 8, 8}, maxContext: 128},
-		{name: "mistral window covering the context", modelType: "mistral", extra: `"sliding_window": 4096`, windows: []int{0, 0, 0, 0}, maxContext: 128},
-		{name: "mistral null window", modelType: "mistral", extra: `"sliding_window": null`, windows: []int{0, 0, 0, 0}, maxContext: 128},
+			biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV, compute.ModO}},
+		{name: "mistral window on every layer", modelType: "mistral", extra: `"sliding_window": 8`, windows: []int{8, 8, 8, 8}},
+		{name: "mistral window covering the context", modelType: "mistral", extra: `"sliding_window": 4096`, windows: []int{0, 0, 0, 0}},
+		{name: "mistral null window", modelType: "mistral", extra: `"sliding_window": null`, windows: []int{0, 0, 0, 0}},
 		{name: "qwen2 biases, window off", modelType: "qwen2", extra: `"use_sliding_window": false, "sliding_window": 8, "max_window_layers": 1`,
-			windows: []int{0, 0, 0, 0}, biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, maxContext: 128},
+			windows: []int{0, 0, 0, 0}, biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV}},
 		{name: "qwen2 window from max_window_layers", modelType: "qwen2", extra: `"use_sliding_window": true, "sliding_window": 8, "max_window_layers": 2`,
-			windows: []int{0, 0, 8, 8}, biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, maxContext: 128},
+			windows: []int{0, 0, 8, 8}, biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV}},
 		{name: "qwen2 layer_types win", modelType: "qwen2",
 			extra:   `"use_sliding_window": true, "sliding_window": 8, "max_window_layers": 2, "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]`,
-			windows: []int{8, 0, 0, 8}, biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV}, maxContext: 128},
-		{name: "qwen3 q/k norms", modelType: "qwen3", extra: `"head_dim": 8`, windows: []int{0, 0, 0, 0}, qkNorm: true, maxContext: 128},
-		{name: "phi3 fused, longrope caps the context", modelType: "phi3",
+			windows: []int{8, 0, 0, 8}, biases: []compute.Module{compute.ModQ, compute.ModK, compute.ModV}},
+		{name: "qwen3 q/k norms", modelType: "qwen3", extra: `"head_dim": 8`, windows: []int{0, 0, 0, 0}, qkNorm: true},
+		{name: "phi3 fused, longrope switches at the original context", modelType: "phi3",
 			extra:   `"original_max_position_embeddings": 32, "rope_scaling": {"type": "longrope", "short_factor": [1, 1], "long_factor": [2, 2]}`,
-			windows: []int{0, 0, 0, 0}, fused: true, maxContext: 32},
-		{name: "phi3 window", modelType: "phi3", extra: `"sliding_window": 16`, windows: []int{16, 16, 16, 16}, fused: true, maxContext: 128},
+			windows: []int{0, 0, 0, 0}, fused: true, longFrom: 32},
+		{name: "phi3 window", modelType: "phi3", extra: `"sliding_window": 16`, windows: []int{16, 16, 16, 16}, fused: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := parse(t, tc.modelType, tc.extra)
@@ -68,8 +68,8 @@ func TestFamilyOptions(t *testing.T) {
 			if !slices.Equal(biases, tc.biases) {
 				t.Errorf("biases %v, want %v", biases, tc.biases)
 			}
-			if c.qkNorm != tc.qkNorm || c.fused != tc.fused || c.maxContext() != tc.maxContext {
-				t.Errorf("qkNorm %v fused %v maxContext %d, want %v %v %d", c.qkNorm, c.fused, c.maxContext(), tc.qkNorm, tc.fused, tc.maxContext)
+			if c.qkNorm != tc.qkNorm || c.fused != tc.fused || c.longFrom() != tc.longFrom {
+				t.Errorf("qkNorm %v fused %v longFrom %d, want %v %v %d", c.qkNorm, c.fused, c.longFrom(), tc.qkNorm, tc.fused, tc.longFrom)
 			}
 		})
 	}
@@ -104,7 +104,7 @@ func TestFamilyRefusals(t *testing.T) {
 	}
 }
 
-// TestLongropeScaling checks the attention factor and short-factor frequencies against the formula
+// TestLongropeScaling checks the attention factor and both sets of frequencies against the formula
 // transformers uses (the model fixtures check the whole forward).
 func TestLongropeScaling(t *testing.T) {
 	c, err := parse(t, "phi3", `"original_max_position_embeddings": 32, "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.5, 2], "long_factor": [3, 4]}`)
@@ -114,7 +114,11 @@ func TestLongropeScaling(t *testing.T) {
 	if got, want := c.attentionScaling(), math.Sqrt(1+math.Log(4)/math.Log(32)); math.Abs(got-want) > 1e-12 {
 		t.Errorf("attention scaling %g, want %g", got, want)
 	}
-	want := []float64{1 / 1.5, 1 / (2 * math.Pow(10000, 0.5))}
+	// Short factors, then long.
+	want := []float64{1 / 1.5, 1 / (2 * math.Pow(10000, 0.5)), 1 / 3.0, 1 / (4 * math.Pow(10000, 0.5))}
+	if len(c.inv) != len(want) {
+		t.Fatalf("%d frequencies, want %d (two sets of head_dim/2)", len(c.inv), len(want))
+	}
 	for i, w := range want {
 		if math.Abs(float64(c.inv[i])-w) > 1e-6*w {
 			t.Errorf("inv_freq[%d] = %g, want %g", i, c.inv[i], w)

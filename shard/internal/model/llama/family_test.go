@@ -35,15 +35,30 @@ var families = []struct {
 	{"mistral", "mistral", []string{"all-r16-rslora", "qv-r8"}},
 }
 
+// familyFixture loads a family's reference; Phi-3's also holds the long-context cases of
+// reference-long.json (scripts/make_longrope_fixture.py: prompts of 250, 256 and 300 tokens around
+// its longrope switch at 256, with transformers' cached generation), appended to the short ones.
 func familyFixture(t *testing.T, name string) (modelDir, adapterDir string, ref *tinyllama.Reference) {
 	t.Helper()
 	dir := filepath.Join("testdata", name)
-	data, err := os.ReadFile(filepath.Join(dir, "reference.json"))
-	if err != nil {
-		t.Fatal(err)
+	load := func(file string) *tinyllama.Reference {
+		data, err := os.ReadFile(filepath.Join(dir, file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := tinyllama.LoadReference(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
 	}
-	if ref, err = tinyllama.LoadReference(data); err != nil {
-		t.Fatal(err)
+	ref = load("reference.json")
+	if name == "phi3" {
+		long := load("reference-long.json")
+		ref.Base = append(ref.Base, long.Base...)
+		for ad, cases := range long.Adapters {
+			ref.Adapters[ad] = append(ref.Adapters[ad], cases...)
+		}
 	}
 	return filepath.Join(dir, "model"), filepath.Join(dir, "adapters"), ref
 }

@@ -91,7 +91,7 @@ func New(cfg *Config, w Weights, be compute.Backend) (m *Model, err error) {
 	info := model.Info{
 		Arch: cfg.ModelType, VocabSize: cfg.VocabSize, Hidden: cfg.HiddenSize, Intermediate: cfg.IntermediateSize,
 		Layers: cfg.NumHiddenLayers, Heads: cfg.NumAttentionHeads, KVHeads: cfg.NumKeyValueHeads,
-		HeadDim: cfg.HeadDim, MaxContext: cfg.maxContext(), BOS: -1, EOS: eos, FusedProjections: cfg.fused, Window: model.CommonWindow(cfg.windows),
+		HeadDim: cfg.HeadDim, MaxContext: cfg.MaxPositionEmbeddings, LongRopeFrom: cfg.longFrom(), BOS: -1, EOS: eos, FusedProjections: cfg.fused, Window: model.CommonWindow(cfg.windows),
 	}
 	if len(bos) > 0 {
 		info.BOS = bos[0]

@@ -46,6 +46,7 @@ type seq struct {
 	adapter compute.Adapter
 	tokens  []int
 	done    int // positions in the cache
+	prompt  int // prompt length, set by the first step
 	blocks  []int32
 	logits  [][]float32
 }
@@ -73,8 +74,12 @@ func newRunner(t testing.TB, be compute.Backend, m model.Model, blocks int) *run
 func (r *runner) step(seqs []*seq) {
 	r.t.Helper()
 	meta := &compute.BatchMeta{}
+	info := r.m.Info()
 	start := 0
 	for i, s := range seqs {
+		if s.prompt == 0 {
+			s.prompt = len(s.tokens)
+		}
 		need := r.alloc.BlocksFor(len(s.tokens)) - len(s.blocks)
 		if need > 0 {
 			var err error
@@ -91,6 +96,9 @@ func (r *runner) step(seqs []*seq) {
 			meta.Tokens = append(meta.Tokens, int32(s.tokens[p]))
 			meta.Positions = append(meta.Positions, int32(p))
 			meta.SeqIndex = append(meta.SeqIndex, int32(i))
+			if info.LongRopeFrom > 0 {
+				meta.RopeSets = append(meta.RopeSets, info.RopeSet(s.prompt, p))
+			}
 		}
 		meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
 	}
@@ -107,7 +115,7 @@ func (r *runner) step(seqs []*seq) {
 		r.t.Fatal(err)
 	}
 	defer r.be.Free(out)
-	v := r.m.Info().VocabSize
+	v := info.VocabSize
 	host := make([]float32, len(seqs)*v)
 	if err := r.be.ToHost(out, host); err != nil {
 		r.t.Fatal(err)
