@@ -676,6 +676,195 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
   }
 }
 
+// Tensor-core attention for prefill (bf16 KV cache). One block per (tile, query head): a tile is up
+// to AT_Q consecutive tokens of one sequence at consecutive positions; warp w owns its rows 16w..16w+15.
+// For each run of AT_K key positions the block stages K and V in shared memory, and each warp computes
+// S = q k^T with mma.sync m16n8k16 (float32 accumulate), masks it (causal, and the sliding window),
+// keeps an online softmax per row in registers (FlashAttention-2's layout: a thread holds rows g and
+// g + 8 of its warp's 16, columns 2t, 2t + 1 of each 8-column tile) and accumulates P V the same way.
+// q and P are float32; each is split into a bf16 high part and the bf16 of the remainder, and both
+// parts are multiplied (K and V are exact bf16 already), so the products carry about 16 bits of
+// their float32 operands rather than bf16's 8: the result stays within float32 rounding of
+// flash_attention_kernel's on the same cache (the kernel parity tests hold it to that).
+constexpr int AT_Q = 64;
+constexpr int AT_K = 64;
+
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t *>(&v); }
+
+// hi = bf16(a, b), lo = bf16 of what hi leaves out; the first value in the low half, as mma wants.
+__device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t &hi, uint32_t &lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  hi = bf16x2_bits(h);
+  lo = bf16x2_bits(__floats2bfloat162_rn(a - hf.x, b - hf.y));
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(a));
+}
+
+template <int HD>
+__global__ void __launch_bounds__(128)
+    attention_tiles_kernel(float *out, const float *q, const __nv_bfloat16 *kc, const __nv_bfloat16 *vc, int heads,
+                           int kv_heads, float scale, const int32_t *positions, const int32_t *seq_index,
+                           const int32_t *bt, const int32_t *bt_off, int bs, int window, const int32_t *tiles) {
+  pdl_enter();
+  constexpr int LD = HD + 8;  // padded shared rows: the fragment loads below hit distinct banks
+  constexpr int KS = HD / 16;
+  constexpr int DN = HD / 8;
+  constexpr int NT = AT_K / 8;
+  __shared__ __align__(16) __nv_bfloat16 ks[AT_K * LD];
+  __shared__ __align__(16) __nv_bfloat16 vs[AT_K * LD];
+  const int t0 = tiles[2 * blockIdx.x], n = tiles[2 * blockIdx.x + 1];
+  const int h = blockIdx.y, kvh = h / (heads / kv_heads);
+  const int qw = heads * HD, kvw = kv_heads * HD;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int p0 = positions[t0];
+  const int32_t *table = bt + bt_off[seq_index[t0]];
+  // The thread's two rows, clamped into the tile (rows past it compute a copy and are not stored).
+  const int r0 = min(warp * 16 + g, n - 1), r1 = min(warp * 16 + g + 8, n - 1);
+  const int pr0 = p0 + r0, pr1 = p0 + r1;
+  const int lo0 = window > 0 ? max(0, pr0 - window + 1) : 0, lo1 = window > 0 ? max(0, pr1 - window + 1) : 0;
+  const int wlast = p0 + min(warp * 16 + 15, n - 1);  // the warp's last row's position
+  uint32_t qh[KS][4], ql[KS][4];
+  {
+    const float *q0 = q + static_cast<size_t>(t0 + r0) * qw + h * HD;
+    const float *q1 = q + static_cast<size_t>(t0 + r1) * qw + h * HD;
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+      const int c = kk * 16 + 2 * tq;
+      split_bf16x2(q0[c], q0[c + 1], qh[kk][0], ql[kk][0]);
+      split_bf16x2(q1[c], q1[c + 1], qh[kk][1], ql[kk][1]);
+      split_bf16x2(q0[c + 8], q0[c + 9], qh[kk][2], ql[kk][2]);
+      split_bf16x2(q1[c + 8], q1[c + 9], qh[kk][3], ql[kk][3]);
+    }
+  }
+  float o[DN][4];
+#pragma unroll
+  for (int d = 0; d < DN; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  const int last = p0 + n - 1;
+  const int first = window > 0 ? max(0, p0 - window + 1) : 0;
+  for (int kv0 = first; kv0 <= last; kv0 += AT_K) {
+    __syncthreads();  // the previous run's reads of ks and vs are done
+    constexpr int VPR = HD / 8;  // 16-byte pieces per row
+    for (int i = threadIdx.x; i < AT_K * VPR; i += blockDim.x) {
+      const int r = i / VPR, c = i % VPR, j = kv0 + r;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (j <= last) {
+        const size_t off = (static_cast<size_t>(table[j / bs]) * bs + j % bs) * kvw + static_cast<size_t>(kvh) * HD;
+        kv = __ldg(reinterpret_cast<const uint4 *>(kc + off) + c);
+        vv = __ldg(reinterpret_cast<const uint4 *>(vc + off) + c);
+      }
+      *reinterpret_cast<uint4 *>(&ks[r * LD + c * 8]) = kv;
+      *reinterpret_cast<uint4 *>(&vs[r * LD + c * 8]) = vv;
+    }
+    __syncthreads();
+    if (wlast < kv0) continue;  // every row of the warp precedes this run: all masked
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      const __nv_bfloat16 *kr = ks + (j * 8 + g) * LD + 2 * tq;
+#pragma unroll
+      for (int kk = 0; kk < KS; kk++) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t *>(kr + kk * 16);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t *>(kr + kk * 16 + 8);
+        mma_bf16_16816(s[j], qh[kk], b0, b1);
+        mma_bf16_16816(s[j], ql[kk], b0, b1);
+      }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int c = kv0 + j * 8 + 2 * tq + e;
+        s[j][e] = c <= pr0 && c >= lo0 ? s[j][e] * scale : -INFINITY;
+        s[j][2 + e] = c <= pr1 && c >= lo1 ? s[j][2 + e] * scale : -INFINITY;
+        mx0 = fmaxf(mx0, s[j][e]);
+        mx1 = fmaxf(mx1, s[j][2 + e]);
+      }
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    // A row with nothing unmasked yet keeps m = -inf; subtracting 0 then keeps exp(-inf) = 0.
+    const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float c0 = expf(m0 - mu0), c1 = expf(m1 - mu1);
+    m0 = mn0;
+    m1 = mn1;
+    l0 *= c0;
+    l1 *= c1;
+#pragma unroll
+    for (int d = 0; d < DN; d++) {
+      o[d][0] *= c0;
+      o[d][1] *= c0;
+      o[d][2] *= c1;
+      o[d][3] *= c1;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      s[j][0] = expf(s[j][0] - mu0);
+      s[j][1] = expf(s[j][1] - mu0);
+      s[j][2] = expf(s[j][2] - mu1);
+      s[j][3] = expf(s[j][3] - mu1);
+      l0 += s[j][0] + s[j][1];
+      l1 += s[j][2] + s[j][3];
+    }
+#pragma unroll
+    for (int kk = 0; kk < AT_K / 16; kk++) {
+      uint32_t ah[4], al[4];
+      split_bf16x2(s[2 * kk][0], s[2 * kk][1], ah[0], al[0]);
+      split_bf16x2(s[2 * kk][2], s[2 * kk][3], ah[1], al[1]);
+      split_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1], ah[2], al[2]);
+      split_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3], ah[3], al[3]);
+      const __nv_bfloat16 *vr = vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + (lane >> 4) * 8;
+#pragma unroll
+      for (int dp = 0; dp < DN / 2; dp++) {
+        uint32_t b0, b1, b2, b3;
+        ldsm_x4_trans(b0, b1, b2, b3, vr + dp * 16);
+        mma_bf16_16816(o[2 * dp], ah, b0, b1);
+        mma_bf16_16816(o[2 * dp], al, b0, b1);
+        mma_bf16_16816(o[2 * dp + 1], ah, b2, b3);
+        mma_bf16_16816(o[2 * dp + 1], al, b2, b3);
+      }
+    }
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const int row0 = warp * 16 + g, row1 = row0 + 8;
+#pragma unroll
+  for (int d = 0; d < DN; d++) {
+    const int c = h * HD + d * 8 + 2 * tq;
+    if (row0 < n) {
+      float *orow = out + static_cast<size_t>(t0 + row0) * qw + c;
+      orow[0] = o[d][0] / l0;
+      orow[1] = o[d][1] / l0;
+    }
+    if (row1 < n) {
+      float *orow = out + static_cast<size_t>(t0 + row1) * qw + c;
+      orow[0] = o[d][2] / l1;
+      orow[1] = o[d][3] / l1;
+    }
+  }
+}
+
 // Merges the splits' partials of one (token, head).
 __global__ void attention_combine_kernel(float *out, const float *part, int heads, int hd, int splits) {
   pdl_enter();
@@ -1196,6 +1385,35 @@ int lp_attention(int kv_dtype, float *out, const float *q, const void *k_cache, 
   return attention_launch(out, q, static_cast<const float *>(k_cache), static_cast<const float *>(v_cache), tokens,
                           heads, kv_heads, head_dim, scale, positions, seq_index, block_tables, table_offsets,
                           block_size, max_ctx, window, split_chunk, workspace, workspace_bytes, cs(stream));
+}
+
+int lp_attention_tiles(float *out, const float *q, const void *k_cache, const void *v_cache, int heads, int kv_heads,
+                       int head_dim, float scale, const int32_t *positions, const int32_t *seq_index,
+                       const int32_t *block_tables, const int32_t *table_offsets, int block_size, int window,
+                       const int32_t *tiles, int num_tiles, lp_stream stream) {
+  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || block_size <= 0 || window < 0 || num_tiles < 0)
+    return LP_ERR_INVALID;
+  if (num_tiles == 0) return LP_OK;
+  const dim3 grid(num_tiles, heads);
+  const auto *kc = static_cast<const __nv_bfloat16 *>(k_cache);
+  const auto *vc = static_cast<const __nv_bfloat16 *>(v_cache);
+  switch (head_dim) {
+    case 32:
+      launch_k(attention_tiles_kernel<32>, grid, 128, 0, cs(stream), out, q, kc, vc, heads, kv_heads, scale, positions,
+               seq_index, block_tables, table_offsets, block_size, window, tiles);
+      break;
+    case 64:
+      launch_k(attention_tiles_kernel<64>, grid, 128, 0, cs(stream), out, q, kc, vc, heads, kv_heads, scale, positions,
+               seq_index, block_tables, table_offsets, block_size, window, tiles);
+      break;
+    case 128:
+      launch_k(attention_tiles_kernel<128>, grid, 128, 0, cs(stream), out, q, kc, vc, heads, kv_heads, scale, positions,
+               seq_index, block_tables, table_offsets, block_size, window, tiles);
+      break;
+    default:
+      return LP_ERR_UNSUPPORTED;
+  }
+  return launched();
 }
 
 int lp_sgmv_shrink_f32(int wdtype, float *v, int ldv, const float *x, int in_features, const void *const *a_ptrs,

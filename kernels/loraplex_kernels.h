@@ -223,6 +223,16 @@ LP_API int lp_attention(int kv_dtype, float *out, const float *q, const void *k_
                         int block_size, int max_ctx, int window, int split_chunk, void *workspace,
                         size_t workspace_bytes, lp_stream stream);
 
+/* lp_attention's result for a bf16 cache (no workspace) on tensor cores, for prefill: the tokens come
+ * as tiles int32 [num_tiles * 2] of (first token, count), each 1..64 consecutive tokens of one
+ * sequence at consecutive positions, every token in exactly one tile. q and the softmax weights are
+ * used as two bf16 parts each (about 16 significant bits), so the result agrees with lp_attention's
+ * to float32 rounding. head_dim 32, 64 or 128 (else LP_ERR_UNSUPPORTED); window as in lp_attention. */
+LP_API int lp_attention_tiles(float *out, const float *q, const void *k_cache, const void *v_cache, int heads,
+                              int kv_heads, int head_dim, float scale, const int32_t *positions,
+                              const int32_t *seq_index, const int32_t *block_tables, const int32_t *table_offsets,
+                              int block_size, int window, const int32_t *tiles, int num_tiles, lp_stream stream);
+
 /* Bytes of device workspace lp_attention wants to split the context of a batch whose longest
  * context (largest position + 1) is max_ctx across blocks (flash-decoding); 0 when it would not split.
  * With a smaller or NULL workspace (or max_ctx <= 0) lp_attention runs unsplit, still correct. */

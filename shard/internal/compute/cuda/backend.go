@@ -56,6 +56,7 @@ type Backend struct {
 	noFusion  bool
 	// invariant: the batch-invariant mode (Options.BatchInvariant).
 	invariant bool
+	noTiles   bool // Options.NoTiledAttention
 }
 
 var (
@@ -87,6 +88,9 @@ type Options struct {
 	NoStepGraphs bool
 	// NoFusion turns off the fused projections (fused.go): every projection is its own GEMM.
 	NoFusion bool
+	// NoTiledAttention keeps prefill attention on the flash-decoding kernel instead of the
+	// tensor-core one (lp_attention_tiles); for comparisons.
+	NoTiledAttention bool
 	// KVDType is the KV cache's element type: BF16 or F32 (0: BF16 with bf16 weights, F32 with
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
@@ -150,7 +154,7 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 		_ = s.Close()
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention}
 	b.up = up
 	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
 		_ = up.close()
@@ -633,6 +637,11 @@ type batch struct {
 	tokens, positions, seqIndex, tokSeg, logitRows, tableOff, blockTables uintptr
 	// ropeSets (int32[T]) is the batch's RopeSets on the device, 0 (NULL) without them.
 	ropeSets uintptr
+	// tiles (int32[2*numTiles]: first token, count) cut the tokens into runs of at most tileRows
+	// consecutive tokens of one sequence for the tensor-core attention (lp_attention_tiles); set
+	// only when some run is at least minTiledRun long (a prefill chunk), else numTiles is 0.
+	tiles    uintptr
+	numTiles int
 
 	// segStarts (int32[len(Segments)+1]) is valid when segContig: the segments cover the tokens in
 	// order, as the tuned SGMV kernels (sgmv.cu) need; maxSegLen bounds them.
@@ -712,6 +721,10 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	i32 = append(i32, m.LogitRows...)
 	offRopeSets := mark()
 	i32 = append(i32, m.RopeSets...)
+	offTiles := mark()
+	tiles := attentionTiles(m)
+	i32 = append(i32, tiles...)
+	bt.numTiles = len(tiles) / 2
 	offSegStarts := mark()
 	bt.segContig = len(m.Segments) > 0 && m.Segments[0].Start == 0 && m.Segments[len(m.Segments)-1].End == t
 	for i, sg := range m.Segments {
@@ -812,6 +825,9 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	if m.RopeSets != nil {
 		bt.ropeSets = p + offRopeSets
 	}
+	if bt.numTiles > 0 {
+		bt.tiles = p + offTiles
+	}
 	for _, ta := range targeted {
 		st := &bt.tables[ta.l][ta.mod]
 		st.ranks, st.scales, st.aptr, st.bptr = p+st.ranks, p+st.scales, p+st.aptr, p+st.bptr
@@ -820,6 +836,37 @@ func (b *Backend) PrepareBatch(m *compute.BatchMeta) (compute.Batch, error) {
 	// handle is unreachable (later work that reuses it is ordered after this step's on the stream).
 	runtime.AddCleanup(bt, func(buf *Buffer) { b.release(buf) }, buf)
 	return bt, nil
+}
+
+// Tiles of the tensor-core attention: at most tileRows tokens each (the kernel's AT_Q), used for a
+// step with a run of at least minTiledRun tokens of one sequence (a prefill chunk; decode-only
+// steps keep the flash-decoding kernel, which splits long contexts across blocks).
+const (
+	tileRows    = 64
+	minTiledRun = 16
+)
+
+// attentionTiles cuts the batch's tokens into runs of consecutive tokens of one sequence at
+// consecutive positions, each split into tiles of at most tileRows: (first token, count) pairs,
+// or nil when no run reaches minTiledRun.
+func attentionTiles(m *compute.BatchMeta) []int32 {
+	var tiles []int32
+	long := false
+	for t := 0; t < len(m.Tokens); {
+		end := t + 1
+		for end < len(m.Tokens) && m.SeqIndex[end] == m.SeqIndex[t] && m.Positions[end] == m.Positions[end-1]+1 {
+			end++
+		}
+		long = long || end-t >= minTiledRun
+		for s := t; s < end; s += tileRows {
+			tiles = append(tiles, int32(s), int32(min(tileRows, end-s)))
+		}
+		t = end
+	}
+	if !long {
+		return nil
+	}
+	return tiles
 }
 
 func asBatch(cb compute.Batch) (*batch, error) {

@@ -131,6 +131,7 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 			t.Run("elementwise", func(t *testing.T) { p.t = t; testElementwise(p, r) })
 			t.Run("rope", func(t *testing.T) { p.t = t; testRoPE(p, r) })
 			t.Run("attention", func(t *testing.T) { p.t = t; testAttention(p, r) })
+			t.Run("tiled attention", func(t *testing.T) { p.t = t; testTiledAttention(p, r) })
 			t.Run("sgmv", func(t *testing.T) { p.t = t; testSGMV(p, r) })
 		})
 	}
@@ -318,6 +319,76 @@ func testRoPE(p *parity, r *rand.Rand) {
 				p.t.Errorf("rope set 2 of 2: %v, want ErrShape", err)
 			}
 		}
+	}
+}
+
+// testTiledAttention runs steps with prefill chunks (runs of 17 to 150 tokens: on a bf16 cache the
+// tensor-core kernel, tiles of up to 64 tokens; on a float32 cache the flash-decoding kernel) beside
+// short runs and decodes, with causal attention and a sliding window, on three head shapes. The
+// tensor-core kernel carries q and the softmax weights as two bf16 parts each (about 16 significant
+// bits), which keeps it within the summation-order tolerance (worst 1.1e-5 of max(1, |out|) = 2 on
+// the H200, 2026-12-03).
+func testTiledAttention(p *parity, r *rand.Rand) {
+	bf16 := p.g.KVDType() == BF16
+	for _, c := range []struct{ heads, kvHeads, hd int }{{8, 2, 128}, {4, 4, 64}, {6, 3, 32}} {
+		shape := compute.KVShape{Layers: 2, NumBlocks: 64, BlockSize: 16, KVHeads: c.kvHeads, HeadDim: c.hd}
+		gc, err := p.g.NewKVCache(shape)
+		must(p.t, err)
+		cc, err := p.c.NewKVCache(shape)
+		must(p.t, err)
+		perm := r.Perm(shape.NumBlocks)
+		var tables [][]int32
+		for s := range 3 {
+			tb := make([]int32, 20)
+			for j := range tb {
+				tb[j] = int32(perm[s*20+j])
+			}
+			tables = append(tables, tb)
+		}
+		lens := []int{0, 0, 0}
+		for step, adds := range [][]int{{150, 17, 3}, {1, 70, 100}, {64, 1, 1}} {
+			m := &compute.BatchMeta{}
+			for s, n := range adds {
+				m.Seqs = append(m.Seqs, compute.SeqMeta{BlockTable: tables[s], ContextLen: lens[s] + n})
+				for j := range n {
+					m.Tokens = append(m.Tokens, 1)
+					m.Positions = append(m.Positions, int32(lens[s]+j))
+					m.SeqIndex = append(m.SeqIndex, int32(s))
+				}
+				lens[s] += n
+			}
+			tk := len(m.Tokens)
+			m.Segments = []compute.Segment{{Start: 0, End: tk}}
+			must(p.t, m.Validate(shape.BlockSize))
+			gb, cb := p.batch(m)
+			if nt := gb.(*batch).numTiles; nt == 0 {
+				p.t.Fatalf("step %d: no attention tiles for runs of %v tokens", step, adds)
+			}
+			qw, kvw := c.heads*c.hd, c.kvHeads*c.hd
+			scale := float32(1 / math.Sqrt(float64(c.hd)))
+			for layer, window := range []int{0, 37} {
+				q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
+				kv := func() []float32 {
+					v := randVals(r, tk*kvw, 2)
+					if bf16 {
+						return roundBF16(v)
+					}
+					return v
+				}
+				k, v := p.tensor(kv(), tk, kvw), p.tensor(kv(), tk, kvw)
+				out := p.tensor(make([]float32, tk*qw), tk, qw)
+				if window == 0 {
+					must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, layer, scale, gb))
+					must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
+				} else {
+					must(p.t, p.g.WindowAttention(out.g, q.g, k.g, v.g, gc, layer, scale, window, gb))
+					must(p.t, p.c.WindowAttention(out.c, q.c, k.c, v.c, cc, layer, scale, window, cb))
+				}
+				p.same(fmt.Sprintf("tiled attention (bf16 cache: %v) %d/%d heads of %d, step %d runs %v, window %d", bf16, c.heads, c.kvHeads, c.hd, step, adds, window), out, tolReduction)
+			}
+		}
+		p.g.FreeKVCache(gc)
+		p.c.FreeKVCache(cc)
 	}
 }
 
@@ -578,5 +649,51 @@ func TestKVCacheDType(t *testing.T) {
 	}
 	if _, err := NewWithLib(gpu(t), Options{WeightDType: F32, BatchInvariant: true}); err == nil {
 		t.Error("the batch-invariant mode was accepted with float32 weights")
+	}
+}
+
+// TestAttentionTiles checks how a step's tokens are cut for the tensor-core attention: runs of one
+// sequence at consecutive positions, at most tileRows each, and none at all without a prefill run
+// of minTiledRun tokens.
+func TestAttentionTiles(t *testing.T) {
+	meta := func(seqs []int32, pos []int32) *compute.BatchMeta {
+		return &compute.BatchMeta{Tokens: make([]int32, len(seqs)), SeqIndex: seqs, Positions: pos}
+	}
+	run := func(seq int32, from, n int) ([]int32, []int32) {
+		s, p := make([]int32, n), make([]int32, n)
+		for i := range n {
+			s[i], p[i] = seq, int32(from+i)
+		}
+		return s, p
+	}
+	// Decodes only: no tiles.
+	if got := attentionTiles(meta([]int32{0, 1, 2}, []int32{40, 7, 300})); got != nil {
+		t.Errorf("decode-only step: tiles %v, want none", got)
+	}
+	// A 150-token chunk of sequence 0, a decode of 1, 15 tokens of 2: tiles 64+64+22, 1, 15.
+	s0, p0 := run(0, 10, 150)
+	s2, p2 := run(2, 0, 15)
+	seqs := append(append(s0, 1), s2...)
+	pos := append(append(p0, 99), p2...)
+	want := []int32{0, 64, 64, 64, 128, 22, 150, 1, 151, 15}
+	if got := attentionTiles(meta(seqs, pos)); !slices.Equal(got, want) {
+		t.Errorf("tiles %v, want %v", got, want)
+	}
+	// Longest run 15: below minTiledRun, no tiles.
+	if got := attentionTiles(meta(s2, p2)); got != nil {
+		t.Errorf("a 15-token run: tiles %v, want none", got)
+	}
+	// A gap in positions starts a new run: 40 tokens with a jump at token 20 are two runs of 20.
+	s, p := run(0, 0, 40)
+	for i := 20; i < 40; i++ {
+		p[i] += 5
+	}
+	if got, want := attentionTiles(meta(s, p)), []int32{0, 20, 20, 20}; !slices.Equal(got, want) {
+		t.Errorf("a gap at token 20: tiles %v, want %v", got, want)
+	}
+	// So does another sequence, even at the next position.
+	s[30] = 1
+	if got, want := attentionTiles(meta(s, p)), []int32{0, 20, 20, 10, 30, 1, 31, 9}; !slices.Equal(got, want) {
+		t.Errorf("another sequence at token 30: tiles %v, want %v", got, want)
 	}
 }

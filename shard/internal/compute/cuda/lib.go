@@ -119,7 +119,9 @@ type Lib struct {
 	attention func(kvdt int32, out, q, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, scale float32,
 		positions, seqIndex, tables, offsets uintptr, blockSize, maxCtx, window, splitChunk int32, ws, wsBytes uintptr, s uintptr) int32
 	attentionWorkspace func(tokens, heads, kvHeads, headDim, maxCtx, splitChunk int32) uintptr
-	sgmvShrinkF32      func(wdt int32, v uintptr, ldv int32, x uintptr, in int32, a, ranks, tokSeg uintptr,
+	attentionTiles     func(out, q, kc, vc uintptr, heads, kvHeads, headDim int32, scale float32, positions, seqIndex, tables, offsets uintptr,
+		blockSize, window int32, tiles uintptr, numTiles int32, s uintptr) int32
+	sgmvShrinkF32 func(wdt int32, v uintptr, ldv int32, x uintptr, in int32, a, ranks, tokSeg uintptr,
 		tokens, maxRank int32, s uintptr) int32
 	sgmvExpandF32 func(wdt int32, y uintptr, out int32, v uintptr, ldv int32, b, ranks, scales, tokSeg uintptr,
 		tokens, maxRank int32, s uintptr) int32
@@ -243,6 +245,7 @@ func (l *Lib) symbols() []symbol {
 		{&l.kvWrite, "lp_kv_write"},
 		{&l.attention, "lp_attention"},
 		{&l.attentionWorkspace, "lp_attention_workspace"},
+		{&l.attentionTiles, "lp_attention_tiles"},
 		{&l.sgmvShrinkF32, "lp_sgmv_shrink_f32"},
 		{&l.sgmvExpandF32, "lp_sgmv_expand_f32"},
 		{&l.sgmvShrinkGroup, "lp_sgmv_shrink_group"},

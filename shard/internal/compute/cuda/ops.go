@@ -511,6 +511,12 @@ func (b *Backend) attention(out, q, k, v compute.Tensor, invFreq []float32, cach
 		bt.blockTables, bt.tableOff, int32(s.BlockSize), st)); err != nil {
 		return err
 	}
+	// A step with a prefill chunk on a bf16 cache runs on tensor cores (not in the batch-invariant
+	// mode, whose fixed context split the tiles do not follow).
+	if bt.numTiles > 0 && c.dt == BF16 && !b.invariant && !b.noTiles && (s.HeadDim == 32 || s.HeadDim == 64 || s.HeadDim == 128) {
+		return b.lib.check("tiled attention", b.lib.attentionTiles(o.ptr(), qt.ptr(), kc, vc, int32(heads), int32(s.KVHeads), int32(s.HeadDim),
+			scale, bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, int32(s.BlockSize), int32(opt.Window), bt.tiles, int32(bt.numTiles), st))
+	}
 	// The longest span a token attends to (its context, rounded up, see PrepareBatch, or the window)
 	// lets the kernel split it across blocks (flash-decoding); the workspace holds the splits'
 	// partial results until they are merged.

@@ -3,6 +3,7 @@ package llama_test
 import (
 	"fmt"
 	"math"
+	"os"
 	"testing"
 	"time"
 
@@ -36,6 +37,65 @@ func TestCUDAPrefillBreakdown(t *testing.T) {
 	t.Logf("device %s, %d SMs", d.Name, d.SMs)
 	prefillBreakdown(t, be, prefillShape{seqs: 32, promptLen: 512, hidden: 4096, inter: 14336, heads: 32, kvHeads: 8, hd: 128,
 		vocab: 128256, layers: 32, rank: 16, theta: 500000})
+	// Prefill attention on tensor cores (lp_attention_tiles) against the flash-decoding kernel it
+	// replaced for prefill, one layer of the same step, in this run.
+	for _, tiled := range []bool{true, false} {
+		abe := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoTiledAttention: !tiled})
+		d, flops := prefillAttention(t, abe, 32, 512, 32, 8, 128)
+		t.Logf("prefill attention, one layer, 32 x 512 tokens, tiled (tensor cores) %v: %.3f ms = %.0f TFLOP/s (causal)", tiled, float64(d)/1e6, flops/d.Seconds()/1e12)
+	}
+}
+
+// prefillAttention times RoPE + KV write + attention of one layer over seqs prompts of n tokens
+// each on be, and returns the time and the causal FLOPs (QK^T and PV).
+func prefillAttention(t *testing.T, be *cuda.Backend, seqs, n, heads, kvHeads, hd int) (time.Duration, float64) {
+	const bs = 16
+	per := (n + bs - 1) / bs
+	meta := &compute.BatchMeta{Segments: []compute.Segment{{Start: 0, End: seqs * n}}}
+	for s := range seqs {
+		tb := make([]int32, per)
+		for j := range tb {
+			tb[j] = int32(s*per + j)
+		}
+		meta.Seqs = append(meta.Seqs, compute.SeqMeta{BlockTable: tb, ContextLen: n})
+		for p := range n {
+			meta.Tokens = append(meta.Tokens, 1)
+			meta.Positions = append(meta.Positions, int32(p))
+			meta.SeqIndex = append(meta.SeqIndex, int32(s))
+		}
+		meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
+	}
+	b, err := be.PrepareBatch(meta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache, err := be.NewKVCache(compute.KVShape{Layers: 1, NumBlocks: seqs * per, BlockSize: bs, KVHeads: kvHeads, HeadDim: hd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.FreeKVCache(cache)
+	rw := &randWeights{shapes: map[string][]int{}, seed: 9}
+	tensor := func(shape ...int) compute.Tensor {
+		rw.shapes["x"] = shape
+		d, _ := rw.Float32("x")
+		x, err := be.FromHost(d, shape...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { be.Free(x) })
+		return x
+	}
+	T := seqs * n
+	q, k, v, out := tensor(T, heads*hd), tensor(T, kvHeads*hd), tensor(T, kvHeads*hd), tensor(T, heads*hd)
+	inv := make([]float32, hd/2)
+	for i := range inv {
+		inv[i] = float32(1 / math.Pow(500000, float64(2*i)/float64(hd)))
+	}
+	scale := float32(1 / math.Sqrt(float64(hd)))
+	d := timeOp(t, be, 10, func() error {
+		return be.RoPEAttention(out, q, k, v, inv, cache, 0, scale, compute.AttnOptions{}, b)
+	})
+	return d, 4 * float64(heads*hd) * float64(seqs) * float64(n*(n+1)/2)
 }
 
 func prefillBreakdown(t *testing.T, be *cuda.Backend, sh prefillShape) {
