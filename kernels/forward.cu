@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "loraplex_kernels.h"
+#include "mma.cuh"
 
 struct lp_blas_s {
   cublasHandle_t h;
@@ -231,6 +232,28 @@ __global__ void split_cols_kernel(const float *p, int ldp, float *o0, int n0, fl
   int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= n0 + n1 + n2) return;
   const float v = p[static_cast<size_t>(r) * ldp + c];
+  if (c < n0) {
+    o0[static_cast<size_t>(r) * n0 + c] = v;
+    return;
+  }
+  c -= n0;
+  if (c < n1) {
+    o1[static_cast<size_t>(r) * n1 + c] = v;
+    return;
+  }
+  c -= n1;
+  o2[static_cast<size_t>(r) * n2 + c] = v;
+}
+
+// split_cols_kernel in 16-byte pieces, for widths and row strides that are multiples of 4 floats and
+// 16-byte aligned rows: grid (rows, chunks of 256 pieces).
+__global__ void split_cols4_kernel(const float4 *p, int ldp4, float4 *o0, int n0, float4 *o1, int n1, float4 *o2,
+                                   int n2) {
+  pdl_enter();
+  const int r = blockIdx.x;
+  int c = blockIdx.y * blockDim.x + threadIdx.x;
+  if (c >= n0 + n1 + n2) return;
+  const float4 v = p[static_cast<size_t>(r) * ldp4 + c];
   if (c < n0) {
     o0[static_cast<size_t>(r) * n0 + c] = v;
     return;
@@ -688,31 +711,6 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
 // flash_attention_kernel's on the same cache (the kernel parity tests hold it to that).
 constexpr int AT_Q = 64;
 constexpr int AT_K = 64;
-
-__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t *>(&v); }
-
-// hi = bf16(a, b), lo = bf16 of what hi leaves out; the first value in the low half, as mma wants.
-__device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t &hi, uint32_t &lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  const float2 hf = __bfloat1622float2(h);
-  hi = bf16x2_bits(h);
-  lo = bf16x2_bits(__floats2bfloat162_rn(a - hf.x, b - hf.y));
-}
-
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(a));
-}
 
 template <int HD>
 __global__ void __launch_bounds__(128)
@@ -1229,6 +1227,15 @@ int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float 
   if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
   const int total = n0 + n1 + n2;
   if (rows == 0 || total == 0) return LP_OK;
+  const bool vec = ldp % 4 == 0 && n0 % 4 == 0 && n1 % 4 == 0 && n2 % 4 == 0 && aligned16(p) &&
+                   (n0 == 0 || aligned16(out0)) && (n1 == 0 || aligned16(out1)) && (n2 == 0 || aligned16(out2));
+  if (vec) {
+    const dim3 grid(rows, (total / 4 + 255) / 256);
+    launch_k(split_cols4_kernel, grid, 256, 0, cs(stream), reinterpret_cast<const float4 *>(p), ldp / 4,
+             reinterpret_cast<float4 *>(out0), n0 / 4, reinterpret_cast<float4 *>(out1), n1 / 4,
+             reinterpret_cast<float4 *>(out2), n2 / 4);
+    return launched();
+  }
   const dim3 grid(rows, (total + 255) / 256);
   launch_k(split_cols_kernel, grid, 256, 0, cs(stream), p, ldp, out0, n0, out1, n1, out2, n2);
   return launched();

@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "loraplex_kernels.h"
+#include "mma.cuh"
 
 // The process-wide programmatic-dependent-launch switch (runtime.cu, lp_set_pdl).
 extern int lp_pdl_enabled;
@@ -484,6 +485,262 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
   }
 }
 
+// Tensor-core paths for long segments (prefill chunks): the CUDA-core kernels above are built for a
+// few tokens per segment, where the bytes are the adapters' weights; with hundreds of tokens per
+// segment the work is a small-K GEMM per segment, which mma.sync does at a fraction of the cost.
+//   shrink  block = (segment [x module], TC_SHRINK_ROWS tokens) and every rank column (n-tiles of
+//           8, ranks up to TC_SHRINK_RANK): v = x A^T, its 4 warps taking every 4th 32-wide chunk of K
+//           (short dependent chains: K is thousands) and adding their partial sums in shared
+//           memory; x and A exact bf16, accumulated in float32.
+//   expand  block = (segment [x module], TC_COLS output columns, TC_ROWS tokens): y += scale v B^T,
+//           v (float32) split into two bf16 parts (hi + lo, about 16 significant bits), B exact
+//           bf16, float32 accumulation; the tile goes through shared memory so that y is read and
+//           written once, in 16-byte pieces.
+// A dot product does not depend on the order of its terms, so each lane's fragment columns are
+// mapped to physically consecutive elements (shrink: 8 per lane over 32 k, one 16-byte load of x and
+// of A; expand: 4 per lane over 16 k): lane t's logical columns 2t, 2t + 1, 2t + 8, 2t + 9 of a
+// k-step are physical 4t .. 4t + 3 of it, for A and B alike. Rows past the segment, ranks past the
+// adapter's and columns past N are masked (never read or written), as in the kernels above.
+constexpr int TC_ROWS = 64;
+constexpr int TC_COLS = 128;
+constexpr int TC_SHRINK_RANK = 64;
+constexpr int TC_SHRINK_ROWS = 16;  // shrink: tokens per block (its 4 warps split K)
+constexpr int TC_MIN_SEG = 64;  // the longest segment of a call from which the tensor-core paths run
+
+__device__ __forceinline__ uint32_t bf16_bits(const __nv_bfloat16 *p, int k, int lim) {
+  return k < lim ? __bfloat16_as_ushort(p[k]) : 0u;
+}
+
+template <bool G>
+__global__ void __launch_bounds__(128)
+    sgmv_shrink_tc_kernel(float *__restrict__ v, int ldv, const __nv_bfloat16 *__restrict__ x, int ldx,
+                          const void *const *__restrict__ a_ptrs, const int32_t *__restrict__ seg_starts,
+                          const int32_t *__restrict__ ranks, int max_rank, int K, lp_sgmv_group g) {
+  constexpr int NT = TC_SHRINK_RANK / 8;
+  __shared__ float part[3][16][TC_SHRINK_RANK + 1];  // warps 1..3's partial sums
+  pdl_launch_dependents();
+  int s = blockIdx.x;
+  if (G) {
+    const int m = s / g.num_segs;
+    s -= m * g.num_segs;
+    a_ptrs = static_cast<const void *const *>(g.ptrs[m]);
+    ranks = g.ranks[m];
+    v += g.v_off[m];
+  }
+  const auto *A = static_cast<const __nv_bfloat16 *>(a_ptrs[s]);
+  const int r = min(ranks[s], max_rank);
+  const int seg_end = seg_starts[s + 1];
+  const int t0 = seg_starts[s] + blockIdx.y * TC_SHRINK_ROWS;
+  pdl_wait();
+  if (A == nullptr || r <= 0 || t0 >= seg_end) return;  // block-uniform
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int ra = t0 + gq, rb = ra + 8;
+  // x rows (clamped into the segment) from this lane's 8 elements of each 32-wide chunk; the
+  // block's 4 warps take every 4th chunk of K and add their partial sums at the end.
+  const uint4 *xa = reinterpret_cast<const uint4 *>(x + static_cast<size_t>(min(ra, seg_end - 1)) * ldx) + tq;
+  const uint4 *xb = reinterpret_cast<const uint4 *>(x + static_cast<size_t>(min(rb, seg_end - 1)) * ldx) + tq;
+  const bool aal = (reinterpret_cast<uintptr_t>(A) & 15) == 0;
+  const int nt = (r + 7) / 8;
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll 2
+  for (int c = warp; c < K / 32; c += 4) {
+    const uint4 ua = __ldg(xa + 4 * c), ub = __ldg(xb + 4 * c);
+    // k-step 0: physical elements 0..3 of the lane's 8; k-step 1: 4..7.
+    const uint32_t a0[4] = {ua.x, ub.x, ua.y, ub.y};
+    const uint32_t a1[4] = {ua.z, ub.z, ua.w, ub.w};
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      if (j < nt) {
+        const int n = j * 8 + gq;
+        uint4 w = make_uint4(0, 0, 0, 0);
+        if (n < r) {
+          const __nv_bfloat16 *ar = A + static_cast<size_t>(n) * K + 32 * c + 8 * tq;
+          if (aal) {
+            w = __ldg(reinterpret_cast<const uint4 *>(ar));
+          } else {
+            w.x = bf16_bits(ar, 0, 8) | bf16_bits(ar, 1, 8) << 16;
+            w.y = bf16_bits(ar, 2, 8) | bf16_bits(ar, 3, 8) << 16;
+            w.z = bf16_bits(ar, 4, 8) | bf16_bits(ar, 5, 8) << 16;
+            w.w = bf16_bits(ar, 6, 8) | bf16_bits(ar, 7, 8) << 16;
+          }
+        }
+        mma_bf16_16816(acc[j], a0, w.x, w.y);
+        mma_bf16_16816(acc[j], a1, w.z, w.w);
+      }
+    }
+  }
+  if (warp > 0) {
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      if (j < nt) {
+        const int c = j * 8 + 2 * tq;
+        part[warp - 1][gq][c] = acc[j][0];
+        part[warp - 1][gq][c + 1] = acc[j][1];
+        part[warp - 1][gq + 8][c] = acc[j][2];
+        part[warp - 1][gq + 8][c + 1] = acc[j][3];
+      }
+    }
+  }
+  __syncthreads();
+  if (warp > 0) return;
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    const int c = j * 8 + 2 * tq;
+    if (j >= nt || c >= r) continue;
+    float s0 = acc[j][0], s1 = acc[j][1], s2 = acc[j][2], s3 = acc[j][3];
+#pragma unroll
+    for (int w = 0; w < 3; w++) {
+      s0 += part[w][gq][c];
+      s1 += part[w][gq][c + 1];
+      s2 += part[w][gq + 8][c];
+      s3 += part[w][gq + 8][c + 1];
+    }
+    if (ra < seg_end) {
+      float *vr = v + static_cast<size_t>(ra) * ldv + c;
+      vr[0] = s0;
+      if (c + 1 < r) vr[1] = s1;
+    }
+    if (rb < seg_end) {
+      float *vr = v + static_cast<size_t>(rb) * ldv + c;
+      vr[0] = s2;
+      if (c + 1 < r) vr[1] = s3;
+    }
+  }
+}
+
+template <bool G>
+__global__ void __launch_bounds__(128)
+    sgmv_expand_tc_kernel(float *__restrict__ y, int ldy, const float *__restrict__ v, int ldv,
+                          const void *const *__restrict__ b_ptrs, const int32_t *__restrict__ seg_starts,
+                          const int32_t *__restrict__ ranks, const float *__restrict__ scales, int max_rank, int N,
+                          lp_sgmv_group g) {
+  constexpr int NT = TC_COLS / 8;
+  constexpr int LDS = TC_COLS + 4;  // padded rows of the staged tile
+  __shared__ __align__(16) float tile[4][16 * LDS];
+  pdl_launch_dependents();
+  int s = blockIdx.x;
+  if (G) {
+    const int m = s / g.num_segs;
+    s -= m * g.num_segs;
+    b_ptrs = static_cast<const void *const *>(g.ptrs[m]);
+    ranks = g.ranks[m];
+    scales = g.scales[m];
+    v += g.v_off[m];
+    y += g.y_off[m];
+    N = g.cols[m];
+  }
+  const auto *B = static_cast<const __nv_bfloat16 *>(b_ptrs[s]);
+  const int r = min(ranks[s], max_rank);
+  const int seg_end = seg_starts[s + 1];
+  const int t0 = seg_starts[s] + blockIdx.z * TC_ROWS;
+  const int n0 = blockIdx.y * TC_COLS;
+  pdl_wait();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  if (B == nullptr || r <= 0 || n0 >= N || t0 + warp * 16 >= seg_end) return;
+  const float scale = scales[s];
+  const int ra = t0 + warp * 16 + gq, rb = ra + 8;
+  const bool oka = ra < seg_end, okb = rb < seg_end;
+  const float *va = v + static_cast<size_t>(oka ? ra : t0) * ldv;
+  const float *vb = v + static_cast<size_t>(okb ? rb : t0) * ldv;
+  const bool val = (ldv & 3) == 0 && (reinterpret_cast<uintptr_t>(v) & 15) == 0;
+  const bool bal = (r & 3) == 0 && (reinterpret_cast<uintptr_t>(B) & 7) == 0;
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  for (int k0 = 0; k0 < r; k0 += 16) {
+    const int k = k0 + 4 * tq;  // this lane's 4 physical elements of the k-step
+    float4 pa = make_float4(0.f, 0.f, 0.f, 0.f), pb = pa;
+    if (val && k + 3 < r) {
+      if (oka) pa = *reinterpret_cast<const float4 *>(va + k);
+      if (okb) pb = *reinterpret_cast<const float4 *>(vb + k);
+    } else {
+      if (oka) pa = make_float4(k < r ? va[k] : 0.f, k + 1 < r ? va[k + 1] : 0.f, k + 2 < r ? va[k + 2] : 0.f, k + 3 < r ? va[k + 3] : 0.f);
+      if (okb) pb = make_float4(k < r ? vb[k] : 0.f, k + 1 < r ? vb[k + 1] : 0.f, k + 2 < r ? vb[k + 2] : 0.f, k + 3 < r ? vb[k + 3] : 0.f);
+    }
+    uint32_t ah[4], al[4];
+    split_bf16x2(pa.x, pa.y, ah[0], al[0]);
+    split_bf16x2(pb.x, pb.y, ah[1], al[1]);
+    split_bf16x2(pa.z, pa.w, ah[2], al[2]);
+    split_bf16x2(pb.z, pb.w, ah[3], al[3]);
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      const int n = n0 + j * 8 + gq;
+      uint2 w = make_uint2(0, 0);
+      if (n < N) {
+        const __nv_bfloat16 *br = B + static_cast<size_t>(n) * r + k;
+        if (bal && k + 3 < r) {
+          w = __ldg(reinterpret_cast<const uint2 *>(br));
+        } else {
+          w.x = bf16_bits(br, 0, r - k) | bf16_bits(br, 1, r - k) << 16;
+          w.y = bf16_bits(br, 2, r - k) | bf16_bits(br, 3, r - k) << 16;
+        }
+      }
+      mma_bf16_16816(acc[j], ah, w.x, w.y);
+      mma_bf16_16816(acc[j], al, w.x, w.y);
+    }
+  }
+  // Stage the warp's 16 x TC_COLS tile, then update y row by row in 16-byte pieces (or elementwise
+  // at the edges and where y's rows are not 16-byte aligned).
+  float *tw = tile[warp];
+#pragma unroll
+  for (int j = 0; j < NT; j++) {
+    const int c = j * 8 + 2 * tq;
+    tw[gq * LDS + c] = acc[j][0];
+    tw[gq * LDS + c + 1] = acc[j][1];
+    tw[(gq + 8) * LDS + c] = acc[j][2];
+    tw[(gq + 8) * LDS + c + 1] = acc[j][3];
+  }
+  __syncwarp();
+  const int cols = min(TC_COLS, N - n0);
+  const bool yal = (ldy & 3) == 0 && (reinterpret_cast<uintptr_t>(y + n0) & 15) == 0;
+  if (yal && cols == TC_COLS) {
+    // A whole tile: a lane's 16-byte piece of each of the warp's 16 rows, every load issued before
+    // any store, so the read-modify-write of y runs at memory bandwidth rather than latency.
+    static_assert(TC_COLS == 4 * 32, "one float4 per lane per row");
+    const int rows = min(16, seg_end - (t0 + warp * 16));
+    float *y0 = y + static_cast<size_t>(t0 + warp * 16) * ldy + n0;
+    float4 yv[16];
+#pragma unroll
+    for (int row = 0; row < 16; row++)
+      if (row < rows) yv[row] = reinterpret_cast<const float4 *>(y0 + static_cast<size_t>(row) * ldy)[lane];
+#pragma unroll
+    for (int row = 0; row < 16; row++) {
+      if (row < rows) {
+        const float4 d = *reinterpret_cast<const float4 *>(tw + row * LDS + 4 * lane);
+        float4 a = yv[row];
+        a.x = fmaf(scale, d.x, a.x);
+        a.y = fmaf(scale, d.y, a.y);
+        a.z = fmaf(scale, d.z, a.z);
+        a.w = fmaf(scale, d.w, a.w);
+        reinterpret_cast<float4 *>(y0 + static_cast<size_t>(row) * ldy)[lane] = a;
+      }
+    }
+    return;
+  }
+  for (int row = 0; row < 16; row++) {
+    const int t = t0 + warp * 16 + row;
+    if (t >= seg_end) break;
+    float *yr = y + static_cast<size_t>(t) * ldy + n0;
+    const float *src = tw + row * LDS;
+    if (yal) {
+      for (int c4 = lane; c4 < cols / 4; c4 += 32) {
+        float4 a = reinterpret_cast<float4 *>(yr)[c4];
+        const float4 d = *reinterpret_cast<const float4 *>(src + 4 * c4);
+        a.x = fmaf(scale, d.x, a.x);
+        a.y = fmaf(scale, d.y, a.y);
+        a.z = fmaf(scale, d.z, a.z);
+        a.w = fmaf(scale, d.w, a.w);
+        reinterpret_cast<float4 *>(yr)[c4] = a;
+      }
+      for (int c = (cols / 4) * 4 + lane; c < cols; c += 32) yr[c] = fmaf(scale, src[c], yr[c]);
+    } else {
+      for (int c = lane; c < cols; c += 32) yr[c] = fmaf(scale, src[c], yr[c]);
+    }
+  }
+}
+
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Multiprocessors of the current device, read once (a shard process drives one GPU).
@@ -502,6 +759,34 @@ int sm_count() {
 inline int launch_status() {
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? LP_OK : static_cast<int>(e);
+}
+
+// launch_dep launches a kernel as a programmatic dependent of the previous one in the stream (as
+// launch_expand and launch_shrink do), plainly where the attribute is refused.
+template <typename... KArgs, typename... Args>
+int launch_dep(void (*kernel)(KArgs...), dim3 grid, cudaStream_t st, Args... args) {
+  if (lp_pdl_enabled) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(128);
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, kernel, args...) == cudaSuccess) return LP_OK;
+    cudaGetLastError();
+  }
+  kernel<<<grid, 128, 0, st>>>(args...);
+  return launch_status();
+}
+
+// tc_shrink_ok: the call may take the tensor-core shrink (bf16 x with 16-byte aligned rows, K a
+// multiple of 32).
+inline bool tc_shrink_ok(int dtype, const void *x, int ldx, int max_seg_len, int max_rank, int in_features) {
+  return dtype == LP_DTYPE_BF16 && max_seg_len >= TC_MIN_SEG && max_rank <= TC_SHRINK_RANK && in_features % 32 == 0 &&
+         ldx % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 }
 
 // launch_expand starts expand as a programmatic dependent of the previous kernel in the stream, so
@@ -569,9 +854,13 @@ extern "C" int lp_sgmv_shrink(int dtype, float *v, int ldv, const void *x, int l
   if (num_segs == 0 || max_seg_len == 0 || max_rank == 0) return LP_OK;
   if (v == nullptr || x == nullptr || a_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr)
     return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  if (tc_shrink_ok(dtype, x, ldx, max_seg_len, max_rank, in_features))
+    return launch_dep(sgmv_shrink_tc_kernel<false>, dim3(num_segs, ceil_div(max_seg_len, TC_SHRINK_ROWS)), st, v, ldv,
+                      static_cast<const __nv_bfloat16 *>(x), ldx, a_ptrs, seg_starts, ranks, max_rank, in_features,
+                      lp_sgmv_group{});
   const dim3 grid(num_segs, ceil_div(max_rank, SHRINK_RB), ceil_div(max_seg_len, SHRINK_TT));
   if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case LP_DTYPE_BF16:
       return launch_shrink<__nv_bfloat16>(grid, st, v, ldv, static_cast<const __nv_bfloat16 *>(x), ldx, a_ptrs,
@@ -646,6 +935,10 @@ extern "C" int lp_sgmv_expand_y32(int wdtype, float *y, int ldy, const float *v,
       rc != LP_OK || grid.x == 0)
     return rc;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  if (wdtype == LP_DTYPE_BF16 && max_seg_len >= TC_MIN_SEG)
+    return launch_dep(sgmv_expand_tc_kernel<false>,
+                      dim3(num_segs, ceil_div(out_features, TC_COLS), ceil_div(max_seg_len, TC_ROWS)), st, y, ldy, v,
+                      ldv, b_ptrs, seg_starts, ranks, scales, max_rank, out_features, lp_sgmv_group{});
   switch (wdtype) {
     case LP_DTYPE_BF16:
       return launch_expand<__nv_bfloat16, float>(grid, st, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales, max_rank,
@@ -676,9 +969,13 @@ extern "C" int lp_sgmv_shrink_group(int dtype, float *v, int ldv, const void *x,
     if (g->v_off[m] + max_rank > ldv) return LP_ERR_INVALID;
   if (num_segs == 0 || max_seg_len == 0 || max_rank == 0) return LP_OK;
   if (v == nullptr || x == nullptr || seg_starts == nullptr) return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  if (tc_shrink_ok(dtype, x, ldx, max_seg_len, max_rank, in_features))
+    return launch_dep(sgmv_shrink_tc_kernel<true>, dim3(num_segs * g->modules, ceil_div(max_seg_len, TC_SHRINK_ROWS)), st, v,
+                      ldv, static_cast<const __nv_bfloat16 *>(x), ldx, static_cast<const void *const *>(nullptr),
+                      seg_starts, static_cast<const int32_t *>(nullptr), max_rank, in_features, *g);
   const dim3 grid(num_segs * g->modules, ceil_div(max_rank, SHRINK_RB), ceil_div(max_seg_len, SHRINK_TT));
   if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case LP_DTYPE_BF16:
       return launch_shrink<__nv_bfloat16, true>(grid, st, v, ldv, static_cast<const __nv_bfloat16 *>(x), ldx, nullptr,
@@ -704,9 +1001,14 @@ extern "C" int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const flo
   if (max_seg_len < 0) return LP_ERR_INVALID;
   if (num_segs == 0 || max_seg_len == 0 || max_rank == 0 || widest == 0) return LP_OK;
   if (y == nullptr || v == nullptr || seg_starts == nullptr) return LP_ERR_INVALID;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  if (wdtype == LP_DTYPE_BF16 && max_seg_len >= TC_MIN_SEG)
+    return launch_dep(sgmv_expand_tc_kernel<true>,
+                      dim3(num_segs * g->modules, ceil_div(widest, TC_COLS), ceil_div(max_seg_len, TC_ROWS)), st, y,
+                      ldy, v, ldv, static_cast<const void *const *>(nullptr), seg_starts,
+                      static_cast<const int32_t *>(nullptr), static_cast<const float *>(nullptr), max_rank, widest, *g);
   const dim3 grid = expand_grid(num_segs * g->modules, max_seg_len, max_rank, widest);
   if (grid.y > 65535 || grid.z > 65535) return LP_ERR_INVALID;
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (wdtype) {
     case LP_DTYPE_BF16:
       return launch_expand<__nv_bfloat16, float, true>(grid, st, y, ldy, v, ldv, nullptr, seg_starts, nullptr, nullptr,

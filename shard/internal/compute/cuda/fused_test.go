@@ -19,8 +19,9 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			seed := rand.Uint64()
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 11))
-			// 13 tokens: cuBLAS, the packed output split; 3 tokens: the GEMV writing each part.
-			for _, tokens := range []int{13, 3} {
+			// 13 tokens: cuBLAS, the packed output split; 3 tokens: the GEMV writing each part;
+			// 200 tokens: segments of 66-67 tokens, which take the tensor-core LoRA kernels.
+			for _, tokens := range []int{13, 3, 200} {
 				t.Run(fmt.Sprint(tokens), func(t *testing.T) { p.t = t; testFused(p, r, tokens) })
 			}
 		})
