@@ -697,3 +697,33 @@ func TestAttentionTiles(t *testing.T) {
 		t.Errorf("another sequence at token 30: tiles %v, want %v", got, want)
 	}
 }
+
+// TestBatchSignatureCountsTiles: two steps alike in everything the layout shows but cut into a
+// different number of attention tiles (two sequences of 64 + 20 tokens: 2 tiles; 70 + 14: 3) must
+// not share a step graph, whose tiled-attention grid is the tile count. Their int32 sections differ
+// by 8 bytes, which the 16-byte rounding of the layout can hide; this happened under load on the
+// H200 (a replay read a tile past the description: an illegal memory access).
+func TestBatchSignatureCountsTiles(t *testing.T) {
+	run := func(lens ...int) *compute.BatchMeta {
+		m := &compute.BatchMeta{}
+		for s, n := range lens {
+			for p := range n {
+				m.Tokens = append(m.Tokens, 1)
+				m.SeqIndex = append(m.SeqIndex, int32(s))
+				m.Positions = append(m.Positions, int32(p))
+			}
+		}
+		return m
+	}
+	a, b := attentionTiles(run(64, 20)), attentionTiles(run(70, 14))
+	if len(a) != 4 || len(b) != 6 {
+		t.Fatalf("tiles %v and %v, want 2 and 3", a, b)
+	}
+	ba := &batch{maxSegLen: 128, maxCtx: 128, layout: 1024, numTiles: len(a) / 2}
+	bb := *ba
+	bb.numTiles = len(b) / 2
+	ba.m, bb.m = &compute.BatchMeta{}, &compute.BatchMeta{}
+	if sa, sb := batchSignature(84, 2, 2, 1, 16, ba, nil), batchSignature(84, 2, 2, 1, 16, &bb, nil); sa == sb {
+		t.Errorf("2 and 3 tiles share the signature %q", sa)
+	}
+}

@@ -104,7 +104,9 @@ func roundPow2(n int) int {
 // batchSignature sums up what the launch arguments of a step's kernels depend on besides device data.
 func batchSignature(tokens, logitRows, seqs, segs, tableEntries int, bt *batch, tables []int) string {
 	buf := make([]byte, 0, 64+4*len(tables))
-	for _, v := range []int{tokens, logitRows, seqs, segs, tableEntries, bt.maxSegLen, bt.maxCtx, bt.layout} {
+	// numTiles sizes the tiled attention's grid; the layout alone does not pin it (the int32 sections
+	// are rounded up to 16 bytes, so one tile more or less can leave the size unchanged).
+	for _, v := range []int{tokens, logitRows, seqs, segs, tableEntries, bt.maxSegLen, bt.maxCtx, bt.layout, bt.numTiles} {
 		buf = strconv.AppendInt(buf, int64(v), 36)
 		buf = append(buf, ',')
 	}
