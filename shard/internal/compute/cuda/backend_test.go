@@ -322,6 +322,39 @@ func testRoPE(p *parity, r *rand.Rand) {
 	}
 }
 
+// shuffledTables gives seqs sequences per blocks each of a cache of numBlocks, in shuffled,
+// non-contiguous order.
+func shuffledTables(r *rand.Rand, numBlocks, seqs, per int) [][]int32 {
+	perm := r.Perm(numBlocks)
+	tables := make([][]int32, seqs)
+	for s := range tables {
+		tables[s] = make([]int32, per)
+		for j := range per {
+			tables[s][j] = int32(perm[s*per+j])
+		}
+	}
+	return tables
+}
+
+// stepMeta is a step in which sequence s adds adds[s] tokens after its lens[s] cached positions
+// (lens is advanced), one segment without adapter.
+func stepMeta(t *testing.T, tables [][]int32, lens, adds []int, blockSize int) *compute.BatchMeta {
+	t.Helper()
+	m := &compute.BatchMeta{}
+	for s, n := range adds {
+		m.Seqs = append(m.Seqs, compute.SeqMeta{BlockTable: tables[s], ContextLen: lens[s] + n})
+		for j := range n {
+			m.Tokens = append(m.Tokens, 1)
+			m.Positions = append(m.Positions, int32(lens[s]+j))
+			m.SeqIndex = append(m.SeqIndex, int32(s))
+		}
+		lens[s] += n
+	}
+	m.Segments = []compute.Segment{{Start: 0, End: len(m.Tokens)}}
+	must(t, m.Validate(blockSize))
+	return m
+}
+
 // testTiledAttention runs steps with prefill chunks (runs of 17 to 150 tokens: on a bf16 cache the
 // tensor-core kernel, tiles of up to 64 tokens; on a float32 cache the flash-decoding kernel) beside
 // short runs and decodes, with causal attention and a sliding window, on three head shapes. The
@@ -336,30 +369,11 @@ func testTiledAttention(p *parity, r *rand.Rand) {
 		must(p.t, err)
 		cc, err := p.c.NewKVCache(shape)
 		must(p.t, err)
-		perm := r.Perm(shape.NumBlocks)
-		var tables [][]int32
-		for s := range 3 {
-			tb := make([]int32, 20)
-			for j := range tb {
-				tb[j] = int32(perm[s*20+j])
-			}
-			tables = append(tables, tb)
-		}
+		tables := shuffledTables(r, shape.NumBlocks, 3, 20)
 		lens := []int{0, 0, 0}
 		for step, adds := range [][]int{{150, 17, 3}, {1, 70, 100}, {64, 1, 1}} {
-			m := &compute.BatchMeta{}
-			for s, n := range adds {
-				m.Seqs = append(m.Seqs, compute.SeqMeta{BlockTable: tables[s], ContextLen: lens[s] + n})
-				for j := range n {
-					m.Tokens = append(m.Tokens, 1)
-					m.Positions = append(m.Positions, int32(lens[s]+j))
-					m.SeqIndex = append(m.SeqIndex, int32(s))
-				}
-				lens[s] += n
-			}
+			m := stepMeta(p.t, tables, lens, adds, shape.BlockSize)
 			tk := len(m.Tokens)
-			m.Segments = []compute.Segment{{Start: 0, End: tk}}
-			must(p.t, m.Validate(shape.BlockSize))
 			gb, cb := p.batch(m)
 			if nt := gb.(*batch).numTiles; nt == 0 {
 				p.t.Fatalf("step %d: no attention tiles for runs of %v tokens", step, adds)
@@ -401,15 +415,7 @@ func testAttention(p *parity, r *rand.Rand) {
 		must(p.t, err)
 		cc, err := p.c.NewKVCache(shape)
 		must(p.t, err)
-		perm := r.Perm(shape.NumBlocks)
-		tables := [][]int32{}
-		for s := range 3 {
-			tb := make([]int32, 6)
-			for j := range tb {
-				tb[j] = int32(perm[s*6+j])
-			}
-			tables = append(tables, tb)
-		}
+		tables := shuffledTables(r, shape.NumBlocks, 3, 6)
 		lens := []int{0, 0, 0}
 		// With a bf16 KV cache the GPU stores k and v rounded; values already bf16 keep the plain
 		// attention comparison exact to summation order, and the fused path (which rounds the
@@ -427,19 +433,8 @@ func testAttention(p *parity, r *rand.Rand) {
 			tolFused = tolKVBF16
 		}
 		for step, adds := range [][]int{{7, 10, 1}, {1, 3, 1}, {1, 1, 9}} {
-			m := &compute.BatchMeta{}
-			for s, n := range adds {
-				m.Seqs = append(m.Seqs, compute.SeqMeta{BlockTable: tables[s], ContextLen: lens[s] + n})
-				for j := range n {
-					m.Tokens = append(m.Tokens, 1)
-					m.Positions = append(m.Positions, int32(lens[s]+j))
-					m.SeqIndex = append(m.SeqIndex, int32(s))
-				}
-				lens[s] += n
-			}
+			m := stepMeta(p.t, tables, lens, adds, shape.BlockSize)
 			tk := len(m.Tokens)
-			m.Segments = []compute.Segment{{Start: 0, End: tk}}
-			must(p.t, m.Validate(shape.BlockSize))
 			gb, cb := p.batch(m)
 			qw, kvw := c.heads*c.hd, c.kvHeads*c.hd
 			scale := float32(1 / math.Sqrt(float64(c.hd)))

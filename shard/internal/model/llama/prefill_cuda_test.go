@@ -51,21 +51,7 @@ func TestCUDAPrefillBreakdown(t *testing.T) {
 func prefillAttention(t *testing.T, be *cuda.Backend, seqs, n, heads, kvHeads, hd int) (time.Duration, float64) {
 	const bs = 16
 	per := (n + bs - 1) / bs
-	meta := &compute.BatchMeta{Segments: []compute.Segment{{Start: 0, End: seqs * n}}}
-	for s := range seqs {
-		tb := make([]int32, per)
-		for j := range tb {
-			tb[j] = int32(s*per + j)
-		}
-		meta.Seqs = append(meta.Seqs, compute.SeqMeta{BlockTable: tb, ContextLen: n})
-		for p := range n {
-			meta.Tokens = append(meta.Tokens, 1)
-			meta.Positions = append(meta.Positions, int32(p))
-			meta.SeqIndex = append(meta.SeqIndex, int32(s))
-		}
-		meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
-	}
-	b, err := be.PrepareBatch(meta)
+	b, err := be.PrepareBatch(prefillMeta(seqs, n, bs, 1))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,6 +84,31 @@ func prefillAttention(t *testing.T, be *cuda.Backend, seqs, n, heads, kvHeads, h
 	return d, 4 * float64(heads*hd) * float64(seqs) * float64(n*(n+1)/2)
 }
 
+// prefillMeta is a prefill step of seqs prompts of n tokens, each in its own blocks of bs positions,
+// with logits for each prompt's last token; token ids vary over the vocabulary (all 1 with vocab 1).
+func prefillMeta(seqs, n, bs, vocab int) *compute.BatchMeta {
+	per := (n + bs - 1) / bs
+	meta := &compute.BatchMeta{Segments: []compute.Segment{{Start: 0, End: seqs * n}}}
+	for s := range seqs {
+		tb := make([]int32, per)
+		for j := range tb {
+			tb[j] = int32(s*per + j)
+		}
+		meta.Seqs = append(meta.Seqs, compute.SeqMeta{BlockTable: tb, ContextLen: n})
+		for p := range n {
+			id := 1
+			if vocab > 2 {
+				id = 2 + (s*n+p)%(vocab-2)
+			}
+			meta.Tokens = append(meta.Tokens, int32(id))
+			meta.Positions = append(meta.Positions, int32(p))
+			meta.SeqIndex = append(meta.SeqIndex, int32(s))
+		}
+		meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
+	}
+	return meta
+}
+
 func prefillBreakdown(t *testing.T, be *cuda.Backend, sh prefillShape) {
 	const bs = 16
 	T := sh.seqs * sh.promptLen
@@ -125,20 +136,7 @@ func prefillBreakdown(t *testing.T, be *cuda.Backend, sh prefillShape) {
 
 	// The step: every sequence's positions 0..promptLen-1 in its own blocks, logits for its last token.
 	per := (sh.promptLen + bs - 1) / bs
-	meta := &compute.BatchMeta{Segments: []compute.Segment{{Start: 0, End: T}}}
-	for s := range sh.seqs {
-		tb := make([]int32, per)
-		for j := range tb {
-			tb[j] = int32(s*per + j)
-		}
-		meta.Seqs = append(meta.Seqs, compute.SeqMeta{BlockTable: tb, ContextLen: sh.promptLen})
-		for p := range sh.promptLen {
-			meta.Tokens = append(meta.Tokens, int32(2+(s*sh.promptLen+p)%(sh.vocab-2)))
-			meta.Positions = append(meta.Positions, int32(p))
-			meta.SeqIndex = append(meta.SeqIndex, int32(s))
-		}
-		meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
-	}
+	meta := prefillMeta(sh.seqs, sh.promptLen, bs, sh.vocab)
 	b, err := be.PrepareBatch(meta)
 	if err != nil {
 		t.Fatal(err)
