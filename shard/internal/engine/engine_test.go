@@ -64,6 +64,22 @@ func newEnv(t testing.TB, opts engine.Options, maxResident int) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	copts := adapters.DefaultOptions()
+	copts.DeviceBytes = int64(maxResident) * 256 << 10 // the largest shipped adapter is 227 KB
+	v := startEnv(t, be, m, nil, modelDir, adapterDir, opts, copts)
+	v.ref = ref
+	return v
+}
+
+// startEnv starts an engine on be over model m (wrapped by wrap when set: what the engine sees),
+// with the tokenizer of modelDir and an adapter cache of copts over the folder store adapterDir;
+// the test's cleanup closes them all.
+func startEnv(t testing.TB, be *cpu.Backend, m model.Model, wrap func(model.Model) model.Model, modelDir, adapterDir string, opts engine.Options, copts adapters.Options) *env {
+	t.Helper()
+	run := m
+	if wrap != nil {
+		run = wrap(m)
+	}
 	tok, err := tokenizer.Load(filepath.Join(modelDir, "tokenizer.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -73,18 +89,16 @@ func newEnv(t testing.TB, opts engine.Options, maxResident int) *env {
 		t.Fatal(err)
 	}
 	info := m.Info()
-	copts := adapters.DefaultOptions()
-	copts.DeviceBytes = int64(maxResident) * 256 << 10 // the largest shipped adapter is 227 KB
 	cache, err := adapters.New(be, adapters.SourceLoader(src, nil, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), copts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := engine.New(opts, be, m, tok, cache, zap.NewNop(), nil)
+	e, err := engine.New(opts, be, run, tok, cache, zap.NewNop(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var once sync.Once
-	v := &env{e: e, be: be, model: m, tok: tok, info: info, cache: cache, ref: ref, close: func() {
+	v := &env{e: e, be: be, model: m, tok: tok, info: info, cache: cache, close: func() {
 		once.Do(func() {
 			e.Close()
 			cache.Close()

@@ -10,10 +10,6 @@ import (
 	"sync"
 	"testing"
 
-	"go.uber.org/zap"
-
-	"github.com/loraplex/loraplex/pkg/adaptersource"
-	"github.com/loraplex/loraplex/pkg/tokenizer"
 	"github.com/loraplex/loraplex/shard/internal/adapters"
 	"github.com/loraplex/loraplex/shard/internal/compute"
 	"github.com/loraplex/loraplex/shard/internal/compute/cpu"
@@ -161,38 +157,7 @@ func newFixtureEnv(t *testing.T, family string, opts engine.Options, wrap func(m
 	dir := filepath.Join(families, family)
 	be := cpu.New(cpu.Options{})
 	m := loadFixture(t, be, filepath.Join(dir, "model"))
-	var run model.Model = m
-	if wrap != nil {
-		run = wrap(m)
-	}
-	tok, err := tokenizer.Load(filepath.Join(dir, "model", "tokenizer.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	src, err := adaptersource.OpenFolder(filepath.Join(dir, "adapters"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	info := m.Info()
-	cache, err := adapters.New(be, adapters.SourceLoader(src, nil, adapters.PEFTOptions(info, 64, 1<<30), info.Layers), adapters.DefaultOptions())
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := engine.New(opts, be, run, tok, cache, zap.NewNop(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	v := &env{e: e, be: be, model: m, tok: tok, info: info, cache: cache, close: func() {
-		once.Do(func() {
-			e.Close()
-			cache.Close()
-			m.Close()
-			src.Close()
-		})
-	}}
-	t.Cleanup(v.close)
-	return v
+	return startEnv(t, be, m, wrap, filepath.Join(dir, "model"), filepath.Join(dir, "adapters"), opts, adapters.DefaultOptions())
 }
 
 var mistralAdapters = []string{"", "qv-r8", "all-r16-rslora"}
