@@ -664,16 +664,7 @@ type breakdownShape struct{ batch, ctx, hidden, inter, heads, kvHeads, hd, vocab
 func opBreakdown(t *testing.T, be *cuda.Backend, sh breakdownShape) {
 	batch, ctx, hidden, inter, heads, kvHeads, hd, vocab, layers := sh.batch, sh.ctx, sh.hidden, sh.inter, sh.heads, sh.kvHeads, sh.hd, sh.vocab, sh.layers
 	rw := &randWeights{shapes: map[string][]int{}, seed: 3}
-	tensor := func(shape ...int) compute.Tensor {
-		rw.shapes["x"] = shape
-		d, _ := rw.Float32("x")
-		x, err := be.FromHost(d, shape...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { be.Free(x) })
-		return x
-	}
+	tensor := func(shape ...int) compute.Tensor { return randomTensor(t, be, rw, shape...) }
 	const bs = 16
 	per := (ctx + bs - 1) / bs
 	meta := &compute.BatchMeta{Segments: []compute.Segment{{Start: 0, End: batch}}}
@@ -827,12 +818,26 @@ func randomLlama(t *testing.T, be *cuda.Backend, bw float64, config string) (*ll
 
 // tensorOwned is a random float32 [n, k] tensor whose memory the caller hands on (to PackRows).
 func tensorOwned(t *testing.T, be *cuda.Backend, rw *randWeights, n, k int) compute.Tensor {
+	t.Helper()
 	rw.shapes["x"] = []int{n, k}
 	d, _ := rw.Float32("x")
 	x, err := be.FromHost(d, n, k)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return x
+}
+
+// randomTensor is a random float32 tensor of shape on be, freed when the test ends.
+func randomTensor(t *testing.T, be *cuda.Backend, rw *randWeights, shape ...int) compute.Tensor {
+	t.Helper()
+	rw.shapes["x"] = shape
+	d, _ := rw.Float32("x")
+	x, err := be.FromHost(d, shape...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { be.Free(x) })
 	return x
 }
 

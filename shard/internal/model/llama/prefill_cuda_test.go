@@ -61,16 +61,7 @@ func prefillAttention(t *testing.T, be *cuda.Backend, seqs, n, heads, kvHeads, h
 	}
 	defer be.FreeKVCache(cache)
 	rw := &randWeights{shapes: map[string][]int{}, seed: 9}
-	tensor := func(shape ...int) compute.Tensor {
-		rw.shapes["x"] = shape
-		d, _ := rw.Float32("x")
-		x, err := be.FromHost(d, shape...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { be.Free(x) })
-		return x
-	}
+	tensor := func(shape ...int) compute.Tensor { return randomTensor(t, be, rw, shape...) }
 	T := seqs * n
 	q, k, v, out := tensor(T, heads*hd), tensor(T, kvHeads*hd), tensor(T, kvHeads*hd), tensor(T, heads*hd)
 	inv := make([]float32, hd/2)
@@ -115,16 +106,7 @@ func prefillBreakdown(t *testing.T, be *cuda.Backend, sh prefillShape) {
 	qw, kvw := sh.heads*sh.hd, sh.kvHeads*sh.hd
 	rw := &randWeights{shapes: map[string][]int{}, seed: 5}
 	// GEMM inputs are random (zeros would flatter the tensor cores' power draw); outputs are zeroed.
-	random := func(shape ...int) compute.Tensor {
-		rw.shapes["x"] = shape
-		d, _ := rw.Float32("x")
-		x, err := be.FromHost(d, shape...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { be.Free(x) })
-		return x
-	}
+	random := func(shape ...int) compute.Tensor { return randomTensor(t, be, rw, shape...) }
 	zeros := func(shape ...int) compute.Tensor {
 		x, err := be.Alloc(shape...)
 		if err != nil {
