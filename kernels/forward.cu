@@ -48,7 +48,8 @@ inline unsigned elem_blocks(size_t n) {
 // stream or a recorded graph the next kernel's blocks are scheduled while this one drains. Each
 // kernel therefore starts with pdl_enter: wait until the kernels before it have completed and their
 // writes are visible (griddepcontrol.wait), then let its own dependents launch. Only reads of memory
-// no kernel writes (weights) may come before the wait. Both are no-ops before sm_90 and for plain
+// no kernel writes (weights, and the batch description uploaded before the step's first kernel) may
+// come before the wait. Both are no-ops before sm_90 and for plain
 // launches; lp_set_pdl(0) turns the attribute off.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -96,10 +97,14 @@ __device__ __forceinline__ void st(float *p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 // Four consecutive elements c*4 .. c*4+3 of a row (16 bytes of float, 8 of bf16; aligned by the
-// caller), through the read-only cache.
-__device__ __forceinline__ float4 ld4(const float *row, int c) { return __ldg(reinterpret_cast<const float4 *>(row) + c); }
-__device__ __forceinline__ float4 ld4(const __nv_bfloat16 *row, int c) {
-  const uint2 u = __ldg(reinterpret_cast<const uint2 *>(row) + c);
+// caller), through the read-only cache: as stored (raw4), then as float32 (widen4), so that a load
+// can be issued long before its value is needed.
+__device__ __forceinline__ float4 raw4(const float *row, int c) { return __ldg(reinterpret_cast<const float4 *>(row) + c); }
+__device__ __forceinline__ uint2 raw4(const __nv_bfloat16 *row, int c) {
+  return __ldg(reinterpret_cast<const uint2 *>(row) + c);
+}
+__device__ __forceinline__ float4 widen4(float4 v) { return v; }
+__device__ __forceinline__ float4 widen4(uint2 u) {
   const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
   const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
   return make_float4(a.x, a.y, b.x, b.y);
@@ -544,7 +549,6 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     flash_attention_kernel(float *out, float *part, const float *q, const KV *kc, const KV *vc, int heads,
                            int kv_heads, int hd, float scale, const int32_t *positions, const int32_t *seq_index,
                            const int32_t *bt, const int32_t *bt_off, int bs, int chunk, int splits, int window) {
-  pdl_enter();
   const int t = blockIdx.x;
   const int G = heads / kv_heads;
   const int groups = G / GB;
@@ -568,6 +572,9 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
   if (stable)
     for (int i = threadIdx.x; i < nb; i += blockDim.x) stab[i] = table[b0 + i];
   __syncthreads();
+  // Everything above reads the batch description, which no kernel writes: it overlaps the previous
+  // kernel's tail (the RoPE + KV write); q and the cache come after the wait.
+  pdl_enter();
   const int nv4 = hd >> 2;
   const int kvw = kv_heads * hd, qw = heads * hd;
   const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -585,25 +592,34 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
     m[g] = -INFINITY;
     l[g] = 0.f;
   }
-  for (int jb = j0 + warp * FA_P; jb < j1; jb += FA_WARPS * FA_P) {
-    float4 kr[FA_P][NV], vr[FA_P][NV];
+  // The K and V rows of a warp's next FA_P positions are requested (as stored: raw, not widened)
+  // while it works on the current ones, so each step waits on memory at most once.
+  using Raw = decltype(raw4(kc, 0));
+  Raw kn[FA_P][NV], vn[FA_P][NV];
+  auto fetch = [&](int jb) {
 #pragma unroll
     for (int pp = 0; pp < FA_P; pp++) {
       const int j = jb + pp;
-      if (j < j1) {
-        const size_t sl = stable ? static_cast<size_t>(stab[j / bs - b0]) * bs + j % bs : slot(table, j, bs);
-        const size_t off = sl * kvw + static_cast<size_t>(kvh) * hd;
+      const bool in = j < j1;
+      const size_t sl = !in ? 0 : stable ? static_cast<size_t>(stab[j / bs - b0]) * bs + j % bs : slot(table, j, bs);
+      const size_t off = sl * kvw + static_cast<size_t>(kvh) * hd;
 #pragma unroll
-        for (int i = 0; i < NV; i++) {
-          const int c = lane + 32 * i;
-          kr[pp][i] = c < nv4 ? ld4(kc + off, c) : zero;
-          vr[pp][i] = c < nv4 ? ld4(vc + off, c) : zero;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < NV; i++) kr[pp][i] = vr[pp][i] = zero;
+      for (int i = 0; i < NV; i++) {
+        const int c = lane + 32 * i;
+        kn[pp][i] = in && c < nv4 ? raw4(kc + off, c) : Raw{};
+        vn[pp][i] = in && c < nv4 ? raw4(vc + off, c) : Raw{};
       }
     }
+  };
+  int jb = j0 + warp * FA_P;
+  if (jb < j1) fetch(jb);
+  for (; jb < j1; jb += FA_WARPS * FA_P) {
+    float4 kr[FA_P][NV], vr[FA_P][NV];
+#pragma unroll
+    for (int pp = 0; pp < FA_P; pp++)
+#pragma unroll
+      for (int i = 0; i < NV; i++) kr[pp][i] = widen4(kn[pp][i]), vr[pp][i] = widen4(vn[pp][i]);
+    if (jb + FA_WARPS * FA_P < j1) fetch(jb + FA_WARPS * FA_P);
 #pragma unroll
     for (int g = 0; g < GB; g++) {
       float s[FA_P];
@@ -1074,6 +1090,131 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   }
 }
 
+// Tensor-core GEMM for the batch-invariant mode: out[m, n] (+)= sum_k x[m, k] W[n, k], x and W
+// bf16, float32 accumulation, the N output columns split over up to three destinations as in the
+// GEMV. Every block streams its SK_COLS rows of W once (16-byte loads that bypass L1, the next chunk
+// in flight while the current one multiplies, the first chunk requested before the wait on the
+// previous kernel) and multiplies them against up to 64 rows of x with mma.sync m16n8k16. Fragments
+// come straight from global memory: the sum over k does not care which k a lane feeds in which mma
+// slot as long as A and B agree, so lane (g, t) takes, per 64-wide chunk and per 16-byte piece i, the
+// 8 consecutive elements 32i + 8t .. 32i + 8t + 7 of its row and feeds elements 0-3 to one k-step and
+// 4-7 to the next (elements 0-1 as k = 2t, 2t+1 and 2-3 as k = 2t+8, 2t+9). The block's warps take
+// its chunks in turn (chunk c to warp c % SK_WARPS) and add their partial sums in shared memory in
+// warp order, so a row's result depends on K alone: never on how many rows share the launch, which
+// row it is, or grid.y (slices of 64 rows). It is not the default mode's matmul for 9-64 rows: at 32
+// rows cuBLAS ran 1.3-2x faster on the H200 (each block re-reads all of x from L2), see
+// docs/benchmarks-cuda.md.
+constexpr int SK_WARPS = 8;
+constexpr int SK_COLS = 16;
+constexpr int SK_CH = 64;
+constexpr int SK_MAX_T = 64;
+
+__device__ __forceinline__ uint4 ld_if(const uint4 *p, bool ok) {
+  return ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
+}
+
+__device__ __forceinline__ uint4 ld_stream_if(const uint4 *p, bool ok) {
+  return ok ? ld_stream(p) : make_uint4(0, 0, 0, 0);
+}
+
+// Two blocks per SM for up to 32 rows (the register cap keeps 16 warps' loads in flight).
+template <int MT>
+__global__ void __launch_bounds__(SK_WARPS * 32, MT <= 2 ? 2 : 1)
+    gemm_skinny_kernel(const __nv_bfloat16 *__restrict__ w, const __nv_bfloat16 *__restrict__ x, int M, int K,
+                       int N, GemvOut o, int accumulate) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int n0 = blockIdx.x * SK_COLS;
+  const int m0 = blockIdx.y * SK_MAX_T;
+  // This lane's two weight rows (one per n8 tile); a row past N reads row N-1 and is not stored.
+  const uint4 *w0 = reinterpret_cast<const uint4 *>(w + static_cast<size_t>(min(n0 + g, N - 1)) * K);
+  const uint4 *w1 = reinterpret_cast<const uint4 *>(w + static_cast<size_t>(min(n0 + 8 + g, N - 1)) * K);
+  const int chunks = (K + SK_CH - 1) / SK_CH;
+  float acc[MT][2][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) acc[mt][nt][r] = 0.f;
+  // The lane's 16-byte pieces of chunk c: element c * SK_CH + 32 i + 8 t4 (i = 0, 1), zero past K.
+  auto piece = [&](int c, int i) { return c * SK_CH + 32 * i + 8 * t4; };
+  uint4 wn[2][2];
+  int c = warp;
+  if (c < chunks) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int e = piece(c, i);
+      wn[0][i] = ld_stream_if(w0 + e / 8, e < K);
+      wn[1][i] = ld_stream_if(w1 + e / 8, e < K);
+    }
+  }
+  pdl_enter();
+  for (; c < chunks; c += SK_WARPS) {
+    uint4 wc[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+      for (int i = 0; i < 2; i++) wc[nt][i] = wn[nt][i];
+    const int cn = c + SK_WARPS;
+    if (cn < chunks) {
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        const int e = piece(cn, i);
+        wn[0][i] = ld_stream_if(w0 + e / 8, e < K);
+        wn[1][i] = ld_stream_if(w1 + e / 8, e < K);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      const int e = piece(c, i);
+      uint4 xa[MT], xb[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) {
+        const int ra = m0 + mt * 16 + g, rb = ra + 8;
+        xa[mt] = ld_if(reinterpret_cast<const uint4 *>(x + static_cast<size_t>(ra) * K + e), ra < M && e < K);
+        xb[mt] = ld_if(reinterpret_cast<const uint4 *>(x + static_cast<size_t>(rb) * K + e), rb < M && e < K);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+          const uint32_t a[4] = {h ? xa[mt].z : xa[mt].x, h ? xb[mt].z : xb[mt].x, h ? xa[mt].w : xa[mt].y,
+                                 h ? xb[mt].w : xb[mt].y};
+#pragma unroll
+          for (int nt = 0; nt < 2; nt++)
+            mma_bf16_16816(acc[mt][nt], a, h ? wc[nt][i].z : wc[nt][i].x, h ? wc[nt][i].w : wc[nt][i].y);
+        }
+      }
+    }
+  }
+  // Partial sums per warp, then each output summed over the warps in warp order.
+  __shared__ float red[SK_WARPS][MT * 16][SK_COLS + 1];
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++) {
+      const int col = nt * 8 + 2 * t4, row = mt * 16 + g;
+      red[warp][row][col] = acc[mt][nt][0];
+      red[warp][row][col + 1] = acc[mt][nt][1];
+      red[warp][row + 8][col] = acc[mt][nt][2];
+      red[warp][row + 8][col + 1] = acc[mt][nt][3];
+    }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < MT * 16 * SK_COLS; idx += SK_WARPS * 32) {
+    const int row = idx / SK_COLS, col = idx % SK_COLS;
+    const int m = m0 + row, n = n0 + col;
+    if (m >= M || n >= N) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int ww = 0; ww < SK_WARPS; ww++) s += red[ww][row][col];
+    int part = 0, cc = n;
+    while (part < 2 && cc >= o.cols[part]) cc -= o.cols[part++];
+    float *d = o.p[part] + static_cast<size_t>(m) * o.cols[part] + cc;
+    *d = accumulate ? *d + s : s;
+  }
+}
+
 template <typename KV>
 void kv_write_launch(KV *kc, KV *vc, const float *k, const float *v, int tokens, int kvw, const int32_t *positions,
                      const int32_t *seq_index, const int32_t *bt, const int32_t *bt_off, int bs, cudaStream_t s) {
@@ -1217,6 +1358,39 @@ int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, 
     LP_GEMV_CASE(7)
     LP_GEMV_CASE(8)
 #undef LP_GEMV_CASE
+  }
+  return launched();
+}
+
+int lp_gemm_skinny_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
+                        int tokens, int k, int accumulate, lp_stream stream) {
+  if (tokens < 0 || k < 0 || n0 < 0 || n1 < 0 || n2 < 0 || x == nullptr || w == nullptr) return LP_ERR_INVALID;
+  if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
+  if (k % 8 != 0 || !aligned16(x) || !aligned16(w)) return LP_ERR_UNSUPPORTED;
+  const int n = n0 + n1 + n2;
+  if (tokens == 0 || n == 0 || k == 0) return LP_OK;
+  GemvOut o{{out0, out1, out2}, {n0, n1, n2}};
+  const int slices = (tokens + SK_MAX_T - 1) / SK_MAX_T;
+  if (slices > 65535) return LP_ERR_INVALID;
+  const dim3 grid((n + SK_COLS - 1) / SK_COLS, slices);
+  const auto *wb = static_cast<const __nv_bfloat16 *>(w);
+  const auto *xb = static_cast<const __nv_bfloat16 *>(x);
+  cudaStream_t s = cs(stream);
+  // Fewer m-tiles for a small step; a step of several slices uses all four in each (a row's sums are
+  // the same either way).
+  const int mt = slices > 1 ? 4 : (tokens + 15) / 16;
+  switch (mt) {
+    case 1:
+      launch_k(gemm_skinny_kernel<1>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
+      break;
+    case 2:
+      launch_k(gemm_skinny_kernel<2>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
+      break;
+    case 3:
+      launch_k(gemm_skinny_kernel<3>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
+      break;
+    default:
+      launch_k(gemm_skinny_kernel<4>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
   }
   return launched();
 }

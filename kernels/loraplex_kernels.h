@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 7
+#define LP_ABI_VERSION 8
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -137,6 +137,13 @@ LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *
  * a multiple of 8 or x, w not 16-byte aligned: use lp_gemm_ex then. */
 LP_API int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
                         int tokens, int k, int accumulate, lp_stream stream);
+
+/* The same product on tensor cores for any number of tokens, in slices of 64 rows (the
+ * batch-invariant mode's matmul): out_i (+)= x W^T, x bf16 [tokens, k], W bf16 [n0+n1+n2, k], float32
+ * accumulation. A row's result depends on k alone, never on tokens or on the other rows.
+ * LP_ERR_UNSUPPORTED (nothing queued) for k not a multiple of 8 or x, w not 16-byte aligned. */
+LP_API int lp_gemm_skinny_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x,
+                               const void *w, int tokens, int k, int accumulate, lp_stream stream);
 
 /* Splits the columns of p float32 [rows, ldp] into up to three parts, in order:
  * out0 [rows, n0] = p[:, 0:n0], out1 [rows, n1] = p[:, n0:n0+n1], out2 [rows, n2] = the next n2

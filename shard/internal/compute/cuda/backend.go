@@ -95,7 +95,7 @@ type Options struct {
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
 	// BatchInvariant makes a sequence's results independent of what else shares its steps: every
-	// matmul runs the bf16 GEMV in chunks of 8 rows, SGMV and attention use kernels whose sums for a
+	// matmul runs the tensor-core skinny GEMM (64-row slices, a fixed order of sums per row), SGMV and attention use kernels whose sums for a
 	// token run in one order (attention split in fixed chunks), and the fused projections are off.
 	// Needs bf16 weights; it costs speed on large steps (prefill), see docs/benchmarks-cuda.md.
 	BatchInvariant bool

@@ -138,7 +138,9 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 }
 
 func testMatMul(p *parity, r *rand.Rand) {
-	for _, sh := range []struct{ t, k, n int }{{1, 64, 1025}, {37, 300, 129}, {64, 2048, 256}, {5, 7, 3}} {
+	// GEMV (up to 8 rows), the tensor-core skinny GEMM (9 to 64 rows, k a multiple of 8; k past a
+	// 64-wide chunk and n past a 16-column tile included), cuBLAS (the rest).
+	for _, sh := range []struct{ t, k, n int }{{1, 64, 1025}, {37, 300, 129}, {64, 2048, 256}, {5, 7, 3}, {9, 200, 24}, {17, 64, 40}, {33, 1032, 48}, {50, 5632, 70}, {65, 128, 33}} {
 		name := fmt.Sprintf("%dx%d by %dx%d", sh.t, sh.k, sh.n, sh.k)
 		xd := randVals(r, sh.t*sh.k, 1)
 		x := p.tensor(xd, sh.t, sh.k)
@@ -644,6 +646,42 @@ func TestKVCacheDType(t *testing.T) {
 	}
 	if _, err := NewWithLib(gpu(t), Options{WeightDType: F32, BatchInvariant: true}); err == nil {
 		t.Error("the batch-invariant mode was accepted with float32 weights")
+	}
+}
+
+// TestInvariantMatMulRows checks the batch-invariant mode's matmul (the tensor-core skinny GEMM for
+// every step size): a row's result is bit-identical whether it is computed alone, among 9, 64 or 65
+// rows or in a step of 150 (three 64-row slices), whichever row it is; and the result matches the CPU.
+// The default mode's GEMV (up to 8 rows) and cuBLAS do not promise this.
+func TestInvariantMatMulRows(t *testing.T) {
+	p := &parity{t: t, g: newGPUBackend(t, Options{WeightDType: BF16, BatchInvariant: true}), c: cpu.New(cpu.Options{}), dt: BF16}
+	seed := rand.Uint64()
+	t.Logf("seed %d", seed)
+	r := rand.New(rand.NewPCG(seed, 17))
+	const rows, k, n = 150, 200, 40
+	xd := roundBF16(randVals(r, rows*k, 1))
+	w := p.weight(randVals(r, n*k, 0.2), n, k)
+	full := p.tensor(make([]float32, rows*n), rows, n)
+	x := p.tensor(xd, rows, k)
+	must(t, p.g.MatMul(full.g, x.g, w.g))
+	must(t, p.c.MatMul(full.c, x.c, w.c))
+	p.same("matmul of 150 rows", full, tolReduction)
+	want := host(t, p.g, full.g)
+	for _, c := range []struct{ from, count int }{{0, 1}, {149, 1}, {70, 1}, {3, 9}, {0, 64}, {80, 65}, {1, 149}} {
+		part, err := p.g.FromHost(xd[c.from*k:(c.from+c.count)*k], c.count, k)
+		must(t, err)
+		out, err := p.g.FromHost(make([]float32, c.count*n), c.count, n)
+		must(t, err)
+		must(t, p.g.MatMul(out, part, w.g))
+		got := host(t, p.g, out)
+		for i := range got {
+			if row := c.from + i/n; math.Float32bits(got[i]) != math.Float32bits(want[row*n+i%n]) {
+				t.Errorf("rows %d..%d computed apart: row %d column %d is %v, %v in the step of %d rows", c.from, c.from+c.count-1, row, i%n, got[i], want[row*n+i%n], rows)
+				break
+			}
+		}
+		p.g.Free(part)
+		p.g.Free(out)
 	}
 }
 

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/loraplex/loraplex/shard/internal/compute"
 )
 
 var sgmvBench = flag.Bool("sgmv.bench", false, "run the SGMV microbenchmark table (GPU only)")
@@ -185,4 +187,183 @@ func benchCase(t *testing.T, l *Lib, s *Stream, fill func(*Buffer), tokens, nad,
 	r.one = perPair(sets[:1], shrink, expand)
 	must(t, l.Sync(s))
 	return r
+}
+
+var attnBench = flag.Bool("attn.bench", false, "run the decode attention context-split sweep (GPU only)")
+
+// TestAttentionBench times decode attention (one new token per sequence, bf16 cache, 16 query and 8
+// KV heads of 128) at several batch sizes and contexts, with the context split the kernel picks
+// (auto) and with fixed chunks, against the KV bytes read over the measured copy bandwidth. Each
+// figure is a graph of 20 launches replayed, per launch, as the step graphs run them.
+func TestAttentionBench(t *testing.T) {
+	if !*attnBench {
+		t.Skip("microbenchmark: pass -attn.bench")
+	}
+	be := newGPUBackend(t, Options{WeightDType: BF16})
+	l, s := be.lib, be.stream
+	bw := measureCopy(t, l, s)
+	const heads, kvHeads, hd, bs, reps = 16, 8, 128, 16, 20
+	r := rand.New(rand.NewPCG(3, 4))
+	chunks := []int32{0, 32, 64, 128, 256, 1024, 1 << 20}
+	var out strings.Builder
+	fmt.Fprintf(&out, "\ncopy bandwidth %.0f GB/s; us per launch by split chunk (0 = the kernel's choice), and the auto figure's share of KV bytes / copy bandwidth\n| batch | context | KV MB |", bw/1e9)
+	for _, c := range chunks {
+		fmt.Fprintf(&out, " chunk %d |", c)
+	}
+	fmt.Fprintf(&out, " auto at |\n|---|---|---|%s---|\n", strings.Repeat("---|", len(chunks)))
+	for _, seqs := range []int{1, 8, 32, 64} {
+		for _, ctx := range []int{144, 512, 2048, 8192} {
+			per := (ctx + bs - 1) / bs
+			kc, err := be.NewKVCache(compute.KVShape{Layers: 1, NumBlocks: seqs * per, BlockSize: bs, KVHeads: kvHeads, HeadDim: hd})
+			must(t, err)
+			cache := kc.(*kvCache)
+			must(t, l.Memset(cache.buf, 0x3c, s)) // every element 0.0115
+			lens, adds := make([]int, seqs), make([]int, seqs)
+			for i := range lens {
+				lens[i], adds[i] = ctx-1, 1
+			}
+			cb, err := be.PrepareBatch(stepMeta(t, shuffledTables(r, seqs*per, seqs, per), lens, adds, bs))
+			must(t, err)
+			bt := cb.(*batch)
+			q, err := be.FromHost(randVals(r, seqs*heads*hd, 1), seqs, heads*hd)
+			must(t, err)
+			o, err := be.FromHost(make([]float32, seqs*heads*hd), seqs, heads*hd)
+			must(t, err)
+			kv := float64(seqs*ctx*kvHeads*hd*2*2) / 1e6
+			fmt.Fprintf(&out, "| %d | %d | %.1f |", seqs, ctx, kv)
+			var auto float64
+			for _, chunk := range chunks {
+				wsb := l.attentionWorkspace(int32(seqs), heads, kvHeads, hd, int32(bt.maxCtx), chunk)
+				ws, err := be.scratch(int64(max(wsb, 256)))
+				must(t, err)
+				kp, vp := cache.layer(0)
+				call := func() {
+					must(t, l.check("attention", l.attention(int32(BF16), o.(*Tensor).ptr(), q.(*Tensor).ptr(), kp, vp, int32(seqs), heads, kvHeads, hd, 0.088,
+						bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, bs, int32(bt.maxCtx), 0, chunk, ws.ptr, uintptr(ws.size), s.handle())))
+				}
+				call()
+				must(t, l.Sync(s))
+				must(t, l.BeginCapture(s))
+				for range reps {
+					call()
+				}
+				g, err := l.EndCapture(s)
+				must(t, err)
+				us := timeReplays(t, l, s, 10, func() { must(t, g.Launch(s)) }) * 1e3 / reps
+				must(t, g.Close())
+				be.release(ws)
+				if chunk == 0 {
+					auto = us
+				}
+				fmt.Fprintf(&out, " %.2f |", us)
+			}
+			fmt.Fprintf(&out, " %.0f%% |\n", 100*kv*1e6/bw/(auto*1e-6))
+			be.Free(q)
+			be.Free(o)
+			be.FreeKVCache(kc)
+		}
+	}
+	t.Log(out.String())
+}
+
+var gemmBench = flag.Bool("gemm.bench", false, "run the decode matmul comparison (GPU only)")
+
+// TestGEMMBench times the decode-shaped matmuls three ways: the GEMV (up to 8 rows), the tensor-core
+// skinny GEMM and cuBLAS (plus the column split a packed weight needs after it), per weight shape
+// and step size, against the weight bytes over the measured copy bandwidth. Each figure replays a
+// graph of launches that rotate over enough copies of the weight to exceed the L2 cache.
+func TestGEMMBench(t *testing.T) {
+	if !*gemmBench {
+		t.Skip("microbenchmark: pass -gemm.bench")
+	}
+	be := newGPUBackend(t, Options{WeightDType: BF16})
+	l, s := be.lib, be.stream
+	d, err := l.Device(0)
+	must(t, err)
+	bw := measureCopy(t, l, s)
+	r := rand.New(rand.NewPCG(5, 6))
+	var out strings.Builder
+	fmt.Fprintf(&out, "\n%s, copy bandwidth %.0f GB/s; us per matmul (%% of copy bandwidth for the weight bytes)\n| weight | n x k | rows | gemv | skinny | cuBLAS | cuBLAS + split |\n|---|---|---|---|---|---|---|\n", d.Name, bw/1e9)
+	for _, sh := range []struct {
+		name  string
+		parts []int
+		k     int
+	}{
+		{"q/k/v 1.1B", []int{2048, 512, 512}, 2048}, {"o 1.1B", []int{2048}, 2048}, {"gate/up 1.1B", []int{5632, 5632}, 2048}, {"down 1.1B", []int{2048}, 5632},
+		{"lm_head 1.1B", []int{32000}, 2048},
+		{"q/k/v 8B", []int{4096, 1024, 1024}, 4096}, {"o 8B", []int{4096}, 4096}, {"gate/up 8B", []int{14336, 14336}, 4096}, {"down 8B", []int{4096}, 14336},
+	} {
+		n := 0
+		for _, p := range sh.parts {
+			n += p
+		}
+		wbytes := int64(2 * n * sh.k)
+		copies := int(min(max((3*int64(d.L2Bytes)+wbytes-1)/wbytes, 1), 32))
+		ws := make([]*Buffer, copies)
+		for i := range ws {
+			ws[i], err = l.Malloc(wbytes)
+			must(t, err)
+			must(t, CopyIn(ws[i], 0, randBits(r, BF16, n*sh.k, 0.05), s))
+		}
+		for _, m := range []int{1, 8, 16, 32, 64} {
+			x, err := l.Malloc(int64(2 * m * sh.k))
+			must(t, err)
+			must(t, CopyIn(x, 0, randBits(r, BF16, m*sh.k, 1), s))
+			packed, err := l.Malloc(int64(4 * m * n))
+			must(t, err)
+			var parts [3]*Buffer
+			var ptr [3]uintptr
+			var np [3]int32
+			for i, p := range sh.parts {
+				parts[i], err = l.Malloc(int64(4 * m * p))
+				must(t, err)
+				ptr[i], np[i] = parts[i].ptr, int32(p)
+			}
+			time := func(f func(w *Buffer) int32) string {
+				if f(ws[0]) != 0 {
+					return "-"
+				}
+				must(t, l.Sync(s))
+				must(t, l.BeginCapture(s))
+				for _, w := range ws {
+					must(t, l.check("matmul", f(w)))
+				}
+				g, err := l.EndCapture(s)
+				must(t, err)
+				defer g.Close()
+				us := timeReplays(t, l, s, 10, func() { must(t, g.Launch(s)) }) * 1e3 / float64(len(ws))
+				return fmt.Sprintf("%.2f (%.0f%%)", us, 100*float64(wbytes)/(us*1e-6)/bw)
+			}
+			gemv := time(func(w *Buffer) int32 {
+				return l.gemv(ptr[0], np[0], ptr[1], np[1], ptr[2], np[2], x.ptr, w.ptr, int32(m), int32(sh.k), 0, s.handle())
+			})
+			skinny := time(func(w *Buffer) int32 {
+				return l.gemmSkinny(ptr[0], np[0], ptr[1], np[1], ptr[2], np[2], x.ptr, w.ptr, int32(m), int32(sh.k), 0, s.handle())
+			})
+			blas := time(func(w *Buffer) int32 {
+				return l.gemmEx(be.blas, int32(BF16), packed.ptr, int32(n), x.ptr, w.ptr, int32(m), int32(n), int32(sh.k), 0)
+			})
+			split := "-"
+			if len(sh.parts) > 1 {
+				split = time(func(w *Buffer) int32 {
+					if rc := l.gemmEx(be.blas, int32(BF16), packed.ptr, int32(n), x.ptr, w.ptr, int32(m), int32(n), int32(sh.k), 0); rc != 0 {
+						return rc
+					}
+					return l.splitCols(packed.ptr, int32(m), int32(n), ptr[0], np[0], ptr[1], np[1], ptr[2], np[2], s.handle())
+				})
+			}
+			fmt.Fprintf(&out, "| %s | %d x %d | %d | %s | %s | %s | %s |\n", sh.name, n, sh.k, m, gemv, skinny, blas, split)
+			must(t, x.Free())
+			must(t, packed.Free())
+			for _, p := range parts {
+				if p != nil {
+					must(t, p.Free())
+				}
+			}
+		}
+		for _, w := range ws {
+			must(t, w.Free())
+		}
+	}
+	t.Log(out.String())
 }

@@ -19,16 +19,20 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			seed := rand.Uint64()
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 11))
-			// 13 tokens: cuBLAS, the packed output split; 3 tokens: the GEMV writing each part;
-			// 200 tokens: segments of 66-67 tokens, which take the tensor-core LoRA kernels.
-			for _, tokens := range []int{13, 3, 200} {
-				t.Run(fmt.Sprint(tokens), func(t *testing.T) { p.t = t; testFused(p, r, tokens) })
+			// 3 tokens: the GEMV writing each part; 13 and 100: cuBLAS, the packed output split
+			// (with adapters, the grouped LoRA on it first); 200 tokens: segments of 66-67 tokens,
+			// which take the tensor-core LoRA kernels.
+			for _, c := range []struct {
+				tokens   int
+				adapters bool
+			}{{3, true}, {3, false}, {13, true}, {13, false}, {100, true}, {200, true}} {
+				t.Run(fmt.Sprintf("%d-adapters-%v", c.tokens, c.adapters), func(t *testing.T) { p.t = t; testFused(p, r, c.tokens, c.adapters) })
 			}
 		})
 	}
 }
 
-func testFused(p *parity, r *rand.Rand, tokens int) {
+func testFused(p *parity, r *rand.Rand, tokens int, adapters bool) {
 	const hidden, kv, inter = 64, 32, 96
 	widths := map[compute.Module][2]int{ // in, out
 		compute.ModQ: {hidden, hidden}, compute.ModK: {hidden, kv}, compute.ModV: {hidden, kv}, compute.ModO: {hidden, hidden},
@@ -53,6 +57,9 @@ func testFused(p *parity, r *rand.Rand, tokens int) {
 		return &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
 			Seqs:     []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}},
 			Segments: []compute.Segment{{Start: 0, End: tokens / 3, Adapter: a}, {Start: tokens / 3, End: 2 * tokens / 3}, {Start: 2 * tokens / 3, End: tokens, Adapter: b}}}
+	}
+	if !adapters {
+		ga, gb2, ca, cb2 = nil, nil, nil, nil
 	}
 	gbt, err := p.g.PrepareBatch(meta(ga, gb2))
 	must(p.t, err)

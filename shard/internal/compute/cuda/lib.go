@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 7
+const ABIVersion = 8
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -134,6 +134,7 @@ type Lib struct {
 	setPDL          func(enabled int32) int32
 	ropeKVWrite     func(kvdt int32, q, k, v, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, invFreq, positions, ropeSets, seqIndex, tables, offsets uintptr, blockSize int32, prep *qkvPrep, s uintptr) int32
 	gemv            func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, s uintptr) int32
+	gemmSkinny      func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, s uintptr) int32
 	gemmEx          func(h uintptr, dt int32, out uintptr, ldo int32, x, w uintptr, tokens, n, k, acc int32) int32
 	splitCols       func(p uintptr, rows, ldp int32, o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, s uintptr) int32
 	rmsNormBF16     func(out, outBF16, x, w uintptr, rows, d int32, eps float32, s uintptr) int32
@@ -253,6 +254,7 @@ func (l *Lib) symbols() []symbol {
 		{&l.setPDL, "lp_set_pdl"},
 		{&l.ropeKVWrite, "lp_rope_kv_write"},
 		{&l.gemv, "lp_gemv_bf16"},
+		{&l.gemmSkinny, "lp_gemm_skinny_bf16"},
 		{&l.gemmEx, "lp_gemm_ex"},
 		{&l.splitCols, "lp_split_cols"},
 		{&l.rmsNormBF16, "lp_rmsnorm_bf16"},

@@ -79,14 +79,17 @@ func (b *Backend) halfOf(t *Tensor) (uintptr, error) {
 // errUnsupported is LP_ERR_UNSUPPORTED: a valid call the library does not implement.
 const errUnsupported = -2
 
-// maxGEMVTokens is the largest step lp_gemv_bf16 takes; larger ones use cuBLAS.
+// maxGEMVTokens is the largest step lp_gemv_bf16 takes (CUDA cores, one warp per weight row);
+// larger ones use cuBLAS.
 const maxGEMVTokens = 8
 
 // gemv queues out_i (+)= x W^T for a bf16 weight whose rows split over outs (widths ns) when the step
-// is small enough for lp_gemv_bf16 (at most maxGEMVTokens rows: a decode batch, streaming the weight
-// at close to copy bandwidth where cuBLAS does not); false when it does not apply.
+// is small enough for lp_gemv_bf16 (a decode batch, streaming the weight at close to copy bandwidth
+// where cuBLAS does not); false when it does not apply. In the batch-invariant mode it always
+// applies and takes lp_gemm_skinny_bf16 (tensor cores, 64-row slices), whose sums for a row never
+// depend on the other rows.
 func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k int, acc bool) (bool, error) {
-	if t > maxGEMVTokens || len(outs) > 3 || w.dtype != BF16 {
+	if len(outs) > 3 || w.dtype != BF16 || (t > maxGEMVTokens && !b.invariant) {
 		return false, nil
 	}
 	var o [3]uintptr
@@ -98,11 +101,15 @@ func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k 
 	if acc {
 		a = 1
 	}
-	rc := b.lib.gemv(o[0], n[0], o[1], n[1], o[2], n[2], xHalf, w.ptr(), int32(t), int32(k), a, b.stream.handle())
+	kernel, name := b.lib.gemv, "gemv"
+	if b.invariant {
+		kernel, name = b.lib.gemmSkinny, "skinny gemm"
+	}
+	rc := kernel(o[0], n[0], o[1], n[1], o[2], n[2], xHalf, w.ptr(), int32(t), int32(k), a, b.stream.handle())
 	if rc == errUnsupported {
 		return false, nil
 	}
-	return true, b.lib.check("gemv", rc)
+	return true, b.lib.check(name, rc)
 }
 
 // halfInput returns x rounded to bf16 on a bf16 backend (0 on a float32 one): its bf16 copy, made
@@ -173,8 +180,8 @@ func (b *Backend) matmulTo(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *
 }
 
 // CheckBatchInvariant says whether a model whose matmuls reduce over these widths (hidden, attention
-// output, intermediate) can run in the batch-invariant mode: its bf16 GEMV reads rows in 16-byte
-// chunks, so every width must be a multiple of 8 (true of every released model).
+// output, intermediate) can run in the batch-invariant mode: its tensor-core matmul reads rows in
+// 16-byte pieces, so every width must be a multiple of 8 (true of every released model).
 func CheckBatchInvariant(widths ...int) error {
 	for _, k := range widths {
 		if k <= 0 || k%8 != 0 {
@@ -184,9 +191,9 @@ func CheckBatchInvariant(widths ...int) error {
 	return nil
 }
 
-// invariantMatMul is matmulTo in the batch-invariant mode: lp_gemv_bf16 over chunks of at most
-// maxGEMVTokens rows, whose sums for a row run in one order whatever the chunk holds, where cuBLAS
-// picks its algorithm (and split of k) by the number of rows.
+// invariantMatMul is matmulTo in the batch-invariant mode: lp_gemm_skinny_bf16, whose sums for a
+// row run in one order whatever the step holds, where cuBLAS picks its algorithm (and split of k) by
+// the number of rows.
 func (b *Backend) invariantMatMul(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *Tensor, t, n, k int) error {
 	if ldo != n {
 		return fmt.Errorf("%w: batch-invariant matmul into a strided output", compute.ErrShape)
@@ -202,15 +209,12 @@ func (b *Backend) invariantMatMul(out uintptr, ldo int, acc bool, x, xHalf uintp
 		}
 		xHalf = xb.ptr
 	}
-	for r := 0; r < t; r += maxGEMVTokens {
-		rows := min(maxGEMVTokens, t-r)
-		ok, err := b.gemv([]uintptr{out + uintptr(4*r*ldo)}, []int{n}, xHalf+uintptr(2*r*k), w, rows, k, acc)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return fmt.Errorf("%w: batch-invariant matmul of %dx%d by %dx%d (needs bf16 weights and k a multiple of 8)", compute.ErrShape, t, k, n, k)
-		}
+	ok, err := b.gemv([]uintptr{out}, []int{n}, xHalf, w, t, k, acc)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("%w: batch-invariant matmul of %dx%d by %dx%d (needs bf16 weights and k a multiple of 8)", compute.ErrShape, t, k, n, k)
 	}
 	return nil
 }

@@ -657,6 +657,7 @@ func TestCUDAOpBreakdown(t *testing.T) {
 	be := gpuBackend(t, cuda.BF16)
 	t.Run("2048x16-batch32", func(t *testing.T) { opBreakdown(t, be, breakdownShape{32, 144, 2048, 5632, 16, 8, 128, 32000, 16}) })
 	t.Run("8B-batch1", func(t *testing.T) { opBreakdown(t, be, breakdownShape{1, 144, 4096, 14336, 32, 8, 128, 128256, 32}) })
+	t.Run("8B-batch32", func(t *testing.T) { opBreakdown(t, be, breakdownShape{32, 144, 4096, 14336, 32, 8, 128, 128256, 32}) })
 }
 
 type breakdownShape struct{ batch, ctx, hidden, inter, heads, kvHeads, hd, vocab, layers int }
