@@ -1090,7 +1090,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   }
 }
 
-// Tensor-core GEMM for the batch-invariant mode: out[m, n] (+)= sum_k x[m, k] W[n, k], x and W
+// Tensor-core GEMM for small steps and the batch-invariant mode: out[m, n] (+)= sum_k x[m, k] W[n, k], x and W
 // bf16, float32 accumulation, the N output columns split over up to three destinations as in the
 // GEMV. Every block streams its SK_COLS rows of W once (16-byte loads that bypass L1, the next chunk
 // in flight while the current one multiplies, the first chunk requested before the wait on the
@@ -1101,9 +1101,9 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 // 4-7 to the next (elements 0-1 as k = 2t, 2t+1 and 2-3 as k = 2t+8, 2t+9). The block's warps take
 // its chunks in turn (chunk c to warp c % SK_WARPS) and add their partial sums in shared memory in
 // warp order, so a row's result depends on K alone: never on how many rows share the launch, which
-// row it is, or grid.y (slices of 64 rows). It is not the default mode's matmul for 9-64 rows: at 32
-// rows cuBLAS ran 1.3-2x faster on the H200 (each block re-reads all of x from L2), see
-// docs/benchmarks-cuda.md.
+// row it is, or grid.y (slices of 64 rows). The default mode takes it for 3-16 rows on narrow, short
+// weights; past 16 rows cuBLAS is faster (each block here re-reads all of x from L2), see
+// TestGEMMBench in docs/benchmarks-cuda.md.
 constexpr int SK_WARPS = 8;
 constexpr int SK_COLS = 16;
 constexpr int SK_CH = 64;

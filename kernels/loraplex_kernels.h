@@ -138,8 +138,8 @@ LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *
 LP_API int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
                         int tokens, int k, int accumulate, lp_stream stream);
 
-/* The same product on tensor cores for any number of tokens, in slices of 64 rows (the
- * batch-invariant mode's matmul): out_i (+)= x W^T, x bf16 [tokens, k], W bf16 [n0+n1+n2, k], float32
+/* The same product on tensor cores for any number of tokens, in slices of 64 rows (for 3-16 tokens,
+ * and the batch-invariant mode's matmul): out_i (+)= x W^T, x bf16 [tokens, k], W bf16 [n0+n1+n2, k], float32
  * accumulation. A row's result depends on k alone, never on tokens or on the other rows.
  * LP_ERR_UNSUPPORTED (nothing queued) for k not a multiple of 8 or x, w not 16-byte aligned. */
 LP_API int lp_gemm_skinny_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x,

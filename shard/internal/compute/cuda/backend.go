@@ -57,6 +57,7 @@ type Backend struct {
 	// invariant: the batch-invariant mode (Options.BatchInvariant).
 	invariant bool
 	noTiles   bool // Options.NoTiledAttention
+	gemvUpTo8 bool // Options.GEMVUpTo8
 }
 
 var (
@@ -91,6 +92,9 @@ type Options struct {
 	// NoTiledAttention keeps prefill attention on the flash-decoding kernel instead of the
 	// tensor-core one (lp_attention_tiles); for comparisons.
 	NoTiledAttention bool
+	// GEMVUpTo8 restores the earlier matmul dispatch of decode steps (the GEMV up to 8 rows, cuBLAS
+	// above, no skinny GEMM); for comparisons.
+	GEMVUpTo8 bool
 	// KVDType is the KV cache's element type: BF16 or F32 (0: BF16 with bf16 weights, F32 with
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
@@ -154,7 +158,7 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 		_ = s.Close()
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention, gemvUpTo8: o.GEMVUpTo8}
 	b.up = up
 	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
 		_ = up.close()

@@ -138,9 +138,10 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 }
 
 func testMatMul(p *parity, r *rand.Rand) {
-	// GEMV (up to 8 rows), the tensor-core skinny GEMM (9 to 64 rows, k a multiple of 8; k past a
-	// 64-wide chunk and n past a 16-column tile included), cuBLAS (the rest).
-	for _, sh := range []struct{ t, k, n int }{{1, 64, 1025}, {37, 300, 129}, {64, 2048, 256}, {5, 7, 3}, {9, 200, 24}, {17, 64, 40}, {33, 1032, 48}, {50, 5632, 70}, {65, 128, 33}} {
+	// The GEMV (1-2 rows), the tensor-core skinny GEMM (3-16 rows, k a multiple of 8; k past a
+	// 64-wide chunk and n past a 16-column tile included), cuBLAS (the rest, and k not a multiple
+	// of 8).
+	for _, sh := range []struct{ t, k, n int }{{1, 64, 1025}, {2, 128, 40}, {37, 300, 129}, {64, 2048, 256}, {5, 7, 3}, {9, 200, 24}, {12, 2048, 3072}, {16, 64, 40}, {17, 64, 40}, {33, 1032, 48}, {50, 5632, 70}, {3, 5632, 70}} {
 		name := fmt.Sprintf("%dx%d by %dx%d", sh.t, sh.k, sh.n, sh.k)
 		xd := randVals(r, sh.t*sh.k, 1)
 		x := p.tensor(xd, sh.t, sh.k)

@@ -305,7 +305,7 @@ func TestGEMMBench(t *testing.T) {
 			must(t, err)
 			must(t, CopyIn(ws[i], 0, randBits(r, BF16, n*sh.k, 0.05), s))
 		}
-		for _, m := range []int{1, 8, 16, 32, 64} {
+		for _, m := range []int{1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64} {
 			x, err := l.Malloc(int64(2 * m * sh.k))
 			must(t, err)
 			must(t, CopyIn(x, 0, randBits(r, BF16, m*sh.k, 1), s))

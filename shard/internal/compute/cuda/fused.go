@@ -103,8 +103,11 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 	if err := b.asWeight(wt); err != nil {
 		return err
 	}
-	var direct bool // small steps: the GEMV writes each part into its output
-	if len(os) > 1 && xHalf != 0 {
+	// Small steps: the streaming kernel writes each part into its output. With adapters on this
+	// layer only up to 8 rows (the per-module SGMV is cheap there); larger steps keep the packed
+	// product, so that one grouped SGMV serves all parts before the split.
+	var direct bool
+	if len(os) > 1 && xHalf != 0 && (t <= 8 || !hasLoRA(layer, mods, bt)) {
 		ptrs := make([]uintptr, len(os))
 		for i, o := range os {
 			ptrs[i] = o.ptr()
@@ -185,6 +188,19 @@ type sgmvGroup struct {
 	cols, yOff, vOff    [3]int32
 	_                   int32
 	ptrs, ranks, scales [3]uintptr
+}
+
+// hasLoRA says whether an adapter of the batch applies one of mods at this layer.
+func hasLoRA(layer int, mods []compute.Module, bt *batch) bool {
+	if layer < 0 || len(bt.tables) <= layer {
+		return false
+	}
+	for _, m := range mods {
+		if bt.tables[layer][m].maxRank > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // groupLoRA adds the LoRA updates of mods into the packed GEMM output p [t, n] (module i at the

@@ -19,13 +19,14 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			seed := rand.Uint64()
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 11))
-			// 3 tokens: the GEMV writing each part; 13 and 100: cuBLAS, the packed output split
-			// (with adapters, the grouped LoRA on it first); 200 tokens: segments of 66-67 tokens,
-			// which take the tensor-core LoRA kernels.
+			// 2 tokens: the GEMV writing each part; 3: the skinny GEMM writing each part (LoRA per
+			// module); 13: the skinny GEMM into the packed output that the grouped LoRA reads
+			// before the split, or (no adapter) into each part; 40: cuBLAS, packed and split;
+			// 200: segments of 66-67 tokens, which take the tensor-core LoRA kernels.
 			for _, c := range []struct {
 				tokens   int
 				adapters bool
-			}{{3, true}, {3, false}, {13, true}, {13, false}, {100, true}, {200, true}} {
+			}{{2, true}, {2, false}, {3, true}, {13, true}, {13, false}, {40, true}, {40, false}, {200, true}} {
 				t.Run(fmt.Sprintf("%d-adapters-%v", c.tokens, c.adapters), func(t *testing.T) { p.t = t; testFused(p, r, c.tokens, c.adapters) })
 			}
 		})

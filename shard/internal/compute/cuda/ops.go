@@ -79,17 +79,41 @@ func (b *Backend) halfOf(t *Tensor) (uintptr, error) {
 // errUnsupported is LP_ERR_UNSUPPORTED: a valid call the library does not implement.
 const errUnsupported = -2
 
-// maxGEMVTokens is the largest step lp_gemv_bf16 takes (CUDA cores, one warp per weight row);
-// larger ones use cuBLAS.
-const maxGEMVTokens = 8
+// The streaming kernels' ranges in the default mode, from TestGEMMBench on the H200
+// (docs/benchmarks-cuda.md): the GEMV streams a weight at 60-100% of copy bandwidth for one or two
+// rows but falls to 26-47% at eight (each warp re-reads x per row); the skinny GEMM holds 75-85% from
+// 3 to 16 rows, ahead of cuBLAS (and of cuBLAS plus the split a packed weight needs) on the narrow,
+// short weights (q/k/v, o), while cuBLAS leads on wide ones (gate/up, lm_head), long ones (down)
+// and past 16 rows.
+const (
+	maxGEMVTokens   = 2
+	maxSkinnyTokens = 16
+	maxSkinnyN      = 8192
+	maxSkinnyK      = 4096
+)
 
-// gemv queues out_i (+)= x W^T for a bf16 weight whose rows split over outs (widths ns) when the step
-// is small enough for lp_gemv_bf16 (a decode batch, streaming the weight at close to copy bandwidth
-// where cuBLAS does not); false when it does not apply. In the batch-invariant mode it always
-// applies and takes lp_gemm_skinny_bf16 (tensor cores, 64-row slices), whose sums for a row never
-// depend on the other rows.
+// gemv queues out_i (+)= x W^T for a bf16 weight whose rows split over outs (widths ns) when a
+// streaming kernel suits the step (see maxGEMVTokens): lp_gemv_bf16 or lp_gemm_skinny_bf16, either
+// writing each part straight into its output; false when cuBLAS should run it. In the
+// batch-invariant mode it always applies and takes lp_gemm_skinny_bf16 (tensor cores, 64-row
+// slices), whose sums for a row never depend on the other rows.
 func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k int, acc bool) (bool, error) {
-	if len(outs) > 3 || w.dtype != BF16 || (t > maxGEMVTokens && !b.invariant) {
+	if len(outs) > 3 || w.dtype != BF16 {
+		return false, nil
+	}
+	width := 0
+	for _, c := range ns {
+		width += c
+	}
+	kernel, name := b.lib.gemv, "gemv"
+	switch {
+	case b.gemvUpTo8 && !b.invariant:
+		if t > 8 {
+			return false, nil
+		}
+	case b.invariant || (t > maxGEMVTokens && t <= maxSkinnyTokens && width <= maxSkinnyN && k <= maxSkinnyK):
+		kernel, name = b.lib.gemmSkinny, "skinny gemm"
+	case t > maxGEMVTokens:
 		return false, nil
 	}
 	var o [3]uintptr
@@ -100,10 +124,6 @@ func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k 
 	a := int32(0)
 	if acc {
 		a = 1
-	}
-	kernel, name := b.lib.gemv, "gemv"
-	if b.invariant {
-		kernel, name = b.lib.gemmSkinny, "skinny gemm"
 	}
 	rc := kernel(o[0], n[0], o[1], n[1], o[2], n[2], xHalf, w.ptr(), int32(t), int32(k), a, b.stream.handle())
 	if rc == errUnsupported {

@@ -25,9 +25,7 @@ func TestCUDAColdAdapter8B(t *testing.T) {
 		t.Fatal(err)
 	}
 	bw := copyBandwidth(t, be.Lib())
-	m, _, _ := randomLlama(t, be, bw, `{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
-		"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":8192,"rms_norm_eps":1e-5,
-		"rope_theta":500000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
+	m, _, _ := randomLlama(t, be, bw, config8B)
 	defer m.Close()
 	info := m.Info()
 	weights := func(name string) *compute.AdapterWeights {

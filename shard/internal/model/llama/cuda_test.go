@@ -560,7 +560,7 @@ func TestCUDADecodeBench(t *testing.T) {
 	m, wb, ideal := randomLlama(t, be, bw, `{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
 		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
 		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
-	for _, batch := range []int{1, 32} {
+	for _, batch := range []int{1, 4, 8, 16, 32} {
 		st := decodeTiming(t, be, m, batch, 128, 32)
 		// The KV bytes a step reads at the run's middle context (128 prompt + 16 decoded).
 		info := m.Info()
@@ -571,6 +571,18 @@ func TestCUDADecodeBench(t *testing.T) {
 			float64(kvb)/1e6, floor, float64(st.graph)/float64(floor))
 	}
 	m.Close()
+
+	// The same small batches with the earlier matmul dispatch (GEMV up to 8 rows), for comparison.
+	gb := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, GEMVUpTo8: true})
+	gm, _, gideal := randomLlama(t, gb, bw, `{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
+		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
+		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
+	for _, batch := range []int{4, 8, 16} {
+		st := decodeTiming(t, gb, gm, batch, 128, 32)
+		t.Logf("random llama, GEMV up to 8 rows (earlier dispatch), batch %d, prompt 128: decode step %v, CUDA graph replay %v; weight floor %v; graph %.2fx",
+			batch, st.device, st.graph, gideal, float64(st.graph)/float64(gideal))
+	}
+	gm.Close()
 
 	// The same shape in each family's layout: the family's extra work (biases, q/k norms, a window
 	// shorter than the context) against the same weight-bytes floor.
@@ -595,7 +607,7 @@ func TestCUDADecodeBench(t *testing.T) {
 	// The batch-invariant mode's cost on the same steps.
 	ib := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, BatchInvariant: true})
 	im, iwb, iideal := randomLlama(t, ib, bw, `{"model_type":"llama",`+shape+`}`)
-	for _, batch := range []int{1, 32} {
+	for _, batch := range []int{1, 8, 32} {
 		st := decodeTiming(t, ib, im, batch, 128, 32)
 		t.Logf("batch-invariant mode, random llama, bf16 weights %.2f GB, batch %d, prompt 128: prefill %v; decode step %v, CUDA graph replay %v; floor %v; ratio %.2fx (graph %.2fx)",
 			float64(iwb)/1e9, batch, st.prefill, st.device, st.graph, iideal, float64(st.device)/float64(iideal), float64(st.graph)/float64(iideal))
@@ -950,9 +962,7 @@ func TestCUDADecode8B(t *testing.T) {
 	}
 	be := gpuBackend(t, cuda.BF16)
 	bw := copyBandwidth(t, be.Lib())
-	m, wb, ideal := randomLlama(t, be, bw, `{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
-		"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":8192,"rms_norm_eps":1e-5,
-		"rope_theta":500000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
+	m, wb, ideal := randomLlama(t, be, bw, config8B)
 	defer m.Close()
 	for _, pdl := range []bool{true, false, true} {
 		// The step graphs are recorded anew for each setting (the launch attribute is recorded).
@@ -964,7 +974,27 @@ func TestCUDADecode8B(t *testing.T) {
 		t.Logf("8B-shaped llama (hidden 4096, 32 layers, inter 14336, 32/8 heads, vocab 128256), bf16 weights %.2f GB, batch 1, prompt 128, programmatic dependent launch %v: decode step %v (host enqueue %v), %v with logits to host; CUDA graph replay %v; weight bytes / copy bandwidth (%.0f GB/s) = %v; ratio %.2fx (graph %.2fx)",
 			float64(wb)/1e9, pdl, st.device, st.host, st.withCopy, st.graph, bw, ideal, float64(st.device)/float64(ideal), float64(st.graph)/float64(ideal))
 	}
+	// Small batches with the matmul dispatch of decode steps (GEMV for 1-2 rows, skinny GEMM or
+	// cuBLAS from 3) beside the earlier one (GEMV up to 8 rows), same weights, same run.
+	lb := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, GEMVUpTo8: true})
+	lm, _, _ := randomLlama(t, lb, bw, config8B)
+	defer lm.Close()
+	for _, legacy := range []bool{false, true} {
+		b, mm := be, m
+		if legacy {
+			b, mm = lb, lm
+		}
+		for _, batch := range []int{2, 4, 8, 16} {
+			st := decodeTiming(t, b, mm, batch, 128, 32)
+			t.Logf("8B-shaped llama, batch %d, GEMV up to 8 rows %v: decode step %v, CUDA graph replay %v; weight floor %v; graph %.2fx", batch, legacy, st.device, st.graph, ideal, float64(st.graph)/float64(ideal))
+		}
+	}
 }
+
+// config8B is a Llama-3-8B-shaped config.json for random weights.
+const config8B = `{"model_type":"llama","vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
+		"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"max_position_embeddings":8192,"rms_norm_eps":1e-5,
+		"rope_theta":500000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`
 
 // TestCUDAStepGraphsMatchEager runs the same mixed-adapter token streams on two bf16 backends, one
 // replaying recorded step graphs and one enqueueing every op, and requires identical logits at every
