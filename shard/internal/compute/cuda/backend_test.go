@@ -92,6 +92,17 @@ func (p *parity) batch(m *compute.BatchMeta) (compute.Batch, compute.Batch) {
 	return g, c
 }
 
+// kvCache is one KV cache of shape on both backends, freed when the test ends.
+func (p *parity) kvCache(shape compute.KVShape) (compute.KVCache, compute.KVCache) {
+	p.t.Helper()
+	g, err := p.g.NewKVCache(shape)
+	must(p.t, err)
+	c, err := p.c.NewKVCache(shape)
+	must(p.t, err)
+	p.t.Cleanup(func() { p.g.FreeKVCache(g); p.c.FreeKVCache(c) })
+	return g, c
+}
+
 func host(t *testing.T, be compute.Backend, x compute.Tensor) []float32 {
 	t.Helper()
 	out := make([]float32, compute.Numel(x.Shape()))
@@ -368,10 +379,7 @@ func testTiledAttention(p *parity, r *rand.Rand) {
 	bf16 := p.g.KVDType() == BF16
 	for _, c := range []struct{ heads, kvHeads, hd int }{{8, 2, 128}, {4, 4, 64}, {6, 3, 32}} {
 		shape := compute.KVShape{Layers: 2, NumBlocks: 64, BlockSize: 16, KVHeads: c.kvHeads, HeadDim: c.hd}
-		gc, err := p.g.NewKVCache(shape)
-		must(p.t, err)
-		cc, err := p.c.NewKVCache(shape)
-		must(p.t, err)
+		gc, cc := p.kvCache(shape)
 		tables := shuffledTables(r, shape.NumBlocks, 3, 20)
 		lens := []int{0, 0, 0}
 		for step, adds := range [][]int{{150, 17, 3}, {1, 70, 100}, {64, 1, 1}} {
@@ -404,8 +412,6 @@ func testTiledAttention(p *parity, r *rand.Rand) {
 				p.same(fmt.Sprintf("tiled attention (bf16 cache: %v) %d/%d heads of %d, step %d runs %v, window %d", bf16, c.heads, c.kvHeads, c.hd, step, adds, window), out, tolReduction)
 			}
 		}
-		p.g.FreeKVCache(gc)
-		p.c.FreeKVCache(cc)
 	}
 }
 
@@ -414,10 +420,7 @@ func testTiledAttention(p *parity, r *rand.Rand) {
 func testAttention(p *parity, r *rand.Rand) {
 	for ci, c := range []struct{ heads, kvHeads, hd int }{{6, 2, 16}, {4, 1, 40}, {8, 8, 128}} {
 		shape := compute.KVShape{Layers: 3, NumBlocks: 40, BlockSize: 4, KVHeads: c.kvHeads, HeadDim: c.hd}
-		gc, err := p.g.NewKVCache(shape)
-		must(p.t, err)
-		cc, err := p.c.NewKVCache(shape)
-		must(p.t, err)
+		gc, cc := p.kvCache(shape)
 		tables := shuffledTables(r, shape.NumBlocks, 3, 6)
 		lens := []int{0, 0, 0}
 		// With a bf16 KV cache the GPU stores k and v rounded; values already bf16 keep the plain
@@ -515,8 +518,6 @@ func testAttention(p *parity, r *rand.Rand) {
 		if err := p.g.Attention(q.g, q.g, kv.g, kv.g, gc, 0, 1, bb); !errors.Is(err, compute.ErrShape) {
 			p.t.Errorf("attention reading block %d of %d: %v, want ErrShape", shape.NumBlocks, shape.NumBlocks, err)
 		}
-		p.g.FreeKVCache(gc)
-		p.c.FreeKVCache(cc)
 	}
 }
 

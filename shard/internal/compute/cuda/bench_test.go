@@ -77,6 +77,20 @@ func measureCopy(t *testing.T, l *Lib, s *Stream) float64 {
 	return 2 * n / (ms * 1e-3)
 }
 
+// graphMicros records calls f(0) .. f(n-1) into one CUDA graph and returns the microseconds per call
+// of its replay (timeReplays' median of 20): GPU time as the step graphs run it, launches included.
+func graphMicros(t *testing.T, l *Lib, s *Stream, n int, f func(i int)) float64 {
+	must(t, l.Sync(s))
+	must(t, l.BeginCapture(s))
+	for i := range n {
+		f(i)
+	}
+	g, err := l.EndCapture(s)
+	must(t, err)
+	defer g.Close()
+	return timeReplays(t, l, s, 20, func() { must(t, g.Launch(s)) }) * 1e3 / float64(n)
+}
+
 // timeReplays runs fn warm-up times, then times reps single runs with events; the median in ms.
 func timeReplays(t *testing.T, l *Lib, s *Stream, reps int, fn func()) float64 {
 	for range 3 {
@@ -164,18 +178,11 @@ func benchCase(t *testing.T, l *Lib, s *Stream, fill func(*Buffer), tokens, nad,
 	expand := func(st *benchSet) { must(t, l.SGMVExpand(BF16, st.y, hidden, hidden, st.v, rank, st.tab, s)) }
 	// perPair captures ops over the sets into one graph and returns microseconds per set.
 	perPair := func(sets []benchSet, ops ...func(*benchSet)) float64 {
-		must(t, l.Sync(s))
-		must(t, l.BeginCapture(s))
-		for i := range sets {
+		return graphMicros(t, l, s, len(sets), func(i int) {
 			for _, op := range ops {
 				op(&sets[i])
 			}
-		}
-		g, err := l.EndCapture(s)
-		must(t, err)
-		defer g.Close()
-		ms := timeReplays(t, l, s, 20, func() { must(t, g.Launch(s)) })
-		return ms * 1e3 / float64(len(sets))
+		})
 	}
 	r := benchResult{bytes: bytes, sets: nsets}
 	r.us = perPair(sets, shrink, expand)
@@ -194,7 +201,7 @@ var attnBench = flag.Bool("attn.bench", false, "run the decode attention context
 // TestAttentionBench times decode attention (one new token per sequence, bf16 cache, 16 query and 8
 // KV heads of 128) at several batch sizes and contexts, with the context split the kernel picks
 // (auto) and with fixed chunks, against the KV bytes read over the measured copy bandwidth. Each
-// figure is a graph of 20 launches replayed, per launch, as the step graphs run them.
+// figure is a graph of 20 launches replayed (graphMicros), per launch, as the step graphs run them.
 func TestAttentionBench(t *testing.T) {
 	if !*attnBench {
 		t.Skip("microbenchmark: pass -attn.bench")
@@ -242,15 +249,7 @@ func TestAttentionBench(t *testing.T) {
 						bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, bs, int32(bt.maxCtx), 0, chunk, ws.ptr, uintptr(ws.size), s.handle())))
 				}
 				call()
-				must(t, l.Sync(s))
-				must(t, l.BeginCapture(s))
-				for range reps {
-					call()
-				}
-				g, err := l.EndCapture(s)
-				must(t, err)
-				us := timeReplays(t, l, s, 10, func() { must(t, g.Launch(s)) }) * 1e3 / reps
-				must(t, g.Close())
+				us := graphMicros(t, l, s, reps, func(int) { call() })
 				be.release(ws)
 				if chunk == 0 {
 					auto = us
@@ -268,7 +267,7 @@ func TestAttentionBench(t *testing.T) {
 
 var gemmBench = flag.Bool("gemm.bench", false, "run the decode matmul comparison (GPU only)")
 
-// TestGEMMBench times the decode-shaped matmuls three ways: the GEMV (up to 8 rows), the tensor-core
+// TestGEMMBench times the decode-shaped matmuls three ways: the GEMV (it takes up to 8 rows), the tensor-core
 // skinny GEMM and cuBLAS (plus the column split a packed weight needs after it), per weight shape
 // and step size, against the weight bytes over the measured copy bandwidth. Each figure replays a
 // graph of launches that rotate over enough copies of the weight to exceed the L2 cache.
@@ -323,15 +322,7 @@ func TestGEMMBench(t *testing.T) {
 				if f(ws[0]) != 0 {
 					return "-"
 				}
-				must(t, l.Sync(s))
-				must(t, l.BeginCapture(s))
-				for _, w := range ws {
-					must(t, l.check("matmul", f(w)))
-				}
-				g, err := l.EndCapture(s)
-				must(t, err)
-				defer g.Close()
-				us := timeReplays(t, l, s, 10, func() { must(t, g.Launch(s)) }) * 1e3 / float64(len(ws))
+				us := graphMicros(t, l, s, len(ws), func(i int) { must(t, l.check("matmul", f(ws[i]))) })
 				return fmt.Sprintf("%.2f (%.0f%%)", us, 100*float64(wbytes)/(us*1e-6)/bw)
 			}
 			gemv := time(func(w *Buffer) int32 {

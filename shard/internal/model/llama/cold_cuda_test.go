@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
-	"github.com/loraplex/loraplex/shard/internal/compute/cuda"
 )
 
 // TestCUDAColdAdapter8B measures issue 16's target 5 on the 8B-shaped random Llama (run with
@@ -19,11 +18,7 @@ func TestCUDAColdAdapter8B(t *testing.T) {
 	if !*cudaBench8B {
 		t.Skip("benchmark: run with -cuda.bench8b")
 	}
-	be := gpuBackend(t, cuda.BF16)
-	d, err := be.Lib().Device(0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	be, d := gpuBackendDevice(t)
 	bw := copyBandwidth(t, be.Lib())
 	m, _, _ := randomLlama(t, be, bw, config8B)
 	defer m.Close()

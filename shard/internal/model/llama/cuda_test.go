@@ -58,6 +58,17 @@ func gpuBackend(t testing.TB, dt cuda.DType) *cuda.Backend {
 	return gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: dt})
 }
 
+// gpuBackendDevice is gpuBackend with bf16 weights and the device it runs on.
+func gpuBackendDevice(t testing.TB) (*cuda.Backend, cuda.DeviceInfo) {
+	t.Helper()
+	be := gpuBackend(t, cuda.BF16)
+	d, err := be.Lib().Device(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return be, d
+}
+
 // gpuBackendWith opens a CUDA backend with o, skipping the test where there is no GPU.
 func gpuBackendWith(t testing.TB, o cuda.Options) *cuda.Backend {
 	t.Helper()
@@ -538,11 +549,7 @@ func TestCUDADecodeBench(t *testing.T) {
 	if !*cudaBench {
 		t.Skip("benchmark: run with -cuda.bench")
 	}
-	be := gpuBackend(t, cuda.BF16)
-	d, err := be.Lib().Device(0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	be, d := gpuBackendDevice(t)
 	bw := copyBandwidth(t, be.Lib())
 	t.Logf("device %s, %d SMs; copy bandwidth %.0f GB/s (1 GiB device-to-device, read+written)", d.Name, d.SMs, bw)
 
@@ -863,11 +870,7 @@ func TestCUDAE2E(t *testing.T) {
 	if *cudaE2E == "" {
 		t.Skip("benchmark: run with -cuda.e2e=DIR (scripts/bench_e2e_peft.py writes DIR)")
 	}
-	be := gpuBackend(t, cuda.BF16)
-	d, err := be.Lib().Device(0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	be, d := gpuBackendDevice(t)
 	bw := copyBandwidth(t, be.Lib())
 	t.Logf("device %s, %d SMs; copy bandwidth %.0f GB/s (1 GiB device-to-device, read+written)", d.Name, d.SMs, bw)
 	dir := *cudaE2E

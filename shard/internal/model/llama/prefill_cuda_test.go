@@ -29,11 +29,7 @@ func TestCUDAPrefillBreakdown(t *testing.T) {
 	if !*cudaBench {
 		t.Skip("benchmark: run with -cuda.bench")
 	}
-	be := gpuBackend(t, cuda.BF16)
-	d, err := be.Lib().Device(0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	be, d := gpuBackendDevice(t)
 	t.Logf("device %s, %d SMs", d.Name, d.SMs)
 	prefillBreakdown(t, be, prefillShape{seqs: 32, promptLen: 512, hidden: 4096, inter: 14336, heads: 32, kvHeads: 8, hd: 128,
 		vocab: 128256, layers: 32, rank: 16, theta: 500000})
