@@ -99,9 +99,10 @@ type Options struct {
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
 	// BatchInvariant makes a sequence's results independent of what else shares its steps: every
-	// matmul runs the tensor-core skinny GEMM (64-row slices, a fixed order of sums per row), SGMV and attention use kernels whose sums for a
-	// token run in one order (attention split in fixed chunks), and the fused projections are off.
-	// Needs bf16 weights; it costs speed on large steps (prefill), see docs/benchmarks-cuda.md.
+	// matmul runs the tensor-core skinny GEMM (64-row slices, a fixed order of sums per row), SGMV
+	// and attention use kernels whose sums for a token run in one order (attention split in fixed
+	// chunks), and the fused projections are off. Needs bf16 weights; it costs 1.2-1.4x on decode
+	// steps and about 5x on a prefill, see docs/benchmarks-cuda.md.
 	BatchInvariant bool
 }
 

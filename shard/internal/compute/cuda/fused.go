@@ -104,10 +104,11 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 		return err
 	}
 	// Small steps: the streaming kernel writes each part into its output. With adapters on this
-	// layer only up to 8 rows (the per-module SGMV is cheap there); larger steps keep the packed
-	// product, so that one grouped SGMV serves all parts before the split.
+	// layer only up to legacyGEMVTokens rows, where the adapters have always been applied module by
+	// module (the grouped kernels there are not measured yet); larger steps keep the packed product,
+	// so that one grouped SGMV serves all parts before the split.
 	var direct bool
-	if len(os) > 1 && xHalf != 0 && (t <= 8 || !hasLoRA(layer, mods, bt)) {
+	if len(os) > 1 && xHalf != 0 && (t <= legacyGEMVTokens || !hasLoRA(layer, mods, bt)) {
 		ptrs := make([]uintptr, len(os))
 		for i, o := range os {
 			ptrs[i] = o.ptr()

@@ -90,6 +90,9 @@ const (
 	maxSkinnyTokens = 16
 	maxSkinnyN      = 8192
 	maxSkinnyK      = 4096
+	// legacyGEMVTokens is the GEMV's range before that table (Options.GEMVUpTo8), and the largest
+	// step for which Project applies adapters module by module rather than grouped.
+	legacyGEMVTokens = 8
 )
 
 // gemv queues out_i (+)= x W^T for a bf16 weight whose rows split over outs (widths ns) when a
@@ -108,7 +111,7 @@ func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k 
 	kernel, name := b.lib.gemv, "gemv"
 	switch {
 	case b.gemvUpTo8 && !b.invariant:
-		if t > 8 {
+		if t > legacyGEMVTokens {
 			return false, nil
 		}
 	case b.invariant || (t > maxGEMVTokens && t <= maxSkinnyTokens && width <= maxSkinnyN && k <= maxSkinnyK):
