@@ -92,6 +92,18 @@ func (p *parity) batch(m *compute.BatchMeta) (compute.Batch, compute.Batch) {
 	return g, c
 }
 
+// attend runs Attention (window 0) or WindowAttention on both backends.
+func (p *parity) attend(out, q, k, v pair, gc, cc compute.KVCache, layer int, scale float32, window int, gb, cb compute.Batch) {
+	p.t.Helper()
+	if window == 0 {
+		must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, layer, scale, gb))
+		must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
+		return
+	}
+	must(p.t, p.g.WindowAttention(out.g, q.g, k.g, v.g, gc, layer, scale, window, gb))
+	must(p.t, p.c.WindowAttention(out.c, q.c, k.c, v.c, cc, layer, scale, window, cb))
+}
+
 // kvCache is one KV cache of shape on both backends, freed when the test ends.
 func (p *parity) kvCache(shape compute.KVShape) (compute.KVCache, compute.KVCache) {
 	p.t.Helper()
@@ -402,13 +414,7 @@ func testTiledAttention(p *parity, r *rand.Rand) {
 				}
 				k, v := p.tensor(kv(), tk, kvw), p.tensor(kv(), tk, kvw)
 				out := p.tensor(make([]float32, tk*qw), tk, qw)
-				if window == 0 {
-					must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, layer, scale, gb))
-					must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
-				} else {
-					must(p.t, p.g.WindowAttention(out.g, q.g, k.g, v.g, gc, layer, scale, window, gb))
-					must(p.t, p.c.WindowAttention(out.c, q.c, k.c, v.c, cc, layer, scale, window, cb))
-				}
+				p.attend(out, q, k, v, gc, cc, layer, scale, window, gb, cb)
 				p.same(fmt.Sprintf("tiled attention (bf16 cache: %v) %d/%d heads of %d, step %d runs %v, window %d", bf16, c.heads, c.kvHeads, c.hd, step, adds, window), out, tolReduction)
 			}
 		}
@@ -450,13 +456,7 @@ func testAttention(p *parity, r *rand.Rand) {
 				k := p.tensor(kvVals(tk*kvw), tk, kvw)
 				v := p.tensor(kvVals(tk*kvw), tk, kvw)
 				out := p.tensor(make([]float32, tk*qw), tk, qw)
-				if window == 0 {
-					must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, layer, scale, gb))
-					must(p.t, p.c.Attention(out.c, q.c, k.c, v.c, cc, layer, scale, cb))
-				} else {
-					must(p.t, p.g.WindowAttention(out.g, q.g, k.g, v.g, gc, layer, scale, window, gb))
-					must(p.t, p.c.WindowAttention(out.c, q.c, k.c, v.c, cc, layer, scale, window, cb))
-				}
+				p.attend(out, q, k, v, gc, cc, layer, scale, window, gb, cb)
 				p.same(fmt.Sprintf("attention %d/%d heads of %d, step %d, layer %d, window %d", c.heads, c.kvHeads, c.hd, step, layer, window), out, tolReduction)
 			}
 			// Layer 2: RoPEAttention (the family options, RoPE and the KV write in one kernel)
