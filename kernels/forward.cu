@@ -1090,9 +1090,9 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   }
 }
 
-// Tensor-core GEMM for small steps and the batch-invariant mode: out[m, n] (+)= sum_k x[m, k] W[n, k], x and W
-// bf16, float32 accumulation, the N output columns split over up to three destinations as in the
-// GEMV. Every block streams its SK_COLS rows of W once (16-byte loads that bypass L1, the next chunk
+// Tensor-core GEMM for small steps and the batch-invariant mode: out[m, n] (+)= sum_k x[m, k] W[n, k],
+// x and W bf16, float32 accumulation, the N output columns split over up to three destinations as in
+// the GEMV. Every block streams its SK_COLS rows of W once (16-byte loads that bypass L1, the next chunk
 // in flight while the current one multiplies, the first chunk requested before the wait on the
 // previous kernel) and multiplies them against up to 64 rows of x with mma.sync m16n8k16. Fragments
 // come straight from global memory: the sum over k does not care which k a lane feeds in which mma

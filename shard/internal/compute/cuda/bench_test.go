@@ -196,6 +196,17 @@ func benchCase(t *testing.T, l *Lib, s *Stream, fill func(*Buffer), tokens, nad,
 	return r
 }
 
+// benchBackend skips a microbenchmark unless its flag (named flagName) is on, else returns a bf16
+// backend, its library and stream, and the copy bandwidth measured on it (bytes per second).
+func benchBackend(t *testing.T, on bool, flagName string) (*Backend, *Lib, *Stream, float64) {
+	t.Helper()
+	if !on {
+		t.Skip("microbenchmark: pass " + flagName)
+	}
+	be := newGPUBackend(t, Options{WeightDType: BF16})
+	return be, be.lib, be.stream, measureCopy(t, be.lib, be.stream)
+}
+
 var attnBench = flag.Bool("attn.bench", false, "run the decode attention context-split sweep (GPU only)")
 
 // TestAttentionBench times decode attention (one new token per sequence, bf16 cache, 16 query and 8
@@ -203,12 +214,7 @@ var attnBench = flag.Bool("attn.bench", false, "run the decode attention context
 // (auto) and with fixed chunks, against the KV bytes read over the measured copy bandwidth. Each
 // figure is a graph of 20 launches replayed (graphMicros), per launch, as the step graphs run them.
 func TestAttentionBench(t *testing.T) {
-	if !*attnBench {
-		t.Skip("microbenchmark: pass -attn.bench")
-	}
-	be := newGPUBackend(t, Options{WeightDType: BF16})
-	l, s := be.lib, be.stream
-	bw := measureCopy(t, l, s)
+	be, l, s, bw := benchBackend(t, *attnBench, "-attn.bench")
 	const heads, kvHeads, hd, bs, reps = 16, 8, 128, 16, 20
 	r := rand.New(rand.NewPCG(3, 4))
 	chunks := []int32{0, 32, 64, 128, 256, 1024, 1 << 20}
@@ -267,19 +273,14 @@ func TestAttentionBench(t *testing.T) {
 
 var gemmBench = flag.Bool("gemm.bench", false, "run the decode matmul comparison (GPU only)")
 
-// TestGEMMBench times the decode-shaped matmuls three ways: the GEMV (it takes up to 8 rows), the tensor-core
-// skinny GEMM and cuBLAS (plus the column split a packed weight needs after it), per weight shape
-// and step size, against the weight bytes over the measured copy bandwidth. Each figure replays a
+// TestGEMMBench times the decode-shaped matmuls three ways: the GEMV (it takes up to 8 rows), the
+// tensor-core skinny GEMM and cuBLAS (plus the column split a packed weight needs after it), per
+// weight shape and step size, against the weight bytes over the measured copy bandwidth. Each figure replays a
 // graph of launches that rotate over enough copies of the weight to exceed the L2 cache.
 func TestGEMMBench(t *testing.T) {
-	if !*gemmBench {
-		t.Skip("microbenchmark: pass -gemm.bench")
-	}
-	be := newGPUBackend(t, Options{WeightDType: BF16})
-	l, s := be.lib, be.stream
+	be, l, s, bw := benchBackend(t, *gemmBench, "-gemm.bench")
 	d, err := l.Device(0)
 	must(t, err)
-	bw := measureCopy(t, l, s)
 	r := rand.New(rand.NewPCG(5, 6))
 	var out strings.Builder
 	fmt.Fprintf(&out, "\n%s, copy bandwidth %.0f GB/s; us per matmul (%% of copy bandwidth for the weight bytes)\n| weight | n x k | rows | gemv | skinny | cuBLAS | cuBLAS + split |\n|---|---|---|---|---|---|---|\n", d.Name, bw/1e9)
