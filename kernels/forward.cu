@@ -272,11 +272,21 @@ __global__ void split_cols4_kernel(const float4 *p, int ldp4, float4 *o0, int n0
   o2[static_cast<size_t>(r) * n2 + c] = v;
 }
 
+// Round to nearest even, bit for bit as the host's cuda.BF16FromFloat32 (adapter uploads round on
+// the device, and must store what a host conversion would): a NaN keeps its sign and top payload
+// bits, made quiet, where __float2bfloat16_rn would store the canonical NaN.
+__device__ __forceinline__ __nv_bfloat16 bf16_rne(float f) {
+  uint32_t b = __float_as_uint(f);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return __ushort_as_bfloat16(static_cast<unsigned short>((b >> 16) | 0x40u));
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return __ushort_as_bfloat16(static_cast<unsigned short>(b >> 16));
+}
+
 __global__ void f32_to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t n) {
   pdl_enter();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    dst[i] = __float2bfloat16_rn(src[i]);
+    dst[i] = bf16_rne(src[i]);
 }
 
 __global__ void bf16_to_f32_kernel(float *dst, const __nv_bfloat16 *src, size_t n) {

@@ -151,7 +151,8 @@ LP_API int lp_gemm_skinny_bf16(float *out0, int n0, float *out1, int n1, float *
 LP_API int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2,
                          int n2, lp_stream stream);
 
-/* dst[i] = src[i] for n elements between F32 and BF16 (round to nearest even). */
+/* dst[i] = src[i] for n elements between F32 and BF16 (round to nearest even; a NaN keeps its sign and top
+ * payload bits, made quiet, as the host conversion of the Go package does). */
 LP_API int lp_convert(int dst_dtype, void *dst, int src_dtype, const void *src, size_t n, lp_stream stream);
 
 /* out float32 [num_rows, width] = table[rows[i], :], table dtype F32 or BF16 (embedding lookup,

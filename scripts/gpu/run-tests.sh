@@ -3,7 +3,7 @@
 # elsewhere (no Go needed here):
 #   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go test -tags nvml -c -o .devrun/cuda.test ./shard/internal/compute/cuda/
 #   (the same for ./shard/internal/model/llama/ into .devrun/llama.test)
-# Usage: scripts/gpu/run-tests.sh [tests|bench|breakdown|prefill|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
+# Usage: scripts/gpu/run-tests.sh [tests|bench|lora|breakdown|prefill|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/gpu-out}
@@ -25,6 +25,10 @@ for what in "${@:-tests}"; do
     bench)
       llama -test.v -test.count=1 -test.run 'TestCUDADecodeBench' -cuda.bench >"$out/decode-bench.log" 2>&1 || rc=1
       grep -E 'decode step|FAIL|copy bandwidth' "$out/decode-bench.log" | tail -30
+      ;;
+    lora)
+      llama -test.v -test.count=1 -test.run 'TestCUDADecodeAdaptersBench' -cuda.bench >"$out/lora-bench.log" 2>&1 || rc=1
+      grep -E 'batch|FAIL|bandwidth' "$out/lora-bench.log" | tail -30
       ;;
     breakdown)
       llama -test.v -test.count=1 -test.run 'TestCUDAOpBreakdown' -cuda.bench >"$out/breakdown.log" 2>&1 || rc=1

@@ -45,6 +45,9 @@ type Backend struct {
 	pool   map[int64][]*Buffer
 	pooled int64 // bytes idle in the pool
 	held   int64 // bytes allocated from the device, in use or pooled
+	// upTemps are idle device buffers of adapter uploads (upload.go), upIdle their bytes.
+	upTemps []*Buffer
+	upIdle  int64
 
 	// Step graphs (graph.go): the graph being captured, and every buffer a live graph owns.
 	capturing  *stepGraph
@@ -58,6 +61,13 @@ type Backend struct {
 	invariant bool
 	noTiles   bool // Options.NoTiledAttention
 	gemvUpTo8 bool // Options.GEMVUpTo8
+
+	// LoRA shrinks run on side beside the base GEMM (beside, ops.go), forked from and joined back
+	// into the compute stream through forkEv and joinEv; serialLoRA (Options.SerialLoRA) turns it off.
+	side           *Stream
+	forkEv, joinEv *Event
+	serialLoRA     bool
+	noBeside       bool
 }
 
 var (
@@ -95,6 +105,13 @@ type Options struct {
 	// GEMVUpTo8 restores the earlier matmul dispatch of decode steps (the GEMV up to 8 rows, cuBLAS
 	// above, no skinny GEMM); for comparisons.
 	GEMVUpTo8 bool
+	// SerialLoRA queues every LoRA shrink after its base GEMM on the compute stream (not beside it on
+	// a second stream) and applies adapters module by module in fused projections of up to 8 tokens,
+	// as before the grouped small-step path; for comparisons.
+	SerialLoRA bool
+	// NoLoRABeside keeps the grouped small-step path but queues every LoRA shrink after its base
+	// GEMM on the compute stream; for comparisons.
+	NoLoRABeside bool
 	// KVDType is the KV cache's element type: BF16 or F32 (0: BF16 with bf16 weights, F32 with
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
@@ -159,14 +176,43 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 		_ = s.Close()
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention, gemvUpTo8: o.GEMVUpTo8}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention, gemvUpTo8: o.GEMVUpTo8, serialLoRA: o.SerialLoRA, noBeside: o.SerialLoRA || o.NoLoRABeside}
 	b.up = up
-	if err := lib.check("blas create", lib.blasCreate(&b.blas, s.handle())); err != nil {
+	err = lib.check("blas create", lib.blasCreate(&b.blas, s.handle()))
+	if err == nil {
+		b.side, err = lib.NewStream()
+	}
+	if err == nil {
+		b.forkEv, err = lib.NewSyncEvent()
+	}
+	if err == nil {
+		b.joinEv, err = lib.NewSyncEvent()
+	}
+	if err != nil {
+		_ = b.closeSide()
+		if b.blas != 0 {
+			_ = lib.blasDestroy(b.blas)
+		}
 		_ = up.close()
 		_ = s.Close()
 		return nil, err
 	}
 	return b, nil
+}
+
+// closeSide releases the side stream and its events (those created).
+func (b *Backend) closeSide() error {
+	var errs []error
+	for _, e := range []*Event{b.forkEv, b.joinEv} {
+		if e != nil {
+			errs = append(errs, e.Close())
+		}
+	}
+	if b.side != nil {
+		errs = append(errs, b.lib.Sync(b.side), b.side.Close())
+	}
+	b.side, b.forkEv, b.joinEv = nil, nil, nil
+	return errors.Join(errs...)
 }
 
 // Close releases the backend's streams, cuBLAS handle, pooled memory and upload staging memory;
@@ -175,7 +221,7 @@ func (b *Backend) Close() error {
 	if b.blas == 0 {
 		return nil
 	}
-	errs := []error{b.lib.Sync(b.stream), b.lib.check("blas destroy", b.lib.blasDestroy(b.blas)), b.up.close()}
+	errs := []error{b.lib.Sync(b.stream), b.closeSide(), b.lib.check("blas destroy", b.lib.blasDestroy(b.blas)), b.up.close()}
 	b.blas = 0
 	if b.invFreqDev != nil {
 		b.release(b.invFreqDev)
@@ -215,7 +261,7 @@ func (b *Backend) Sync() error { return b.lib.Sync(b.stream) }
 func (b *Backend) MemoryUsed() int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.held - b.pooled
+	return b.held - b.pooled - b.upIdle
 }
 
 // MemoryBudget is the byte budget the backend was given (0: unbounded).
@@ -334,6 +380,12 @@ func (b *Backend) trimLocked() {
 	}
 	b.pooled = 0
 	clear(b.pool)
+	for _, t := range b.upTemps {
+		if t.Free() == nil {
+			b.held -= t.size
+		}
+	}
+	b.upTemps, b.upIdle = nil, 0
 }
 
 // Tensor is the CUDA backend's tensor: row-major elements of dtype in device memory.

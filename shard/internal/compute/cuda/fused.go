@@ -1,6 +1,7 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -103,12 +104,16 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 	if err := b.asWeight(wt); err != nil {
 		return err
 	}
-	// Small steps: the streaming kernel writes each part into its output. With adapters on this
-	// layer only up to legacyGEMVTokens rows, where the adapters have always been applied module by
-	// module (the grouped kernels there are not measured yet); larger steps keep the packed product,
-	// so that one grouped SGMV serves all parts before the split.
+	lg, grouped, err := b.planGroupLoRA(n, widths[:len(os)], xHalf, k, layer, mods, bt)
+	if err != nil {
+		return err
+	}
+	// Small steps without adapters: the streaming kernel writes each part into its output. With
+	// adapters the packed product stays, so one grouped shrink (beside the GEMM) and one grouped
+	// expand serve all parts before the split; Options.SerialLoRA keeps the earlier choice (parts
+	// written directly up to legacyGEMVTokens rows, adapters then applied module by module).
 	var direct bool
-	if len(os) > 1 && xHalf != 0 && (t <= legacyGEMVTokens || !hasLoRA(layer, mods, bt)) {
+	if len(os) > 1 && xHalf != 0 && (lg == nil || b.serialLoRA && t <= legacyGEMVTokens) {
 		ptrs := make([]uintptr, len(os))
 		for i, o := range os {
 			ptrs[i] = o.ptr()
@@ -128,10 +133,19 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 			return err
 		}
 		defer b.release(p)
-		if err := b.matmulTo(p.ptr, n, false, xt.ptr(), xHalf, wt, t, n, k); err != nil {
-			return err
+		base := func() error { return b.matmulTo(p.ptr, n, false, xt.ptr(), xHalf, wt, t, n, k) }
+		if lg == nil {
+			err = base()
+		} else {
+			v, verr := b.scratch(4 * int64(t) * int64(lg.ldv))
+			if verr != nil {
+				return verr
+			}
+			defer b.release(v)
+			if err = b.beside(bt, func(s uintptr) error { return lg.shrink(v.ptr, xHalf, s) }, base); err == nil {
+				err = lg.expand(p.ptr, v.ptr)
+			}
 		}
-		applied, err := b.groupLoRA(p.ptr, n, widths[:len(os)], xHalf, k, layer, mods, bt)
 		if err != nil {
 			return err
 		}
@@ -144,7 +158,7 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 			ptr[2], int32(widths[2]), b.stream.handle())); err != nil {
 			return err
 		}
-		if applied {
+		if grouped {
 			return nil
 		}
 	}
@@ -177,10 +191,20 @@ func (b *Backend) ProjectAdd(out, x, w compute.Tensor, layer int, mod compute.Mo
 		return err
 	}
 	o.halfOK = false
-	if err := b.matmulTo(o.ptr(), n, true, xt.ptr(), xHalf, wt, t, n, k); err != nil {
+	base := func() error { return b.matmulTo(o.ptr(), n, true, xt.ptr(), xHalf, wt, t, n, k) }
+	lo, err := b.planLoRA(out, x, layer, mod, cb)
+	if lo == nil || err != nil {
+		return errors.Join(err, base())
+	}
+	v, err := b.scratch(lo.vBytes())
+	if err != nil {
 		return err
 	}
-	return b.SGMV(out, x, layer, mod, cb)
+	defer b.release(v)
+	if err := b.beside(lo.bt, func(s uintptr) error { return lo.shrink(v.ptr, s) }, base); err != nil {
+		return err
+	}
+	return lo.expand(v.ptr)
 }
 
 // sgmvGroup mirrors lp_sgmv_group (kernels/loraplex_kernels.h), 120 bytes.
@@ -191,73 +215,69 @@ type sgmvGroup struct {
 	ptrs, ranks, scales [3]uintptr
 }
 
-// hasLoRA says whether an adapter of the batch applies one of mods at this layer.
-func hasLoRA(layer int, mods []compute.Module, bt *batch) bool {
-	if layer < 0 || len(bt.tables) <= layer {
-		return false
-	}
-	for _, m := range mods {
-		if bt.tables[layer][m].maxRank > 0 {
-			return true
-		}
-	}
-	return false
+// loraGroup is the LoRA update of a packed projection's modules as one grouped shrink of x into v
+// [t, ldv] and one grouped expand of v into the packed GEMM output (sgmv.cu).
+type loraGroup struct {
+	b          *Backend
+	bt         *batch
+	g          sgmvGroup
+	aptr, bptr [3]uintptr
+	in, n      int
+	rank, ldv  int
 }
 
-// groupLoRA adds the LoRA updates of mods into the packed GEMM output p [t, n] (module i at the
-// columns after widths[:i]) with one grouped shrink and one grouped expand over all the modules
-// (sgmv.cu). It reports false, having done nothing, where the tuned kernels do not apply (float32
+// planGroupLoRA plans the LoRA updates of mods for a packed GEMM output [t, n] (module i at the
+// columns after widths[:i]). It returns grouped false where the tuned kernels do not apply (float32
 // weights, no bf16 input, segments out of order, ranks past LP_MAX_RANK): the caller then applies
-// the updates module by module after the split.
-func (b *Backend) groupLoRA(p uintptr, n int, widths []int, xHalf uintptr, in, layer int, mods []compute.Module, bt *batch) (bool, error) {
+// the updates module by module after the split; and a nil group, grouped true, when no adapter of the
+// batch applies mods at this layer.
+func (b *Backend) planGroupLoRA(n int, widths []int, xHalf uintptr, in, layer int, mods []compute.Module, bt *batch) (*loraGroup, bool, error) {
 	if layer < 0 || len(bt.tables) <= layer {
-		return layer >= 0, nil // no adapter of the batch reaches this layer
+		return nil, layer >= 0, nil // no adapter of the batch reaches this layer
 	}
-	var g sgmvGroup
-	var aptr [3]uintptr
-	off, rank := 0, 0
+	lg := &loraGroup{b: b, bt: bt, in: in, n: n}
+	g := &lg.g
+	off := 0
 	for i, m := range mods {
 		st := bt.tables[layer][m]
 		if st.maxRank > 0 {
 			if err := bt.checkAdapters(layer, m, in, widths[i]); err != nil {
-				return false, err
+				return nil, false, err
 			}
 			j := g.modules
 			g.cols[j], g.yOff[j] = int32(widths[i]), int32(off)
-			aptr[j], g.ptrs[j], g.ranks[j], g.scales[j] = st.aptr, st.bptr, st.ranks, st.scales
-			rank = max(rank, st.maxRank)
+			lg.aptr[j], lg.bptr[j], g.ranks[j], g.scales[j] = st.aptr, st.bptr, st.ranks, st.scales
+			lg.rank = max(lg.rank, st.maxRank)
 			g.modules++
 		}
 		off += widths[i]
 	}
 	if g.modules == 0 {
-		return true, nil
+		return nil, true, nil
 	}
-	if b.wdt != BF16 || !bt.segContig || xHalf == 0 || rank > maxTunedRank {
-		return false, nil
+	if b.wdt != BF16 || !bt.segContig || xHalf == 0 || lg.rank > maxTunedRank {
+		return nil, false, nil
 	}
-	t := len(bt.m.Tokens)
-	ldv := int(g.modules) * rank
+	lg.ldv = int(g.modules) * lg.rank
 	for j := range g.modules {
-		g.vOff[j] = j * int32(rank)
+		g.vOff[j] = j * int32(lg.rank)
 	}
 	g.numSegs = int32(len(bt.m.Segments))
-	v, err := b.scratch(4 * int64(t) * int64(ldv))
-	if err != nil {
-		return false, err
-	}
-	defer b.release(v)
-	h := b.stream.handle()
-	bptr := g.ptrs
-	g.ptrs = aptr
-	if err := b.lib.check("sgmv shrink (group)", b.lib.sgmvShrinkGroup(int32(BF16), v.ptr, int32(ldv), xHalf, int32(in), &g, bt.segStarts,
-		g.numSegs, int32(bt.maxSegLen), int32(rank), int32(in), h)); err != nil {
-		return false, err
-	}
-	g.ptrs = bptr
-	if err := b.lib.check("sgmv expand (group)", b.lib.sgmvExpandGroupY32(int32(BF16), p, int32(n), v.ptr, int32(ldv), &g, bt.segStarts,
-		g.numSegs, int32(bt.maxSegLen), int32(rank), h)); err != nil {
-		return false, err
-	}
-	return true, nil
+	return lg, true, nil
+}
+
+// shrink queues v = x A_i^T for every module on stream s.
+func (lg *loraGroup) shrink(v, xHalf, s uintptr) error {
+	g := lg.g
+	g.ptrs = lg.aptr
+	return lg.b.lib.check("sgmv shrink (group)", lg.b.lib.sgmvShrinkGroup(int32(BF16), v, int32(lg.ldv), xHalf, int32(lg.in), &g, lg.bt.segStarts,
+		g.numSegs, int32(lg.bt.maxSegLen), int32(lg.rank), int32(lg.in), s))
+}
+
+// expand queues p += scale_i v_i B_i^T for every module on the compute stream.
+func (lg *loraGroup) expand(p, v uintptr) error {
+	g := lg.g
+	g.ptrs = lg.bptr
+	return lg.b.lib.check("sgmv expand (group)", lg.b.lib.sgmvExpandGroupY32(int32(BF16), p, int32(lg.n), v, int32(lg.ldv), &g, lg.bt.segStarts,
+		g.numSegs, int32(lg.bt.maxSegLen), int32(lg.rank), lg.b.stream.handle()))
 }

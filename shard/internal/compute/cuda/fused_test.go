@@ -19,21 +19,25 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			seed := rand.Uint64()
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 11))
-			// 2 tokens: the GEMV writing each part; 3: the skinny GEMM writing each part (LoRA per
-			// module); 13: the skinny GEMM into the packed output that the grouped LoRA reads
-			// before the split, or (no adapter) into each part; 40: cuBLAS, packed and split;
-			// 200: segments of 66-67 tokens, which take the tensor-core LoRA kernels.
+			// Without adapters, 2 tokens: the GEMV writing each part; 13: the skinny GEMM writing
+			// each part; 40: cuBLAS, packed and split. With adapters the GEMV (2), skinny GEMM (3,
+			// 13) or cuBLAS (40) writes the packed output that the grouped LoRA updates before the
+			// split, its shrink beside the GEMM on the side stream (3 segments) or after it (10 and
+			// 12 segments, over maxBesideSegments); 200: segments of 66-67 tokens, which take the
+			// tensor-core LoRA kernels.
 			for _, c := range []struct {
-				tokens   int
-				adapters bool
-			}{{2, true}, {2, false}, {3, true}, {13, true}, {13, false}, {40, true}, {40, false}, {200, true}} {
-				t.Run(fmt.Sprintf("%d-adapters-%v", c.tokens, c.adapters), func(t *testing.T) { p.t = t; testFused(p, r, c.tokens, c.adapters) })
+				tokens, segs int
+				adapters     bool
+			}{{2, 3, true}, {2, 3, false}, {3, 3, true}, {13, 3, true}, {13, 12, true}, {13, 3, false}, {40, 3, true}, {40, 10, true}, {40, 3, false}, {200, 3, true}} {
+				t.Run(fmt.Sprintf("%d-tokens-%d-segments-adapters-%v", c.tokens, c.segs, c.adapters), func(t *testing.T) { p.t = t; testFused(p, r, c.tokens, c.segs, c.adapters) })
 			}
 		})
 	}
 }
 
-func testFused(p *parity, r *rand.Rand, tokens int, adapters bool) {
+// testFused checks the fused projections of tokens rows, cut into segs segments that take adapter
+// a, none and adapter b in turn, against the CPU backend.
+func testFused(p *parity, r *rand.Rand, tokens, segs int, adapters bool) {
 	const hidden, kv, inter = 64, 32, 96
 	widths := map[compute.Module][2]int{ // in, out
 		compute.ModQ: {hidden, hidden}, compute.ModK: {hidden, kv}, compute.ModV: {hidden, kv}, compute.ModO: {hidden, hidden},
@@ -55,9 +59,12 @@ func testFused(p *parity, r *rand.Rand, tokens int, adapters bool) {
 	ga, ca := mk("a", 8, 0.5, compute.ModQ, compute.ModK, compute.ModO, compute.ModUp)
 	gb2, cb2 := mk("b", 4, 2, compute.ModV, compute.ModGate, compute.ModDown)
 	meta := func(a, b compute.Adapter) *compute.BatchMeta {
-		return &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
-			Seqs:     []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}},
-			Segments: []compute.Segment{{Start: 0, End: tokens / 3, Adapter: a}, {Start: tokens / 3, End: 2 * tokens / 3}, {Start: 2 * tokens / 3, End: tokens, Adapter: b}}}
+		m := &compute.BatchMeta{Tokens: make([]int32, tokens), Positions: make([]int32, tokens), SeqIndex: make([]int32, tokens),
+			Seqs: []compute.SeqMeta{{BlockTable: []int32{0}, ContextLen: 1}}}
+		for i := range segs {
+			m.Segments = append(m.Segments, compute.Segment{Start: i * tokens / segs, End: (i + 1) * tokens / segs, Adapter: []compute.Adapter{a, nil, b}[i%3]})
+		}
+		return m
 	}
 	if !adapters {
 		ga, gb2, ca, cb2 = nil, nil, nil, nil

@@ -1,6 +1,7 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 
@@ -616,61 +617,133 @@ const maxTunedRank = 512
 // activations), then expand into y: with bf16 weights and segments that cover the batch in order,
 // the tuned expand of sgmv.cu (lp_sgmv_expand_y32); otherwise forward.cu's float32 expand.
 func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb compute.Batch) error {
-	bt, err := asBatch(cb)
+	lo, err := b.planLoRA(y, x, layer, m, cb)
+	if lo == nil || err != nil {
+		return err
+	}
+	v, err := b.scratch(lo.vBytes())
 	if err != nil {
 		return err
 	}
+	defer b.release(v)
+	if err := lo.shrink(v.ptr, b.stream.handle()); err != nil {
+		return err
+	}
+	return lo.expand(v.ptr)
+}
+
+// loraUpdate is one projection's LoRA update in a step, planned before it is queued: the shrink
+// v = x A^T (which reads only the projection's input, so it may run beside the base GEMM) and the
+// expand y += scale v B^T (after both).
+type loraUpdate struct {
+	b       *Backend
+	bt      *batch
+	st      segTable
+	x, y    *Tensor
+	n       int // tokens
+	in, out int
+	// tuned: sgmv.cu's kernels (bf16 weights, segments in order, rank <= LP_MAX_RANK); the
+	// batch-invariant mode keeps to forward.cu's, whose sums for a token run in one order.
+	tuned bool
+}
+
+// planLoRA checks an SGMV call and returns its update, or nil when no adapter of the batch applies
+// m at this layer.
+func (b *Backend) planLoRA(y, x compute.Tensor, layer int, m compute.Module, cb compute.Batch) (*loraUpdate, error) {
+	bt, err := asBatch(cb)
+	if err != nil {
+		return nil, err
+	}
 	ts, err := activations(y, x)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	yt, xt := ts[0], ts[1]
 	n, in := rows(xt)
 	yn, out := rows(yt)
 	if n != yn || n != len(bt.m.Tokens) {
-		return fmt.Errorf("%w: sgmv x %v y %v for %d tokens", compute.ErrShape, xt.shape, yt.shape, len(bt.m.Tokens))
+		return nil, fmt.Errorf("%w: sgmv x %v y %v for %d tokens", compute.ErrShape, xt.shape, yt.shape, len(bt.m.Tokens))
 	}
 	if layer < 0 || m >= compute.NumModules {
-		return fmt.Errorf("%w: sgmv at layer %d %s", compute.ErrShape, layer, m)
+		return nil, fmt.Errorf("%w: sgmv at layer %d %s", compute.ErrShape, layer, m)
 	}
 	if layer >= len(bt.tables) || bt.tables[layer][m].maxRank == 0 {
-		return nil
+		return nil, nil
 	}
 	if err := bt.checkAdapters(layer, m, in, out); err != nil {
-		return err
+		return nil, err
+	}
+	if !fits32(n, in, out) || in == 0 || out == 0 {
+		return nil, fmt.Errorf("%w: sgmv of %d tokens %d -> %d", compute.ErrShape, n, in, out)
 	}
 	st := bt.tables[layer][m]
-	yt.halfOK = false
-	if !fits32(n, in, out) || in == 0 || out == 0 {
-		return fmt.Errorf("%w: sgmv of %d tokens %d -> %d", compute.ErrShape, n, in, out)
-	}
-	v, err := b.scratch(4 * int64(n) * int64(st.maxRank))
-	if err != nil {
-		return err
-	}
-	defer b.release(v)
-	h := b.stream.handle()
-	// The batch-invariant mode keeps to forward.cu's kernels: one warp per (token, rank row) and one
-	// thread per (token, output), sums in one order whatever the segments.
-	tuned := b.wdt == BF16 && bt.segContig && st.maxRank <= maxTunedRank && !b.invariant
-	if tuned && xt.halfOK {
+	return &loraUpdate{b: b, bt: bt, st: st, x: xt, y: yt, n: n, in: in, out: out,
+		tuned: b.wdt == BF16 && bt.segContig && st.maxRank <= maxTunedRank && !b.invariant}, nil
+}
+
+// vBytes is the size of the float32 intermediate v [tokens, maxRank].
+func (lo *loraUpdate) vBytes() int64 { return 4 * int64(lo.n) * int64(lo.st.maxRank) }
+
+// shrink queues v = x A^T on stream s.
+func (lo *loraUpdate) shrink(v, s uintptr) error {
+	b, bt, st := lo.b, lo.bt, lo.st
+	if lo.tuned && lo.x.halfOK {
 		// The tuned shrink of sgmv.cu on the bf16 activations the projection's GEMM read (RMSNorm,
 		// SiLU-mul or the GEMM itself wrote them), as PEFT computes lora_A on a bf16 model.
-		if err := b.lib.check("sgmv shrink", b.lib.sgmvShrink(int32(BF16), v.ptr, int32(st.maxRank), xt.half.ptr, int32(in), st.aptr, bt.segStarts,
-			st.ranks, int32(len(bt.m.Segments)), int32(bt.maxSegLen), int32(st.maxRank), int32(in), h)); err != nil {
+		return b.lib.check("sgmv shrink", b.lib.sgmvShrink(int32(BF16), v, int32(st.maxRank), lo.x.half.ptr, int32(lo.in), st.aptr, bt.segStarts,
+			st.ranks, int32(len(bt.m.Segments)), int32(bt.maxSegLen), int32(st.maxRank), int32(lo.in), s))
+	}
+	return b.lib.check("sgmv shrink", b.lib.sgmvShrinkF32(int32(b.wdt), v, int32(st.maxRank), lo.x.ptr(), int32(lo.in), st.aptr, st.ranks,
+		bt.tokSeg, int32(lo.n), int32(st.maxRank), s))
+}
+
+// expand queues y += scale v B^T on the compute stream.
+func (lo *loraUpdate) expand(v uintptr) error {
+	b, bt, st := lo.b, lo.bt, lo.st
+	lo.y.halfOK = false
+	h := b.stream.handle()
+	if lo.tuned {
+		// The tuned expand of sgmv.cu (coalesced 16-byte loads of B, PDL), adding into float32 y.
+		return b.lib.check("sgmv expand", b.lib.sgmvExpandY32(int32(BF16), lo.y.ptr(), int32(lo.out), v, int32(st.maxRank), st.bptr, bt.segStarts,
+			st.ranks, st.scales, int32(len(bt.m.Segments)), int32(bt.maxSegLen), int32(st.maxRank), int32(lo.out), h))
+	}
+	return b.lib.check("sgmv expand", b.lib.sgmvExpandF32(int32(b.wdt), lo.y.ptr(), int32(lo.out), v, int32(st.maxRank), st.bptr, st.ranks,
+		st.scales, bt.tokSeg, int32(lo.n), int32(st.maxRank), h))
+}
+
+// maxBesideSegments bounds the segments of a step whose LoRA shrinks run beside the base GEMM: on the
+// H200 (TestCUDADecodeAdaptersBench, random 1.1B Llama, rank-16 adapters on all projections) running
+// them beside took 40-70 us off a step with one adapter at batch 1 to 32 and with 4 or 8 adapters,
+// but added 35-90 us with 16 or 32 (their shrinks, reading many adapters, slow the GEMM they share
+// the GPU with more than they gain).
+const maxBesideSegments = 8
+
+// beside queues shrink on the side stream and base on the compute stream, concurrently, then makes
+// the compute stream wait for both: a LoRA shrink reads only the projection's input, so it need not
+// wait for the base GEMM, and the expand after it pays one dependent launch instead of two. In a step
+// graph the side stream's work becomes a parallel branch. Steps of more than maxBesideSegments
+// segments, and Options.SerialLoRA or NoLoRABeside, queue both on the compute stream, base first.
+func (b *Backend) beside(bt *batch, shrink func(s uintptr) error, base func() error) error {
+	if b.noBeside || len(bt.m.Segments) > maxBesideSegments {
+		if err := base(); err != nil {
 			return err
 		}
-	} else if err := b.lib.check("sgmv shrink", b.lib.sgmvShrinkF32(int32(b.wdt), v.ptr, int32(st.maxRank), xt.ptr(), int32(in), st.aptr, st.ranks,
-		bt.tokSeg, int32(n), int32(st.maxRank), h)); err != nil {
+		return shrink(b.stream.handle())
+	}
+	if err := b.forkEv.Record(b.stream); err != nil {
 		return err
 	}
-	if tuned {
-		// The tuned expand of sgmv.cu (coalesced 16-byte loads of B, PDL), adding into float32 y.
-		return b.lib.check("sgmv expand", b.lib.sgmvExpandY32(int32(BF16), yt.ptr(), int32(out), v.ptr, int32(st.maxRank), st.bptr, bt.segStarts,
-			st.ranks, st.scales, int32(len(bt.m.Segments)), int32(bt.maxSegLen), int32(st.maxRank), int32(out), h))
+	if err := b.lib.WaitEvent(b.side, b.forkEv); err != nil {
+		return err
 	}
-	return b.lib.check("sgmv expand", b.lib.sgmvExpandF32(int32(b.wdt), yt.ptr(), int32(out), v.ptr, int32(st.maxRank), st.bptr, st.ranks,
-		st.scales, bt.tokSeg, int32(n), int32(st.maxRank), h))
+	serr := shrink(b.side.handle())
+	berr := base()
+	// Join even after an error: a capture with an unjoined stream cannot end.
+	jerr := b.joinEv.Record(b.side)
+	if jerr == nil {
+		jerr = b.lib.WaitEvent(b.stream, b.joinEv)
+	}
+	return errors.Join(serr, berr, jerr)
 }
 
 // checkAdapters verifies that every segment's adapter is live and that its weights for (layer, m)

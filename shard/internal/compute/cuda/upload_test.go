@@ -81,6 +81,23 @@ func TestAdapterImageFill(t *testing.T) {
 				t.Errorf("%v image of %d bytes filled in chunks of %d: byte %d is %#x, want %#x", dt, im.size, chunk, i, got[i], want[i])
 			}
 		}
+		if dt != BF16 {
+			continue
+		}
+		// The float32 image a bf16 upload sends, rounded element by element as lp_convert does on
+		// the device: the bf16 image, gaps included.
+		wide := im.widened()
+		wb := make([]byte, wide.size)
+		for off := int64(0); off < wide.size; off += 96 << 10 {
+			wide.fill(wb[off:min(off+96<<10, wide.size)], off)
+		}
+		got := make([]byte, im.size)
+		for i := range im.size / 2 {
+			binary.LittleEndian.PutUint16(got[2*i:], BF16FromFloat32(math.Float32frombits(binary.LittleEndian.Uint32(wb[4*i:]))))
+		}
+		if i := firstDiff(got, want); i >= 0 {
+			t.Errorf("widened bf16 image of %d bytes, rounded: byte %d is %#x, want %#x", im.size, i, got[i], want[i])
+		}
 	}
 }
 
@@ -359,9 +376,14 @@ func TestUploadAdapterReadBack(t *testing.T) {
 			t.Errorf("MemoryUsed %d after failed uploads", used)
 		}
 		checkStagingIdle(t, be)
+		// Rounded on the host: the device buffer for float32 chunks (16 MiB) does not fit the budget.
 		w := testAdapter(r, "small", proj{0, q, 4, 8, 8})
 		a, err := be.UploadAdapter(w)
 		must(t, err)
+		s, err := be.Lib().NewStream()
+		must(t, err)
+		defer s.Close()
+		must(t, checkAdapter(s, a, w, BF16))
 		be.FreeAdapter(a)
 		checkStagingIdle(t, be)
 	})
@@ -605,17 +627,7 @@ func TestUploadOverlapsCompute(t *testing.T) {
 // comparison: convert into Go memory on one goroutine, then a synchronous copy on the compute stream
 // into a buffer from the pool. Release the buffer with be.release.
 func legacyUpload(be *Backend, w *compute.AdapterWeights) (*Buffer, error) {
-	im := &adapterImage{dt: be.WeightDType()}
-	for _, mods := range w.Layers {
-		for _, lw := range mods {
-			if lw != nil && lw.Rank > 0 {
-				im.parts = append(im.parts, imagePart{im.size, lw.A})
-				im.size = (im.size + int64(len(lw.A))*im.dt.Size() + 15) &^ 15
-				im.parts = append(im.parts, imagePart{im.size, lw.B})
-				im.size = (im.size + int64(len(lw.B))*im.dt.Size() + 15) &^ 15
-			}
-		}
-	}
+	im := imageOf(w, be.WeightDType())
 	host := make([]byte, im.size)
 	im.fillRange(host, 0)
 	buf, err := be.alloc(im.size)
@@ -627,6 +639,39 @@ func legacyUpload(be *Backend, w *compute.AdapterWeights) (*Buffer, error) {
 		return nil, err
 	}
 	return buf, nil
+}
+
+// imageOf lays out w's device image in dt as UploadAdapter does.
+func imageOf(w *compute.AdapterWeights, dt DType) *adapterImage {
+	im := &adapterImage{dt: dt}
+	for _, mods := range w.Layers {
+		for _, lw := range mods {
+			if lw != nil && lw.Rank > 0 {
+				im.parts = append(im.parts, imagePart{im.size, lw.A})
+				im.size = (im.size + int64(len(lw.A))*im.dt.Size() + 15) &^ 15
+				im.parts = append(im.parts, imagePart{im.size, lw.B})
+				im.size = (im.size + int64(len(lw.B))*im.dt.Size() + 15) &^ 15
+			}
+		}
+	}
+	return im
+}
+
+// hostFill times (median of 5) writing im into dst by workers goroutines, each one range.
+func hostFill(im *adapterImage, dst []byte, workers int) float64 {
+	var times []float64
+	for range 5 {
+		per := (len(dst)/workers + 63) &^ 63
+		t0 := time.Now()
+		var wg sync.WaitGroup
+		for lo := 0; lo < len(dst); lo += per {
+			hi := min(lo+per, len(dst))
+			wg.Go(func() { im.fillRange(dst[lo:hi], int64(lo)) })
+		}
+		wg.Wait()
+		times = append(times, time.Since(t0).Seconds())
+	}
+	return percentile(times, 0.5)
 }
 
 // llamaAdapter is a rank-r adapter of a Llama-3-8B shape (32 layers, hidden 4096, 8 KV heads of 128,
@@ -706,6 +751,31 @@ func TestUploadBench(t *testing.T) {
 			}
 			med := percentile(times, 0.5)
 			fmt.Fprintf(&out, "| %s | %.1f | %s | %.2f | %.2f |\n", w.Name, mb, path, med*1e3, mb/1e3/med)
+		}
+	}
+
+	// Where the host side of an upload goes: the large adapter's float32 values written into pinned
+	// memory as bf16 (what uploads do) or copied as float32, and converted into Go memory, by 1 to 16
+	// goroutines; GB/s of float32 read.
+	fmt.Fprintf(&out, "\n| host side, %s (%.1f MB float32) | workers | ms | GB/s of float32 |\n|---|---|---|---|\n", large.Name, float64(large.Bytes())/1e6)
+	for _, c := range []struct {
+		name   string
+		dt     DType
+		pinned bool
+	}{{"bf16 into pinned", BF16, true}, {"float32 copy into pinned", F32, true}, {"bf16 into Go memory", BF16, false}} {
+		im := imageOf(large, c.dt)
+		var dst []byte
+		if c.pinned {
+			hb, err := l.HostAlloc(im.size)
+			must(t, err)
+			defer hb.Free()
+			dst = hb.Bytes()
+		} else {
+			dst = make([]byte, im.size)
+		}
+		for _, workers := range []int{1, 4, 8, 16} {
+			sec := hostFill(im, dst, workers)
+			fmt.Fprintf(&out, "| %s | %d | %.2f | %.1f |\n", c.name, workers, sec*1e3, float64(large.Bytes())/sec/1e9)
 		}
 	}
 

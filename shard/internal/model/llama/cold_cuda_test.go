@@ -15,28 +15,11 @@ import (
 // do) against the same prefill with the adapter already on the device; and the decode step of a
 // co-batched batch of 32 while such uploads run on the upload stream against the step alone.
 func TestCUDAColdAdapter8B(t *testing.T) {
-	if !*cudaBench8B {
-		t.Skip("benchmark: run with -cuda.bench8b")
-	}
-	be, d := gpuBackendDevice(t)
-	bw := copyBandwidth(t, be.Lib())
+	be, d, bw := benchGPU(t, *cudaBench8B, "-cuda.bench8b")
 	m, _, _ := randomLlama(t, be, bw, config8B)
 	defer m.Close()
 	info := m.Info()
-	weights := func(name string) *compute.AdapterWeights {
-		rw := &randWeights{shapes: map[string][]int{}, seed: uint64(len(name)) + 3}
-		w := &compute.AdapterWeights{Name: name, Layers: make([][compute.NumModules]*compute.LoRAWeights, info.Layers)}
-		for l := range info.Layers {
-			for mod := range compute.NumModules {
-				in, out := info.ModuleDims(mod)
-				rw.shapes["a"], rw.shapes["b"] = []int{16, in}, []int{out, 16}
-				a, _ := rw.Float32("a")
-				b, _ := rw.Float32("b")
-				w.Layers[l][mod] = &compute.LoRAWeights{Rank: 16, In: in, Out: out, Scale: 2, A: a, B: b}
-			}
-		}
-		return w
-	}
+	weights := func(name string) *compute.AdapterWeights { return randomAdapter(info, name, 16, uint64(len(name))+3) }
 
 	const prompt, bs = 1000, 16
 	per := (prompt + bs) / bs

@@ -69,6 +69,19 @@ func gpuBackendDevice(t testing.TB) (*cuda.Backend, cuda.DeviceInfo) {
 	return be, d
 }
 
+// benchGPU skips the test unless on (its flag; how says how to run it), then returns the bf16
+// backend, its device and the copy bandwidth measured now, logged.
+func benchGPU(t *testing.T, on bool, how string) (*cuda.Backend, cuda.DeviceInfo, float64) {
+	t.Helper()
+	if !on {
+		t.Skip("benchmark: run with " + how)
+	}
+	be, d := gpuBackendDevice(t)
+	bw := copyBandwidth(t, be.Lib())
+	t.Logf("device %s, %d SMs; copy bandwidth %.0f GB/s (1 GiB device-to-device, read+written)", d.Name, d.SMs, bw)
+	return be, d, bw
+}
+
 // gpuBackendWith opens a CUDA backend with o, skipping the test where there is no GPU.
 func gpuBackendWith(t testing.TB, o cuda.Options) *cuda.Backend {
 	t.Helper()
@@ -344,8 +357,15 @@ type stepTimes struct {
 	prefill, host, device, withCopy, graph time.Duration
 }
 
-// decodeTiming runs a prefill of batch random prompts of length prompt, then steps decode steps.
+// decodeTiming runs a prefill of batch random prompts of length prompt, then steps decode steps,
+// without adapters; see decodeTimingWith.
 func decodeTiming(t *testing.T, be *cuda.Backend, m model.Model, batch, prompt, steps int) stepTimes {
+	return decodeTimingWith(t, be, m, batch, prompt, steps, nil)
+}
+
+// decodeTimingWith is decodeTiming with adapters: one segment on ads[0] for the whole batch when
+// there is one, else sequence i on ads[i%len(ads)].
+func decodeTimingWith(t *testing.T, be *cuda.Backend, m model.Model, batch, prompt, steps int, ads []compute.Adapter) stepTimes {
 	const bs = 16
 	info := m.Info()
 	per := (prompt + steps + bs) / bs
@@ -385,8 +405,20 @@ func decodeTiming(t *testing.T, be *cuda.Backend, m model.Model, batch, prompt, 
 				meta.SeqIndex = append(meta.SeqIndex, int32(i))
 			}
 			meta.LogitRows = append(meta.LogitRows, int32(len(meta.Tokens)-1))
+			if len(ads) > 1 {
+				start := 0
+				if i > 0 {
+					start = meta.Segments[i-1].End
+				}
+				meta.Segments = append(meta.Segments, compute.Segment{Start: start, End: len(meta.Tokens), Adapter: ads[i%len(ads)]})
+			}
 		}
-		meta.Segments = []compute.Segment{{Start: 0, End: len(meta.Tokens)}}
+		if len(ads) <= 1 {
+			meta.Segments = []compute.Segment{{Start: 0, End: len(meta.Tokens)}}
+			if len(ads) == 1 {
+				meta.Segments[0].Adapter = ads[0]
+			}
+		}
 		return meta
 	}
 	step := func(first bool) (host, dev, all time.Duration) {
@@ -546,12 +578,7 @@ func copyBandwidth(t *testing.T, l *cuda.Lib) float64 {
 // TestCUDADecodeBench times decode steps of the shipped model and of a random Llama of the issue's
 // shape (run with -cuda.bench).
 func TestCUDADecodeBench(t *testing.T) {
-	if !*cudaBench {
-		t.Skip("benchmark: run with -cuda.bench")
-	}
-	be, d := gpuBackendDevice(t)
-	bw := copyBandwidth(t, be.Lib())
-	t.Logf("device %s, %d SMs; copy bandwidth %.0f GB/s (1 GiB device-to-device, read+written)", d.Name, d.SMs, bw)
+	be, _, bw := benchGPU(t, *cudaBench, "-cuda.bench")
 
 	modelDir, _, _ := shippedModel(t)
 	for _, dt := range []cuda.DType{cuda.F32, cuda.BF16} {
@@ -564,9 +591,7 @@ func TestCUDADecodeBench(t *testing.T) {
 		}
 	}
 
-	m, wb, ideal := randomLlama(t, be, bw, `{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
-		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
-		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
+	m, wb, ideal := randomLlama(t, be, bw, config1B)
 	for _, batch := range []int{1, 4, 8, 16, 32} {
 		st := decodeTiming(t, be, m, batch, 128, 32)
 		// The KV bytes a step reads at the run's middle context (128 prompt + 16 decoded).
@@ -581,9 +606,7 @@ func TestCUDADecodeBench(t *testing.T) {
 
 	// The same small batches with the earlier matmul dispatch (GEMV up to 8 rows), for comparison.
 	gb := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, GEMVUpTo8: true})
-	gm, _, gideal := randomLlama(t, gb, bw, `{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
-		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
-		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`)
+	gm, _, gideal := randomLlama(t, gb, bw, config1B)
 	for _, batch := range []int{4, 8, 16} {
 		st := decodeTiming(t, gb, gm, batch, 128, 32)
 		t.Logf("random llama, GEMV up to 8 rows (earlier dispatch), batch %d, prompt 128: decode step %v, CUDA graph replay %v; weight floor %v; graph %.2fx",
@@ -620,6 +643,52 @@ func TestCUDADecodeBench(t *testing.T) {
 			float64(iwb)/1e9, batch, st.prefill, st.device, st.graph, iideal, float64(st.device)/float64(iideal), float64(st.graph)/float64(iideal))
 	}
 	im.Close()
+}
+
+// TestCUDADecodeAdaptersBench measures issue 16's target 3 (run with -cuda.bench): decode steps of
+// the random 1.1B Llama (prompt 128) with rank-16 adapters on all seven projections, none, one
+// shared by the batch, or one per sequence, as CUDA graph replays; the adapters' extra time against
+// the bytes of the distinct adapters the step reads over the run's copy bandwidth. The default
+// backend runs beside one with Options.SerialLoRA (every shrink after its GEMM on one stream, small
+// fused steps module by module) and one with Options.NoLoRABeside, in the same run.
+func TestCUDADecodeAdaptersBench(t *testing.T) {
+	be, _, bw := benchGPU(t, *cudaBench, "-cuda.bench")
+	serial := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, SerialLoRA: true})
+	inline := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoLoRABeside: true})
+	for _, c := range []struct {
+		name string
+		be   *cuda.Backend
+	}{{"default", be}, {"serial LoRA", serial}, {"no shrink beside", inline}} {
+		m, _, _ := randomLlama(t, c.be, bw, config1B)
+		info := m.Info()
+		ads := make([]compute.Adapter, 32)
+		for i := range ads {
+			a, err := c.be.UploadAdapter(randomAdapter(info, fmt.Sprintf("a%d", i), 16, uint64(100+i)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ads[i] = a
+		}
+		floor := func(n int) time.Duration {
+			return time.Duration(float64(int64(n)*ads[0].Bytes()) / (bw * 1e9) * 1e9)
+		}
+		for _, batch := range []int{1, 4, 8, 16, 32} {
+			base := decodeTiming(t, c.be, m, batch, 128, 16)
+			one := decodeTimingWith(t, c.be, m, batch, 128, 16, ads[:1])
+			line := fmt.Sprintf("%s, batch %d: graph replay base %v; one rank-16 adapter (%.1f MB) %v, +%v (its bytes / bandwidth %v)",
+				c.name, batch, base.graph, float64(ads[0].Bytes())/1e6, one.graph, one.graph-base.graph, floor(1))
+			if batch > 1 {
+				many := decodeTimingWith(t, c.be, m, batch, 128, 16, ads[:batch])
+				extra := many.graph - base.graph
+				line += fmt.Sprintf("; %d adapters %v, +%v = %.2fx their bytes / bandwidth (%v)", batch, many.graph, extra, float64(extra)/float64(floor(batch)), floor(batch))
+			}
+			t.Log(line)
+		}
+		for _, a := range ads {
+			c.be.FreeAdapter(a)
+		}
+		m.Close()
+	}
 }
 
 // timeOp captures reps calls of f in a CUDA graph (after one warm call: pool, weight conversion)
@@ -867,12 +936,7 @@ var cudaE2E = flag.String("cuda.e2e", "", "directory written by scripts/bench_e2
 // 32 sequences of 128-token prompts, 64 new tokens each (prefill, then 63 greedy decode steps with
 // the logits copied to the host and argmax taken there), base only and 1/8/32 distinct adapters.
 func TestCUDAE2E(t *testing.T) {
-	if *cudaE2E == "" {
-		t.Skip("benchmark: run with -cuda.e2e=DIR (scripts/bench_e2e_peft.py writes DIR)")
-	}
-	be, d := gpuBackendDevice(t)
-	bw := copyBandwidth(t, be.Lib())
-	t.Logf("device %s, %d SMs; copy bandwidth %.0f GB/s (1 GiB device-to-device, read+written)", d.Name, d.SMs, bw)
+	be, _, bw := benchGPU(t, *cudaE2E != "", "-cuda.e2e=DIR (scripts/bench_e2e_peft.py writes DIR)")
 	dir := *cudaE2E
 	start := time.Now()
 	m := loadModel(t, filepath.Join(dir, "model"), be)
@@ -992,6 +1056,28 @@ func TestCUDADecode8B(t *testing.T) {
 			t.Logf("8B-shaped llama, batch %d, GEMV up to 8 rows %v: decode step %v, CUDA graph replay %v; weight floor %v; graph %.2fx", batch, legacy, st.device, st.graph, ideal, float64(st.graph)/float64(ideal))
 		}
 	}
+}
+
+// config1B is the issue's random 1.1B Llama shape (hidden 2048, 16 layers, 16/8 heads, vocab 32000).
+const config1B = `{"model_type":"llama","vocab_size":32000,"hidden_size":2048,"intermediate_size":5632,
+		"num_hidden_layers":16,"num_attention_heads":16,"num_key_value_heads":8,"max_position_embeddings":4096,"rms_norm_eps":1e-5,
+		"rope_theta":10000.0,"tie_word_embeddings":false,"bos_token_id":1,"eos_token_id":2}`
+
+// randomAdapter is a rank-r adapter on all seven projections of a model of info's shape, with
+// random weights from seed.
+func randomAdapter(info model.Info, name string, r int, seed uint64) *compute.AdapterWeights {
+	rw := &randWeights{shapes: map[string][]int{}, seed: seed}
+	w := &compute.AdapterWeights{Name: name, Layers: make([][compute.NumModules]*compute.LoRAWeights, info.Layers)}
+	for l := range info.Layers {
+		for mod := range compute.NumModules {
+			in, out := info.ModuleDims(mod)
+			rw.shapes["a"], rw.shapes["b"] = []int{r, in}, []int{out, r}
+			a, _ := rw.Float32("a")
+			b, _ := rw.Float32("b")
+			w.Layers[l][mod] = &compute.LoRAWeights{Rank: r, In: in, Out: out, Scale: 2, A: a, B: b}
+		}
+	}
+	return w
 }
 
 // config8B is a Llama-3-8B-shaped config.json for random weights.
