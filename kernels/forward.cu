@@ -230,13 +230,9 @@ __global__ void silu_mul_kernel(float *out, __nv_bfloat16 *ob, const float *g, c
   }
 }
 
-// Grid (rows, column chunks of 256): copies row r's columns into the part they fall in.
-__global__ void split_cols_kernel(const float *p, int ldp, float *o0, int n0, float *o1, int n1, float *o2, int n2) {
-  pdl_enter();
-  const int r = blockIdx.x;
-  int c = blockIdx.y * blockDim.x + threadIdx.x;
-  if (c >= n0 + n1 + n2) return;
-  const float v = p[static_cast<size_t>(r) * ldp + c];
+// Stores v as row r's column c of a packed output split into parts of widths n0, n1, n2.
+template <typename V>
+__device__ __forceinline__ void store_part(V v, int r, int c, V *o0, int n0, V *o1, int n1, V *o2, int n2) {
   if (c < n0) {
     o0[static_cast<size_t>(r) * n0 + c] = v;
     return;
@@ -250,26 +246,56 @@ __global__ void split_cols_kernel(const float *p, int ldp, float *o0, int n0, fl
   o2[static_cast<size_t>(r) * n2 + c] = v;
 }
 
-// split_cols_kernel in 16-byte pieces, for widths and row strides that are multiples of 4 floats and
-// 16-byte aligned rows: grid (rows, chunks of 256 pieces).
-__global__ void split_cols4_kernel(const float4 *p, int ldp4, float4 *o0, int n0, float4 *o1, int n1, float4 *o2,
-                                   int n2) {
+// Grid (rows, column chunks of 256): copies row r's columns into the part they fall in. V is float,
+// or float4 (16-byte pieces) for widths and row strides that are multiples of 4 floats and 16-byte
+// aligned rows, all counted in V.
+template <typename V>
+__global__ void split_cols_kernel(const V *p, int ldp, V *o0, int n0, V *o1, int n1, V *o2, int n2) {
   pdl_enter();
   const int r = blockIdx.x;
-  int c = blockIdx.y * blockDim.x + threadIdx.x;
+  const int c = blockIdx.y * blockDim.x + threadIdx.x;
   if (c >= n0 + n1 + n2) return;
-  const float4 v = p[static_cast<size_t>(r) * ldp4 + c];
-  if (c < n0) {
-    o0[static_cast<size_t>(r) * n0 + c] = v;
-    return;
+  store_part(p[static_cast<size_t>(r) * ldp + c], r, c, o0, n0, o1, n1, o2, n2);
+}
+
+// split_cols_kernel with the grouped LoRA expand of the packed projection folded in (lp_split_cols_lora):
+// grid (rows, column chunks of 256); a thread adds scale * v[r, v_off[m] : v_off[m] + rank] . B[c', :]
+// of its row's segment for the module m whose columns hold its column, then stores the sum into the
+// part. The batch's tables (segment of each token, B pointers, ranks, scales) are read before the
+// wait: the batch description is uploaded before the step's first kernel.
+__global__ void split_lora_kernel(const float *p, int ldp, float *o0, int n0, float *o1, int n1, float *o2, int n2,
+                                  const float *v, int ldv, lp_sgmv_group g, const int32_t *tok_seg, int max_rank) {
+  const int r = blockIdx.x;
+  const int c = blockIdx.y * blockDim.x + threadIdx.x;
+  const int total = n0 + n1 + n2;
+  const __nv_bfloat16 *b = nullptr;
+  int rank = 0, voff = 0;
+  float scale = 0.f;
+  const int seg = tok_seg[r];
+  if (c < total && seg >= 0) {
+    for (int m = 0; m < g.modules; m++) {
+      const int lc = c - g.y_off[m];
+      if (lc < 0 || lc >= g.cols[m]) continue;
+      const __nv_bfloat16 *bm = static_cast<const __nv_bfloat16 *const *>(g.ptrs[m])[seg];
+      const int rk = min(g.ranks[m][seg], max_rank);
+      if (bm != nullptr && rk > 0) {
+        b = bm + static_cast<size_t>(lc) * rk;
+        rank = rk;
+        voff = g.v_off[m];
+        scale = g.scales[m][seg];
+      }
+    }
   }
-  c -= n0;
-  if (c < n1) {
-    o1[static_cast<size_t>(r) * n1 + c] = v;
-    return;
+  pdl_enter();
+  if (c >= total) return;
+  float val = p[static_cast<size_t>(r) * ldp + c];
+  if (b != nullptr) {
+    const float *vr = v + static_cast<size_t>(r) * ldv + voff;
+    float a = 0.f;
+    for (int j = 0; j < rank; j++) a = fmaf(vr[j], __bfloat162float(b[j]), a);
+    val = fmaf(scale, a, val);
   }
-  c -= n1;
-  o2[static_cast<size_t>(r) * n2 + c] = v;
+  store_part(val, r, c, o0, n0, o1, n1, o2, n2);
 }
 
 // Round to nearest even, bit for bit as the host's cuda.BF16FromFloat32 (adapter uploads round on
@@ -1415,13 +1441,33 @@ int lp_split_cols(const float *p, int rows, int ldp, float *out0, int n0, float 
                    (n0 == 0 || aligned16(out0)) && (n1 == 0 || aligned16(out1)) && (n2 == 0 || aligned16(out2));
   if (vec) {
     const dim3 grid(rows, (total / 4 + 255) / 256);
-    launch_k(split_cols4_kernel, grid, 256, 0, cs(stream), reinterpret_cast<const float4 *>(p), ldp / 4,
+    launch_k(split_cols_kernel<float4>, grid, 256, 0, cs(stream), reinterpret_cast<const float4 *>(p), ldp / 4,
              reinterpret_cast<float4 *>(out0), n0 / 4, reinterpret_cast<float4 *>(out1), n1 / 4,
              reinterpret_cast<float4 *>(out2), n2 / 4);
     return launched();
   }
   const dim3 grid(rows, (total + 255) / 256);
-  launch_k(split_cols_kernel, grid, 256, 0, cs(stream), p, ldp, out0, n0, out1, n1, out2, n2);
+  launch_k(split_cols_kernel<float>, grid, 256, 0, cs(stream), p, ldp, out0, n0, out1, n1, out2, n2);
+  return launched();
+}
+
+int lp_split_cols_lora(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2, int n2,
+                       const float *v, int ldv, const lp_sgmv_group *g, const int32_t *tok_seg, int max_rank,
+                       lp_stream stream) {
+  if (p == nullptr || rows < 0 || n0 < 0 || n1 < 0 || n2 < 0 || n0 + n1 + n2 > ldp) return LP_ERR_INVALID;
+  if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
+  if (g == nullptr || g->modules < 1 || g->modules > LP_SGMV_GROUP || v == nullptr || tok_seg == nullptr || max_rank < 0 ||
+      max_rank > LP_MAX_RANK)
+    return LP_ERR_INVALID;
+  for (int m = 0; m < g->modules; m++) {
+    if (g->ptrs[m] == nullptr || g->ranks[m] == nullptr || g->scales[m] == nullptr || g->cols[m] < 0 || g->y_off[m] < 0 ||
+        g->y_off[m] + g->cols[m] > n0 + n1 + n2 || g->v_off[m] < 0 || g->v_off[m] + max_rank > ldv)
+      return LP_ERR_INVALID;
+  }
+  const int total = n0 + n1 + n2;
+  if (rows == 0 || total == 0) return LP_OK;
+  const dim3 grid(rows, (total + 255) / 256);
+  launch_k(split_lora_kernel, grid, 256, 0, cs(stream), p, ldp, out0, n0, out1, n1, out2, n2, v, ldv, *g, tok_seg, max_rank);
   return launched();
 }
 

@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 8
+#define LP_ABI_VERSION 9
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -329,6 +329,17 @@ LP_API int lp_sgmv_shrink_group(int dtype, float *v, int ldv, const void *x, int
 LP_API int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *v, int ldv, const lp_sgmv_group *g,
                                     const int32_t *seg_starts, int num_segs, int max_seg_len, int max_rank,
                                     lp_stream stream);
+
+/*
+ * lp_split_cols with the grouped expand folded in, for decode-sized steps: out_i gets p's columns of
+ * part i plus, for a token of segment s (tok_seg[t], -1 for none) and the module m whose columns
+ * [y_off[m], y_off[m] + cols[m]) of p hold the column, scale * v[t, v_off[m] : v_off[m] + r] B^T, B
+ * bf16 from g's ptrs (B tables, as for the expand). p stays unchanged. One launch instead of the
+ * expand and the split; each output element reads its B row (r values), so it suits few tokens.
+ */
+LP_API int lp_split_cols_lora(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2,
+                              int n2, const float *v, int ldv, const lp_sgmv_group *g, const int32_t *tok_seg,
+                              int max_rank, lp_stream stream);
 
 /*
  * Sampling on the device, so logits never cross to the host. One call samples `rows` rows of

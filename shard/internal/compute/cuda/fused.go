@@ -1,7 +1,6 @@
 package cuda
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/loraplex/loraplex/shard/internal/compute"
@@ -134,16 +133,19 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 		}
 		defer b.release(p)
 		base := func() error { return b.matmulTo(p.ptr, n, false, xt.ptr(), xHalf, wt, t, n, k) }
+		var v *Buffer // the grouped shrink's output
+		fold := false // the expand folded into the split
 		if lg == nil {
 			err = base()
 		} else {
-			v, verr := b.scratch(4 * int64(t) * int64(lg.ldv))
-			if verr != nil {
-				return verr
+			if v, err = b.scratch(4 * int64(t) * int64(lg.ldv)); err != nil {
+				return err
 			}
 			defer b.release(v)
 			if err = b.beside(bt, func(s uintptr) error { return lg.shrink(v.ptr, xHalf, s) }, base); err == nil {
-				err = lg.expand(p.ptr, v.ptr)
+				if fold = lg.folds(t); !fold {
+					err = lg.expand(p.ptr, v.ptr)
+				}
 			}
 		}
 		if err != nil {
@@ -154,8 +156,16 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 			ptr[i] = o.ptr()
 			o.halfOK = false
 		}
-		if err := b.lib.check("split columns", b.lib.splitCols(p.ptr, int32(t), int32(n), ptr[0], int32(widths[0]), ptr[1], int32(widths[1]),
-			ptr[2], int32(widths[2]), b.stream.handle())); err != nil {
+		if fold {
+			g := lg.g
+			g.ptrs = lg.bptr
+			err = b.lib.check("split columns with LoRA", b.lib.splitColsLoRA(p.ptr, int32(t), int32(n), ptr[0], int32(widths[0]), ptr[1], int32(widths[1]),
+				ptr[2], int32(widths[2]), v.ptr, int32(lg.ldv), &g, bt.tokSeg, int32(lg.rank), b.stream.handle()))
+		} else {
+			err = b.lib.check("split columns", b.lib.splitCols(p.ptr, int32(t), int32(n), ptr[0], int32(widths[0]), ptr[1], int32(widths[1]),
+				ptr[2], int32(widths[2]), b.stream.handle()))
+		}
+		if err != nil {
 			return err
 		}
 		if grouped {
@@ -193,8 +203,11 @@ func (b *Backend) ProjectAdd(out, x, w compute.Tensor, layer int, mod compute.Mo
 	o.halfOK = false
 	base := func() error { return b.matmulTo(o.ptr(), n, true, xt.ptr(), xHalf, wt, t, n, k) }
 	lo, err := b.planLoRA(out, x, layer, mod, cb)
-	if lo == nil || err != nil {
-		return errors.Join(err, base())
+	if err != nil {
+		return err
+	}
+	if lo == nil {
+		return base()
 	}
 	v, err := b.scratch(lo.vBytes())
 	if err != nil {
@@ -272,6 +285,22 @@ func (lg *loraGroup) shrink(v, xHalf, s uintptr) error {
 	g.ptrs = lg.aptr
 	return lg.b.lib.check("sgmv shrink (group)", lg.b.lib.sgmvShrinkGroup(int32(BF16), v, int32(lg.ldv), xHalf, int32(lg.in), &g, lg.bt.segStarts,
 		g.numSegs, int32(lg.bt.maxSegLen), int32(lg.rank), int32(lg.in), s))
+}
+
+// Small steps fold the grouped expand into the split (lp_split_cols_lora: one dependent launch
+// instead of two), where each output element reading its B row costs little: up to maxFoldTokens
+// tokens and maxFoldWork token-ranks. On the H200 (TestCUDADecodeAdaptersBench, one rank-16 adapter on
+// the 1.1B shape) folding took 46 us off a batch-1 step and 51 us off batch 4, about nothing at 8,
+// and added 100 us at 16 and 240 us at 32. Longer steps keep the expand, which reads each B row once
+// per group of tokens (or runs on tensor cores), and the split.
+const (
+	maxFoldTokens = 8
+	maxFoldWork   = 512
+)
+
+// folds says whether a step of t tokens folds the expand into the split.
+func (lg *loraGroup) folds(t int) bool {
+	return !lg.b.serialLoRA && t <= maxFoldTokens && t*lg.rank <= maxFoldWork
 }
 
 // expand queues p += scale_i v_i B_i^T for every module on the compute stream.

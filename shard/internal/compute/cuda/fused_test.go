@@ -20,15 +20,17 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 11))
 			// Without adapters, 2 tokens: the GEMV writing each part; 13: the skinny GEMM writing
-			// each part; 40: cuBLAS, packed and split. With adapters the GEMV (2), skinny GEMM (3,
-			// 13) or cuBLAS (40) writes the packed output that the grouped LoRA updates before the
-			// split, its shrink beside the GEMM on the side stream (3 segments) or after it (10 and
-			// 12 segments, over maxBesideSegments); 200: segments of 66-67 tokens, which take the
-			// tensor-core LoRA kernels.
+			// each part; 40: cuBLAS, packed and split. With adapters the GEMV (2), skinny GEMM (3, 8,
+			// 13) or cuBLAS (40) writes the packed output, the grouped shrink runs beside the GEMM
+			// on the side stream (up to 13 tokens in 3 segments) or after it (9, 10 and 12 segments,
+			// over maxBesideSegments; 40 tokens, over maxBesideTokens), and the grouped expand is
+			// folded into the split (2, 3, 8 tokens:
+			// lp_split_cols_lora) or runs before it (13, 40); 200: segments of 66-67 tokens, which
+			// take the tensor-core LoRA kernels.
 			for _, c := range []struct {
 				tokens, segs int
 				adapters     bool
-			}{{2, 3, true}, {2, 3, false}, {3, 3, true}, {13, 3, true}, {13, 12, true}, {13, 3, false}, {40, 3, true}, {40, 10, true}, {40, 3, false}, {200, 3, true}} {
+			}{{2, 3, true}, {2, 3, false}, {3, 3, true}, {8, 9, true}, {13, 3, true}, {13, 12, true}, {13, 3, false}, {40, 3, true}, {40, 10, true}, {40, 3, false}, {200, 3, true}} {
 				t.Run(fmt.Sprintf("%d-tokens-%d-segments-adapters-%v", c.tokens, c.segs, c.adapters), func(t *testing.T) { p.t = t; testFused(p, r, c.tokens, c.segs, c.adapters) })
 			}
 		})

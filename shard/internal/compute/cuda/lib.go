@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 8
+const ABIVersion = 9
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -149,6 +149,10 @@ type Lib struct {
 
 	// ABI 6: the decoder families' operations, a bf16 KV cache, sliding-window attention.
 	addBias func(x, bias uintptr, rows, n int32, s uintptr) int32
+
+	// ABI 9: the split of a packed projection with the grouped LoRA expand folded in.
+	splitColsLoRA func(p uintptr, rows, ldp int32, o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, v uintptr, ldv int32,
+		g *sgmvGroup, tokSeg uintptr, maxRank int32, s uintptr) int32
 }
 
 // qkvPrep is lp_qkv_prep: the biases and per-head norms applied to q, k and v before RoPE (device
@@ -267,6 +271,7 @@ func (l *Lib) symbols() []symbol {
 		{&l.sample, "lp_sample"},
 		{&l.eventQuery, "lp_event_query"},
 		{&l.addBias, "lp_add_bias"},
+		{&l.splitColsLoRA, "lp_split_cols_lora"},
 	}
 }
 

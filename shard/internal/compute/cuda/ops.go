@@ -711,20 +711,24 @@ func (lo *loraUpdate) expand(v uintptr) error {
 		st.scales, bt.tokSeg, int32(lo.n), int32(st.maxRank), h))
 }
 
-// maxBesideSegments bounds the segments of a step whose LoRA shrinks run beside the base GEMM: on the
-// H200 (TestCUDADecodeAdaptersBench, random 1.1B Llama, rank-16 adapters on all projections) running
-// them beside took 40-70 us off a step with one adapter at batch 1 to 32 and with 4 or 8 adapters,
-// but added 35-90 us with 16 or 32 (their shrinks, reading many adapters, slow the GEMM they share
-// the GPU with more than they gain).
-const maxBesideSegments = 8
+// The steps whose LoRA shrinks run beside the base GEMM: decode-sized ones (at most maxBesideTokens
+// tokens, where it was measured) of at most maxBesideSegments segments. On the H200
+// (TestCUDADecodeAdaptersBench, random 1.1B Llama, rank-16 adapters on all projections) running them
+// beside took 40-70 us off a step with one adapter at batch 1 to 16 and with 4 or 8 adapters, but
+// added 35-90 us with 16 or 32 (their shrinks, reading many adapters, slow the GEMM they share the
+// GPU with more than they gain); prefill steps, whose GEMMs fill the GPU, were not measured with it.
+const (
+	maxBesideTokens   = 32
+	maxBesideSegments = 8
+)
 
 // beside queues shrink on the side stream and base on the compute stream, concurrently, then makes
 // the compute stream wait for both: a LoRA shrink reads only the projection's input, so it need not
 // wait for the base GEMM, and the expand after it pays one dependent launch instead of two. In a step
-// graph the side stream's work becomes a parallel branch. Steps of more than maxBesideSegments
-// segments, and Options.SerialLoRA or NoLoRABeside, queue both on the compute stream, base first.
+// graph the side stream's work becomes a parallel branch. Other steps (see maxBesideTokens), and
+// Options.SerialLoRA or NoLoRABeside, queue both on the compute stream, base first.
 func (b *Backend) beside(bt *batch, shrink func(s uintptr) error, base func() error) error {
-	if b.noBeside || len(bt.m.Segments) > maxBesideSegments {
+	if b.noBeside || len(bt.m.Tokens) > maxBesideTokens || len(bt.m.Segments) > maxBesideSegments {
 		if err := base(); err != nil {
 			return err
 		}
