@@ -24,7 +24,7 @@ const (
 	// minStagingBytes is the smallest bound Options accept: a staging buffer of 1 MiB.
 	minStagingBytes = 1 << 20
 	// Staging buffers are powers of two in [minStagingBuf, maxStagingBuf]; an upload takes one and
-	// uses its halves in turn, converting into one while the other is being copied.
+	// uses its halves in turn, filling one while the other is being copied.
 	minStagingBuf = 64 << 10
 	maxStagingBuf = 32 << 20
 	// uploadWorkers fill one chunk in parallel (at most GOMAXPROCS of them), leaving the rest of a
@@ -220,7 +220,7 @@ func (b *Backend) upload(im *adapterImage) (*Buffer, error) {
 }
 
 // uploadBuffers takes the device buffer for an upload of n bytes and, with temp, a device buffer for
-// its float32 chunks (uploadTemp; nil when there is no room). The buffer may come from the pool, where
+// its float32 chunks (uploadTempLocked; nil when there is no room). The buffer may come from the pool, where
 // compute work queued before its release may still read it, so the upload stream is then made to wait
 // for the compute stream's work so far (fence, recorded there); a fresh one needs no wait, and the
 // upload overlaps whatever the compute stream is running. This holds captureMu: while a step graph is
