@@ -104,6 +104,18 @@ func (p *parity) attend(out, q, k, v pair, gc, cc compute.KVCache, layer int, sc
 	must(p.t, p.c.WindowAttention(out.c, q.c, k.c, v.c, cc, layer, scale, window, cb))
 }
 
+// adapters uploads an adapter's weights to the GPU (gw) and CPU (cw) backends, freed when the test
+// ends.
+func (p *parity) adapters(gw, cw *compute.AdapterWeights) (compute.Adapter, compute.Adapter) {
+	p.t.Helper()
+	ga, err := p.g.UploadAdapter(gw)
+	must(p.t, err)
+	ca, err := p.c.UploadAdapter(cw)
+	must(p.t, err)
+	p.t.Cleanup(func() { p.g.FreeAdapter(ga); p.c.FreeAdapter(ca) })
+	return ga, ca
+}
+
 // kvCache is one KV cache of shape on both backends, freed when the test ends.
 func (p *parity) kvCache(shape compute.KVShape) (compute.KVCache, compute.KVCache) {
 	p.t.Helper()
@@ -547,12 +559,7 @@ func testSGMV(p *parity, r *rand.Rand) {
 				gw.Layers[l][m], cw.Layers[l][m] = loraWeights(r, rank, in, out, scale, p.dt)
 			}
 		}
-		ga, err := p.g.UploadAdapter(gw)
-		must(p.t, err)
-		ca, err := p.c.UploadAdapter(cw)
-		must(p.t, err)
-		p.t.Cleanup(func() { p.g.FreeAdapter(ga); p.c.FreeAdapter(ca) })
-		return ga, ca
+		return p.adapters(gw, cw)
 	}
 	ga1, ca1 := mk("a", 8, 0.5, map[int][]compute.Module{0: {compute.ModQ, compute.ModDown}, 1: {compute.ModQ}})
 	ga2, ca2 := mk("b", 3, 2, map[int][]compute.Module{0: {compute.ModQ}})

@@ -51,12 +51,7 @@ func testFused(p *parity, r *rand.Rand, tokens, segs int, adapters bool) {
 		for _, m := range mods {
 			gw.Layers[0][m], cw.Layers[0][m] = loraWeights(r, rank, widths[m][0], widths[m][1], scale, p.dt)
 		}
-		ga, err := p.g.UploadAdapter(gw)
-		must(p.t, err)
-		ca, err := p.c.UploadAdapter(cw)
-		must(p.t, err)
-		p.t.Cleanup(func() { p.g.FreeAdapter(ga); p.c.FreeAdapter(ca) })
-		return ga, ca
+		return p.adapters(gw, cw)
 	}
 	ga, ca := mk("a", 8, 0.5, compute.ModQ, compute.ModK, compute.ModO, compute.ModUp)
 	gb2, cb2 := mk("b", 4, 2, compute.ModV, compute.ModGate, compute.ModDown)

@@ -691,6 +691,18 @@ func TestCUDADecodeAdaptersBench(t *testing.T) {
 	}
 }
 
+// layerCache is a one-layer KV cache of blocks blocks of bs positions on be, for the op breakdowns;
+// freed when the test ends.
+func layerCache(t *testing.T, be *cuda.Backend, blocks, bs, kvHeads, hd int) compute.KVCache {
+	t.Helper()
+	cache, err := be.NewKVCache(compute.KVShape{Layers: 1, NumBlocks: blocks, BlockSize: bs, KVHeads: kvHeads, HeadDim: hd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { be.FreeKVCache(cache) })
+	return cache
+}
+
 // timeOp captures reps calls of f in a CUDA graph (after one warm call: pool, weight conversion)
 // and returns the best replay's time per call: GPU time without host overhead.
 func timeOp(t *testing.T, be *cuda.Backend, reps int, f func() error) time.Duration {
@@ -772,11 +784,7 @@ func opBreakdown(t *testing.T, be *cuda.Backend, sh breakdownShape) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cache, err := be.NewKVCache(compute.KVShape{Layers: 1, NumBlocks: batch * per, BlockSize: bs, KVHeads: kvHeads, HeadDim: hd})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer be.FreeKVCache(cache)
+	cache := layerCache(t, be, batch*per, bs, kvHeads, hd)
 	xh, xi := tensor(batch, hidden), tensor(batch, inter)
 	q, k, v, o := tensor(batch, heads*hd), tensor(batch, kvHeads*hd), tensor(batch, kvHeads*hd), tensor(batch, heads*hd)
 	up, gate, norm := tensor(batch, inter), tensor(batch, inter), tensor(hidden)

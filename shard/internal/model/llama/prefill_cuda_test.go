@@ -51,11 +51,7 @@ func prefillAttention(t *testing.T, be *cuda.Backend, seqs, n, heads, kvHeads, h
 	if err != nil {
 		t.Fatal(err)
 	}
-	cache, err := be.NewKVCache(compute.KVShape{Layers: 1, NumBlocks: seqs * per, BlockSize: bs, KVHeads: kvHeads, HeadDim: hd})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer be.FreeKVCache(cache)
+	cache := layerCache(t, be, seqs*per, bs, kvHeads, hd)
 	rw := &randWeights{shapes: map[string][]int{}, seed: 9}
 	tensor := func(shape ...int) compute.Tensor { return randomTensor(t, be, rw, shape...) }
 	T := seqs * n
@@ -146,11 +142,7 @@ func prefillBreakdown(t *testing.T, be *cuda.Backend, sh prefillShape) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cache, err := be.NewKVCache(compute.KVShape{Layers: 1, NumBlocks: sh.seqs * per, BlockSize: bs, KVHeads: sh.kvHeads, HeadDim: sh.hd})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { be.FreeKVCache(cache) })
+	cache := layerCache(t, be, sh.seqs*per, bs, sh.kvHeads, sh.hd)
 
 	// Activations as the model names them: x the residual stream, h its norm, attn attention's output.
 	x, h := random(T, sh.hidden), random(T, sh.hidden)
