@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "launch.cuh"
 #include "loraplex_kernels.h"
 #include "mma.cuh"
 
@@ -22,17 +23,9 @@ struct lp_blas_s {
   cublasHandle_t h;
 };
 
-// The process-wide programmatic-dependent-launch switch (runtime.cu, lp_set_pdl).
-extern int lp_pdl_enabled;
-
 namespace {
 
 inline cudaStream_t cs(lp_stream s) { return reinterpret_cast<cudaStream_t>(s); }
-
-inline int launched() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? LP_OK : static_cast<int>(e);
-}
 
 inline int blas_code(cublasStatus_t s) {
   return s == CUBLAS_STATUS_SUCCESS ? LP_OK : LP_ERR_BLAS - static_cast<int>(s);
@@ -42,50 +35,6 @@ inline int blas_code(cublasStatus_t s) {
 inline unsigned elem_blocks(size_t n) {
   size_t b = (n + 255) / 256;
   return static_cast<unsigned>(b < 65535 ? (b == 0 ? 1 : b) : 65535);
-}
-
-// Programmatic dependent launch (Hopper): every kernel here is launched with it (launch_k), so in a
-// stream or a recorded graph the next kernel's blocks are scheduled while this one drains. Each
-// kernel therefore starts with pdl_enter: wait until the kernels before it have completed and their
-// writes are visible (griddepcontrol.wait), then let its own dependents launch. Only reads of memory
-// no kernel writes (weights, and the batch description uploaded before the step's first kernel) may
-// come before the wait. Both are no-ops before sm_90 and for plain
-// launches; lp_set_pdl(0) turns the attribute off.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_enter() {
-  pdl_wait();
-  pdl_launch_dependents();
-}
-
-
-template <typename... KArgs, typename... Args>
-void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args &&...args) {
-  if (lp_pdl_enabled) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...) == cudaSuccess) return;
-    cudaGetLastError();  // refused: launch plainly
-  }
-  kernel<<<grid, block, smem, s>>>(std::forward<Args>(args)...);
 }
 
 __device__ __forceinline__ float ld(const float *p, size_t i) { return p[i]; }
@@ -258,44 +207,72 @@ __global__ void split_cols_kernel(const V *p, int ldp, V *o0, int n0, V *o1, int
   store_part(p[static_cast<size_t>(r) * ldp + c], r, c, o0, n0, o1, n1, o2, n2);
 }
 
+// The LoRA term of one output column of a packed projection for one token (lp_lora_tail): the B row
+// of the token's adapter for the column's module, or none.
+struct LoraCol {
+  const __nv_bfloat16 *b;  // nullptr: no adapter applies
+  int rank, v_off;
+  float scale;
+};
+
+// lora_col finds the term of packed column c for a token of segment seg (-1: none). It reads only
+// the batch's tables, which may be read before the wait: the batch description is uploaded before
+// the step's first kernel.
+__device__ __forceinline__ LoraCol lora_col(const lp_sgmv_group &g, int seg, int c, int max_rank) {
+  if (seg >= 0) {
+    for (int m = 0; m < g.modules; m++) {
+      const int lc = c - g.y_off[m];
+      if (lc < 0 || lc >= g.cols[m]) continue;
+      const auto *bm = static_cast<const __nv_bfloat16 *const *>(g.ptrs[m])[seg];
+      const int rk = min(g.ranks[m][seg], max_rank);
+      if (bm != nullptr && rk > 0) return LoraCol{bm + static_cast<size_t>(lc) * rk, rk, g.v_off[m], g.scales[m][seg]};
+      break;
+    }
+  }
+  return LoraCol{nullptr, 0, 0, 0.f};
+}
+
+// lora_add returns val + scale * v_row[v_off : v_off + rank] . B row (v_row: the token's row of the
+// shrink's output, read after the wait), summed in rank order; 16-byte loads where both rows allow.
+__device__ __forceinline__ float lora_add(const LoraCol &l, const float *v_row, float val) {
+  if (l.b == nullptr) return val;
+  const float *vr = v_row + l.v_off;
+  float a = 0.f;
+  int j = 0;
+  if (((reinterpret_cast<uintptr_t>(l.b) | reinterpret_cast<uintptr_t>(vr)) & 15) == 0) {
+    for (; j + 8 <= l.rank; j += 8) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4 *>(l.b + j));
+      const float4 v0 = *reinterpret_cast<const float4 *>(vr + j), v1 = *reinterpret_cast<const float4 *>(vr + j + 4);
+      const __nv_bfloat162 *bp = reinterpret_cast<const __nv_bfloat162 *>(&u);
+      const float2 b0 = __bfloat1622float2(bp[0]), b1 = __bfloat1622float2(bp[1]), b2 = __bfloat1622float2(bp[2]),
+                   b3 = __bfloat1622float2(bp[3]);
+      a = fmaf(v0.x, b0.x, a);
+      a = fmaf(v0.y, b0.y, a);
+      a = fmaf(v0.z, b1.x, a);
+      a = fmaf(v0.w, b1.y, a);
+      a = fmaf(v1.x, b2.x, a);
+      a = fmaf(v1.y, b2.y, a);
+      a = fmaf(v1.z, b3.x, a);
+      a = fmaf(v1.w, b3.y, a);
+    }
+  }
+  for (; j < l.rank; j++) a = fmaf(vr[j], __bfloat162float(l.b[j]), a);
+  return fmaf(l.scale, a, val);
+}
+
 // split_cols_kernel with the grouped LoRA expand of the packed projection folded in (lp_split_cols_lora):
-// grid (rows, column chunks of 256); a thread adds scale * v[r, v_off[m] : v_off[m] + rank] . B[c', :]
-// of its row's segment for the module m whose columns hold its column, then stores the sum into the
-// part. The batch's tables (segment of each token, B pointers, ranks, scales) are read before the
-// wait: the batch description is uploaded before the step's first kernel.
+// grid (rows, column chunks of 256); a thread adds its row's LoRA term for its column to the packed
+// product and stores the sum into the part.
 __global__ void split_lora_kernel(const float *p, int ldp, float *o0, int n0, float *o1, int n1, float *o2, int n2,
                                   const float *v, int ldv, lp_sgmv_group g, const int32_t *tok_seg, int max_rank) {
   const int r = blockIdx.x;
   const int c = blockIdx.y * blockDim.x + threadIdx.x;
-  const int total = n0 + n1 + n2;
-  const __nv_bfloat16 *b = nullptr;
-  int rank = 0, voff = 0;
-  float scale = 0.f;
-  const int seg = tok_seg[r];
-  if (c < total && seg >= 0) {
-    for (int m = 0; m < g.modules; m++) {
-      const int lc = c - g.y_off[m];
-      if (lc < 0 || lc >= g.cols[m]) continue;
-      const __nv_bfloat16 *bm = static_cast<const __nv_bfloat16 *const *>(g.ptrs[m])[seg];
-      const int rk = min(g.ranks[m][seg], max_rank);
-      if (bm != nullptr && rk > 0) {
-        b = bm + static_cast<size_t>(lc) * rk;
-        rank = rk;
-        voff = g.v_off[m];
-        scale = g.scales[m][seg];
-      }
-    }
-  }
+  const bool in = c < n0 + n1 + n2;
+  const LoraCol l = lora_col(g, in ? tok_seg[r] : -1, c, max_rank);
   pdl_enter();
-  if (c >= total) return;
-  float val = p[static_cast<size_t>(r) * ldp + c];
-  if (b != nullptr) {
-    const float *vr = v + static_cast<size_t>(r) * ldv + voff;
-    float a = 0.f;
-    for (int j = 0; j < rank; j++) a = fmaf(vr[j], __bfloat162float(b[j]), a);
-    val = fmaf(scale, a, val);
-  }
-  store_part(val, r, c, o0, n0, o1, n1, o2, n2);
+  if (!in) return;
+  store_part(lora_add(l, v + static_cast<size_t>(r) * ldv, p[static_cast<size_t>(r) * ldp + c]), r, c, o0, n0, o1, n1,
+             o2, n2);
 }
 
 // Round to nearest even, bit for bit as the host's cuda.BF16FromFloat32 (adapter uploads round on
@@ -1073,10 +1050,12 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
   return v;
 }
 
-template <int T>
+// With L, the kernel adds the LoRA update lt in its epilogue and reads x before waiting on the kernel
+// before it (the shrink writing lt.v, which starts its dependents only after its own wait), v after.
+template <int T, bool L>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_bf16_kernel(const __nv_bfloat16 *__restrict__ w, const __nv_bfloat16 *__restrict__ x, int K, int N,
-                     GemvOut o, int accumulate) {
+                     GemvOut o, int accumulate, lp_lora_tail lt) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * GEMV_WARPS + warp;
   if (n >= N) return;
@@ -1093,7 +1072,10 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   if (i + 96 < kv) {
     w0 = ld_stream(wr + i), w1 = ld_stream(wr + i + 32), w2 = ld_stream(wr + i + 64), w3 = ld_stream(wr + i + 96);
   }
-  pdl_enter();
+  if (L)
+    pdl_launch_dependents();
+  else
+    pdl_enter();
   for (; i + 96 < kv; i += 128) {
     const uint4 c0 = w0, c1 = w1, c2 = w2, c3 = w3;
     if (i + 224 < kv) {
@@ -1112,18 +1094,24 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 #pragma unroll
     for (int t = 0; t < T; t++) a[t] += dot8(w0, __ldg(xr + static_cast<size_t>(t) * kv + i));
   }
-#pragma unroll
-  for (int t = 0; t < T; t++) a[t] = warp_sum(a[t]);
-  if (lane != 0) return;
-  int part = 0, col = n;
-  while (part < 2 && col >= o.cols[part]) col -= o.cols[part++];
-  float *dst = o.p[part];
-  const int cols = o.cols[part];
+  // Every lane holds the sums after warp_sum; lane t stores token t's.
+  float sum = 0.f;
 #pragma unroll
   for (int t = 0; t < T; t++) {
-    float *d = dst + static_cast<size_t>(t) * cols + col;
-    *d = accumulate ? *d + a[t] : a[t];
+    a[t] = warp_sum(a[t]);
+    if (lane == t) sum = a[t];
   }
+  if (lane >= T) return;
+  int part = 0, col = n;
+  while (part < 2 && col >= o.cols[part]) col -= o.cols[part++];
+  float *d = o.p[part] + static_cast<size_t>(lane) * o.cols[part] + col;
+  if (L) {
+    const LoraCol l = lora_col(lt.g, lt.tok_seg[lane], n, lt.max_rank);
+    pdl_wait();
+    *d = lora_add(l, lt.v + static_cast<size_t>(lane) * lt.ldv, accumulate ? *d + sum : sum);
+    return;
+  }
+  *d = accumulate ? *d + sum : sum;
 }
 
 // Tensor-core GEMM for small steps and the batch-invariant mode: out[m, n] (+)= sum_k x[m, k] W[n, k],
@@ -1153,11 +1141,12 @@ __device__ __forceinline__ uint4 ld_stream_if(const uint4 *p, bool ok) {
   return ok ? ld_stream(p) : make_uint4(0, 0, 0, 0);
 }
 
-// Two blocks per SM for up to 32 rows (the register cap keeps 16 warps' loads in flight).
-template <int MT>
+// Two blocks per SM for up to 32 rows (the register cap keeps 16 warps' loads in flight). With L, the
+// LoRA epilogue as in gemv_bf16_kernel (x read before the wait, v after).
+template <int MT, bool L>
 __global__ void __launch_bounds__(SK_WARPS * 32, MT <= 2 ? 2 : 1)
     gemm_skinny_kernel(const __nv_bfloat16 *__restrict__ w, const __nv_bfloat16 *__restrict__ x, int M, int K,
-                       int N, GemvOut o, int accumulate) {
+                       int N, GemvOut o, int accumulate, lp_lora_tail lt) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int n0 = blockIdx.x * SK_COLS;
@@ -1175,32 +1164,29 @@ __global__ void __launch_bounds__(SK_WARPS * 32, MT <= 2 ? 2 : 1)
       for (int r = 0; r < 4; r++) acc[mt][nt][r] = 0.f;
   // The lane's 16-byte pieces of chunk c: element c * SK_CH + 32 i + 8 t4 (i = 0, 1), zero past K.
   auto piece = [&](int c, int i) { return c * SK_CH + 32 * i + 8 * t4; };
+  // load_w streams the lane's pieces of chunk c of its two weight rows into wn.
   uint4 wn[2][2];
-  int c = warp;
-  if (c < chunks) {
+  auto load_w = [&](int c) {
 #pragma unroll
     for (int i = 0; i < 2; i++) {
       const int e = piece(c, i);
       wn[0][i] = ld_stream_if(w0 + e / 8, e < K);
       wn[1][i] = ld_stream_if(w1 + e / 8, e < K);
     }
-  }
-  pdl_enter();
+  };
+  int c = warp;
+  if (c < chunks) load_w(c);
+  if (L)
+    pdl_launch_dependents();
+  else
+    pdl_enter();
   for (; c < chunks; c += SK_WARPS) {
     uint4 wc[2][2];
 #pragma unroll
     for (int nt = 0; nt < 2; nt++)
 #pragma unroll
       for (int i = 0; i < 2; i++) wc[nt][i] = wn[nt][i];
-    const int cn = c + SK_WARPS;
-    if (cn < chunks) {
-#pragma unroll
-      for (int i = 0; i < 2; i++) {
-        const int e = piece(cn, i);
-        wn[0][i] = ld_stream_if(w0 + e / 8, e < K);
-        wn[1][i] = ld_stream_if(w1 + e / 8, e < K);
-      }
-    }
+    if (c + SK_WARPS < chunks) load_w(c + SK_WARPS);
 #pragma unroll
     for (int i = 0; i < 2; i++) {
       const int e = piece(c, i);
@@ -1237,6 +1223,7 @@ __global__ void __launch_bounds__(SK_WARPS * 32, MT <= 2 ? 2 : 1)
       red[warp][row + 8][col + 1] = acc[mt][nt][3];
     }
   __syncthreads();
+  if (L) pdl_wait();
   for (int idx = threadIdx.x; idx < MT * 16 * SK_COLS; idx += SK_WARPS * 32) {
     const int row = idx / SK_COLS, col = idx % SK_COLS;
     const int m = m0 + row, n = n0 + col;
@@ -1247,8 +1234,36 @@ __global__ void __launch_bounds__(SK_WARPS * 32, MT <= 2 ? 2 : 1)
     int part = 0, cc = n;
     while (part < 2 && cc >= o.cols[part]) cc -= o.cols[part++];
     float *d = o.p[part] + static_cast<size_t>(m) * o.cols[part] + cc;
-    *d = accumulate ? *d + s : s;
+    s = accumulate ? *d + s : s;
+    if (L) s = lora_add(lora_col(lt.g, lt.tok_seg[m], n, lt.max_rank), lt.v + static_cast<size_t>(m) * lt.ldv, s);
+    *d = s;
   }
+}
+
+// lora_check validates a LoRA update of g's modules into outputs of total columns (lp_lora_tail,
+// lp_split_cols_lora).
+int lora_check(const lp_sgmv_group *g, const float *v, int ldv, const int32_t *tok_seg, int max_rank, int total) {
+  if (g == nullptr || g->modules < 1 || g->modules > LP_SGMV_GROUP || v == nullptr || tok_seg == nullptr || max_rank < 0 ||
+      max_rank > LP_MAX_RANK)
+    return LP_ERR_INVALID;
+  for (int m = 0; m < g->modules; m++) {
+    if (g->ptrs[m] == nullptr || g->ranks[m] == nullptr || g->scales[m] == nullptr || g->cols[m] < 0 || g->y_off[m] < 0 ||
+        g->y_off[m] + g->cols[m] > total || g->v_off[m] < 0 || g->v_off[m] + max_rank > ldv)
+      return LP_ERR_INVALID;
+  }
+  return LP_OK;
+}
+
+// small_launch queues a small-step matmul kernel (gemv_bf16_kernel or gemm_skinny_kernel, both of
+// 8 warps), the instance with the LoRA epilogue when lora is set.
+static_assert(GEMV_WARPS == SK_WARPS, "one block size for the small-step matmuls");
+template <typename... KArgs, typename... Args>
+void small_launch(void (*plain)(KArgs...), void (*with_lora)(KArgs...), dim3 grid, cudaStream_t s,
+                  const lp_lora_tail *lora, Args... args) {
+  if (lora != nullptr)
+    launch_k(with_lora, grid, GEMV_WARPS * 32, 0, s, args..., *lora);
+  else
+    launch_k(plain, grid, GEMV_WARPS * 32, 0, s, args..., lp_lora_tail{});
 }
 
 template <typename KV>
@@ -1369,11 +1384,13 @@ int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, cons
 }
 
 int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
-                 int tokens, int k, int accumulate, lp_stream stream) {
+                 int tokens, int k, int accumulate, const lp_lora_tail *lora, lp_stream stream) {
   if (tokens < 0 || k < 0 || n0 < 0 || n1 < 0 || n2 < 0 || x == nullptr || w == nullptr) return LP_ERR_INVALID;
   if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
-  if (tokens > GEMV_MAX_T || k % 8 != 0 || !aligned16(x) || !aligned16(w)) return LP_ERR_UNSUPPORTED;
   const int n = n0 + n1 + n2;
+  if (lora != nullptr && lora_check(&lora->g, lora->v, lora->ldv, lora->tok_seg, lora->max_rank, n) != LP_OK)
+    return LP_ERR_INVALID;
+  if (tokens > GEMV_MAX_T || k % 8 != 0 || !aligned16(x) || !aligned16(w)) return LP_ERR_UNSUPPORTED;
   if (tokens == 0 || n == 0) return LP_OK;
   GemvOut o{{out0, out1, out2}, {n0, n1, n2}};
   const dim3 grid((n + GEMV_WARPS - 1) / GEMV_WARPS);
@@ -1381,9 +1398,9 @@ int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, 
   const auto *xb = static_cast<const __nv_bfloat16 *>(x);
   cudaStream_t s = cs(stream);
   switch (tokens) {
-#define LP_GEMV_CASE(T) \
-  case T:               \
-    launch_k(gemv_bf16_kernel<T>, grid, GEMV_WARPS * 32, 0, s, wb, xb, k, n, o, accumulate); \
+#define LP_GEMV_CASE(T)                                                                                       \
+  case T:                                                                                                     \
+    small_launch(gemv_bf16_kernel<T, false>, gemv_bf16_kernel<T, true>, grid, s, lora, wb, xb, k, n, o, accumulate); \
     break;
     LP_GEMV_CASE(1)
     LP_GEMV_CASE(2)
@@ -1399,11 +1416,13 @@ int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, 
 }
 
 int lp_gemm_skinny_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
-                        int tokens, int k, int accumulate, lp_stream stream) {
+                        int tokens, int k, int accumulate, const lp_lora_tail *lora, lp_stream stream) {
   if (tokens < 0 || k < 0 || n0 < 0 || n1 < 0 || n2 < 0 || x == nullptr || w == nullptr) return LP_ERR_INVALID;
   if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
-  if (k % 8 != 0 || !aligned16(x) || !aligned16(w)) return LP_ERR_UNSUPPORTED;
   const int n = n0 + n1 + n2;
+  if (lora != nullptr && lora_check(&lora->g, lora->v, lora->ldv, lora->tok_seg, lora->max_rank, n) != LP_OK)
+    return LP_ERR_INVALID;
+  if (k % 8 != 0 || !aligned16(x) || !aligned16(w)) return LP_ERR_UNSUPPORTED;
   if (tokens == 0 || n == 0 || k == 0) return LP_OK;
   GemvOut o{{out0, out1, out2}, {n0, n1, n2}};
   const int slices = (tokens + SK_MAX_T - 1) / SK_MAX_T;
@@ -1414,19 +1433,20 @@ int lp_gemm_skinny_bf16(float *out0, int n0, float *out1, int n1, float *out2, i
   cudaStream_t s = cs(stream);
   // Fewer m-tiles for a small step; a step of several slices uses all four in each (a row's sums are
   // the same either way).
-  const int mt = slices > 1 ? 4 : (tokens + 15) / 16;
-  switch (mt) {
+  switch (slices > 1 ? 4 : (tokens + 15) / 16) {
+#define LP_SKINNY_CASE(MT)                                                                                              \
+  small_launch(gemm_skinny_kernel<MT, false>, gemm_skinny_kernel<MT, true>, grid, s, lora, wb, xb, tokens, k, n, o, \
+               accumulate);                                                                                             \
+  break;
     case 1:
-      launch_k(gemm_skinny_kernel<1>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
-      break;
+      LP_SKINNY_CASE(1)
     case 2:
-      launch_k(gemm_skinny_kernel<2>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
-      break;
+      LP_SKINNY_CASE(2)
     case 3:
-      launch_k(gemm_skinny_kernel<3>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
-      break;
+      LP_SKINNY_CASE(3)
     default:
-      launch_k(gemm_skinny_kernel<4>, grid, SK_WARPS * 32, 0, s, wb, xb, tokens, k, n, o, accumulate);
+      LP_SKINNY_CASE(4)
+#undef LP_SKINNY_CASE
   }
   return launched();
 }
@@ -1456,15 +1476,8 @@ int lp_split_cols_lora(const float *p, int rows, int ldp, float *out0, int n0, f
                        lp_stream stream) {
   if (p == nullptr || rows < 0 || n0 < 0 || n1 < 0 || n2 < 0 || n0 + n1 + n2 > ldp) return LP_ERR_INVALID;
   if ((n0 > 0 && out0 == nullptr) || (n1 > 0 && out1 == nullptr) || (n2 > 0 && out2 == nullptr)) return LP_ERR_INVALID;
-  if (g == nullptr || g->modules < 1 || g->modules > LP_SGMV_GROUP || v == nullptr || tok_seg == nullptr || max_rank < 0 ||
-      max_rank > LP_MAX_RANK)
-    return LP_ERR_INVALID;
-  for (int m = 0; m < g->modules; m++) {
-    if (g->ptrs[m] == nullptr || g->ranks[m] == nullptr || g->scales[m] == nullptr || g->cols[m] < 0 || g->y_off[m] < 0 ||
-        g->y_off[m] + g->cols[m] > n0 + n1 + n2 || g->v_off[m] < 0 || g->v_off[m] + max_rank > ldv)
-      return LP_ERR_INVALID;
-  }
   const int total = n0 + n1 + n2;
+  if (lora_check(g, v, ldv, tok_seg, max_rank, total) != LP_OK) return LP_ERR_INVALID;
   if (rows == 0 || total == 0) return LP_OK;
   const dim3 grid(rows, (total + 255) / 256);
   launch_k(split_lora_kernel, grid, 256, 0, cs(stream), p, ldp, out0, n0, out1, n1, out2, n2, v, ldv, *g, tok_seg, max_rank);

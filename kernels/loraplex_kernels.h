@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 9
+#define LP_ABI_VERSION 10
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -130,20 +130,25 @@ LP_API int lp_blas_destroy(lp_blas blas);
 LP_API int lp_gemm_ex(lp_blas blas, int dtype, float *out, int ldo, const void *x, const void *w, int tokens, int n,
                       int k, int accumulate);
 
+/* The LoRA update a small matmul adds in its epilogue (defined below, after lp_sgmv_group). */
+typedef struct lp_lora_tail lp_lora_tail;
+
 /* Matrix-vector products for decode batches: out (+)= x W^T for tokens <= 8, x bf16
  * [tokens, k], W bf16 [n0+n1+n2, k] row-major, float32 accumulation, rows of W split over up to three
  * float32 outputs out_i [tokens, n_i] in order (a packed q/k/v weight writes q, k and v); with
- * accumulate, out_i += instead of =. LP_ERR_UNSUPPORTED (nothing queued) for more than 8 tokens, k not
- * a multiple of 8 or x, w not 16-byte aligned: use lp_gemm_ex then. */
+ * accumulate, out_i += instead of =; with lora (NULL: none), plus its update. LP_ERR_UNSUPPORTED
+ * (nothing queued) for more than 8 tokens, k not a multiple of 8 or x, w not 16-byte aligned: use
+ * lp_gemm_ex then. */
 LP_API int lp_gemv_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x, const void *w,
-                        int tokens, int k, int accumulate, lp_stream stream);
+                        int tokens, int k, int accumulate, const lp_lora_tail *lora, lp_stream stream);
 
 /* The same product on tensor cores for any number of tokens, in slices of 64 rows (for 3-16 tokens,
  * and the batch-invariant mode's matmul): out_i (+)= x W^T, x bf16 [tokens, k], W bf16 [n0+n1+n2, k], float32
  * accumulation. A row's result depends on k alone, never on tokens or on the other rows.
  * LP_ERR_UNSUPPORTED (nothing queued) for k not a multiple of 8 or x, w not 16-byte aligned. */
 LP_API int lp_gemm_skinny_bf16(float *out0, int n0, float *out1, int n1, float *out2, int n2, const void *x,
-                               const void *w, int tokens, int k, int accumulate, lp_stream stream);
+                               const void *w, int tokens, int k, int accumulate, const lp_lora_tail *lora,
+                               lp_stream stream);
 
 /* Splits the columns of p float32 [rows, ldp] into up to three parts, in order:
  * out0 [rows, n0] = p[:, 0:n0], out1 [rows, n1] = p[:, n0:n0+n1], out2 [rows, n2] = the next n2
@@ -340,6 +345,25 @@ LP_API int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const float *
 LP_API int lp_split_cols_lora(const float *p, int rows, int ldp, float *out0, int n0, float *out1, int n1, float *out2,
                               int n2, const float *v, int ldv, const lp_sgmv_group *g, const int32_t *tok_seg,
                               int max_rank, lp_stream stream);
+
+/*
+ * The grouped expand as a matmul's epilogue (ABI 10), for decode-sized steps: lp_gemv_bf16 and
+ * lp_gemm_skinny_bf16 add to output column c (counted over n0 + n1 + n2) of token t, for the segment
+ * s = tok_seg[t] (-1: none) and the module m whose columns [g.y_off[m], g.y_off[m] + g.cols[m]) hold
+ * c, scale * v[t, v_off[m] : v_off[m] + r] . B[c - y_off[m], :] with r = min(ranks_m[s], max_rank),
+ * B bf16 [cols, r] from g.ptrs (B tables, as for the expand) and scales from g.scales: one launch for
+ * the product and its adapters, where the expand would be a second. The matmul reads x before
+ * waiting on the kernel before it (programmatic dependent launch) and v after: queue it right after
+ * the lp_sgmv_shrink or lp_sgmv_shrink_group that writes v, on the same stream (the shrink lets its
+ * dependents start only once every kernel before it has completed).
+ */
+struct lp_lora_tail {
+  const float *v; /* [tokens, ldv] */
+  const int32_t *tok_seg;
+  int32_t ldv;
+  int32_t max_rank;
+  lp_sgmv_group g;
+}; /* 144 bytes */
 
 /*
  * Sampling on the device, so logits never cross to the host. One call samples `rows` rows of

@@ -17,8 +17,9 @@
 //         (programmatic dependent launch) the block requests its B and y lines into L2.
 // With PDL on, shrink too is a programmatic dependent of the kernel before it (often the previous
 // expand, which triggers its dependents at once): it loads its first rows of A before waiting, and
-// reads x / writes v only after. Blocks that exit early still wait, so no grid of the chain can
-// complete before the one it depends on.
+// reads x / writes v only after, and lets its own dependents start only after that wait (a matmul
+// with a LoRA epilogue queued right after it reads x early, lp_lora_tail). Blocks that exit early
+// still wait, so no grid of the chain can complete before the one it depends on.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -26,11 +27,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "launch.cuh"
 #include "loraplex_kernels.h"
 #include "mma.cuh"
-
-// The process-wide programmatic-dependent-launch switch (runtime.cu, lp_set_pdl).
-extern int lp_pdl_enabled;
 
 namespace {
 
@@ -104,40 +103,40 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// Programmatic dependent launch (Hopper): shrink lets expand's blocks start early; expand waits for
-// shrink's results only where it first reads them. Both are no-ops before sm_90 and for launches
-// made without the attribute.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+// The segment a block works on and its tables: the call's, or with G (a projection group,
+// lp_sgmv_group, where blockIdx.x enumerates (module, segment) pairs) the module's, whose ranks sit
+// at column v_off of v and whose n columns at column y_off of y.
+struct BlockSeg {
+  int s;
+  const void *const *ptrs;
+  const int32_t *ranks;
+  const float *scales;
+  int v_off, y_off, n;
+};
+
+template <bool G>
+__device__ __forceinline__ BlockSeg block_segment(const lp_sgmv_group &g, const void *const *ptrs, const int32_t *ranks,
+                                                  const float *scales, int n) {
+  BlockSeg b{static_cast<int>(blockIdx.x), ptrs, ranks, scales, 0, 0, n};
+  if (G) {
+    const int m = b.s / g.num_segs;
+    b.s -= m * g.num_segs;
+    b = BlockSeg{b.s, static_cast<const void *const *>(g.ptrs[m]), g.ranks[m], g.scales[m], g.v_off[m], g.y_off[m], g.cols[m]};
+  }
+  return b;
 }
 
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// With G, blockIdx.x enumerates (module, segment) pairs of a projection group (lp_sgmv_group): the
-// module's tables replace a_ptrs and ranks and its ranks land at column v_off of v.
 template <typename T, bool G = false>
 __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
     sgmv_shrink_kernel(float *__restrict__ v, int ldv, const T *__restrict__ x, int ldx,
                        const void *const *__restrict__ a_ptrs, const int32_t *__restrict__ seg_starts,
                        const int32_t *__restrict__ ranks, int max_rank, int K, lp_sgmv_group g) {
   constexpr int RB = SHRINK_RB, TT = SHRINK_TT, W = SHRINK_WARPS;
-  pdl_launch_dependents();
-  int s = blockIdx.x;
-  if (G) {
-    const int m = s / g.num_segs;
-    s -= m * g.num_segs;
-    a_ptrs = static_cast<const void *const *>(g.ptrs[m]);
-    ranks = g.ranks[m];
-    v += g.v_off[m];
-  }
-  const T *A = static_cast<const T *>(a_ptrs[s]);
-  const int r = min(ranks[s], max_rank);
+  const BlockSeg sg = block_segment<G>(g, a_ptrs, ranks, nullptr, 0);
+  const int s = sg.s;
+  v += sg.v_off;
+  const T *A = static_cast<const T *>(sg.ptrs[s]);
+  const int r = min(sg.ranks[s], max_rank);
   const int j0 = blockIdx.y * RB;
   const int seg_end = seg_starts[s + 1];
   const int t0 = seg_starts[s] + blockIdx.z * TT;
@@ -180,7 +179,7 @@ __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
     }
     for (int k = k0 + 2 * STEP; k < K; k += STEP)
       for (int i = 0; i < nr; i++) prefetch_l2(Ab + static_cast<size_t>(i) * K + k);
-    pdl_wait();
+    pdl_enter();
     for (int k = k0 + 2 * STEP; k < K; k += STEP)
       for (int t = 0; t < nt; t++) prefetch_l2(xb + static_cast<size_t>(t) * ldx + k);
     for (int k = k0; k < K; k += 2 * STEP) {
@@ -226,7 +225,7 @@ __global__ void __launch_bounds__(SHRINK_WARPS * 32, 2)
       }
     }
   } else {
-    pdl_wait();
+    pdl_enter();
     for (int k = warp * 32 + lane; k < K; k += W * 32) {
       float a[RB];
 #pragma unroll
@@ -291,19 +290,14 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
   // The next shrink (launched as this kernel's programmatic dependent) may start its weight loads
   // now; it waits for this grid's completion before touching v or x.
   pdl_launch_dependents();
-  int s = blockIdx.x;
-  if (G) {
-    const int m = s / g.num_segs;
-    s -= m * g.num_segs;
-    b_ptrs = static_cast<const void *const *>(g.ptrs[m]);
-    ranks = g.ranks[m];
-    scales = g.scales[m];
-    v += g.v_off[m];
-    y += g.y_off[m];
-    N = g.cols[m];
-  }
-  const T *B = static_cast<const T *>(b_ptrs[s]);
-  const int r = min(ranks[s], max_rank);
+  const BlockSeg sg = block_segment<G>(g, b_ptrs, ranks, scales, N);
+  const int s = sg.s;
+  v += sg.v_off;
+  y += sg.y_off;
+  N = sg.n;
+  scales = sg.scales;
+  const T *B = static_cast<const T *>(sg.ptrs[s]);
+  const int r = min(sg.ranks[s], max_rank);
   const int seg_end = seg_starts[s + 1];
   const int t0 = seg_starts[s] + blockIdx.z * TT;
   if (B == nullptr || r <= 0 || t0 >= seg_end) {
@@ -518,20 +512,14 @@ __global__ void __launch_bounds__(128)
                           const int32_t *__restrict__ ranks, int max_rank, int K, lp_sgmv_group g) {
   constexpr int NT = TC_SHRINK_RANK / 8;
   __shared__ float part[3][16][TC_SHRINK_RANK + 1];  // warps 1..3's partial sums
-  pdl_launch_dependents();
-  int s = blockIdx.x;
-  if (G) {
-    const int m = s / g.num_segs;
-    s -= m * g.num_segs;
-    a_ptrs = static_cast<const void *const *>(g.ptrs[m]);
-    ranks = g.ranks[m];
-    v += g.v_off[m];
-  }
-  const auto *A = static_cast<const __nv_bfloat16 *>(a_ptrs[s]);
-  const int r = min(ranks[s], max_rank);
+  const BlockSeg sg = block_segment<G>(g, a_ptrs, ranks, nullptr, 0);
+  const int s = sg.s;
+  v += sg.v_off;
+  const auto *A = static_cast<const __nv_bfloat16 *>(sg.ptrs[s]);
+  const int r = min(sg.ranks[s], max_rank);
   const int seg_end = seg_starts[s + 1];
   const int t0 = seg_starts[s] + blockIdx.y * TC_SHRINK_ROWS;
-  pdl_wait();
+  pdl_enter();
   if (A == nullptr || r <= 0 || t0 >= seg_end) return;  // block-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
   const int ra = t0 + gq, rb = ra + 8;
@@ -620,19 +608,14 @@ __global__ void __launch_bounds__(128)
   constexpr int LDS = TC_COLS + 4;  // padded rows of the staged tile
   __shared__ __align__(16) float tile[4][16 * LDS];
   pdl_launch_dependents();
-  int s = blockIdx.x;
-  if (G) {
-    const int m = s / g.num_segs;
-    s -= m * g.num_segs;
-    b_ptrs = static_cast<const void *const *>(g.ptrs[m]);
-    ranks = g.ranks[m];
-    scales = g.scales[m];
-    v += g.v_off[m];
-    y += g.y_off[m];
-    N = g.cols[m];
-  }
-  const auto *B = static_cast<const __nv_bfloat16 *>(b_ptrs[s]);
-  const int r = min(ranks[s], max_rank);
+  const BlockSeg sg = block_segment<G>(g, b_ptrs, ranks, scales, N);
+  const int s = sg.s;
+  v += sg.v_off;
+  y += sg.y_off;
+  N = sg.n;
+  scales = sg.scales;
+  const auto *B = static_cast<const __nv_bfloat16 *>(sg.ptrs[s]);
+  const int r = min(sg.ranks[s], max_rank);
   const int seg_end = seg_starts[s + 1];
   const int t0 = seg_starts[s] + blockIdx.z * TC_ROWS;
   const int n0 = blockIdx.y * TC_COLS;
@@ -756,30 +739,12 @@ int sm_count() {
   return n;
 }
 
-inline int launch_status() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? LP_OK : static_cast<int>(e);
-}
-
-// launch_dep launches a kernel as a programmatic dependent of the previous one in the stream (as
-// launch_expand and launch_shrink do), plainly where the attribute is refused.
+// launch_dep launches a 128-thread kernel as a programmatic dependent of the previous one in the
+// stream (launch_k) and returns the launch's status.
 template <typename... KArgs, typename... Args>
-int launch_dep(void (*kernel)(KArgs...), dim3 grid, cudaStream_t st, Args... args) {
-  if (lp_pdl_enabled) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(128);
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, kernel, args...) == cudaSuccess) return LP_OK;
-    cudaGetLastError();
-  }
-  kernel<<<grid, 128, 0, st>>>(args...);
-  return launch_status();
+int launch_dep(void (*kernel)(KArgs...), dim3 grid, cudaStream_t st, Args &&...args) {
+  launch_k(kernel, grid, dim3(128), 0, st, std::forward<Args>(args)...);
+  return launched();
 }
 
 // tc_shrink_ok: the call may take the tensor-core shrink (bf16 x with 16-byte aligned rows, K a
@@ -789,58 +754,26 @@ inline bool tc_shrink_ok(int dtype, const void *x, int ldx, int max_seg_len, int
          ldx % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 }
 
-// launch_expand starts expand as a programmatic dependent of the previous kernel in the stream, so
-// its blocks can prefetch B while shrink finishes; where the attribute is refused it launches plainly.
+// launch_expand and launch_shrink queue the CUDA-core kernels as programmatic dependents (launch_k):
+// expand's blocks prefetch B while the kernel before finishes; shrink's load their rows of A while
+// that kernel (typically the previous layer's expand) finishes, and wait for it before reading x or
+// writing v.
 template <typename T, typename Y = T, bool G = false>
 int launch_expand(dim3 grid, cudaStream_t st, Y *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
                   const int32_t *seg_starts, const int32_t *ranks, const float *scales, int max_rank, int n,
                   const lp_sgmv_group &g = lp_sgmv_group{}) {
-  if (lp_pdl_enabled) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(EXPAND_THREADS);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, sgmv_expand_kernel<T, Y, G>, y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales,
-                           max_rank, n, g) == cudaSuccess)
-      return LP_OK;
-    cudaGetLastError();
-  }
-  sgmv_expand_kernel<T, Y, G><<<grid, EXPAND_THREADS, 0, st>>>(y, ldy, v, ldv, b_ptrs, seg_starts, ranks, scales,
-                                                             max_rank, n, g);
-  return launch_status();
+  launch_k(sgmv_expand_kernel<T, Y, G>, grid, dim3(EXPAND_THREADS), 0, st, y, ldy, v, ldv, b_ptrs, seg_starts, ranks,
+           scales, max_rank, n, g);
+  return launched();
 }
 
-// launch_shrink starts shrink as a programmatic dependent of the previous kernel too: its blocks load
-// their rows of A while that kernel (typically the previous layer's expand) finishes, and wait for
-// it before reading x or writing v; where the attribute is refused it launches plainly.
 template <typename T, bool G = false>
 int launch_shrink(dim3 grid, cudaStream_t st, float *v, int ldv, const T *x, int ldx, const void *const *a_ptrs,
                   const int32_t *seg_starts, const int32_t *ranks, int max_rank, int k,
                   const lp_sgmv_group &g = lp_sgmv_group{}) {
-  if (lp_pdl_enabled) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(SHRINK_WARPS * 32);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, sgmv_shrink_kernel<T, G>, v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k,
-                           g) == cudaSuccess)
-      return LP_OK;
-    cudaGetLastError();
-  }
-  sgmv_shrink_kernel<T, G><<<grid, SHRINK_WARPS * 32, 0, st>>>(v, ldv, x, ldx, a_ptrs, seg_starts, ranks, max_rank, k, g);
-  return launch_status();
+  launch_k(sgmv_shrink_kernel<T, G>, grid, dim3(SHRINK_WARPS * 32), 0, st, v, ldv, x, ldx, a_ptrs, seg_starts, ranks,
+           max_rank, k, g);
+  return launched();
 }
 
 }  // namespace

@@ -17,7 +17,7 @@ rc=0
 for what in "${@:-tests}"; do
   case $what in
     tests)
-      cuda -test.v -test.count=1 -test.run 'TestBackend|TestInvariantMatMulRows|TestKVCacheDType|TestSGMVRandom|TestBF16|TestF16|TestDeviceAndNVML|TestFused|TestUpload(AdapterReadBack|AdapterConcurrent|OverlapsCompute)|TestSample' >"$out/cuda-tests.log" 2>&1 || rc=1
+      cuda -test.v -test.count=1 -test.run 'TestBackend|TestInvariantMatMulRows|TestKVCacheDType|TestSGMVRandom|TestBF16|TestF16|TestDeviceAndNVML|TestFused|TestLoRATail|TestUpload(AdapterReadBack|AdapterConcurrent|OverlapsCompute)|TestSample' >"$out/cuda-tests.log" 2>&1 || rc=1
       grep -E '^(--- |FAIL|ok|PASS)' "$out/cuda-tests.log" | grep -v '^--- PASS' | tail -30
       llama -test.v -test.count=1 -test.run 'TestCUDAMatchesReference|TestCUDAFamiliesMatchReference|TestCUDABatchInvariant|TestCUDAStepGraphsMatchEager' >"$out/llama-tests.log" 2>&1 || rc=1
       grep -E '^(--- |FAIL|ok|PASS)|worst logit|graph stats|steps:|bit-identical' "$out/llama-tests.log" | tail -40

@@ -64,10 +64,12 @@ type Backend struct {
 
 	// LoRA shrinks run on side beside the base GEMM (beside, ops.go), forked from and joined back
 	// into the compute stream through forkEv and joinEv; serialLoRA (Options.SerialLoRA) turns it off.
+	// Small steps apply adapters in the matmul's epilogue instead (tails, ops.go) unless noTails
+	// (Options.NoLoRAEpilogue).
 	side           *Stream
 	forkEv, joinEv *Event
 	serialLoRA     bool
-	noBeside       bool
+	noTails        bool
 }
 
 var (
@@ -109,9 +111,10 @@ type Options struct {
 	// a second stream) and applies adapters module by module in fused projections of up to 8 tokens,
 	// as before the grouped small-step path; for comparisons.
 	SerialLoRA bool
-	// NoLoRABeside keeps the grouped small-step path but queues every LoRA shrink after its base
-	// GEMM on the compute stream; for comparisons.
-	NoLoRABeside bool
+	// NoLoRAEpilogue keeps decode-sized steps' LoRA expand out of the matmul's epilogue: their
+	// shrinks run beside the GEMM and the expand after it (folded into the split of a packed
+	// projection), as before ABI 10; for comparisons.
+	NoLoRAEpilogue bool
 	// KVDType is the KV cache's element type: BF16 or F32 (0: BF16 with bf16 weights, F32 with
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
@@ -176,7 +179,7 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 		_ = s.Close()
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention, gemvUpTo8: o.GEMVUpTo8, serialLoRA: o.SerialLoRA, noBeside: o.SerialLoRA || o.NoLoRABeside}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention, gemvUpTo8: o.GEMVUpTo8, serialLoRA: o.SerialLoRA, noTails: o.SerialLoRA || o.NoLoRAEpilogue}
 	b.up = up
 	err = lib.check("blas create", lib.blasCreate(&b.blas, s.handle()))
 	if err == nil {

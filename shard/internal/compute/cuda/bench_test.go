@@ -327,10 +327,10 @@ func TestGEMMBench(t *testing.T) {
 				return fmt.Sprintf("%.2f (%.0f%%)", us, 100*float64(wbytes)/(us*1e-6)/bw)
 			}
 			gemv := time(func(w *Buffer) int32 {
-				return l.gemv(ptr[0], np[0], ptr[1], np[1], ptr[2], np[2], x.ptr, w.ptr, int32(m), int32(sh.k), 0, s.handle())
+				return l.gemv(ptr[0], np[0], ptr[1], np[1], ptr[2], np[2], x.ptr, w.ptr, int32(m), int32(sh.k), 0, nil, s.handle())
 			})
 			skinny := time(func(w *Buffer) int32 {
-				return l.gemmSkinny(ptr[0], np[0], ptr[1], np[1], ptr[2], np[2], x.ptr, w.ptr, int32(m), int32(sh.k), 0, s.handle())
+				return l.gemmSkinny(ptr[0], np[0], ptr[1], np[1], ptr[2], np[2], x.ptr, w.ptr, int32(m), int32(sh.k), 0, nil, s.handle())
 			})
 			blas := time(func(w *Buffer) int32 {
 				return l.gemmEx(be.blas, int32(BF16), packed.ptr, int32(n), x.ptr, w.ptr, int32(m), int32(n), int32(sh.k), 0)

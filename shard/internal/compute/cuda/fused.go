@@ -107,18 +107,18 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 	if err != nil {
 		return err
 	}
-	// Small steps without adapters: the streaming kernel writes each part into its output. With
-	// adapters the packed product stays, so one grouped shrink (beside the GEMM) and one grouped
-	// expand serve all parts before the split; Options.SerialLoRA keeps the earlier choice (parts
-	// written directly up to legacyGEMVTokens rows, adapters then applied module by module).
+	// Small steps: the streaming kernel writes each part into its output, with the adapters' update
+	// in its epilogue after one grouped shrink (tails). Other steps with adapters keep the packed
+	// product, so one grouped shrink (beside the GEMM) and one grouped expand serve all parts before
+	// the split; Options.SerialLoRA keeps the earlier choice (parts written directly up to
+	// legacyGEMVTokens rows, adapters then applied module by module).
+	if lg != nil && b.tails(t, n, k, xHalf, wt) {
+		return b.withTail(outPtrs(os), widths[:len(os)], xHalf, wt, t, k, false, lg.ldv,
+			func(v, s uintptr) error { return lg.shrink(v, xHalf, s) }, lg.tail)
+	}
 	var direct bool
 	if len(os) > 1 && xHalf != 0 && (lg == nil || b.serialLoRA && t <= legacyGEMVTokens) {
-		ptrs := make([]uintptr, len(os))
-		for i, o := range os {
-			ptrs[i] = o.ptr()
-			o.halfOK = false
-		}
-		if direct, err = b.gemv(ptrs, widths[:len(os)], xHalf, wt, t, k, false); err != nil {
+		if direct, err = b.gemv(outPtrs(os), widths[:len(os)], xHalf, wt, t, k, false, nil); err != nil {
 			return err
 		}
 	}
@@ -152,10 +152,7 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 			return err
 		}
 		var ptr [3]uintptr
-		for i, o := range os {
-			ptr[i] = o.ptr()
-			o.halfOK = false
-		}
+		copy(ptr[:], outPtrs(os))
 		if fold {
 			g := lg.g
 			g.ptrs = lg.bptr
@@ -178,6 +175,17 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 		}
 	}
 	return nil
+}
+
+// outPtrs returns the device addresses of a projection's outputs, whose bf16 copies it is about to
+// overwrite go stale.
+func outPtrs(os []*Tensor) []uintptr {
+	ptrs := make([]uintptr, len(os))
+	for i, o := range os {
+		ptrs[i] = o.ptr()
+		o.halfOK = false
+	}
+	return ptrs
 }
 
 // ProjectAdd implements compute.Fuser.
@@ -209,6 +217,9 @@ func (b *Backend) ProjectAdd(out, x, w compute.Tensor, layer int, mod compute.Mo
 	if lo == nil {
 		return base()
 	}
+	if lo.tuned && b.tails(t, n, k, xHalf, wt) {
+		return b.withTail([]uintptr{o.ptr()}, []int{n}, xHalf, wt, t, k, true, lo.st.maxRank, lo.shrink, lo.tail)
+	}
 	v, err := b.scratch(lo.vBytes())
 	if err != nil {
 		return err
@@ -226,6 +237,14 @@ type sgmvGroup struct {
 	cols, yOff, vOff    [3]int32
 	_                   int32
 	ptrs, ranks, scales [3]uintptr
+}
+
+// loraTail mirrors lp_lora_tail, 144 bytes: the grouped expand as a small matmul's epilogue, adding
+// scale v[t] . B row to each output column of a token with an adapter (g's ptrs are B tables).
+type loraTail struct {
+	v, tokSeg    uintptr
+	ldv, maxRank int32
+	g            sgmvGroup
 }
 
 // loraGroup is the LoRA update of a packed projection's modules as one grouped shrink of x into v
@@ -285,6 +304,13 @@ func (lg *loraGroup) shrink(v, xHalf, s uintptr) error {
 	g.ptrs = lg.aptr
 	return lg.b.lib.check("sgmv shrink (group)", lg.b.lib.sgmvShrinkGroup(int32(BF16), v, int32(lg.ldv), xHalf, int32(lg.in), &g, lg.bt.segStarts,
 		g.numSegs, int32(lg.bt.maxSegLen), int32(lg.rank), int32(lg.in), s))
+}
+
+// tail is the group's expand as a matmul's epilogue reading the grouped shrink's output v.
+func (lg *loraGroup) tail(v uintptr) *loraTail {
+	lt := &loraTail{v: v, tokSeg: lg.bt.tokSeg, ldv: int32(lg.ldv), maxRank: int32(lg.rank), g: lg.g}
+	lt.g.ptrs = lg.bptr
+	return lt
 }
 
 // Small steps fold the grouped expand into the split (lp_split_cols_lora: one dependent launch

@@ -13,20 +13,26 @@ import (
 // TestFusedProjectionsMatchCPU checks Project (packed q/k/v and gate/up GEMMs, split, then LoRA) and
 // ProjectAdd (GEMM accumulating into the residual, then LoRA) against the CPU's MatMul, SGMV and Add.
 func TestFusedProjectionsMatchCPU(t *testing.T) {
-	for _, dt := range []DType{F32, BF16} {
-		t.Run(dt.String(), func(t *testing.T) {
-			p := &parity{t: t, g: newGPUBackend(t, Options{WeightDType: dt}), c: cpu.New(cpu.Options{}), dt: dt}
+	for _, c := range []struct {
+		name string
+		o    Options
+	}{{"F32", Options{WeightDType: F32}}, {"BF16", Options{WeightDType: BF16}}, {"BF16-no-epilogue", Options{WeightDType: BF16, NoLoRAEpilogue: true}}} {
+		dt := c.o.WeightDType
+		t.Run(c.name, func(t *testing.T) {
+			p := &parity{t: t, g: newGPUBackend(t, c.o), c: cpu.New(cpu.Options{}), dt: dt}
 			seed := rand.Uint64()
 			t.Logf("seed %d", seed)
 			r := rand.New(rand.NewPCG(seed, 11))
 			// Without adapters, 2 tokens: the GEMV writing each part; 13: the skinny GEMM writing
-			// each part; 40: cuBLAS, packed and split. With adapters the GEMV (2), skinny GEMM (3, 8,
-			// 13) or cuBLAS (40) writes the packed output, the grouped shrink runs beside the GEMM
-			// on the side stream (up to 13 tokens in 3 segments) or after it (9, 10 and 12 segments,
-			// over maxBesideSegments; 40 tokens, over maxBesideTokens), and the grouped expand is
-			// folded into the split (2, 3, 8 tokens:
-			// lp_split_cols_lora) or runs before it (13, 40); 200: segments of 66-67 tokens, which
-			// take the tensor-core LoRA kernels.
+			// each part; 40: cuBLAS, packed and split. With adapters on bf16: the grouped shrink,
+			// then the GEMV (2) or the skinny GEMM (3, 8, 13) writing each part with its LoRA term
+			// added in the epilogue (lp_lora_tail); 40 tokens: cuBLAS writes the packed output, the
+			// grouped shrink runs after it (3 and 10 segments; over maxBesideTokens) and the grouped
+			// expand before the split; 200: segments of 66-67 tokens, which take the tensor-core
+			// LoRA kernels. Without the epilogue (NoLoRAEpilogue) the small steps take the earlier
+			// path: the shrink beside the GEMM on the side stream (up to 13 tokens in 3 segments) or
+			// after it (9 and 12 segments, over maxBesideSegments), the expand folded into the split
+			// (2, 3, 8 tokens: lp_split_cols_lora) or before it (13).
 			for _, c := range []struct {
 				tokens, segs int
 				adapters     bool
@@ -123,10 +129,66 @@ func testFused(p *parity, r *rand.Rand, tokens, segs int, adapters bool) {
 	}
 }
 
-// TestSGMVGroupLayout pins the Go mirror of lp_sgmv_group to the C layout (120 bytes, pointers at 48).
+// TestSGMVGroupLayout pins the Go mirrors of lp_sgmv_group (120 bytes, pointers at 48) and
+// lp_lora_tail (144 bytes, the group at 24) to the C layouts.
 func TestSGMVGroupLayout(t *testing.T) {
 	var g sgmvGroup
 	if n, off := unsafe.Sizeof(g), unsafe.Offsetof(g.ptrs); n != 120 || off != 48 {
 		t.Fatalf("sgmvGroup is %d bytes with ptrs at %d; lp_sgmv_group is 120 with ptrs at 48", n, off)
 	}
+	var lt loraTail
+	if n, off := unsafe.Sizeof(lt), unsafe.Offsetof(lt.g); n != 144 || off != 24 {
+		t.Fatalf("loraTail is %d bytes with g at %d; lp_lora_tail is 144 with g at 24", n, off)
+	}
+}
+
+// TestLoRATailChecks: the small matmuls refuse an inconsistent LoRA epilogue (LP_ERR_INVALID, nothing
+// queued) and take a consistent one.
+func TestLoRATailChecks(t *testing.T) {
+	l := gpu(t)
+	s, err := l.NewStream()
+	must(t, err)
+	defer s.Close()
+	const tokens, n, k, rank = 2, 64, 64, 8
+	buf := func(bytes int64) uintptr {
+		b, err := l.Malloc(bytes)
+		must(t, err)
+		t.Cleanup(func() { _ = b.Free() })
+		must(t, l.Memset(b, 0, s))
+		return b.ptr
+	}
+	out, x, w, v := buf(4*tokens*n), buf(2*tokens*k), buf(2*n*k), buf(4*tokens*rank)
+	// One segment without an adapter (a null B pointer): the epilogue adds nothing.
+	tables, tokSeg := buf(64), buf(4*tokens)
+	good := func() *loraTail {
+		return &loraTail{v: v, tokSeg: tokSeg, ldv: rank, maxRank: rank, g: sgmvGroup{modules: 1, numSegs: 1, cols: [3]int32{n},
+			ptrs: [3]uintptr{tables}, ranks: [3]uintptr{tables + 16}, scales: [3]uintptr{tables + 32}}}
+	}
+	for _, c := range []struct {
+		name string
+		mod  func(*loraTail)
+		want int32
+	}{
+		{"consistent", func(*loraTail) {}, 0},
+		{"no modules", func(lt *loraTail) { lt.g.modules = 0 }, -1},
+		{"four modules", func(lt *loraTail) { lt.g.modules = 4 }, -1},
+		{"columns past the output", func(lt *loraTail) { lt.g.yOff[0] = 1 }, -1},
+		{"ranks past ldv", func(lt *loraTail) { lt.g.vOff[0] = 1 }, -1},
+		{"rank past LP_MAX_RANK", func(lt *loraTail) { lt.maxRank, lt.ldv = 513, 513 }, -1},
+		{"no v", func(lt *loraTail) { lt.v = 0 }, -1},
+		{"no token segments", func(lt *loraTail) { lt.tokSeg = 0 }, -1},
+		{"no scales", func(lt *loraTail) { lt.g.scales[0] = 0 }, -1},
+	} {
+		for _, kernel := range []struct {
+			name string
+			f    smallMatMul
+		}{{"gemv", l.gemv}, {"skinny", l.gemmSkinny}} {
+			lt := good()
+			c.mod(lt)
+			if rc := kernel.f(out, n, 0, 0, 0, 0, x, w, tokens, k, 0, lt, s.handle()); rc != c.want {
+				t.Errorf("%s, %s: rc %d, want %d", kernel.name, c.name, rc, c.want)
+			}
+		}
+	}
+	must(t, l.Sync(s))
 }

@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 9
+const ABIVersion = 10
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -131,10 +131,11 @@ type Lib struct {
 		nseg, maxLen, maxRank, in int32, s uintptr) int32
 	sgmvExpandGroupY32 func(wdt int32, y uintptr, ldy int32, v uintptr, ldv int32, g *sgmvGroup, starts uintptr,
 		nseg, maxLen, maxRank int32, s uintptr) int32
-	setPDL          func(enabled int32) int32
-	ropeKVWrite     func(kvdt int32, q, k, v, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, invFreq, positions, ropeSets, seqIndex, tables, offsets uintptr, blockSize int32, prep *qkvPrep, s uintptr) int32
-	gemv            func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, s uintptr) int32
-	gemmSkinny      func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, s uintptr) int32
+	setPDL      func(enabled int32) int32
+	ropeKVWrite func(kvdt int32, q, k, v, kc, vc uintptr, tokens, heads, kvHeads, headDim int32, invFreq, positions, ropeSets, seqIndex, tables, offsets uintptr, blockSize int32, prep *qkvPrep, s uintptr) int32
+	// ABI 10: a LoRA epilogue (nil: none).
+	gemv            func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, lora *loraTail, s uintptr) int32
+	gemmSkinny      func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, lora *loraTail, s uintptr) int32
 	gemmEx          func(h uintptr, dt int32, out uintptr, ldo int32, x, w uintptr, tokens, n, k, acc int32) int32
 	splitCols       func(p uintptr, rows, ldp int32, o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, s uintptr) int32
 	rmsNormBF16     func(out, outBF16, x, w uintptr, rows, d int32, eps float32, s uintptr) int32

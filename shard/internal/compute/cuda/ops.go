@@ -96,28 +96,37 @@ const (
 	legacyGEMVTokens = 8
 )
 
-// gemv queues out_i (+)= x W^T for a bf16 weight whose rows split over outs (widths ns) when a
-// streaming kernel suits the step (see maxGEMVTokens): lp_gemv_bf16 or lp_gemm_skinny_bf16, either
-// writing each part straight into its output; false when cuBLAS should run it. In the
-// batch-invariant mode it always applies and takes lp_gemm_skinny_bf16 (tensor cores, 64-row
-// slices), whose sums for a row never depend on the other rows.
-func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k int, acc bool) (bool, error) {
-	if len(outs) > 3 || w.dtype != BF16 {
-		return false, nil
-	}
-	width := 0
-	for _, c := range ns {
-		width += c
-	}
-	kernel, name := b.lib.gemv, "gemv"
+// smallMatMul is the signature of lp_gemv_bf16 and lp_gemm_skinny_bf16.
+type smallMatMul = func(o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, x, w uintptr, tokens, k, acc int32, lora *loraTail, s uintptr) int32
+
+// smallKernel returns the streaming kernel for a step of t rows through a bf16 weight [width, k]
+// (see maxGEMVTokens) and its name, or nil where cuBLAS should run it. In the batch-invariant mode
+// it is always lp_gemm_skinny_bf16 (tensor cores, 64-row slices), whose sums for a row never depend
+// on the other rows.
+func (b *Backend) smallKernel(t, width, k int) (smallMatMul, string) {
 	switch {
 	case b.gemvUpTo8 && !b.invariant:
 		if t > legacyGEMVTokens {
-			return false, nil
+			return nil, ""
 		}
 	case b.invariant || (t > maxGEMVTokens && t <= maxSkinnyTokens && width <= maxSkinnyN && k <= maxSkinnyK):
-		kernel, name = b.lib.gemmSkinny, "skinny gemm"
+		return b.lib.gemmSkinny, "skinny gemm"
 	case t > maxGEMVTokens:
+		return nil, ""
+	}
+	return b.lib.gemv, "gemv"
+}
+
+// gemv queues out_i (+)= x W^T for a bf16 weight whose rows split over outs (widths ns) when a
+// streaming kernel suits the step (smallKernel), writing each part straight into its output, plus
+// the LoRA update lora in its epilogue when not nil; false when cuBLAS should run it (never with
+// lora: see tails).
+func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k int, acc bool, lora *loraTail) (bool, error) {
+	if len(outs) > 3 || w.dtype != BF16 {
+		return false, nil
+	}
+	kernel, name := b.smallKernel(t, width(ns), k)
+	if kernel == nil {
 		return false, nil
 	}
 	var o [3]uintptr
@@ -129,11 +138,53 @@ func (b *Backend) gemv(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k 
 	if acc {
 		a = 1
 	}
-	rc := kernel(o[0], n[0], o[1], n[1], o[2], n[2], xHalf, w.ptr(), int32(t), int32(k), a, b.stream.handle())
-	if rc == errUnsupported {
+	rc := kernel(o[0], n[0], o[1], n[1], o[2], n[2], xHalf, w.ptr(), int32(t), int32(k), a, lora, b.stream.handle())
+	if rc == errUnsupported && lora == nil {
 		return false, nil
 	}
 	return true, b.lib.check(name, rc)
+}
+
+// width is the sum of a packed weight's part widths.
+func width(ns []int) int {
+	w := 0
+	for _, c := range ns {
+		w += c
+	}
+	return w
+}
+
+// tails says whether a step of t tokens through a bf16 weight [width, k] applies its adapters in
+// the matmul's epilogue (lp_lora_tail): the grouped shrink, then the GEMV or skinny GEMM adding each
+// output's LoRA term as it stores it, one dependent launch for the whole update where the expand
+// after the GEMM (or the split it is folded into) would be a second. That is every step
+// smallKernel streams, in the default mode: the batch-invariant mode keeps one path for every step
+// size, and Options.SerialLoRA and NoLoRAEpilogue the earlier ones.
+func (b *Backend) tails(t, width, k int, xHalf uintptr, w *Tensor) bool {
+	if b.noTails || b.invariant || b.gemvUpTo8 || xHalf == 0 || w.dtype != BF16 || k%8 != 0 || xHalf%16 != 0 || w.ptr()%16 != 0 {
+		return false
+	}
+	kernel, _ := b.smallKernel(t, width, k)
+	return kernel != nil
+}
+
+// withTail queues a small step's projection with its adapters in the epilogue (see tails): shrink
+// into a float32 scratch v of ldv columns per token, then the matmul adding tail(v).
+func (b *Backend) withTail(outs []uintptr, ns []int, xHalf uintptr, w *Tensor, t, k int, acc bool, ldv int,
+	shrink func(v, s uintptr) error, tail func(v uintptr) *loraTail) error {
+	v, err := b.scratch(4 * int64(t) * int64(ldv))
+	if err != nil {
+		return err
+	}
+	defer b.release(v)
+	if err := shrink(v.ptr, b.stream.handle()); err != nil {
+		return err
+	}
+	ok, err := b.gemv(outs, ns, xHalf, w, t, k, acc, tail(v.ptr))
+	if err == nil && !ok {
+		err = fmt.Errorf("%w: no streaming matmul for a LoRA epilogue of %d tokens through %d x %d", compute.ErrBackend, t, width(ns), k)
+	}
+	return err
 }
 
 // halfInput returns x rounded to bf16 on a bf16 backend (0 on a float32 one): its bf16 copy, made
@@ -186,7 +237,7 @@ func (b *Backend) matmulTo(out uintptr, ldo int, acc bool, x, xHalf uintptr, w *
 	}
 	if xHalf != 0 {
 		if ldo == n {
-			if ok, err := b.gemv([]uintptr{out}, []int{n}, xHalf, w, t, k, acc); ok || err != nil {
+			if ok, err := b.gemv([]uintptr{out}, []int{n}, xHalf, w, t, k, acc, nil); ok || err != nil {
 				return err
 			}
 		}
@@ -233,7 +284,7 @@ func (b *Backend) invariantMatMul(out uintptr, ldo int, acc bool, x, xHalf uintp
 		}
 		xHalf = xb.ptr
 	}
-	ok, err := b.gemv([]uintptr{out}, []int{n}, xHalf, w, t, k, acc)
+	ok, err := b.gemv([]uintptr{out}, []int{n}, xHalf, w, t, k, acc, nil)
 	if err != nil {
 		return err
 	}
@@ -711,6 +762,14 @@ func (lo *loraUpdate) expand(v uintptr) error {
 		st.scales, bt.tokSeg, int32(lo.n), int32(st.maxRank), h))
 }
 
+// tail is the update as a matmul's epilogue reading the shrink's output v (see tails).
+func (lo *loraUpdate) tail(v uintptr) *loraTail {
+	st := lo.st
+	return &loraTail{v: v, tokSeg: lo.bt.tokSeg, ldv: int32(st.maxRank), maxRank: int32(st.maxRank), g: sgmvGroup{
+		modules: 1, numSegs: int32(len(lo.bt.m.Segments)), cols: [3]int32{int32(lo.out)},
+		ptrs: [3]uintptr{st.bptr}, ranks: [3]uintptr{st.ranks}, scales: [3]uintptr{st.scales}}}
+}
+
 // The steps whose LoRA shrinks run beside the base GEMM: decode-sized ones (at most maxBesideTokens
 // tokens, where it was measured) of at most maxBesideSegments segments. On the H200
 // (TestCUDADecodeAdaptersBench, random 1.1B Llama, rank-16 adapters on all projections) running them
@@ -726,9 +785,9 @@ const (
 // the compute stream wait for both: a LoRA shrink reads only the projection's input, so it need not
 // wait for the base GEMM, and the expand after it pays one dependent launch instead of two. In a step
 // graph the side stream's work becomes a parallel branch. Other steps (see maxBesideTokens), and
-// Options.SerialLoRA or NoLoRABeside, queue both on the compute stream, base first.
+// Options.SerialLoRA, queue both on the compute stream, base first.
 func (b *Backend) beside(bt *batch, shrink func(s uintptr) error, base func() error) error {
-	if b.noBeside || len(bt.m.Tokens) > maxBesideTokens || len(bt.m.Segments) > maxBesideSegments {
+	if b.serialLoRA || len(bt.m.Tokens) > maxBesideTokens || len(bt.m.Segments) > maxBesideSegments {
 		if err := base(); err != nil {
 			return err
 		}

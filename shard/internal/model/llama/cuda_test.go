@@ -649,16 +649,17 @@ func TestCUDADecodeBench(t *testing.T) {
 // the random 1.1B Llama (prompt 128) with rank-16 adapters on all seven projections, none, one
 // shared by the batch, or one per sequence, as CUDA graph replays; the adapters' extra time against
 // the bytes of the distinct adapters the step reads over the run's copy bandwidth. The default
-// backend runs beside one with Options.SerialLoRA (every shrink after its GEMM on one stream, small
-// fused steps module by module) and one with Options.NoLoRABeside, in the same run.
+// backend runs beside one with Options.NoLoRAEpilogue (the shrink beside the GEMM, the expand after
+// it or folded into the split) and one with Options.SerialLoRA (every shrink after its GEMM on one
+// stream, small fused steps module by module), in the same run.
 func TestCUDADecodeAdaptersBench(t *testing.T) {
 	be, _, bw := benchGPU(t, *cudaBench, "-cuda.bench")
+	beside := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoLoRAEpilogue: true})
 	serial := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, SerialLoRA: true})
-	inline := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoLoRABeside: true})
 	for _, c := range []struct {
 		name string
 		be   *cuda.Backend
-	}{{"default", be}, {"serial LoRA", serial}, {"no shrink beside", inline}} {
+	}{{"default", be}, {"no epilogue", beside}, {"serial LoRA", serial}} {
 		m, _, _ := randomLlama(t, c.be, bw, config1B)
 		info := m.Info()
 		ads := make([]compute.Adapter, 32)
