@@ -286,7 +286,8 @@ LP_API int lp_sgmv_expand(int dtype, void *y, int ldy, const float *v, int ldv, 
  * (prefill): tensor cores then multiply v carried as two bf16 parts (about 16 significant bits)
  * by B, with float32 accumulation. (lp_sgmv_shrink and lp_sgmv_shrink_group likewise use tensor
  * cores for such calls on bf16 x with ranks up to 64, in_features a multiple of 32 and 16-byte
- * aligned rows; their products are exact, only the order of the float32 sums differs.) */
+ * aligned rows, when num_segs x ceil(max_seg_len / 16) [x modules] blocks make two waves over the
+ * GPU's multiprocessors; their products are exact, only the order of the float32 sums differs.) */
 LP_API int lp_sgmv_expand_y32(int wdtype, float *y, int ldy, const float *v, int ldv, const void *const *b_ptrs,
                               const int32_t *seg_starts, const int32_t *ranks, const float *scales, int num_segs,
                               int max_seg_len, int max_rank, int out_features, lp_stream stream);

@@ -17,8 +17,8 @@
 //         (programmatic dependent launch) the block requests its B and y lines into L2.
 // With PDL on, shrink too is a programmatic dependent of the kernel before it (often the previous
 // expand, which triggers its dependents at once): it loads its first rows of A before waiting, and
-// reads x / writes v only after, and lets its own dependents start only after that wait (a matmul
-// with a LoRA epilogue queued right after it reads x early, lp_lora_tail). Blocks that exit early
+// reads x / writes v only after; the CUDA-core shrink lets its own dependents start only after that
+// wait (a matmul with a LoRA epilogue queued right after it reads x early, lp_lora_tail). Blocks that exit early
 // still wait, so no grid of the chain can complete before the one it depends on.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -512,6 +512,9 @@ __global__ void __launch_bounds__(128)
                           const int32_t *__restrict__ ranks, int max_rank, int K, lp_sgmv_group g) {
   constexpr int NT = TC_SHRINK_RANK / 8;
   __shared__ float part[3][16][TC_SHRINK_RANK + 1];  // warps 1..3's partial sums
+  // Unlike the CUDA-core shrink this one lets the expand after it start at once: no matmul with a
+  // LoRA epilogue follows it (those steps are decode-sized).
+  pdl_launch_dependents();
   const BlockSeg sg = block_segment<G>(g, a_ptrs, ranks, nullptr, 0);
   const int s = sg.s;
   v += sg.v_off;
@@ -519,7 +522,7 @@ __global__ void __launch_bounds__(128)
   const int r = min(sg.ranks[s], max_rank);
   const int seg_end = seg_starts[s + 1];
   const int t0 = seg_starts[s] + blockIdx.y * TC_SHRINK_ROWS;
-  pdl_enter();
+  pdl_wait();
   if (A == nullptr || r <= 0 || t0 >= seg_end) return;  // block-uniform
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
   const int ra = t0 + gq, rb = ra + 8;
@@ -747,11 +750,16 @@ int launch_dep(void (*kernel)(KArgs...), dim3 grid, cudaStream_t st, Args &&...a
   return launched();
 }
 
-// tc_shrink_ok: the call may take the tensor-core shrink (bf16 x with 16-byte aligned rows, K a
-// multiple of 32).
-inline bool tc_shrink_ok(int dtype, const void *x, int ldx, int max_seg_len, int max_rank, int in_features) {
-  return dtype == LP_DTYPE_BF16 && max_seg_len >= TC_MIN_SEG && max_rank <= TC_SHRINK_RANK && in_features % 32 == 0 &&
-         ldx % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+// tc_shrink_ok: the call takes the tensor-core shrink (bf16 x with 16-byte aligned rows, K a
+// multiple of 32) when its grid (blocks of 16 tokens, each over the whole K) has at least two waves
+// of blocks: a block is a long chain of dependent loads, so a few of them (one segment of 64-256
+// tokens: 4-16 blocks) took 24-143 us on the H200 where the CUDA-core shrink takes 2-5 us.
+inline bool tc_shrink_ok(int dtype, const void *x, int ldx, int num_segs, int max_seg_len, int max_rank,
+                         int in_features) {
+  const long long blocks = static_cast<long long>(num_segs) * ceil_div(max_seg_len, TC_SHRINK_ROWS);
+  return dtype == LP_DTYPE_BF16 && max_seg_len >= TC_MIN_SEG && blocks >= 2LL * sm_count() &&
+         max_rank <= TC_SHRINK_RANK && in_features % 32 == 0 && ldx % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(x) & 15) == 0;
 }
 
 // launch_expand and launch_shrink queue the CUDA-core kernels as programmatic dependents (launch_k):
@@ -788,7 +796,7 @@ extern "C" int lp_sgmv_shrink(int dtype, float *v, int ldv, const void *x, int l
   if (v == nullptr || x == nullptr || a_ptrs == nullptr || seg_starts == nullptr || ranks == nullptr)
     return LP_ERR_INVALID;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  if (tc_shrink_ok(dtype, x, ldx, max_seg_len, max_rank, in_features))
+  if (tc_shrink_ok(dtype, x, ldx, num_segs, max_seg_len, max_rank, in_features))
     return launch_dep(sgmv_shrink_tc_kernel<false>, dim3(num_segs, ceil_div(max_seg_len, TC_SHRINK_ROWS)), st, v, ldv,
                       static_cast<const __nv_bfloat16 *>(x), ldx, a_ptrs, seg_starts, ranks, max_rank, in_features,
                       lp_sgmv_group{});
@@ -903,7 +911,7 @@ extern "C" int lp_sgmv_shrink_group(int dtype, float *v, int ldv, const void *x,
   if (num_segs == 0 || max_seg_len == 0 || max_rank == 0) return LP_OK;
   if (v == nullptr || x == nullptr || seg_starts == nullptr) return LP_ERR_INVALID;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  if (tc_shrink_ok(dtype, x, ldx, max_seg_len, max_rank, in_features))
+  if (tc_shrink_ok(dtype, x, ldx, num_segs * g->modules, max_seg_len, max_rank, in_features))
     return launch_dep(sgmv_shrink_tc_kernel<true>, dim3(num_segs * g->modules, ceil_div(max_seg_len, TC_SHRINK_ROWS)), st, v,
                       ldv, static_cast<const __nv_bfloat16 *>(x), ldx, static_cast<const void *const *>(nullptr),
                       seg_starts, static_cast<const int32_t *>(nullptr), max_rank, in_features, *g);

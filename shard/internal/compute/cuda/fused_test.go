@@ -29,7 +29,7 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			// added in the epilogue (lp_lora_tail); 40 tokens: cuBLAS writes the packed output, the
 			// grouped shrink runs after it (3 and 10 segments; over maxBesideTokens) and the grouped
 			// expand before the split; 200: segments of 66-67 tokens, which take the tensor-core
-			// LoRA kernels. Without the epilogue (NoLoRAEpilogue) the small steps take the earlier
+			// expand (too few blocks for the tensor-core shrink, see TestSGMVRandom). Without the epilogue (NoLoRAEpilogue) the small steps take the earlier
 			// path: the shrink beside the GEMM on the side stream (up to 13 tokens in 3 segments) or
 			// after it (9 and 12 segments, over maxBesideSegments), the expand folded into the split
 			// (2, 3, 8 tokens: lp_split_cols_lora) or before it (13).

@@ -68,6 +68,9 @@ type sgmvCase struct {
 	adapters      []caseAdapter
 	x, y0         []uint16
 	maxRank       int
+	// tc (forced cases): shapes the tensor-core shrink takes (ranks up to 64, rows in 16-byte
+	// pieces, a dozen long segments: at least two waves of its blocks).
+	tc bool
 }
 
 type caseSeg struct {
@@ -99,9 +102,16 @@ func newCase(r *rand.Rand, forced *sgmvCase) *sgmvCase {
 	if forced != nil {
 		c.dt, c.in, c.out, c.tokens = forced.dt, forced.in, forced.out, forced.tokens
 	}
+	tc := forced != nil && forced.tc
 	pad := func() int { return pick(r, 0, 0, 8, 3) }
+	if tc {
+		pad = func() int { return pick(r, 0, 8) }
+	}
 	c.ldx, c.ldy = c.in+pad(), c.out+pad()
 	ranks := []int{4, 8, 12, 16, 32, 64, 100, 128, 1 + r.IntN(128)}
+	if tc {
+		ranks = []int{8, 16, 32, 64}
+	}
 	nad := 1 + r.IntN(8)
 	for range nad {
 		rk := pick(r, ranks...)
@@ -114,6 +124,9 @@ func newCase(r *rand.Rand, forced *sgmvCase) *sgmvCase {
 	}
 	// Ragged segments over [0, tokens), some empty, some without adapter; adapters may repeat.
 	nseg := 1 + r.IntN(12)
+	if tc {
+		nseg = 12
+	}
 	cuts := []int{0, c.tokens}
 	for range nseg - 1 {
 		cuts = append(cuts, r.IntN(c.tokens+1))
@@ -230,7 +243,8 @@ func TestSGMVRandom(t *testing.T) {
 		{dt: F16, in: 4096, out: 8192, tokens: 200},
 		{dt: BF16, in: 8192, out: 1024, tokens: 3},
 		{dt: BF16, in: 4096, out: 4096, tokens: 0},
-		{dt: BF16, in: 4096, out: 1024, tokens: 700}, // long segments: the tensor-core shrink
+		{dt: BF16, in: 4096, out: 1024, tokens: 700},            // long segments, few: the CUDA-core shrink
+		{dt: BF16, in: 2048, out: 1024, tokens: 4500, tc: true}, // long segments, many: the tensor-core shrink
 	}
 	const random = 28
 	for i := range len(forced) + random {
