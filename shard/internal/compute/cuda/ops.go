@@ -159,7 +159,10 @@ func width(ns []int) int {
 // output's LoRA term as it stores it, one dependent launch for the whole update where the expand
 // after the GEMM (or the split it is folded into) would be a second. That is every step
 // smallKernel streams, in the default mode: the batch-invariant mode keeps one path for every step
-// size, and Options.SerialLoRA and NoLoRAEpilogue the earlier ones.
+// size, and Options.SerialLoRA and NoLoRAEpilogue the earlier ones. The matmul reads x before
+// waiting on the shrink queued before it, which is sound for sgmv.cu's CUDA-core shrink (it lets its
+// dependents start only after its own wait): the one these steps take, their segments being at most
+// maxSkinnyTokens long (the tensor-core shrink needs 64).
 func (b *Backend) tails(t, width, k int, xHalf uintptr, w *Tensor) bool {
 	if b.noTails || b.invariant || b.gemvUpTo8 || xHalf == 0 || w.dtype != BF16 || k%8 != 0 || xHalf%16 != 0 || w.ptr()%16 != 0 {
 		return false
