@@ -8,6 +8,7 @@
 // transcendental work in double precision, as the CPU reference does.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -552,12 +553,60 @@ __global__ void __launch_bounds__(ATT_WARPS * 32)
 constexpr int FA_WARPS = 4;
 constexpr int FA_P = 4;
 constexpr int FA_TBL = 256;  // block-table entries a block stages in shared memory
+constexpr int FA_CLUSTER = 8;  // the most splits merged inside a cluster (the portable cluster size)
 
 __device__ __forceinline__ float dot4(const float4 a, const float4 b) {
   return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
-template <int NV, int GB, typename KV>
+// cluster_merge: the splits of one (token, head group) run as one thread-block cluster (grid z,
+// at most 8 blocks), each holding its merged partial (max pm, sum pl, unnormalized accumulator pacc
+// per head of the group) in shared memory; block 0 merges them in split order with the arithmetic
+// of attention_combine_kernel, reading the others' through distributed shared memory, and writes
+// the output. The other blocks wait until it has read them before exiting.
+template <int NV, int GB>
+__device__ __forceinline__ void cluster_merge(float *out, float *pm, float *pl, float4 (*pacc)[NV * 32], int t, int qw,
+                                              int h0, int hd) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every split's partial is in its block's shared memory
+  if (cluster.block_rank() == 0) {
+    const int splits = static_cast<int>(cluster.num_blocks());
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nv4 = hd >> 2;
+    for (int g = warp; g < GB; g += FA_WARPS) {
+      float M = -INFINITY;
+      for (int s = 0; s < splits; s++)
+        if (*cluster.map_shared_rank(pl + g, s) > 0.f) M = fmaxf(M, *cluster.map_shared_rank(pm + g, s));
+#pragma unroll
+      for (int i = 0; i < NV; i++) {
+        const int c = lane + 32 * i;
+        if (c >= nv4) continue;
+        float L = 0.f;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < splits; s++) {
+          const float ls = *cluster.map_shared_rank(pl + g, s);
+          if (ls <= 0.f) continue;  // a split past the token's position
+          const float cf = expf(*cluster.map_shared_rank(pm + g, s) - M);
+          L += ls * cf;
+          const float4 a = *cluster.map_shared_rank(&pacc[g][c], s);
+          o.x += a.x * cf;
+          o.y += a.y * cf;
+          o.z += a.z * cf;
+          o.w += a.w * cf;
+        }
+        reinterpret_cast<float4 *>(out + static_cast<size_t>(t) * qw + (h0 + g) * hd)[c] =
+            make_float4(o.x / L, o.y / L, o.z / L, o.w / L);
+      }
+    }
+  }
+  cluster.sync();  // block 0 has read every block's shared memory
+#else
+  __trap();  // the host takes this path on sm_90 and later only (clusters)
+#endif
+}
+
+template <int NV, int GB, typename KV, bool CM = false>
 __global__ void __launch_bounds__(FA_WARPS * 32)
     flash_attention_kernel(float *out, float *part, const float *q, const KV *kc, const KV *vc, int heads,
                            int kv_heads, int hd, float scale, const int32_t *positions, const int32_t *seq_index,
@@ -711,6 +760,16 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
         const int c = lane + 32 * i;
         if (c < nv4) orow[c] = make_float4(o[i].x / L, o[i].y / L, o[i].z / L, o[i].w / L);
       }
+    } else if (CM) {
+      // The merged partial stays in this block's shared memory for the cluster's merge below
+      // (sacc's slot of warp 0, which only warp g == 0 reads, and it has read it by now).
+      __syncwarp();  // every lane has read sm[0][g] and sl[0][g]
+      if (lane == 0) {
+        sm[0][g] = M;
+        sl[0][g] = L;
+      }
+#pragma unroll
+      for (int i = 0; i < NV; i++) sacc[0][g][lane + 32 * i] = o[i];
     } else {
       // Partial: [m, l, pad, pad, acc[hd]] per (token, head, split).
       float *pr = part + ((static_cast<size_t>(t) * heads + h) * splits + split) * (hd + 4);
@@ -726,6 +785,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32)
       }
     }
   }
+  if (CM && splits > 1) cluster_merge<NV, GB>(out, sm[0], sl[0], sacc[0], t, qw, h0, hd);
 }
 
 // Tensor-core attention for prefill (bf16 KV cache). One block per (tile, query head): a tile is up
@@ -1295,9 +1355,27 @@ int attention_launch(float *out, const float *q, const KV *kc, const KV *vc, int
     float *part = static_cast<float *>(workspace);
     const int gb = flash_gb(heads, kv_heads);
     const dim3 grid(tokens, heads / gb, splits);
-#define LP_FA(NV, GB)                                                                                            \
-  launch_k(flash_attention_kernel<NV, GB, KV>, grid, FA_WARPS * 32, 0, s, out, part, q, kc, vc, heads, kv_heads, \
-           head_dim, scale, positions, seq_index, bt, bt_off, bs, chunk, splits, window)
+    // Up to FA_CLUSTER splits merge inside a cluster of their blocks (cluster_merge), with no
+    // second kernel, where the grid has at most 4 blocks per SM; others in attention_combine_kernel.
+    // On the H200 (TestAttentionBench, 16/8 heads of 128, 5 splits) the cluster merge took a
+    // 1-sequence launch from 7.96 to 6.03 us and 8 sequences of 144 positions (320 blocks) from 9.48
+    // to 8.58 us, but made 32 sequences (1280 blocks) 22-50% slower at every context: blocks that
+    // wait for their cluster hold the GPU's slots longer than a second kernel costs.
+    const long long blocks = static_cast<long long>(tokens) * (heads / gb) * splits;
+    const bool cm = splits > 1 && splits <= FA_CLUSTER && blocks <= 4LL * sm_count() && clusters_ok();
+#define LP_FA(NV, GB)                                                                                                \
+  do {                                                                                                               \
+    if (cm) {                                                                                                        \
+      if (const int c = launch_cluster(flash_attention_kernel<NV, GB, KV, true>, grid, dim3(FA_WARPS * 32),          \
+                                       dim3(1, 1, splits), s, out, part, q, kc, vc, heads, kv_heads, head_dim, scale, \
+                                       positions, seq_index, bt, bt_off, bs, chunk, splits, window);                 \
+          c != LP_OK)                                                                                                \
+        return c;                                                                                                    \
+    } else {                                                                                                         \
+      launch_k(flash_attention_kernel<NV, GB, KV>, grid, FA_WARPS * 32, 0, s, out, part, q, kc, vc, heads, kv_heads, \
+               head_dim, scale, positions, seq_index, bt, bt_off, bs, chunk, splits, window);                        \
+    }                                                                                                                \
+  } while (0)
     if (head_dim <= 128) {
       if (gb == 4)
         LP_FA(1, 4);
@@ -1314,7 +1392,7 @@ int attention_launch(float *out, const float *q, const KV *kc, const KV *vc, int
         LP_FA(2, 1);
     }
 #undef LP_FA
-    if (splits > 1) {
+    if (splits > 1 && !cm) {
       int c = launched();
       if (c != LP_OK) return c;
       launch_k(attention_combine_kernel, dim3(tokens, heads), 128, 0, s, out, part, heads, head_dim, splits);

@@ -16,8 +16,23 @@
 
 #include "loraplex_kernels.h"
 
-// The process-wide switch (runtime.cu, lp_set_pdl).
+// The process-wide switches (runtime.cu, lp_set_pdl and lp_set_clusters).
 extern int lp_pdl_enabled;
+extern int lp_clusters_enabled;
+
+// clusters_ok says whether kernels may run in thread-block clusters: the current device launches
+// them (sm_90 and later) and lp_set_clusters has not turned them off.
+static inline bool clusters_ok() {
+  static const bool device = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrClusterLaunch, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return v != 0;
+  }();
+  return device && lp_clusters_enabled;
+}
 
 static __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -36,22 +51,42 @@ static __device__ __forceinline__ void pdl_enter() {
   pdl_launch_dependents();
 }
 
+// launch_ex launches kernel with cudaLaunchKernelEx: as a programmatic dependent of the previous
+// kernel in stream s when pdl, and in clusters of the given shape unless it is 1 x 1 x 1 (sm_90 and
+// later; its sizes divide the grid's).
+template <typename... KArgs, typename... Args>
+static cudaError_t launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                             dim3 cluster, bool pdl, Args &&...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    n++;
+  }
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster.x;
+    attr[n].val.clusterDim.y = cluster.y;
+    attr[n].val.clusterDim.z = cluster.z;
+    n++;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = n;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 // launch_k launches kernel as a programmatic dependent of the previous kernel in stream s, plainly
 // where the attribute is off or refused.
 template <typename... KArgs, typename... Args>
 static void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args &&...args) {
   if (lp_pdl_enabled) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...) == cudaSuccess) return;
+    if (launch_ex(kernel, grid, block, smem, s, dim3(1, 1, 1), true, std::forward<Args>(args)...) == cudaSuccess) return;
     cudaGetLastError();  // refused: launch plainly
   }
   kernel<<<grid, block, smem, s>>>(std::forward<Args>(args)...);
@@ -61,4 +96,16 @@ static void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sme
 static inline int launched() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? LP_OK : static_cast<int>(e);
+}
+
+// launch_cluster launches kernel in clusters of the given shape (launch_ex), as a programmatic
+// dependent where that is on and taken, else plainly; the launch's status.
+template <typename... KArgs, typename... Args>
+static int launch_cluster(void (*kernel)(KArgs...), dim3 grid, dim3 block, dim3 cluster, cudaStream_t s, Args &&...args) {
+  for (const bool pdl : {lp_pdl_enabled != 0, false}) {
+    if (launch_ex(kernel, grid, block, 0, s, cluster, pdl, std::forward<Args>(args)...) == cudaSuccess) return LP_OK;
+    if (!pdl) break;
+    cudaGetLastError();
+  }
+  return launched();
 }

@@ -31,7 +31,7 @@ extern "C" {
 #define LP_API
 #endif
 
-#define LP_ABI_VERSION 10
+#define LP_ABI_VERSION 11
 
 #define LP_OK 0
 #define LP_ERR_INVALID (-1)     /* an argument is out of range or inconsistent */
@@ -108,6 +108,13 @@ LP_API int lp_graph_destroy(lp_graph graph);
  * before touching their results. Covers the forward-pass kernels (not cuBLAS) and SGMV (expand starts
  * and prefetches B while shrink finishes). On by default; one process-wide switch. */
 LP_API int lp_set_pdl(int enabled);
+
+/* Whether kernels may run in thread-block clusters (sm_90 and later; ABI 11): lp_sgmv_fused, and
+ * decode attention split over at most 8 blocks in a grid of at most 4 blocks per multiprocessor,
+ * whose splits then merge through distributed shared memory instead of in a second kernel. On by default; off, lp_sgmv_fused declines every call
+ * (LP_ERR_UNSUPPORTED) and attention merges in a second kernel. One process-wide switch, for
+ * comparisons. */
+LP_API int lp_set_clusters(int enabled);
 
 /*
  * The dense forward pass (forward.cu). Activations are float32 row-major
@@ -365,6 +372,31 @@ struct lp_lora_tail {
   int32_t max_rank;
   lp_sgmv_group g;
 }; /* 144 bytes */
+
+/*
+ * Shrink and expand in one launch (ABI 11), for decode-sized segments: for every module m of g and
+ * segment s with an adapter, y[t, y_off[m] : y_off[m] + cols[m]] += scale * (x[t, :] A^T) B^T for
+ * the segment's tokens t, A [r, in_features] from a_ptrs[m], B [cols[m], r] from g.ptrs[m], r =
+ * min(ranks_m[s], max_rank), x and the weights in dtype (BF16 or F16), y in ydtype (dtype, or F32
+ * for the forward pass's activations). x . A^T is summed in float32 and never leaves the GPU's
+ * multiprocessors (a cluster of blocks shares it through distributed shared memory), so there is no
+ * v and no second launch; g.v_off is unused. LP_ERR_UNSUPPORTED, nothing queued, where the fused
+ * kernel does not apply: segments longer than LP_FUSED_MAX_SEG tokens, max_rank above
+ * LP_FUSED_MAX_RANK, in_features or ldx not a multiple of 8, x not 16-byte aligned, or a GPU
+ * without thread-block clusters (before sm_90, or lp_set_clusters(0)); use lp_sgmv_shrink(_group)
+ * and the expand there.
+ */
+#define LP_FUSED_MAX_SEG 64
+#define LP_FUSED_MAX_RANK 64
+
+typedef struct lp_lora_fused {
+  lp_sgmv_group g;                    /* B tables in g.ptrs */
+  const void *a_ptrs[LP_SGMV_GROUP]; /* A tables, each a device array: void*[num_segs] */
+} lp_lora_fused;                      /* 144 bytes */
+
+LP_API int lp_sgmv_fused(int dtype, int ydtype, void *y, int ldy, const void *x, int ldx, const lp_lora_fused *f,
+                         const int32_t *seg_starts, int num_segs, int max_seg_len, int max_rank, int in_features,
+                         lp_stream stream);
 
 /*
  * Sampling on the device, so logits never cross to the host. One call samples `rows` rows of

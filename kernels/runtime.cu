@@ -21,6 +21,8 @@ struct Graph {
 
 // Whether kernels are launched as programmatic dependents of the kernel before them (lp_set_pdl).
 int lp_pdl_enabled = 1;
+// Whether kernels may run in thread-block clusters (lp_set_clusters).
+int lp_clusters_enabled = 1;
 
 extern "C" {
 
@@ -28,6 +30,11 @@ int lp_abi_version(void) { return LP_ABI_VERSION; }
 
 int lp_set_pdl(int enabled) {
   lp_pdl_enabled = enabled != 0;
+  return LP_OK;
+}
+
+int lp_set_clusters(int enabled) {
+  lp_clusters_enabled = enabled != 0;
   return LP_OK;
 }
 

@@ -20,8 +20,11 @@
 // reads x / writes v only after; the CUDA-core shrink lets its own dependents start only after that
 // wait (a matmul with a LoRA epilogue queued right after it reads x early, lp_lora_tail). Blocks that exit early
 // still wait, so no grid of the chain can complete before the one it depends on.
+// fused   (lp_sgmv_fused) both halves in one launch of thread-block clusters, for decode-sized
+//         segments: see sgmv_fused_kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -93,6 +96,8 @@ struct Conv<__half> {
     return make_uint4(w[0], w[1], w[2], w[3]);
   }
 };
+
+__device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ bool aligned16(const void *p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
@@ -277,80 +282,67 @@ __device__ __forceinline__ __nv_bfloat16 y_from_f<__nv_bfloat16>(float v) { retu
 template <>
 __device__ __forceinline__ __half y_from_f<__half>(float v) { return __float2half_rn(v); }
 
-// With G, blockIdx.x enumerates (module, segment) pairs of a projection group (lp_sgmv_group): the
-// module's tables and width replace b_ptrs, ranks, scales and N, and it reads v from column v_off
-// and adds into y from column y_off.
-template <typename T, typename Y = T, bool G = false>
-__global__ void __launch_bounds__(EXPAND_THREADS, 4)
-    sgmv_expand_kernel(Y *__restrict__ y, int ldy, const float *__restrict__ v, int ldv,
-                       const void *const *__restrict__ b_ptrs, const int32_t *__restrict__ seg_starts,
-                       const int32_t *__restrict__ ranks, const float *__restrict__ scales, int max_rank,
-                       int N, lp_sgmv_group g) {
-  constexpr int TT = EXPAND_TT, NPT = EXPAND_NPT, J = EXPAND_J;
-  // The next shrink (launched as this kernel's programmatic dependent) may start its weight loads
-  // now; it waits for this grid's completion before touching v or x.
-  pdl_launch_dependents();
-  const BlockSeg sg = block_segment<G>(g, b_ptrs, ranks, scales, N);
-  const int s = sg.s;
-  v += sg.v_off;
-  y += sg.y_off;
-  N = sg.n;
-  scales = sg.scales;
-  const T *B = static_cast<const T *>(sg.ptrs[s]);
-  const int r = min(sg.ranks[s], max_rank);
-  const int seg_end = seg_starts[s + 1];
-  const int t0 = seg_starts[s] + blockIdx.z * TT;
-  if (B == nullptr || r <= 0 || t0 >= seg_end) {
-    pdl_wait();  // this grid must not complete before the kernel it depends on (see shrink)
-    return;
-  }
-  const int nt = min(TT, seg_end - t0);
+// RowSpan is the rows [lo, hi) of B (output columns of y) that a block expands, as part `part` of
+// `parts` blocks sharing them: its warps (coalesced path) or threads (general path) take their
+// first rows from lo + part's share and stride over the span.
+struct RowSpan {
+  int lo, hi, part, parts;
+};
+
+// coalesced says whether segment B of rank r takes expand_rows' coalesced path (ranks 8..256, powers
+// of two, 16-byte aligned): a warp-wide 16-byte load then covers 512 contiguous bytes of B, i.e.
+// 32/lpr whole rows with lpr = r/8 lanes per row.
+template <typename T>
+__device__ __forceinline__ bool coalesced(const T *B, int r) {
+  return r >= 8 && r <= 256 && (r & (r - 1)) == 0 && aligned16(B);
+}
+
+// expand_prefetch requests a block's rows of B (weights, never written by kernels) and of y into
+// L2 before the block waits for the kernel before it, so that later passes do not each wait a DRAM
+// round trip. L2 is the point of coherence: a y line that kernel is still writing is merely fetched
+// early, never read stale.
+template <typename T, typename Y, int TT>
+__device__ __forceinline__ void expand_prefetch(const T *B, int r, const Y *y, int ldy, int t0, int nt, RowSpan sp) {
+  constexpr int NPT = EXPAND_NPT, J = EXPAND_J;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-
-  // Coalesced path (ranks 8..256, powers of two): a warp-wide 16-byte load covers 512 contiguous
-  // bytes of B, i.e. 32/lpr whole rows with lpr lanes per row; each lane holds 8 ranks of one row,
-  // and the row's dot products are finished with lpr-lane shuffles.
-  const bool coal = r >= 8 && r <= 256 && (r & (r - 1)) == 0 && aligned16(B);
-  const int lpr = r >> 3, rpl = coal ? 32 / lpr : 0, rpp = rpl * J;
-  const size_t bElems = static_cast<size_t>(N) * r;
-
-  // Before waiting for the previous kernel: request this block's B (weights, never written by
-  // kernels) into L2, so later passes do not each wait a DRAM round trip.
-  if (coal) {
-    for (int row0 = (blockIdx.y * warps + warp) * rpp; row0 < N; row0 += gridDim.y * warps * rpp) {
+  if (coalesced(B, r)) {
+    const int rpp = (32 / (r >> 3)) * J;
+    const size_t end = static_cast<size_t>(sp.hi) * r;
+    for (int row0 = sp.lo + (sp.part * warps + warp) * rpp; row0 < sp.hi; row0 += sp.parts * warps * rpp) {
 #pragma unroll
       for (int j = 0; j < J; j++) {
         const size_t e = static_cast<size_t>(row0) * r + (j * 32 + lane) * 8;
-        if (e < bElems) prefetch_l2(B + e);
+        if (e < end) prefetch_l2(B + e);
       }
-      // The pass's y rows too: L2 is the point of coherence, so a line the previous kernel is still
-      // writing is merely fetched early, never read stale.
       if (lane < nt) {
         const Y *yr = y + static_cast<size_t>(t0 + lane) * ldy;
         prefetch_l2(yr + row0);
-        prefetch_l2(yr + min(row0 + rpp, N) - 1);
+        prefetch_l2(yr + min(row0 + rpp, sp.hi) - 1);
       }
     }
-  } else {
-    for (int n0 = (blockIdx.y * blockDim.x + threadIdx.x) * NPT; n0 < N; n0 += gridDim.y * blockDim.x * NPT) {
-      const char *p = reinterpret_cast<const char *>(B + static_cast<size_t>(n0) * r);
-      const int bytes = min(NPT, N - n0) * r * static_cast<int>(sizeof(T));
-      for (int off = 0; off < bytes; off += 128) prefetch_l2(p + off);
-      prefetch_l2(p + bytes - 1);
-      for (int t = 0; t < nt; t++) prefetch_l2(y + static_cast<size_t>(t0 + t) * ldy + n0);
-    }
+    return;
   }
-  pdl_wait();  // v (and y) may be written by the kernel before this one
-
-  __shared__ __align__(16) float vs[TT][LP_MAX_RANK];
-  for (int idx = threadIdx.x; idx < nt * r; idx += blockDim.x) {
-    const int t = idx / r, j = idx - t * r;
-    vs[t][j] = v[static_cast<size_t>(t0 + t) * ldv + j];
+  for (int n0 = sp.lo + (sp.part * blockDim.x + threadIdx.x) * NPT; n0 < sp.hi; n0 += sp.parts * blockDim.x * NPT) {
+    const char *p = reinterpret_cast<const char *>(B + static_cast<size_t>(n0) * r);
+    const int bytes = min(NPT, sp.hi - n0) * r * static_cast<int>(sizeof(T));
+    for (int off = 0; off < bytes; off += 128) prefetch_l2(p + off);
+    prefetch_l2(p + bytes - 1);
+    for (int t = 0; t < nt; t++) prefetch_l2(y + static_cast<size_t>(t0 + t) * ldy + n0);
   }
-  __syncthreads();
-  const float scale = scales[s];
+}
 
-  if (coal) {
+// expand_rows adds scale * vs[t] . B[n, 0:r] to y[t0 + t, n] for the block's rows n of sp and its
+// nt <= TT tokens, vs[t] (shared memory, LDVS floats per token) holding v's row of token t0 + t.
+// Coalesced path (see coalesced): each lane holds 8 ranks of one row, the row's dot products are
+// finished with lpr-lane shuffles, and every load of a pass (B, y) is issued before any store.
+// General path (any rank, any alignment): each thread owns NPT consecutive output columns.
+template <typename T, typename Y, int TT, int LDVS>
+__device__ __forceinline__ void expand_rows(Y *y, int ldy, const T *B, int r, const float (*vs)[LDVS], float scale,
+                                            int t0, int nt, RowSpan sp) {
+  constexpr int NPT = EXPAND_NPT, J = EXPAND_J;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (coalesced(B, r)) {
+    const int lpr = r >> 3, rpl = 32 / lpr, rpp = rpl * J;
     const int c = (lane & (lpr - 1)) * 8;
     const bool owner = (lane & (lpr - 1)) == 0;
     float vv[TT][8];
@@ -359,19 +351,18 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
 #pragma unroll
       for (int e = 0; e < 8; e++) vv[t][e] = t < nt ? vs[t][c + e] : 0.f;
     }
-    for (int row0 = (blockIdx.y * warps + warp) * rpp; row0 < N; row0 += gridDim.y * warps * rpp) {
+    for (int row0 = sp.lo + (sp.part * warps + warp) * rpp; row0 < sp.hi; row0 += sp.parts * warps * rpp) {
       const T *base = B + static_cast<size_t>(row0) * r;
       uint4 ub[J];
       Y yv[J][TT];
-      // Every load of the pass (B, and the owner lanes' y) is issued before any use; rows of
-      // different tokens could alias as far as the compiler knows, so y is read before any store.
+      // Rows of different tokens could alias as far as the compiler knows, so y is read before any store.
 #pragma unroll
       for (int j = 0; j < J; j++) {
         const int row = row0 + j * rpl + lane / lpr;
-        ub[j] = row < N ? __ldg(reinterpret_cast<const uint4 *>(base + (j * 32 + lane) * 8)) : make_uint4(0, 0, 0, 0);
+        ub[j] = row < sp.hi ? __ldg(reinterpret_cast<const uint4 *>(base + (j * 32 + lane) * 8)) : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int t = 0; t < TT; t++)
-          if (owner && row < N && t < nt) yv[j][t] = y[static_cast<size_t>(t0 + t) * ldy + row];
+          if (owner && row < sp.hi && t < nt) yv[j][t] = y[static_cast<size_t>(t0 + t) * ldy + row];
       }
       float p[J][TT];
 #pragma unroll
@@ -396,7 +387,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
 #pragma unroll
         for (int j = 0; j < J; j++) {
           const int row = row0 + j * rpl + lane / lpr;
-          if (row < N) {
+          if (row < sp.hi) {
 #pragma unroll
             for (int t = 0; t < TT; t++)
               if (t < nt)
@@ -409,10 +400,9 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
     return;
   }
 
-  // General path (any rank, any alignment): each thread owns NPT consecutive output columns.
-  for (int n0 = (blockIdx.y * blockDim.x + threadIdx.x) * NPT; n0 < N; n0 += gridDim.y * blockDim.x * NPT) {
+  for (int n0 = sp.lo + (sp.part * blockDim.x + threadIdx.x) * NPT; n0 < sp.hi; n0 += sp.parts * blockDim.x * NPT) {
     const T *Bb = B + static_cast<size_t>(n0) * r;
-    const bool yvec = sizeof(Y) == sizeof(T) && n0 + NPT <= N && ldy % 8 == 0 && aligned16(y);
+    const bool yvec = sizeof(Y) == sizeof(T) && n0 + NPT <= sp.hi && ldy % 8 == 0 && aligned16(y + n0);
     uint4 yv[TT];
     if (yvec) {
 #pragma unroll
@@ -424,7 +414,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
     for (int t = 0; t < TT; t++)
 #pragma unroll
       for (int i = 0; i < NPT; i++) acc[t][i] = 0.f;
-    if (r % 8 == 0 && n0 + NPT <= N && aligned16(B)) {
+    if (r % 8 == 0 && n0 + NPT <= sp.hi && aligned16(Bb)) {
       for (int c = 0; c < r; c += 8) {
         uint4 ub[NPT];
 #pragma unroll
@@ -449,7 +439,7 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
     } else {
 #pragma unroll
       for (int i = 0; i < NPT; i++) {
-        if (n0 + i < N) {
+        if (n0 + i < sp.hi) {
           for (int j = 0; j < r; j++) {
             const float bj = Conv<T>::to_f(Bb[static_cast<size_t>(i) * r + j]);
 #pragma unroll
@@ -472,11 +462,188 @@ __global__ void __launch_bounds__(EXPAND_THREADS, 4)
         } else {
 #pragma unroll
           for (int i = 0; i < NPT; i++)
-            if (n0 + i < N) row[i] = y_from_f<Y>(fmaf(scale, acc[t][i], y_to_f(row[i])));
+            if (n0 + i < sp.hi) row[i] = y_from_f<Y>(fmaf(scale, acc[t][i], y_to_f(row[i])));
         }
       }
     }
   }
+}
+
+// With G, blockIdx.x enumerates (module, segment) pairs of a projection group (lp_sgmv_group): the
+// module's tables and width replace b_ptrs, ranks, scales and N, and it reads v from column v_off
+// and adds into y from column y_off.
+template <typename T, typename Y = T, bool G = false>
+__global__ void __launch_bounds__(EXPAND_THREADS, 4)
+    sgmv_expand_kernel(Y *__restrict__ y, int ldy, const float *__restrict__ v, int ldv,
+                       const void *const *__restrict__ b_ptrs, const int32_t *__restrict__ seg_starts,
+                       const int32_t *__restrict__ ranks, const float *__restrict__ scales, int max_rank,
+                       int N, lp_sgmv_group g) {
+  constexpr int TT = EXPAND_TT;
+  // The next shrink (launched as this kernel's programmatic dependent) may start its weight loads
+  // now; it waits for this grid's completion before touching v or x.
+  pdl_launch_dependents();
+  const BlockSeg sg = block_segment<G>(g, b_ptrs, ranks, scales, N);
+  const int s = sg.s;
+  v += sg.v_off;
+  y += sg.y_off;
+  const T *B = static_cast<const T *>(sg.ptrs[s]);
+  const int r = min(sg.ranks[s], max_rank);
+  const int seg_end = seg_starts[s + 1];
+  const int t0 = seg_starts[s] + blockIdx.z * TT;
+  if (B == nullptr || r <= 0 || t0 >= seg_end) {
+    pdl_wait();  // this grid must not complete before the kernel it depends on (see shrink)
+    return;
+  }
+  const int nt = min(TT, seg_end - t0);
+  const RowSpan sp{0, sg.n, static_cast<int>(blockIdx.y), static_cast<int>(gridDim.y)};
+  expand_prefetch<T, Y, TT>(B, r, y, ldy, t0, nt, sp);
+  pdl_wait();  // v (and y) may be written by the kernel before this one
+
+  __shared__ __align__(16) float vs[TT][LP_MAX_RANK];
+  for (int idx = threadIdx.x; idx < nt * r; idx += blockDim.x) {
+    const int t = idx / r, j = idx - t * r;
+    vs[t][j] = v[static_cast<size_t>(t0 + t) * ldv + j];
+  }
+  __syncthreads();
+  expand_rows<T, Y, TT, LP_MAX_RANK>(y, ldy, B, r, vs, sg.scales[s], t0, nt, sp);
+}
+
+// The fused path (lp_sgmv_fused): shrink and expand in one launch for decode-sized segments. A
+// cluster of C blocks (distributed shared memory, sm_90) takes one (module, segment, FUSED_TT-token
+// tile); block c of the cluster reduces slice c of K for every rank row (v's partial sums, in its
+// shared memory), the cluster synchronizes, each block adds the C partials in cluster order (one
+// order whatever the grid) and expands slice c of the module's output columns. v never goes to
+// memory, and the expand is not a second dependent launch. Unlike the kernels above it requests no
+// weights into L2 before waiting on the kernel before it: in TestSGMVBench on the H200 (256 tokens
+// over 128 adapters, whose A and B of 34-140 MB do not stay in L2 across the chained calls) those
+// requests made it 11-13% slower, and they saved nothing on one-token segments.
+constexpr int FUSED_TT = 4;                  // tokens per cluster
+constexpr int FUSED_RANK = LP_FUSED_MAX_RANK;  // the largest rank it takes
+constexpr int FUSED_THREADS = 128;           // threads per block
+constexpr int FUSED_MAX_CLUSTER = 8;         // blocks per cluster: 4 or 8 (portable sizes)
+
+// load8 reads 8 elements of a 16-bit type at p as one uint4, in one 16-byte load when al.
+template <typename T>
+__device__ __forceinline__ uint4 load8(const T *p, bool al) {
+  if (al) return __ldg(reinterpret_cast<const uint4 *>(p));
+  const auto *h = reinterpret_cast<const unsigned short *>(p);
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; i++) w[i] = static_cast<uint32_t>(__ldg(h + 2 * i)) | static_cast<uint32_t>(__ldg(h + 2 * i + 1)) << 16;
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// fused_shrink adds, for rank rows i < r and tokens t < nt, x[t0 + t, k_lo:k_hi] . A[i, k_lo:k_hi]
+// into part[t][i]: warps take 4 rank rows at a time, lanes 16-byte chunks of the slice (k_lo and K
+// multiples of 8), finished with warp shuffles.
+template <typename T>
+__device__ __forceinline__ void fused_shrink(float (*part)[FUSED_RANK], const T *A, int r, int K, int k_lo, int k_hi,
+                                             const T *x, int ldx, int t0, int nt) {
+  constexpr int TT = FUSED_TT, RB = 4;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const bool al = aligned16(A);
+  for (int i0 = warp * RB; i0 < r; i0 += warps * RB) {
+    float acc[RB][TT];
+#pragma unroll
+    for (int i = 0; i < RB; i++)
+#pragma unroll
+      for (int t = 0; t < TT; t++) acc[i][t] = 0.f;
+    for (int k = k_lo + lane * 8; k < k_hi; k += 32 * 8) {
+      uint4 ua[RB], ux[TT];
+#pragma unroll
+      for (int i = 0; i < RB; i++)
+        ua[i] = i0 + i < r ? load8(A + static_cast<size_t>(i0 + i) * K + k, al) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int t = 0; t < TT; t++)
+        ux[t] = t < nt ? __ldg(reinterpret_cast<const uint4 *>(x + static_cast<size_t>(t0 + t) * ldx + k)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int t = 0; t < TT; t++) {
+        if (t < nt) {  // block-uniform: a one-token segment does a quarter of the work
+          float xf[8];
+          Conv<T>::unpack8(ux[t], xf);
+#pragma unroll
+          for (int i = 0; i < RB; i++) {
+            float a[8];
+            Conv<T>::unpack8(ua[i], a);
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[i][t] = fmaf(a[e], xf[e], acc[i][t]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+      if (t < nt) {
+#pragma unroll
+        for (int i = 0; i < RB; i++) {
+          float sum = acc[i][t];
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+          if (lane == 0 && i0 + i < r) part[t][i0 + i] = sum;
+        }
+      }
+    }
+  }
+}
+
+// blockIdx.x = (module m, segment s) x cluster rank, blockIdx.y = token tile; f.g.ptrs are the B
+// tables and f.a_ptrs the A tables.
+template <typename T, typename Y>
+__global__ void __launch_bounds__(FUSED_THREADS, 4)
+    sgmv_fused_kernel(Y *__restrict__ y, int ldy, const T *__restrict__ x, int ldx, lp_lora_fused f,
+                      const int32_t *__restrict__ seg_starts, int max_rank, int K) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int C = static_cast<int>(cluster.num_blocks()), c = static_cast<int>(cluster.block_rank());
+  // The kernel after this one waits for its completion before reading y.
+  pdl_launch_dependents();
+  const lp_sgmv_group &g = f.g;
+  const int w = static_cast<int>(blockIdx.x) / C;
+  const int m = w / g.num_segs, s = w - m * g.num_segs;
+  const T *A = static_cast<const T *const *>(f.a_ptrs[m])[s];
+  const T *B = static_cast<const T *const *>(g.ptrs[m])[s];
+  const int r = min(g.ranks[m][s], max_rank);
+  const int N = g.cols[m];
+  const int seg_end = seg_starts[s + 1];
+  const int t0 = seg_starts[s] + blockIdx.y * FUSED_TT;
+  // Cluster-uniform (one (module, segment, tile) per cluster): the whole cluster leaves together,
+  // after waiting, so this grid never completes before the kernel it depends on.
+  if (A == nullptr || B == nullptr || r <= 0 || t0 >= seg_end) {
+    pdl_wait();
+    return;
+  }
+  y += g.y_off[m];
+  const int nt = min(FUSED_TT, seg_end - t0);
+  const int kc = ceil_div_dev(ceil_div_dev(K, C), 8) * 8;
+  const int k_lo = min(K, c * kc), k_hi = min(K, k_lo + kc);
+  const int nc = ceil_div_dev(ceil_div_dev(N, C), 8) * 8;
+  const RowSpan sp{min(N, c * nc), min(N, (c + 1) * nc), 0, 1};
+  pdl_wait();  // x and y may be written by the kernels before this one
+
+  __shared__ __align__(16) float part[FUSED_TT][FUSED_RANK];
+  __shared__ __align__(16) float vs[FUSED_TT][FUSED_RANK];
+  fused_shrink<T>(part, A, r, K, k_lo, k_hi, x, ldx, t0, nt);
+  cluster.sync();  // every block's partial sums are written and visible to the cluster
+  for (int idx = threadIdx.x; idx < nt * r; idx += blockDim.x) {
+    const int t = idx / r, i = idx - t * r;
+    float p[FUSED_MAX_CLUSTER];  // every remote load issued before the sum, added in cluster order
+#pragma unroll
+    for (int b = 0; b < FUSED_MAX_CLUSTER; b++) p[b] = b < C ? *cluster.map_shared_rank(&part[t][i], b) : 0.f;
+    float sum = 0.f;
+#pragma unroll
+    for (int b = 0; b < FUSED_MAX_CLUSTER; b++) sum += p[b];
+    vs[t][i] = sum;
+  }
+  // This block is done reading the others' shared memory; each waits below, before exiting, until
+  // all are (a block's shared memory must outlive the cluster's remote reads of it).
+  asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+  __syncthreads();
+  expand_rows<T, Y, FUSED_TT, FUSED_RANK>(y, ldy, B, r, vs, g.scales[m][s], t0, nt, sp);
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#else
+  __trap();  // the host takes this path on sm_90 and later only (clusters)
+#endif
 }
 
 // Tensor-core paths for long segments (prefill chunks): the CUDA-core kernels above are built for a
@@ -960,4 +1127,48 @@ extern "C" int lp_sgmv_expand_group_y32(int wdtype, float *y, int ldy, const flo
     default:
       return LP_ERR_INVALID;
   }
+}
+
+// Shrink and expand in one launch (sgmv_fused_kernel).
+namespace {
+template <typename T, typename Y>
+int launch_fused(dim3 grid, unsigned cluster, cudaStream_t st, void *y, int ldy, const void *x, int ldx,
+                 const lp_lora_fused &f, const int32_t *seg_starts, int max_rank, int k) {
+  return launch_cluster(sgmv_fused_kernel<T, Y>, grid, dim3(FUSED_THREADS), dim3(cluster, 1, 1), st, static_cast<Y *>(y),
+                        ldy, static_cast<const T *>(x), ldx, f, seg_starts, max_rank, k);
+}
+}  // namespace
+
+extern "C" int lp_sgmv_fused(int dtype, int ydtype, void *y, int ldy, const void *x, int ldx, const lp_lora_fused *f,
+                             const int32_t *seg_starts, int num_segs, int max_seg_len, int max_rank, int in_features,
+                             lp_stream stream) {
+  if (f == nullptr) return LP_ERR_INVALID;
+  if (const int rc = group_check(&f->g, num_segs, max_rank); rc != LP_OK) return rc;
+  int widest = 0;
+  for (int m = 0; m < f->g.modules; m++) {
+    if (f->a_ptrs[m] == nullptr || f->g.scales[m] == nullptr || f->g.y_off[m] + f->g.cols[m] > ldy) return LP_ERR_INVALID;
+    widest = std::max(widest, f->g.cols[m]);
+  }
+  if ((dtype != LP_DTYPE_BF16 && dtype != LP_DTYPE_F16) || (ydtype != dtype && ydtype != LP_DTYPE_F32) ||
+      max_seg_len < 0 || in_features < 0 || ldx < in_features)
+    return LP_ERR_INVALID;
+  if (num_segs == 0 || max_seg_len == 0 || max_rank == 0 || widest == 0 || in_features == 0) return LP_OK;
+  if (y == nullptr || x == nullptr || seg_starts == nullptr) return LP_ERR_INVALID;
+  if (max_seg_len > LP_FUSED_MAX_SEG || max_rank > LP_FUSED_MAX_RANK || in_features % 8 != 0 || ldx % 8 != 0 ||
+      (reinterpret_cast<uintptr_t>(x) & 15) != 0 || !clusters_ok())
+    return LP_ERR_UNSUPPORTED;
+  // Clusters of 8 where a grid of them stays within two waves of blocks (few segments: each block
+  // then reads less), else of 4.
+  const long long work = static_cast<long long>(num_segs) * f->g.modules;
+  const int tiles = ceil_div(max_seg_len, FUSED_TT);
+  const unsigned cluster = work * tiles * FUSED_MAX_CLUSTER <= 2LL * sm_count() ? FUSED_MAX_CLUSTER : 4;
+  if (work * cluster > 0x7fffffffLL) return LP_ERR_INVALID;
+  const dim3 grid(static_cast<unsigned>(work * cluster), tiles);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const bool y32 = ydtype == LP_DTYPE_F32;
+  if (dtype == LP_DTYPE_BF16)
+    return y32 ? launch_fused<__nv_bfloat16, float>(grid, cluster, st, y, ldy, x, ldx, *f, seg_starts, max_rank, in_features)
+               : launch_fused<__nv_bfloat16, __nv_bfloat16>(grid, cluster, st, y, ldy, x, ldx, *f, seg_starts, max_rank, in_features);
+  return y32 ? launch_fused<__half, float>(grid, cluster, st, y, ldy, x, ldx, *f, seg_starts, max_rank, in_features)
+             : launch_fused<__half, __half>(grid, cluster, st, y, ldy, x, ldx, *f, seg_starts, max_rank, in_features);
 }

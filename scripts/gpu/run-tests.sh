@@ -3,7 +3,7 @@
 # elsewhere (no Go needed here):
 #   CGO_ENABLED=1 CGO_CFLAGS=-Wno-deprecated-declarations go test -tags nvml -c -o .devrun/cuda.test ./shard/internal/compute/cuda/
 #   (the same for ./shard/internal/model/llama/ into .devrun/llama.test)
-# Usage: scripts/gpu/run-tests.sh [tests|bench|lora|breakdown|prefill|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
+# Usage: scripts/gpu/run-tests.sh [tests|bench|lora|sgmv|attn|breakdown|prefill|e2e|8b|upload|smoke]... ; output in $OUT (or /tmp/gpu-out).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-/tmp/gpu-out}
@@ -14,26 +14,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 cuda() { (cd "$root/shard/internal/compute/cuda" && "$root/.devrun/cuda.test" "$@"); }
 llama() { (cd "$root/shard/internal/model/llama" && "$root/.devrun/llama.test" "$@"); }
 rc=0
+# show PKG TEST FLAG LOG PATTERN: runs one test of PKG (cuda or llama) with FLAG into $out/LOG and
+# prints the lines matching PATTERN.
+show() {
+  "$1" -test.v -test.count=1 -test.run "$2" "$3" >"$out/$4" 2>&1 || rc=1
+  grep -E "$5" "$out/$4" | tail -50
+}
 for what in "${@:-tests}"; do
   case $what in
     tests)
-      cuda -test.v -test.count=1 -test.run 'TestBackend|TestInvariantMatMulRows|TestKVCacheDType|TestSGMVRandom|TestBF16|TestF16|TestDeviceAndNVML|TestFused|TestLoRATail|TestUpload(AdapterReadBack|AdapterConcurrent|OverlapsCompute)|TestSample' >"$out/cuda-tests.log" 2>&1 || rc=1
+      cuda -test.v -test.count=1 -test.run 'TestBackend|TestInvariantMatMulRows|TestKVCacheDType|TestSGMVRandom|TestSGMVFused|TestBF16|TestF16|TestDeviceAndNVML|TestFused|TestLoRATail|TestUpload(AdapterReadBack|AdapterConcurrent|OverlapsCompute)|TestSample' >"$out/cuda-tests.log" 2>&1 || rc=1
       grep -E '^(--- |FAIL|ok|PASS)' "$out/cuda-tests.log" | grep -v '^--- PASS' | tail -30
       llama -test.v -test.count=1 -test.run 'TestCUDAMatchesReference|TestCUDAFamiliesMatchReference|TestCUDABatchInvariant|TestCUDAStepGraphsMatchEager' >"$out/llama-tests.log" 2>&1 || rc=1
       grep -E '^(--- |FAIL|ok|PASS)|worst logit|graph stats|steps:|bit-identical' "$out/llama-tests.log" | tail -40
       ;;
-    bench)
-      llama -test.v -test.count=1 -test.run 'TestCUDADecodeBench' -cuda.bench >"$out/decode-bench.log" 2>&1 || rc=1
-      grep -E 'decode step|FAIL|copy bandwidth' "$out/decode-bench.log" | tail -30
-      ;;
-    lora)
-      llama -test.v -test.count=1 -test.run 'TestCUDADecodeAdaptersBench' -cuda.bench >"$out/lora-bench.log" 2>&1 || rc=1
-      grep -E 'batch|FAIL|bandwidth' "$out/lora-bench.log" | tail -30
-      ;;
-    breakdown)
-      llama -test.v -test.count=1 -test.run 'TestCUDAOpBreakdown' -cuda.bench >"$out/breakdown.log" 2>&1 || rc=1
-      grep -E 'cuda_test|RUN|FAIL' "$out/breakdown.log" | tail -50
-      ;;
+    bench) show llama TestCUDADecodeBench -cuda.bench decode-bench.log 'decode step|clusters off|FAIL|copy bandwidth' ;;
+    lora) show llama TestCUDADecodeAdaptersBench -cuda.bench lora-bench.log 'batch|FAIL|bandwidth' ;;
+    sgmv) show cuda '^TestSGMVBench$' -sgmv.bench sgmv-bench.log 'bandwidth|^ *\| (256|32|1) \||FAIL' ;;
+    attn) show cuda '^TestAttentionBench$' -attn.bench attn-bench.log 'bandwidth|^ *\||FAIL' ;;
+    breakdown) show llama TestCUDAOpBreakdown -cuda.bench breakdown.log 'cuda_test|RUN|FAIL' ;;
     prefill)
       # The dense bf16 rate (cuBLAS through torch) beside the prefill breakdown, in the same run.
       python3 "$root/scripts/gpu/dense_rate.py" >"$out/dense.log" 2>&1 || { rc=1; tail -5 "$out/dense.log"; }

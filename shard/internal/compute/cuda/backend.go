@@ -70,6 +70,9 @@ type Backend struct {
 	forkEv, joinEv *Event
 	serialLoRA     bool
 	noTails        bool
+	// Other steps' shrink and expand run as one clustered launch (lp_sgmv_fused) where it applies
+	// (fusedLoRA, fused.go) unless noFused (Options.NoFusedLoRA or SerialLoRA).
+	noFused bool
 }
 
 var (
@@ -115,6 +118,10 @@ type Options struct {
 	// shrinks run beside the GEMM and the expand after it (folded into the split of a packed
 	// projection), as before ABI 10; for comparisons.
 	NoLoRAEpilogue bool
+	// NoFusedLoRA keeps the LoRA shrink and expand of the steps the epilogue does not take (more than
+	// 16 tokens, or weights the streaming kernels do not take) as two launches, the shrink beside the
+	// GEMM and the expand after it, as before ABI 11, instead of one (lp_sgmv_fused); for comparisons.
+	NoFusedLoRA bool
 	// KVDType is the KV cache's element type: BF16 or F32 (0: BF16 with bf16 weights, F32 with
 	// float32 weights, so the float32 backend still tracks the CPU backend to rounding).
 	KVDType DType
@@ -179,7 +186,7 @@ func NewWithLib(lib *Lib, o Options) (*Backend, error) {
 		_ = s.Close()
 		return nil, err
 	}
-	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention, gemvUpTo8: o.GEMVUpTo8, serialLoRA: o.SerialLoRA, noTails: o.SerialLoRA || o.NoLoRAEpilogue}
+	b := &Backend{lib: lib, stream: s, wdt: o.WeightDType, kvdt: o.KVDType, budget: o.MemoryBudget, pool: map[int64][]*Buffer{}, graphOwned: map[*Buffer]*stepGraph{}, noGraphs: o.NoStepGraphs, noFusion: o.NoFusion, invariant: o.BatchInvariant, noTiles: o.NoTiledAttention, gemvUpTo8: o.GEMVUpTo8, serialLoRA: o.SerialLoRA, noTails: o.SerialLoRA || o.NoLoRAEpilogue, noFused: o.SerialLoRA || o.NoFusedLoRA}
 	b.up = up
 	err = lib.check("blas create", lib.blasCreate(&b.blas, s.handle()))
 	if err == nil {

@@ -92,6 +92,16 @@ func (p *parity) batch(m *compute.BatchMeta) (compute.Batch, compute.Batch) {
 	return g, c
 }
 
+// kvVals returns n random k or v values, rounded to bf16 where the GPU's KV cache is bf16 (it
+// stores them rounded; values already bf16 leave the comparison to summation order).
+func (p *parity) kvVals(r *rand.Rand, n int) []float32 {
+	v := randVals(r, n, 2)
+	if p.g.KVDType() == BF16 {
+		return roundBF16(v)
+	}
+	return v
+}
+
 // attend runs Attention (window 0) or WindowAttention on both backends.
 func (p *parity) attend(out, q, k, v pair, gc, cc compute.KVCache, layer int, scale float32, window int, gb, cb compute.Batch) {
 	p.t.Helper()
@@ -167,6 +177,7 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 			t.Run("rope", func(t *testing.T) { p.t = t; testRoPE(p, r) })
 			t.Run("attention", func(t *testing.T) { p.t = t; testAttention(p, r) })
 			t.Run("tiled attention", func(t *testing.T) { p.t = t; testTiledAttention(p, r) })
+			t.Run("split attention", func(t *testing.T) { p.t = t; testSplitAttention(p, r) })
 			t.Run("sgmv", func(t *testing.T) { p.t = t; testSGMV(p, r) })
 		})
 	}
@@ -417,18 +428,43 @@ func testTiledAttention(p *parity, r *rand.Rand) {
 			scale := float32(1 / math.Sqrt(float64(c.hd)))
 			for layer, window := range []int{0, 37} {
 				q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
-				kv := func() []float32 {
-					v := randVals(r, tk*kvw, 2)
-					if bf16 {
-						return roundBF16(v)
-					}
-					return v
-				}
-				k, v := p.tensor(kv(), tk, kvw), p.tensor(kv(), tk, kvw)
+				k, v := p.tensor(p.kvVals(r, tk*kvw), tk, kvw), p.tensor(p.kvVals(r, tk*kvw), tk, kvw)
 				out := p.tensor(make([]float32, tk*qw), tk, qw)
 				p.attend(out, q, k, v, gc, cc, layer, scale, window, gb, cb)
 				p.same(fmt.Sprintf("tiled attention (bf16 cache: %v) %d/%d heads of %d, step %d runs %v, window %d", bf16, c.heads, c.kvHeads, c.hd, step, adds, window), out, tolReduction)
 			}
+		}
+	}
+}
+
+// testSplitAttention runs decode steps whose contexts (up to 201 positions over three sequences) the
+// flash-decoding kernel splits: in 7 blocks per (token, head group), merged inside a thread-block
+// cluster where the GPU has them, and, with clusters off (Lib.SetClusters), by the second kernel.
+// Both against the CPU; the merges add the same terms in the same order.
+func testSplitAttention(p *parity, r *rand.Rand) {
+	const heads, kvHeads, hd = 8, 2, 128
+	shape := compute.KVShape{Layers: 1, NumBlocks: 48, BlockSize: 16, KVHeads: kvHeads, HeadDim: hd}
+	gc, cc := p.kvCache(shape)
+	tables := shuffledTables(r, shape.NumBlocks, 3, 16)
+	lens := []int{0, 0, 0}
+	qw, kvw := heads*hd, kvHeads*hd
+	scale := float32(1 / math.Sqrt(float64(hd)))
+	defer func() { must(p.t, p.g.lib.SetClusters(true)) }()
+	for step, adds := range [][]int{{200, 120, 40}, {1, 1, 1}, {1, 1, 1}} {
+		m := stepMeta(p.t, tables, lens, adds, shape.BlockSize)
+		tk := len(m.Tokens)
+		gb, cb := p.batch(m)
+		q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
+		k, v := p.tensor(p.kvVals(r, tk*kvw), tk, kvw), p.tensor(p.kvVals(r, tk*kvw), tk, kvw)
+		out := p.tensor(make([]float32, tk*qw), tk, qw)
+		p.attend(out, q, k, v, gc, cc, 0, scale, 0, gb, cb)
+		p.same(fmt.Sprintf("split attention, step %d (runs %v), clusters on", step, adds), out, tolReduction)
+		if step > 0 {
+			// The same step again (its KV write stores the same values) with the merge in a second kernel.
+			must(p.t, p.g.lib.SetClusters(false))
+			must(p.t, p.g.Attention(out.g, q.g, k.g, v.g, gc, 0, scale, gb))
+			must(p.t, p.g.lib.SetClusters(true))
+			p.same(fmt.Sprintf("split attention, step %d (runs %v), clusters off", step, adds), out, tolReduction)
 		}
 	}
 }
@@ -441,17 +477,10 @@ func testAttention(p *parity, r *rand.Rand) {
 		gc, cc := p.kvCache(shape)
 		tables := shuffledTables(r, shape.NumBlocks, 3, 6)
 		lens := []int{0, 0, 0}
-		// With a bf16 KV cache the GPU stores k and v rounded; values already bf16 keep the plain
-		// attention comparison exact to summation order, and the fused path (which rounds the
+		// With a bf16 KV cache the GPU stores k and v rounded; values already bf16 (kvVals) keep the
+		// plain attention comparison exact to summation order, and the fused path (which rounds the
 		// rotated k) gets the bf16 tolerance.
 		kvBF16 := p.g.KVDType() == BF16
-		kvVals := func(n int) []float32 {
-			v := randVals(r, n, 2)
-			if kvBF16 {
-				return roundBF16(v)
-			}
-			return v
-		}
 		tolFused := tolReduction
 		if kvBF16 {
 			tolFused = tolKVBF16
@@ -465,8 +494,8 @@ func testAttention(p *parity, r *rand.Rand) {
 			// Layer 0: full causal attention; layer 1: a sliding window (1, 4, then 6 positions).
 			for layer, window := range []int{0, []int{1, 4, 6}[step]} {
 				q := p.tensor(randVals(r, tk*qw, 2), tk, qw)
-				k := p.tensor(kvVals(tk*kvw), tk, kvw)
-				v := p.tensor(kvVals(tk*kvw), tk, kvw)
+				k := p.tensor(p.kvVals(r, tk*kvw), tk, kvw)
+				v := p.tensor(p.kvVals(r, tk*kvw), tk, kvw)
 				out := p.tensor(make([]float32, tk*qw), tk, qw)
 				p.attend(out, q, k, v, gc, cc, layer, scale, window, gb, cb)
 				p.same(fmt.Sprintf("attention %d/%d heads of %d, step %d, layer %d, window %d", c.heads, c.kvHeads, c.hd, step, layer, window), out, tolReduction)

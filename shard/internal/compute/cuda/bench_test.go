@@ -3,6 +3,7 @@ package cuda
 import (
 	"flag"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -46,7 +47,7 @@ func TestSGMVBench(t *testing.T) {
 
 	const hidden = 4096
 	var out strings.Builder
-	fmt.Fprintf(&out, "\n| tokens | adapters | rank | us shrink+expand | us without PDL | us shrink alone | us expand alone | us one pair per graph | MB moved | GB/s | %% of copy | copies |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&out, "\n| tokens | adapters | rank | us shrink+expand | us fused (one launch) | us without PDL (pair, fused) | us shrink alone | us expand alone | us one pair per graph | MB moved | GB/s | %% of copy | fused %% of copy | copies |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, rank := range []int{8, 16, 64} {
 		for _, nad := range []int{1, 8, 32, 128} {
 			for _, tokens := range []int{1, 8, 16, 32, 64, 128, 256} {
@@ -55,8 +56,9 @@ func TestSGMVBench(t *testing.T) {
 				}
 				b := benchCase(t, l, s, fill, tokens, nad, rank, hidden, int64(d.L2Bytes))
 				gbs := float64(b.bytes) / (b.us * 1e-6) / 1e9
-				fmt.Fprintf(&out, "| %d | %d | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f%% | %d |\n", tokens, nad, rank,
-					b.us, b.noPDL, b.shrink, b.expand, b.one, float64(b.bytes)/1e6, gbs, 100*gbs*1e9/copyBW, b.sets)
+				fgbs := float64(b.bytes) / (b.fused * 1e-6) / 1e9 // NaN where the fused kernel does not apply
+				fmt.Fprintf(&out, "| %d | %d | %d | %.2f | %.2f | %.2f, %.2f | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f%% | %.0f%% | %d |\n", tokens, nad, rank,
+					b.us, b.fused, b.noPDL, b.fusedNoPDL, b.shrink, b.expand, b.one, float64(b.bytes)/1e6, gbs, 100*gbs*1e9/copyBW, 100*fgbs*1e9/copyBW, b.sets)
 			}
 		}
 	}
@@ -126,6 +128,7 @@ type benchSet struct {
 // benchResult holds microseconds per (shrink, expand) pair unless named otherwise.
 type benchResult struct {
 	us, noPDL, shrink, expand, one float64
+	fused, fusedNoPDL              float64 // lp_sgmv_fused: NaN where it does not apply
 	bytes                          int64
 	sets                           int
 }
@@ -192,6 +195,14 @@ func benchCase(t *testing.T, l *Lib, s *Stream, fill func(*Buffer), tokens, nad,
 	r.shrink = perPair(sets, shrink)
 	r.expand = perPair(sets, expand)
 	r.one = perPair(sets[:1], shrink, expand)
+	r.fused, r.fusedNoPDL = math.NaN(), math.NaN()
+	if tokens/nad <= maxFusedSeg && rank <= maxFusedRank {
+		fused := func(st *benchSet) { must(t, l.SGMVFused(BF16, st.y, hidden, hidden, st.x, hidden, hidden, st.tab, s)) }
+		r.fused = perPair(sets, fused)
+		must(t, l.SetPDL(false))
+		r.fusedNoPDL = perPair(sets, fused)
+		must(t, l.SetPDL(true))
+	}
 	must(t, l.Sync(s))
 	return r
 }
@@ -223,7 +234,7 @@ func TestAttentionBench(t *testing.T) {
 	for _, c := range chunks {
 		fmt.Fprintf(&out, " chunk %d |", c)
 	}
-	fmt.Fprintf(&out, " auto at |\n|---|---|---|%s---|\n", strings.Repeat("---|", len(chunks)))
+	fmt.Fprintf(&out, " chunk 0, clusters off | auto at |\n|---|---|---|%s---|---|\n", strings.Repeat("---|", len(chunks)))
 	for _, seqs := range []int{1, 8, 32, 64} {
 		for _, ctx := range []int{144, 512, 2048, 8192} {
 			per := (ctx + bs - 1) / bs
@@ -262,7 +273,19 @@ func TestAttentionBench(t *testing.T) {
 				}
 				fmt.Fprintf(&out, " %.2f |", us)
 			}
-			fmt.Fprintf(&out, " %.0f%% |\n", 100*kv*1e6/bw/(auto*1e-6))
+			// The kernel's choice again with clusters off: splits merged by a second kernel.
+			must(t, l.SetClusters(false))
+			wsb := l.attentionWorkspace(int32(seqs), heads, kvHeads, hd, int32(bt.maxCtx), 0)
+			ws, err := be.scratch(int64(max(wsb, 256)))
+			must(t, err)
+			kp, vp := cache.layer(0)
+			us := graphMicros(t, l, s, reps, func(int) {
+				must(t, l.check("attention", l.attention(int32(BF16), o.(*Tensor).ptr(), q.(*Tensor).ptr(), kp, vp, int32(seqs), heads, kvHeads, hd, 0.088,
+					bt.positions, bt.seqIndex, bt.blockTables, bt.tableOff, bs, int32(bt.maxCtx), 0, 0, ws.ptr, uintptr(ws.size), s.handle())))
+			})
+			be.release(ws)
+			must(t, l.SetClusters(true))
+			fmt.Fprintf(&out, " %.2f | %.0f%% |\n", us, 100*kv*1e6/bw/(auto*1e-6))
 			be.Free(q)
 			be.Free(o)
 			be.FreeKVCache(kc)

@@ -137,6 +137,10 @@ func (b *Backend) Project(outs []compute.Tensor, x, w compute.Tensor, layer int,
 		fold := false // the expand folded into the split
 		if lg == nil {
 			err = base()
+		} else if !lg.folds(t) && b.fusedLoRA(bt, lg.rank, k, xHalf) {
+			if err = base(); err == nil {
+				err = lg.fused(p.ptr, xHalf)
+			}
 		} else {
 			if v, err = b.scratch(4 * int64(t) * int64(lg.ldv)); err != nil {
 				return err
@@ -220,6 +224,12 @@ func (b *Backend) ProjectAdd(out, x, w compute.Tensor, layer int, mod compute.Mo
 	if lo.tuned && b.tails(t, n, k, xHalf, wt) {
 		return b.withTail([]uintptr{o.ptr()}, []int{n}, xHalf, wt, t, k, true, lo.st.maxRank, lo.shrink, lo.tail)
 	}
+	if lo.tuned && b.fusedLoRA(lo.bt, lo.st.maxRank, k, xHalf) {
+		if err := base(); err != nil {
+			return err
+		}
+		return lo.fused(xHalf)
+	}
 	v, err := b.scratch(lo.vBytes())
 	if err != nil {
 		return err
@@ -245,6 +255,56 @@ type loraTail struct {
 	v, tokSeg    uintptr
 	ldv, maxRank int32
 	g            sgmvGroup
+}
+
+// loraFused mirrors lp_lora_fused, 144 bytes: a group whose ptrs are B tables, and its A tables.
+type loraFused struct {
+	g     sgmvGroup
+	aptrs [3]uintptr
+}
+
+// The segments and ranks lp_sgmv_fused takes (LP_FUSED_MAX_SEG, LP_FUSED_MAX_RANK).
+const (
+	maxFusedSeg  = 64
+	maxFusedRank = 64
+)
+
+// fusedLoRA says whether the LoRA update of a step the epilogue does not take (tails), of ranks up
+// to rank over in features, runs as one launch after the base GEMM (lp_sgmv_fused: the shrink's
+// result stays in the GPU's shared memory, and the expand is not a second dependent launch): in the
+// default mode, for segments of at most maxFusedSeg tokens (longer ones run on tensor cores), ranks
+// up to maxFusedRank, in a multiple of 8 and the bf16 input 16-byte aligned; and in steps past
+// maxSkinnyTokens (every projection then runs on cuBLAS) or whose shrinks would not run beside the
+// GEMM. On the H200 (TestCUDADecodeAdaptersBench, random 1.1B Llama, rank-16 adapters on all
+// projections, docs/benchmarks-cuda.md) the one launch took 0.11 ms off a batch-32 step with one
+// adapter and 0.24 ms with 32, 0.46 and 0.26 ms at batch 64, 0.06 ms at batch 16 with 16 adapters;
+// but a shrink beside the GEMM is off the step's critical path, and with it the two launches were
+// 55-66 us faster at batch 4 to 16 with one adapter. Other steps run the shrink beside or after the
+// GEMM and the expand after it, as Options.NoFusedLoRA does for all.
+func (b *Backend) fusedLoRA(bt *batch, rank, in int, xHalf uintptr) bool {
+	return !b.noFused && !b.invariant && xHalf != 0 && xHalf%16 == 0 && in%8 == 0 && bt.maxSegLen <= maxFusedSeg &&
+		rank <= maxFusedRank && (len(bt.m.Tokens) > maxSkinnyTokens || !b.besides(bt))
+}
+
+// fused queues f's update of y (float32, ldy columns) from the bf16 input xHalf as one launch, or,
+// where the library declines it (a GPU without thread-block clusters), the shrink into a scratch of
+// ldv columns and the expand after it, both on the compute stream.
+func (b *Backend) fused(f *loraFused, y uintptr, ldy int, xHalf uintptr, in, rank, ldv int, bt *batch,
+	shrink func(v uintptr) error, expand func(v uintptr) error) error {
+	rc := b.lib.sgmvFused(int32(BF16), int32(F32), y, int32(ldy), xHalf, int32(in), f, bt.segStarts, f.g.numSegs,
+		int32(bt.maxSegLen), int32(rank), int32(in), b.stream.handle())
+	if rc != errUnsupported {
+		return b.lib.check("sgmv fused", rc)
+	}
+	v, err := b.scratch(4 * int64(len(bt.m.Tokens)) * int64(ldv))
+	if err != nil {
+		return err
+	}
+	defer b.release(v)
+	if err := shrink(v.ptr); err != nil {
+		return err
+	}
+	return expand(v.ptr)
 }
 
 // loraGroup is the LoRA update of a packed projection's modules as one grouped shrink of x into v
@@ -304,6 +364,15 @@ func (lg *loraGroup) shrink(v, xHalf, s uintptr) error {
 	g.ptrs = lg.aptr
 	return lg.b.lib.check("sgmv shrink (group)", lg.b.lib.sgmvShrinkGroup(int32(BF16), v, int32(lg.ldv), xHalf, int32(lg.in), &g, lg.bt.segStarts,
 		g.numSegs, int32(lg.bt.maxSegLen), int32(lg.rank), int32(lg.in), s))
+}
+
+// fused queues the group's update of the packed output p as one launch (Backend.fused).
+func (lg *loraGroup) fused(p, xHalf uintptr) error {
+	f := loraFused{g: lg.g, aptrs: lg.aptr}
+	f.g.ptrs = lg.bptr
+	return lg.b.fused(&f, p, lg.n, xHalf, lg.in, lg.rank, lg.ldv, lg.bt,
+		func(v uintptr) error { return lg.shrink(v, xHalf, lg.b.stream.handle()) },
+		func(v uintptr) error { return lg.expand(p, v) })
 }
 
 // tail is the group's expand as a matmul's epilogue reading the grouped shrink's output v.

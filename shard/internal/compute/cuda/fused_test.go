@@ -16,7 +16,7 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		o    Options
-	}{{"F32", Options{WeightDType: F32}}, {"BF16", Options{WeightDType: BF16}}, {"BF16-no-epilogue", Options{WeightDType: BF16, NoLoRAEpilogue: true}}} {
+	}{{"F32", Options{WeightDType: F32}}, {"BF16", Options{WeightDType: BF16}}, {"BF16-no-epilogue", Options{WeightDType: BF16, NoLoRAEpilogue: true}}, {"BF16-no-fused-sgmv", Options{WeightDType: BF16, NoFusedLoRA: true}}} {
 		dt := c.o.WeightDType
 		t.Run(c.name, func(t *testing.T) {
 			p := &parity{t: t, g: newGPUBackend(t, c.o), c: cpu.New(cpu.Options{}), dt: dt}
@@ -26,17 +26,21 @@ func TestFusedProjectionsMatchCPU(t *testing.T) {
 			// Without adapters, 2 tokens: the GEMV writing each part; 13: the skinny GEMM writing
 			// each part; 40: cuBLAS, packed and split. With adapters on bf16: the grouped shrink,
 			// then the GEMV (2) or the skinny GEMM (3, 8, 13) writing each part with its LoRA term
-			// added in the epilogue (lp_lora_tail); 40 tokens: cuBLAS writes the packed output, the
-			// grouped shrink runs after it (3 and 10 segments; over maxBesideTokens) and the grouped
-			// expand before the split; 200: segments of 66-67 tokens, which take the tensor-core
-			// expand (too few blocks for the tensor-core shrink, see TestSGMVRandom). Without the epilogue (NoLoRAEpilogue) the small steps take the earlier
-			// path: the shrink beside the GEMM on the side stream (up to 13 tokens in 3 segments) or
-			// after it (9 and 12 segments, over maxBesideSegments), the expand folded into the split
-			// (2, 3, 8 tokens: lp_split_cols_lora) or before it (13).
+			// added in the epilogue (lp_lora_tail); 40 and 64 tokens: cuBLAS writes the packed
+			// output and one clustered launch (lp_sgmv_fused, rank 8: coalesced expand; rank 4: the
+			// general one) adds the grouped update before the split, or with NoFusedLoRA the grouped
+			// shrink runs after it (over maxBesideTokens) and the grouped expand before the split;
+			// 200: segments of 66-67 tokens, past the fused kernel's, which take the tensor-core
+			// expand (too few blocks for the tensor-core shrink, see TestSGMVRandom). Without the
+			// epilogue (NoLoRAEpilogue) the small steps take the earlier path: the shrink beside the
+			// GEMM on the side stream (up to 13 tokens in 3 segments) or after it (9 segments, over
+			// maxBesideSegments), the expand folded into the split (2, 3, 8 tokens:
+			// lp_split_cols_lora) or before it (13 tokens in 3 segments); 13 tokens in 12 segments
+			// take the fused launch (no shrink beside the GEMM there).
 			for _, c := range []struct {
 				tokens, segs int
 				adapters     bool
-			}{{2, 3, true}, {2, 3, false}, {3, 3, true}, {8, 9, true}, {13, 3, true}, {13, 12, true}, {13, 3, false}, {40, 3, true}, {40, 10, true}, {40, 3, false}, {200, 3, true}} {
+			}{{2, 3, true}, {2, 3, false}, {3, 3, true}, {8, 9, true}, {13, 3, true}, {13, 12, true}, {13, 3, false}, {40, 3, true}, {40, 10, true}, {40, 3, false}, {64, 32, true}, {200, 3, true}} {
 				t.Run(fmt.Sprintf("%d-tokens-%d-segments-adapters-%v", c.tokens, c.segs, c.adapters), func(t *testing.T) { p.t = t; testFused(p, r, c.tokens, c.segs, c.adapters) })
 			}
 		})
@@ -140,23 +144,79 @@ func TestSGMVGroupLayout(t *testing.T) {
 	if n, off := unsafe.Sizeof(lt), unsafe.Offsetof(lt.g); n != 144 || off != 24 {
 		t.Fatalf("loraTail is %d bytes with g at %d; lp_lora_tail is 144 with g at 24", n, off)
 	}
+	var lf loraFused
+	if n, off := unsafe.Sizeof(lf), unsafe.Offsetof(lf.aptrs); n != 144 || off != 120 {
+		t.Fatalf("loraFused is %d bytes with aptrs at %d; lp_lora_fused is 144 with a_ptrs at 120", n, off)
+	}
+}
+
+// TestSGMVFusedChecks: lp_sgmv_fused refuses inconsistent arguments (LP_ERR_INVALID), declines
+// calls its kernel does not take (LP_ERR_UNSUPPORTED), queueing nothing either way, and takes a
+// consistent one.
+func TestSGMVFusedChecks(t *testing.T) {
+	l, s := gpuStream(t)
+	const tokens, n, k, rank = 4, 64, 64, 8
+	buf := zeroed(t, l, s)
+	y, x := buf(4*tokens*n), buf(2*tokens*k)
+	// One segment of all tokens without an adapter (null A and B pointers): nothing to add.
+	tables := buf(64)
+	sb, err := l.Malloc(8)
+	must(t, err)
+	defer sb.Free()
+	must(t, CopyIn(sb, 0, []int32{0, tokens}, s))
+	starts := sb.ptr
+	type call struct {
+		dt, ydt                   int32
+		y, x                      uintptr
+		ldy, ldx                  int32
+		f                         loraFused
+		starts                    uintptr
+		nseg, maxLen, maxRank, in int32
+	}
+	good := func() *call {
+		return &call{dt: int32(BF16), ydt: int32(F32), y: y, x: x, ldy: n, ldx: k, starts: starts, nseg: 1, maxLen: tokens, maxRank: rank, in: k,
+			f: loraFused{g: sgmvGroup{modules: 1, numSegs: 1, cols: [3]int32{n}, ptrs: [3]uintptr{tables}, ranks: [3]uintptr{tables + 16},
+				scales: [3]uintptr{tables + 32}}, aptrs: [3]uintptr{tables + 8}}}
+	}
+	for _, c := range []struct {
+		name string
+		mod  func(*call)
+		want int32
+	}{
+		{"consistent", func(*call) {}, 0},
+		{"bf16 y", func(c *call) { c.ydt = int32(BF16) }, 0},
+		{"no modules", func(c *call) { c.f.g.modules = 0 }, -1},
+		{"segments other than the group's", func(c *call) { c.nseg = 2 }, -1},
+		{"columns past ldy", func(c *call) { c.f.g.yOff[0] = 1 }, -1},
+		{"no A tables", func(c *call) { c.f.aptrs[0] = 0 }, -1},
+		{"no scales", func(c *call) { c.f.g.scales[0] = 0 }, -1},
+		{"float32 x", func(c *call) { c.dt = int32(F32) }, -1},
+		{"f16 y from bf16 x", func(c *call) { c.ydt = int32(F16) }, -1},
+		{"ldx under in_features", func(c *call) { c.ldx = k - 8 }, -1},
+		{"rank past LP_MAX_RANK", func(c *call) { c.maxRank = 513 }, -1},
+		{"no y", func(c *call) { c.y = 0 }, -1},
+		{"no segment starts", func(c *call) { c.starts = 0 }, -1},
+		{"segment past LP_FUSED_MAX_SEG", func(c *call) { c.maxLen = 65 }, -2},
+		{"rank past LP_FUSED_MAX_RANK", func(c *call) { c.maxRank = 65 }, -2},
+		{"in_features not a multiple of 8", func(c *call) { c.in, c.ldx = k-4, k-4 }, -2},
+		{"x not 16-byte aligned", func(c *call) { c.x += 2 }, -2},
+		{"no tokens", func(c *call) { c.maxLen, c.y = 0, 0 }, 0},
+	} {
+		cl := good()
+		c.mod(cl)
+		if rc := l.sgmvFused(cl.dt, cl.ydt, cl.y, cl.ldy, cl.x, cl.ldx, &cl.f, cl.starts, cl.nseg, cl.maxLen, cl.maxRank, cl.in, s.handle()); rc != c.want {
+			t.Errorf("%s: rc %d, want %d", c.name, rc, c.want)
+		}
+	}
+	must(t, l.Sync(s))
 }
 
 // TestLoRATailChecks: the small matmuls refuse an inconsistent LoRA epilogue (LP_ERR_INVALID, nothing
 // queued) and take a consistent one.
 func TestLoRATailChecks(t *testing.T) {
-	l := gpu(t)
-	s, err := l.NewStream()
-	must(t, err)
-	defer s.Close()
+	l, s := gpuStream(t)
 	const tokens, n, k, rank = 2, 64, 64, 8
-	buf := func(bytes int64) uintptr {
-		b, err := l.Malloc(bytes)
-		must(t, err)
-		t.Cleanup(func() { _ = b.Free() })
-		must(t, l.Memset(b, 0, s))
-		return b.ptr
-	}
+	buf := zeroed(t, l, s)
 	out, x, w, v := buf(4*tokens*n), buf(2*tokens*k), buf(2*n*k), buf(4*tokens*rank)
 	// One segment without an adapter (a null B pointer): the epilogue adds nothing.
 	tables, tokSeg := buf(64), buf(4*tokens)
@@ -191,4 +251,24 @@ func TestLoRATailChecks(t *testing.T) {
 		}
 	}
 	must(t, l.Sync(s))
+}
+
+// zeroed returns an allocator of zeroed device buffers (their addresses), freed when t ends.
+func zeroed(t *testing.T, l *Lib, s *Stream) func(bytes int64) uintptr {
+	return func(bytes int64) uintptr {
+		b, err := l.Malloc(bytes)
+		must(t, err)
+		t.Cleanup(func() { _ = b.Free() })
+		must(t, l.Memset(b, 0, s))
+		return b.ptr
+	}
+}
+
+// gpuStream returns the library (skipping without a GPU) and a stream closed when t ends.
+func gpuStream(t *testing.T) (*Lib, *Stream) {
+	l := gpu(t)
+	s, err := l.NewStream()
+	must(t, err)
+	t.Cleanup(func() { _ = s.Close() })
+	return l, s
 }

@@ -24,7 +24,7 @@ import (
 )
 
 // ABIVersion is the version of kernels/loraplex_kernels.h this package was written against.
-const ABIVersion = 10
+const ABIVersion = 11
 
 // LibraryName is the file name of the kernels library.
 const LibraryName = "libloraplex_kernels.so"
@@ -54,8 +54,17 @@ type Error struct {
 
 func (e *Error) Error() string { return fmt.Sprintf("cuda: %s: %s (code %d)", e.Op, e.Msg, e.Code) }
 
-// Unwrap makes every library failure a compute.ErrBackend.
-func (e *Error) Unwrap() error { return compute.ErrBackend }
+// ErrUnsupported matches a library failure of code LP_ERR_UNSUPPORTED: a valid call that this build
+// or this GPU does not implement, which queued nothing.
+var ErrUnsupported = errors.New("cuda: call not supported by the kernels library")
+
+// Unwrap makes every library failure a compute.ErrBackend, and LP_ERR_UNSUPPORTED also ErrUnsupported.
+func (e *Error) Unwrap() []error {
+	if e.Code == errUnsupported {
+		return []error{compute.ErrBackend, ErrUnsupported}
+	}
+	return []error{compute.ErrBackend}
+}
 
 // LibraryPath resolves where to load the library from: explicit if set, else LibraryName next to
 // the running executable.
@@ -154,6 +163,11 @@ type Lib struct {
 	// ABI 9: the split of a packed projection with the grouped LoRA expand folded in.
 	splitColsLoRA func(p uintptr, rows, ldp int32, o0 uintptr, n0 int32, o1 uintptr, n1 int32, o2 uintptr, n2 int32, v uintptr, ldv int32,
 		g *sgmvGroup, tokSeg uintptr, maxRank int32, s uintptr) int32
+
+	// ABI 11: shrink and expand in one launch; the clusters switch.
+	setClusters func(enabled int32) int32
+	sgmvFused   func(dt, ydt int32, y uintptr, ldy int32, x uintptr, ldx int32, f *loraFused, starts uintptr,
+		nseg, maxLen, maxRank, in int32, s uintptr) int32
 }
 
 // qkvPrep is lp_qkv_prep: the biases and per-head norms applied to q, k and v before RoPE (device
@@ -273,6 +287,8 @@ func (l *Lib) symbols() []symbol {
 		{&l.eventQuery, "lp_event_query"},
 		{&l.addBias, "lp_add_bias"},
 		{&l.splitColsLoRA, "lp_split_cols_lora"},
+		{&l.sgmvFused, "lp_sgmv_fused"},
+		{&l.setClusters, "lp_set_clusters"},
 	}
 }
 

@@ -675,6 +675,9 @@ func (b *Backend) SGMV(y, x compute.Tensor, layer int, m compute.Module, cb comp
 	if lo == nil || err != nil {
 		return err
 	}
+	if lo.tuned && lo.x.halfOK && b.fusedLoRA(lo.bt, lo.st.maxRank, lo.in, lo.x.half.ptr) {
+		return lo.fused(lo.x.half.ptr)
+	}
 	v, err := b.scratch(lo.vBytes())
 	if err != nil {
 		return err
@@ -765,12 +768,24 @@ func (lo *loraUpdate) expand(v uintptr) error {
 		st.scales, bt.tokSeg, int32(lo.n), int32(st.maxRank), h))
 }
 
+// group is the update as a group of one module whose ptrs are its B tables.
+func (lo *loraUpdate) group() sgmvGroup {
+	st := lo.st
+	return sgmvGroup{modules: 1, numSegs: int32(len(lo.bt.m.Segments)), cols: [3]int32{int32(lo.out)},
+		ptrs: [3]uintptr{st.bptr}, ranks: [3]uintptr{st.ranks}, scales: [3]uintptr{st.scales}}
+}
+
 // tail is the update as a matmul's epilogue reading the shrink's output v (see tails).
 func (lo *loraUpdate) tail(v uintptr) *loraTail {
-	st := lo.st
-	return &loraTail{v: v, tokSeg: lo.bt.tokSeg, ldv: int32(st.maxRank), maxRank: int32(st.maxRank), g: sgmvGroup{
-		modules: 1, numSegs: int32(len(lo.bt.m.Segments)), cols: [3]int32{int32(lo.out)},
-		ptrs: [3]uintptr{st.bptr}, ranks: [3]uintptr{st.ranks}, scales: [3]uintptr{st.scales}}}
+	return &loraTail{v: v, tokSeg: lo.bt.tokSeg, ldv: int32(lo.st.maxRank), maxRank: int32(lo.st.maxRank), g: lo.group()}
+}
+
+// fused queues the update from the bf16 input xHalf as one launch (Backend.fused).
+func (lo *loraUpdate) fused(xHalf uintptr) error {
+	lo.y.halfOK = false
+	f := loraFused{g: lo.group(), aptrs: [3]uintptr{lo.st.aptr}}
+	return lo.b.fused(&f, lo.y.ptr(), lo.out, xHalf, lo.in, lo.st.maxRank, lo.st.maxRank, lo.bt,
+		func(v uintptr) error { return lo.shrink(v, lo.b.stream.handle()) }, lo.expand)
 }
 
 // The steps whose LoRA shrinks run beside the base GEMM: decode-sized ones (at most maxBesideTokens
@@ -790,7 +805,7 @@ const (
 // graph the side stream's work becomes a parallel branch. Other steps (see maxBesideTokens), and
 // Options.SerialLoRA, queue both on the compute stream, base first.
 func (b *Backend) beside(bt *batch, shrink func(s uintptr) error, base func() error) error {
-	if b.serialLoRA || len(bt.m.Tokens) > maxBesideTokens || len(bt.m.Segments) > maxBesideSegments {
+	if !b.besides(bt) {
 		if err := base(); err != nil {
 			return err
 		}
@@ -810,6 +825,11 @@ func (b *Backend) beside(bt *batch, shrink func(s uintptr) error, base func() er
 		jerr = b.lib.WaitEvent(b.stream, b.joinEv)
 	}
 	return errors.Join(serr, berr, jerr)
+}
+
+// besides says whether beside runs a step's shrinks on the side stream.
+func (b *Backend) besides(bt *batch) bool {
+	return !b.serialLoRA && len(bt.m.Tokens) <= maxBesideTokens && len(bt.m.Segments) <= maxBesideSegments
 }
 
 // checkAdapters verifies that every segment's adapter is live and that its weights for (layer, m)

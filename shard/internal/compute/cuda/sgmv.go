@@ -247,6 +247,17 @@ func (l *Lib) SetPDL(enabled bool) error {
 	return l.check("set pdl", l.setPDL(v))
 }
 
+// SetClusters switches the kernels' use of thread-block clusters (lp_set_clusters; on by default
+// where the GPU has them, process-wide): the fused LoRA update (lp_sgmv_fused, which declines every
+// call when off) and decode attention's merge of its context splits (a second kernel when off).
+func (l *Lib) SetClusters(enabled bool) error {
+	v := int32(0)
+	if enabled {
+		v = 1
+	}
+	return l.check("set clusters", l.setClusters(v))
+}
+
 // SGMVShrink queues v[t, 0:r] = x[t, 0:in] A^T for the rows of every segment with an adapter.
 // x is dtype [tokens, ldx]; v is float32 [tokens, ldv] with ldv >= t.MaxRank().
 func (l *Lib) SGMVShrink(dt DType, v *Buffer, ldv int, x *Buffer, ldx, in int, t *SegmentTable, s *Stream) error {
@@ -293,4 +304,34 @@ func (l *Lib) SGMVExpand(dt DType, y *Buffer, ldy, out int, v *Buffer, ldv int, 
 	}
 	return l.check("sgmv expand", l.sgmvExpand(int32(dt), y.ptr, int32(ldy), v.ptr, int32(ldv), t.bpt, t.starts, t.ranks,
 		t.scales, int32(len(t.segs)), int32(t.maxLen), int32(t.maxRank), int32(out), s.handle()))
+}
+
+// SGMVFused queues y[t, 0:out] += scale * (x[t, 0:in] A^T) B^T for the rows of every segment with
+// an adapter in one launch (lp_sgmv_fused: no v, x . A^T summed in float32 inside the GPU); x and
+// y are dtype [tokens, ldx] and [tokens, ldy]. It fails with an error matching ErrUnsupported, and
+// queues nothing, where the fused kernel does not apply (segments past 64 tokens, ranks past 64, in
+// or ldx not a multiple of 8, or a GPU without thread-block clusters): SGMVShrink and SGMVExpand
+// serve those.
+func (l *Lib) SGMVFused(dt DType, y *Buffer, ldy, out int, x *Buffer, ldx, in int, t *SegmentTable, s *Stream) error {
+	if t.buf == nil {
+		return ErrClosed
+	}
+	if x == nil || y == nil {
+		return fmt.Errorf("%w: sgmv without x or y", compute.ErrShape)
+	}
+	if err := rowsFit("sgmv x", x, t.tokens, in, ldx, dt.Size()); err != nil {
+		return err
+	}
+	if err := rowsFit("sgmv y", y, t.tokens, out, ldy, dt.Size()); err != nil {
+		return err
+	}
+	for i, sg := range t.segs {
+		if sg.A != nil && (sg.A.Size() < int64(sg.Rank)*int64(in)*dt.Size() || sg.B.Size() < int64(sg.Rank)*int64(out)*dt.Size()) {
+			return fmt.Errorf("%w: segment %d: A of %d bytes, B of %d for rank %d, %d -> %d", compute.ErrShape, i, sg.A.Size(), sg.B.Size(), sg.Rank, in, out)
+		}
+	}
+	f := loraFused{g: sgmvGroup{modules: 1, numSegs: int32(len(t.segs)), cols: [3]int32{int32(out)}, ptrs: [3]uintptr{t.bpt},
+		ranks: [3]uintptr{t.ranks}, scales: [3]uintptr{t.scales}}, aptrs: [3]uintptr{t.aptr}}
+	return l.check("sgmv fused", l.sgmvFused(int32(dt), int32(dt), y.ptr, int32(ldy), x.ptr, int32(ldx), &f, t.starts,
+		int32(len(t.segs)), int32(t.maxLen), int32(t.maxRank), int32(in), s.handle()))
 }

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -71,6 +72,10 @@ type sgmvCase struct {
 	// tc (forced cases): shapes the tensor-core shrink takes (ranks up to 64, rows in 16-byte
 	// pieces, a dozen long segments: at least two waves of its blocks).
 	tc bool
+	// fused (forced cases): shapes lp_sgmv_fused takes (ranks up to 64, rows in 16-byte pieces),
+	// in nseg segments.
+	fused bool
+	nseg  int
 }
 
 type caseSeg struct {
@@ -103,13 +108,14 @@ func newCase(r *rand.Rand, forced *sgmvCase) *sgmvCase {
 		c.dt, c.in, c.out, c.tokens = forced.dt, forced.in, forced.out, forced.tokens
 	}
 	tc := forced != nil && forced.tc
+	fused := forced != nil && forced.fused
 	pad := func() int { return pick(r, 0, 0, 8, 3) }
-	if tc {
+	if tc || fused {
 		pad = func() int { return pick(r, 0, 8) }
 	}
 	c.ldx, c.ldy = c.in+pad(), c.out+pad()
 	ranks := []int{4, 8, 12, 16, 32, 64, 100, 128, 1 + r.IntN(128)}
-	if tc {
+	if tc || fused {
 		ranks = []int{8, 16, 32, 64}
 	}
 	nad := 1 + r.IntN(8)
@@ -126,6 +132,9 @@ func newCase(r *rand.Rand, forced *sgmvCase) *sgmvCase {
 	nseg := 1 + r.IntN(12)
 	if tc {
 		nseg = 12
+	}
+	if fused {
+		nseg = forced.nseg
 	}
 	cuts := []int{0, c.tokens}
 	for range nseg - 1 {
@@ -243,8 +252,11 @@ func TestSGMVRandom(t *testing.T) {
 		{dt: F16, in: 4096, out: 8192, tokens: 200},
 		{dt: BF16, in: 8192, out: 1024, tokens: 3},
 		{dt: BF16, in: 4096, out: 4096, tokens: 0},
-		{dt: BF16, in: 4096, out: 1024, tokens: 700},            // long segments, few: the CUDA-core shrink
-		{dt: BF16, in: 2048, out: 1024, tokens: 4500, tc: true}, // long segments, many: the tensor-core shrink
+		{dt: BF16, in: 4096, out: 1024, tokens: 700},                         // long segments, few: the CUDA-core shrink
+		{dt: BF16, in: 2048, out: 1024, tokens: 4500, tc: true},              // long segments, many: the tensor-core shrink
+		{dt: BF16, in: 4096, out: 4096, tokens: 256, fused: true, nseg: 128}, // many short segments: clusters of 4
+		{dt: BF16, in: 2048, out: 2560, tokens: 32, fused: true, nseg: 1},    // one adapter: clusters of 8
+		{dt: F16, in: 5632, out: 2048, tokens: 60, fused: true, nseg: 3},
 	}
 	const random = 28
 	for i := range len(forced) + random {
@@ -311,11 +323,30 @@ func checkCase(t *testing.T, l *Lib, c *sgmvCase) {
 
 	must(t, l.SGMVShrink(c.dt, v, c.ldv, x, c.ldx, c.in, tab, s))
 	must(t, l.SGMVExpand(c.dt, y, c.ldy, c.out, v, c.ldv, tab, s))
+	// The same update in one launch, into a second copy of y, where the fused kernel applies; a call
+	// it does not take must say so and leave y alone.
+	yf := upload(c.y0)
+	fusedErr := l.SGMVFused(c.dt, yf, c.ldy, c.out, x, c.ldx, c.in, tab, s)
+	// (A call with nothing to do, no tokens or no adapter, succeeds whatever its shape.)
+	fusable := tab.maxLen <= maxFusedSeg && tab.maxRank <= maxFusedRank && c.in%8 == 0 && c.ldx%8 == 0 ||
+		tab.maxLen == 0 || tab.maxRank == 0 || c.in == 0 || c.out == 0
+	switch {
+	case fusable && errors.Is(fusedErr, ErrUnsupported):
+		if d, err := l.Device(0); err == nil && d.CCMajor >= 9 {
+			t.Errorf("fused sgmv declined a call it takes on sm_%d%d: %v", d.CCMajor, d.CCMinor, fusedErr)
+		}
+	case fusable:
+		must(t, fusedErr)
+	case !errors.Is(fusedErr, ErrUnsupported):
+		t.Errorf("fused sgmv of max segment %d, max rank %d, in %d, ldx %d: %v, want ErrUnsupported", tab.maxLen, tab.maxRank, c.in, c.ldx, fusedErr)
+	}
 	must(t, l.Sync(s))
 	gotV := make([]float32, vn)
 	must(t, CopyOut(gotV, v, 0, s))
 	gotY := make([]uint16, len(c.y0))
 	must(t, CopyOut(gotY, y, 0, s))
+	gotYF := make([]uint16, len(c.y0))
+	must(t, CopyOut(gotYF, yf, 0, s))
 
 	refV, vmag, refY, ymag := c.reference()
 	eps := 1.0 / 256 // half an ulp of bf16, relative
@@ -329,7 +360,6 @@ func checkCase(t *testing.T, l *Lib, c *sgmvCase) {
 			t.Errorf(format, args...)
 		}
 	}
-	var errSq, refSq float64
 	for tk := range c.tokens {
 		ad := c.adapterOf(tk)
 		r := 0
@@ -348,27 +378,39 @@ func checkCase(t *testing.T, l *Lib, c *sgmvCase) {
 				report("v[%d][%d] = %g, want %g (|x||A| %g)", tk, j, g, refV[tk][j], vmag[tk][j])
 			}
 		}
-		for n := range c.ldy {
-			i := tk*c.ldy + n
-			if ad < 0 || n >= c.out {
-				if gotY[i] != c.y0[i] {
-					report("y[%d][%d] changed from %#04x to %#04x (no adapter or padding)", tk, n, c.y0[i], gotY[i])
+	}
+	checkY := func(name string, got []uint16) {
+		var errSq, refSq float64
+		for tk := range c.tokens {
+			ad := c.adapterOf(tk)
+			for n := range c.ldy {
+				i := tk*c.ldy + n
+				if ad < 0 || n >= c.out {
+					if got[i] != c.y0[i] {
+						report("%s: y[%d][%d] changed from %#04x to %#04x (no adapter or padding)", name, tk, n, c.y0[i], got[i])
+					}
+					continue
 				}
-				continue
+				g, want := float64(c.dt.ToFloat32(got[i])), refY[tk][n]
+				d := math.Abs(g - want)
+				if !(d <= eps*math.Abs(want)+accTol*ymag[tk][n]+1e-30) {
+					report("%s: y[%d][%d] = %g, want %g (|terms| %g)", name, tk, n, g, want, ymag[tk][n])
+				}
+				errSq += d * d
+				refSq += (want - float64(c.dt.ToFloat32(c.y0[i]))) * (want - float64(c.dt.ToFloat32(c.y0[i])))
 			}
-			g, want := float64(c.dt.ToFloat32(gotY[i])), refY[tk][n]
-			d := math.Abs(g - want)
-			if !(d <= eps*math.Abs(want)+accTol*ymag[tk][n]+1e-30) {
-				report("y[%d][%d] = %g, want %g (|terms| %g)", tk, n, g, want, ymag[tk][n])
-			}
-			errSq += d * d
-			refSq += (want - float64(c.dt.ToFloat32(c.y0[i]))) * (want - float64(c.dt.ToFloat32(c.y0[i])))
 		}
+		if refSq > 0 {
+			t.Logf("%s: ||y - ref|| / ||delta|| = %.2e", name, math.Sqrt(errSq/refSq))
+		}
+	}
+	checkY("shrink+expand", gotY)
+	if fusedErr == nil {
+		checkY("fused", gotYF)
+	} else if !slices.Equal(gotYF, c.y0) {
+		report("fused sgmv declined the call (%v) but changed y", fusedErr)
 	}
 	if bad > 10 {
 		t.Errorf("... %d mismatches in all", bad)
-	}
-	if refSq > 0 {
-		t.Logf("||y - ref|| / ||delta|| = %.2e", math.Sqrt(errSq/refSq))
 	}
 }

@@ -604,6 +604,24 @@ func TestCUDADecodeBench(t *testing.T) {
 	}
 	m.Close()
 
+	// Batches 1 and 32 with thread-block clusters off (lp_set_clusters, process-wide): decode
+	// attention then merges its context splits in a second kernel, as before ABI 11. A fresh backend
+	// and model, so that no step graph recorded with clusters on is replayed.
+	if err := be.Lib().SetClusters(false); err != nil {
+		t.Fatal(err)
+	}
+	nb := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16})
+	nm, _, nideal := randomLlama(t, nb, bw, config1B)
+	for _, batch := range []int{1, 32} {
+		st := decodeTiming(t, nb, nm, batch, 128, 32)
+		t.Logf("random llama, clusters off (attention splits merged by a second kernel), batch %d, prompt 128: CUDA graph replay %v; weight floor %v; graph %.2fx",
+			batch, st.graph, nideal, float64(st.graph)/float64(nideal))
+	}
+	nm.Close()
+	if err := be.Lib().SetClusters(true); err != nil {
+		t.Fatal(err)
+	}
+
 	// The same small batches with the earlier matmul dispatch (GEMV up to 8 rows), for comparison.
 	gb := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, GEMVUpTo8: true})
 	gm, _, gideal := randomLlama(t, gb, bw, config1B)
@@ -649,20 +667,21 @@ func TestCUDADecodeBench(t *testing.T) {
 // the random 1.1B Llama (prompt 128) with rank-16 adapters on all seven projections, none, one
 // shared by the batch, or one per sequence, as CUDA graph replays; the adapters' extra time against
 // the bytes of the distinct adapters the step reads over the run's copy bandwidth. The default
-// backend runs beside one with Options.NoLoRAEpilogue (the shrink beside the GEMM, the expand after
-// it or folded into the split) and one with Options.SerialLoRA (every shrink after its GEMM on one
-// stream, small fused steps module by module), in the same run.
+// backend runs beside one with Options.NoFusedLoRA (steps past 16 tokens: the shrink beside or after
+// the GEMM and the expand after it, two launches where the default has one) and one with
+// Options.NoLoRAEpilogue as well (small steps too: the shrink beside the GEMM, the expand after it
+// or folded into the split), in the same run.
 func TestCUDADecodeAdaptersBench(t *testing.T) {
 	be, _, bw := benchGPU(t, *cudaBench, "-cuda.bench")
-	beside := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoLoRAEpilogue: true})
-	serial := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, SerialLoRA: true})
+	pair := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoFusedLoRA: true})
+	beside := gpuBackendWith(t, cuda.Options{Library: os.Getenv(cuda.LibraryEnv), WeightDType: cuda.BF16, NoLoRAEpilogue: true, NoFusedLoRA: true})
 	for _, c := range []struct {
 		name string
 		be   *cuda.Backend
-	}{{"default", be}, {"no epilogue", beside}, {"serial LoRA", serial}} {
+	}{{"default", be}, {"no fused SGMV", pair}, {"no epilogue, no fused SGMV", beside}} {
 		m, _, _ := randomLlama(t, c.be, bw, config1B)
 		info := m.Info()
-		ads := make([]compute.Adapter, 32)
+		ads := make([]compute.Adapter, 64)
 		for i := range ads {
 			a, err := c.be.UploadAdapter(randomAdapter(info, fmt.Sprintf("a%d", i), 16, uint64(100+i)))
 			if err != nil {
@@ -673,7 +692,7 @@ func TestCUDADecodeAdaptersBench(t *testing.T) {
 		floor := func(n int) time.Duration {
 			return time.Duration(float64(int64(n)*ads[0].Bytes()) / (bw * 1e9) * 1e9)
 		}
-		for _, batch := range []int{1, 4, 8, 16, 32} {
+		for _, batch := range []int{1, 4, 8, 16, 32, 64} {
 			base := decodeTiming(t, c.be, m, batch, 128, 16)
 			one := decodeTimingWith(t, c.be, m, batch, 128, 16, ads[:1])
 			line := fmt.Sprintf("%s, batch %d: graph replay base %v; one rank-16 adapter (%.1f MB) %v, +%v (its bytes / bandwidth %v)",
