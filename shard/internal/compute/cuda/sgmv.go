@@ -221,6 +221,44 @@ func (t *SegmentTable) Close() error {
 	return err
 }
 
+// operand is a buffer an SGMV call reads or writes: rows [0, tokens) of cols elements of elem bytes
+// at leading dimension ld.
+type operand struct {
+	name     string
+	b        *Buffer
+	cols, ld int
+	elem     int64
+}
+
+// check validates an SGMV call on the table before anything is queued: the table open, every
+// operand present and large enough, and each segment's A (for in >= 0 input features) and B (for
+// out >= 0 outputs) large enough in dt.
+func (t *SegmentTable) check(dt DType, in, out int, ops ...operand) error {
+	if t.buf == nil {
+		return ErrClosed
+	}
+	for _, o := range ops {
+		if o.b == nil {
+			return fmt.Errorf("%w: sgmv without %s", compute.ErrShape, o.name)
+		}
+		if err := rowsFit(o.name, o.b, t.tokens, o.cols, o.ld, o.elem); err != nil {
+			return err
+		}
+	}
+	for i, sg := range t.segs {
+		if sg.A == nil {
+			continue
+		}
+		if in >= 0 && sg.A.Size() < int64(sg.Rank)*int64(in)*dt.Size() {
+			return fmt.Errorf("%w: segment %d: A of %d bytes for rank %d x %d", compute.ErrShape, i, sg.A.Size(), sg.Rank, in)
+		}
+		if out >= 0 && sg.B.Size() < int64(sg.Rank)*int64(out)*dt.Size() {
+			return fmt.Errorf("%w: segment %d: B of %d bytes for %d x rank %d", compute.ErrShape, i, sg.B.Size(), out, sg.Rank)
+		}
+	}
+	return nil
+}
+
 // rowsFit checks that a buffer holds rows [0, tokens) of width cols at leading dimension ld.
 func rowsFit(what string, b *Buffer, tokens, cols, ld int, elem int64) error {
 	if cols < 0 || ld < cols || ld > math.MaxInt32 {
@@ -261,22 +299,8 @@ func (l *Lib) SetClusters(enabled bool) error {
 // SGMVShrink queues v[t, 0:r] = x[t, 0:in] A^T for the rows of every segment with an adapter.
 // x is dtype [tokens, ldx]; v is float32 [tokens, ldv] with ldv >= t.MaxRank().
 func (l *Lib) SGMVShrink(dt DType, v *Buffer, ldv int, x *Buffer, ldx, in int, t *SegmentTable, s *Stream) error {
-	if t.buf == nil {
-		return ErrClosed
-	}
-	if v == nil || x == nil {
-		return fmt.Errorf("%w: sgmv shrink without v or x", compute.ErrShape)
-	}
-	if err := rowsFit("sgmv x", x, t.tokens, in, ldx, dt.Size()); err != nil {
+	if err := t.check(dt, in, -1, operand{"sgmv x", x, in, ldx, dt.Size()}, operand{"sgmv v", v, t.maxRank, ldv, 4}); err != nil {
 		return err
-	}
-	if err := rowsFit("sgmv v", v, t.tokens, t.maxRank, ldv, 4); err != nil {
-		return err
-	}
-	for i, sg := range t.segs {
-		if sg.A != nil && sg.A.Size() < int64(sg.Rank)*int64(in)*dt.Size() {
-			return fmt.Errorf("%w: segment %d: A of %d bytes for rank %d x %d", compute.ErrShape, i, sg.A.Size(), sg.Rank, in)
-		}
 	}
 	return l.check("sgmv shrink", l.sgmvShrink(int32(dt), v.ptr, int32(ldv), x.ptr, int32(ldx), t.aptr, t.starts, t.ranks,
 		int32(len(t.segs)), int32(t.maxLen), int32(t.maxRank), int32(in), s.handle()))
@@ -285,22 +309,8 @@ func (l *Lib) SGMVShrink(dt DType, v *Buffer, ldv int, x *Buffer, ldx, in int, t
 // SGMVExpand queues y[t, 0:out] += scale * v[t, 0:r] B^T for the rows of every segment with an
 // adapter; y is dtype [tokens, ldy], updated in place.
 func (l *Lib) SGMVExpand(dt DType, y *Buffer, ldy, out int, v *Buffer, ldv int, t *SegmentTable, s *Stream) error {
-	if t.buf == nil {
-		return ErrClosed
-	}
-	if v == nil || y == nil {
-		return fmt.Errorf("%w: sgmv expand without v or y", compute.ErrShape)
-	}
-	if err := rowsFit("sgmv y", y, t.tokens, out, ldy, dt.Size()); err != nil {
+	if err := t.check(dt, -1, out, operand{"sgmv y", y, out, ldy, dt.Size()}, operand{"sgmv v", v, t.maxRank, ldv, 4}); err != nil {
 		return err
-	}
-	if err := rowsFit("sgmv v", v, t.tokens, t.maxRank, ldv, 4); err != nil {
-		return err
-	}
-	for i, sg := range t.segs {
-		if sg.B != nil && sg.B.Size() < int64(sg.Rank)*int64(out)*dt.Size() {
-			return fmt.Errorf("%w: segment %d: B of %d bytes for %d x rank %d", compute.ErrShape, i, sg.B.Size(), out, sg.Rank)
-		}
 	}
 	return l.check("sgmv expand", l.sgmvExpand(int32(dt), y.ptr, int32(ldy), v.ptr, int32(ldv), t.bpt, t.starts, t.ranks,
 		t.scales, int32(len(t.segs)), int32(t.maxLen), int32(t.maxRank), int32(out), s.handle()))
@@ -313,22 +323,8 @@ func (l *Lib) SGMVExpand(dt DType, y *Buffer, ldy, out int, v *Buffer, ldv int, 
 // or ldx not a multiple of 8, or a GPU without thread-block clusters): SGMVShrink and SGMVExpand
 // serve those.
 func (l *Lib) SGMVFused(dt DType, y *Buffer, ldy, out int, x *Buffer, ldx, in int, t *SegmentTable, s *Stream) error {
-	if t.buf == nil {
-		return ErrClosed
-	}
-	if x == nil || y == nil {
-		return fmt.Errorf("%w: sgmv without x or y", compute.ErrShape)
-	}
-	if err := rowsFit("sgmv x", x, t.tokens, in, ldx, dt.Size()); err != nil {
+	if err := t.check(dt, in, out, operand{"sgmv x", x, in, ldx, dt.Size()}, operand{"sgmv y", y, out, ldy, dt.Size()}); err != nil {
 		return err
-	}
-	if err := rowsFit("sgmv y", y, t.tokens, out, ldy, dt.Size()); err != nil {
-		return err
-	}
-	for i, sg := range t.segs {
-		if sg.A != nil && (sg.A.Size() < int64(sg.Rank)*int64(in)*dt.Size() || sg.B.Size() < int64(sg.Rank)*int64(out)*dt.Size()) {
-			return fmt.Errorf("%w: segment %d: A of %d bytes, B of %d for rank %d, %d -> %d", compute.ErrShape, i, sg.A.Size(), sg.B.Size(), sg.Rank, in, out)
-		}
 	}
 	f := loraFused{g: sgmvGroup{modules: 1, numSegs: int32(len(t.segs)), cols: [3]int32{int32(out)}, ptrs: [3]uintptr{t.bpt},
 		ranks: [3]uintptr{t.ranks}, scales: [3]uintptr{t.scales}}, aptrs: [3]uintptr{t.aptr}}
