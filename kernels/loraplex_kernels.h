@@ -111,9 +111,9 @@ LP_API int lp_set_pdl(int enabled);
 
 /* Whether kernels may run in thread-block clusters (sm_90 and later; ABI 11): lp_sgmv_fused, and
  * decode attention split over at most 8 blocks in a grid of at most 4 blocks per multiprocessor,
- * whose splits then merge through distributed shared memory instead of in a second kernel. On by default; off, lp_sgmv_fused declines every call
- * (LP_ERR_UNSUPPORTED) and attention merges in a second kernel. One process-wide switch, for
- * comparisons. */
+ * whose splits then merge through distributed shared memory instead of in a second kernel. On by
+ * default; off, lp_sgmv_fused declines every call (LP_ERR_UNSUPPORTED) and attention merges in a
+ * second kernel. One process-wide switch, for comparisons. */
 LP_API int lp_set_clusters(int enabled);
 
 /*
@@ -255,7 +255,8 @@ LP_API int lp_attention_tiles(float *out, const float *q, const void *k_cache, c
 
 /* Bytes of device workspace lp_attention wants to split the context of a batch whose longest
  * context (largest position + 1) is max_ctx across blocks (flash-decoding); 0 when it would not split.
- * With a smaller or NULL workspace (or max_ctx <= 0) lp_attention runs unsplit, still correct. */
+ * With a smaller or NULL workspace (or max_ctx <= 0) lp_attention runs unsplit, still correct. Splits
+ * merged inside a thread-block cluster (lp_set_clusters) leave the workspace unused. */
 LP_API size_t lp_attention_workspace(int tokens, int heads, int kv_heads, int head_dim, int max_ctx,
                                      int split_chunk);
 
