@@ -92,6 +92,10 @@ type CUDAOptions struct {
 	KVDType string
 	// BatchInvariant: a request's tokens and log-probabilities do not depend on its batch.
 	BatchInvariant bool
+	// Clusters: the kernels that run in thread-block clusters (sm_90 and later) are used: the LoRA
+	// update of larger steps in one launch, short attention splits merged in their cluster. The
+	// switch is process-wide (cuda.Lib.SetClusters).
+	Clusters bool
 }
 
 // DefaultConfig returns the defaults.
@@ -99,7 +103,7 @@ func DefaultConfig() Config {
 	return Config{
 		Listen: "127.0.0.1:50061", Backend: "cpu", MaxAdapterRank: 128, MaxAdapterBytes: 1 << 30, Cache: adapters.DefaultOptions(), Disk: adaptersource.DefaultDiskOptions(), RefreshInterval: 30 * time.Second, Discovery: discovery.DefaultOptions(),
 		Engine: autoKV(engine.DefaultOptions()), GPUMemoryFraction: 0.9, GRPC: grpcserver.DefaultOptions(), Limits: genreq.DefaultLimits(),
-		CUDA: CUDAOptions{Library: os.Getenv(cuda.LibraryEnv), StepGraphs: true, Fusion: true, KVDType: "bf16"},
+		CUDA: CUDAOptions{Library: os.Getenv(cuda.LibraryEnv), StepGraphs: true, Fusion: true, KVDType: "bf16", Clusters: true},
 	}
 }
 
@@ -138,6 +142,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.CUDA.Fusion, "cuda-fusion", c.CUDA.Fusion, "fused projections: packed q/k/v and gate/up GEMMs, residual adds in the GEMM, RoPE with the KV write (cuda)")
 	fs.StringVar(&c.CUDA.KVDType, "cuda-kv-dtype", c.CUDA.KVDType, "KV cache element type: bf16 (half the memory of f32, so twice the sequences x context) or f32 (cuda)")
 	fs.BoolVar(&c.CUDA.BatchInvariant, "cuda-batch-invariant", c.CUDA.BatchInvariant, "make a request's tokens and log-probabilities independent of what shares its batch (one kernel path per op; slower prefill) (cuda)")
+	fs.BoolVar(&c.CUDA.Clusters, "cuda-clusters", c.CUDA.Clusters, "use the kernels that run in thread-block clusters on sm_90 and later: the LoRA update of steps past 16 tokens in one launch, short attention splits merged without a second kernel (cuda; process-wide)")
 	fs.Int64Var(&c.CUDA.StagingBytes, "cuda-staging-bytes", c.CUDA.StagingBytes, "pinned host memory for staging adapter uploads (cuda; 0: 256 MiB)")
 	fs.IntVar(&c.Engine.BlockSize, "kv-block-size", c.Engine.BlockSize, "positions per KV cache block")
 	fs.IntVar(&c.Engine.DefaultMaxNewTokens, "default-max-new-tokens", c.Engine.DefaultMaxNewTokens, "max_new_tokens when a request leaves it 0")
@@ -313,6 +318,9 @@ func (s *Shard) load() (err error) {
 				err, cuda.LibraryEnv, cuda.LibraryName)
 		}
 		s.be = be
+		if err := be.Lib().SetClusters(cfg.CUDA.Clusters); err != nil {
+			return fmt.Errorf("shard: -cuda-clusters: %w", err)
+		}
 	default:
 		s.be = cpu.New(cpu.Options{MemoryBudget: cfg.MemoryBudget})
 	}

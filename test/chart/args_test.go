@@ -178,11 +178,12 @@ func TestShardCUDAArgs(t *testing.T) {
 		staging       int64
 		kv            string
 		invariant     bool
+		clusters      bool
 	}{
-		{"defaults", nil, "cuda", true, true, 0, "bf16", false},
+		{"defaults", nil, "cuda", true, true, 0, "bf16", false, true},
 		{"switched off", []string{"shard.cuda.stepGraphs=false", "shard.cuda.fusion=false", "shard.cuda.stagingBytes=67108864",
-			"shard.cuda.kvDtype=f32", "shard.cuda.batchInvariant=true"}, "cuda", false, false, 64 << 20, "f32", true},
-		{"cpu", []string{"shard.backend=cpu", "shard.cuda.stepGraphs=false"}, "cpu", true, true, 0, "bf16", false},
+			"shard.cuda.kvDtype=f32", "shard.cuda.batchInvariant=true", "shard.cuda.clusters=false"}, "cuda", false, false, 64 << 20, "f32", true, false},
+		{"cpu", []string{"shard.backend=cpu", "shard.cuda.stepGraphs=false"}, "cpu", true, true, 0, "bf16", false, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			o := render(t, "", nil, c.set...)
@@ -199,9 +200,9 @@ func TestShardCUDAArgs(t *testing.T) {
 				}
 				s := a.shard
 				if s.Backend != c.backend || s.CUDA.StepGraphs != c.graphs || s.CUDA.Fusion != c.fused || s.CUDA.StagingBytes != c.staging ||
-					s.CUDA.KVDType != c.kv || s.CUDA.BatchInvariant != c.invariant {
-					t.Errorf("shard parsed -backend %s, cuda %+v; want %s, graphs %v, fusion %v, staging %d (args %v)",
-						s.Backend, s.CUDA, c.backend, c.graphs, c.fused, c.staging, ct.Args)
+					s.CUDA.KVDType != c.kv || s.CUDA.BatchInvariant != c.invariant || s.CUDA.Clusters != c.clusters {
+					t.Errorf("shard parsed -backend %s, cuda %+v; want %s, graphs %v, fusion %v, staging %d, clusters %v (args %v)",
+						s.Backend, s.CUDA, c.backend, c.graphs, c.fused, c.staging, c.clusters, ct.Args)
 				}
 				if c.backend == "cpu" && slices.ContainsFunc(ct.Args, func(a string) bool { return strings.HasPrefix(a, "-cuda-") }) {
 					t.Errorf("cpu shard gets cuda flags: %v", ct.Args)
