@@ -2,7 +2,7 @@
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(PATH):$(GOBIN)
 
-.PHONY: run dev test test-short lint proto proto-check tools build bench fixtures
+.PHONY: run dev test test-short lint proto proto-check tools build bench fixtures kernels-check
 
 run:            ## router + 2 CPU shards on the embedded model; sends one request per adapter and exits
 	go run ./cmd/loraplex-dev --demo
@@ -42,6 +42,9 @@ tools:
 
 bench:          ## Go benchmarks of the CPU backend and the model (results go to docs/benchmarks.md by hand)
 	go test -run '^$$' -bench . -benchtime 2x ./shard/internal/compute/cpu/ ./shard/internal/engine/
+
+kernels-check:  ## compile kernels/ for sm_90 without a GPU: errors, registers and spills per kernel (scripts/check-kernels.sh)
+	scripts/check-kernels.sh
 
 fixtures:       ## on a machine with torch/transformers/peft: rebuild the shipped model and references
 	python3 scripts/make_fixtures.py fixtures-out
